@@ -1,0 +1,1 @@
+"""HF/PyTorch safetensors <-> Orbax conversion."""

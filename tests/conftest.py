@@ -1,0 +1,11 @@
+"""Test set-up: CPU backend with 8 simulated devices, configured before jax is imported."""
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,30 @@
+"""Shared test helpers."""
+import numpy as np
+
+
+def max_abs_err(actual, expected) -> float:
+  a = np.asarray(actual, dtype=np.float64)
+  e = np.asarray(expected, dtype=np.float64)
+  assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+  return float(np.max(np.abs(a - e))) if a.size else 0.0
+
+
+def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what: str = "") -> float:
+  """Asserts |actual - expected| <= atol + rtol*|expected| elementwise; returns the max abs error.
+
+  Both sides are compared in float64, so a bf16 result is judged against an fp32/fp64 oracle with
+  the tolerance the caller states (and justifies) for that dtype.
+  """
+  a = np.asarray(actual, dtype=np.float64)
+  e = np.asarray(expected, dtype=np.float64)
+  assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+  assert np.all(np.isfinite(a) == np.isfinite(e)), f"{what}: non-finite values differ"
+  fin = np.isfinite(e)
+  err = np.abs(a - e)[fin]
+  bound = (atol + rtol * np.abs(e))[fin]
+  worst = float(err.max()) if err.size else 0.0
+  if not np.all(err <= bound):
+    i = int(np.argmax(err - bound))
+    raise AssertionError(f"{what}: max abs err {worst:.3e} exceeds atol={atol:g} rtol={rtol:g} "
+                         f"(worst excess at flat index {i}: |{a[fin][i]:.6g} - {e[fin][i]:.6g}|)")
+  return worst
