@@ -1,0 +1,116 @@
+"""Multi-head Latent Attention (MLA), training/prefill form.
+
+Einsum letters: B batch, T query positions, S key positions, H heads, K q/k head dim
+(nope + rope), V value head dim, D hidden.
+
+q = q_b(RMSNorm(q_a(x))) (or q_proj(x)), split per head into nope | rope.
+kv_a(x) = [c_kv | k_pe]; k_pe is ONE rope head shared by all heads; RMSNorm(c_kv) -> kv_b ->
+per head [k_nope | v]. Scores use q.k over nope+rope dims; values have v_head_dim.
+All attention goes through `attention()`, which the Pallas kernels plug into.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_frequencies
+
+__all__ = ["MLA", "attention", "reference_attention"]
+
+
+def reference_attention(q, k, v, *, scale: float, q_segment_ids=None, kv_segment_ids=None,
+                        q_offset=0):
+  """Causal attention in plain jnp with float32 softmax.
+
+  q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] -> [B, T, H, V] in q.dtype.
+  Key s is visible from query t when s <= t + q_offset and (with segment ids) both share a segment.
+  """
+  scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+  t = jnp.arange(q.shape[1])[:, None] + q_offset
+  s = jnp.arange(k.shape[1])[None, :]
+  mask = (s <= t)[None, None]
+  if q_segment_ids is not None:
+    mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A fully masked row (no visible key) gives NaN from softmax; define it as zero output.
+  probs = jnp.where(mask, probs, 0.0)
+  return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v).astype(q.dtype)
+
+
+def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "reference"):
+  """The model's single attention entry point (training/prefill, causal).
+
+  q: [B, T, H, K]; k: [B, T, H, K]; v: [B, T, H, V]; segment_ids: optional [B, T] int
+  (packed sequences attend within their segment). Returns [B, T, H, V].
+  `backend` selects the kernel ("reference", "auto", "pallas", "interpret").
+  """
+  if backend != "reference":
+    from dsv3_jax.kernels_pallas import mla_attention  # the Pallas path, when requested
+    seg = None if segment_ids is None else (segment_ids, segment_ids)
+    return mla_attention(q, k, v, scale=scale, causal=True, segment_ids=seg, backend=backend)
+  return reference_attention(q, k, v, scale=scale, q_segment_ids=segment_ids,
+                             kv_segment_ids=segment_ids)
+
+
+class MLA(nnx.Module):
+  """Multi-head latent attention with q LoRA (or plain q_proj) and a shared rope key head."""
+
+  def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, param_dtype=rt.param_dtype, dtype=rt.dtype)
+    H, D = cfg.num_attention_heads, cfg.hidden_size
+    self.cfg, self.rt = cfg, rt
+    if cfg.q_lora_rank is None:
+      self.q_proj = Linear(D, H * cfg.qk_head_dim, axes=("embed", "heads"), **kw)
+    else:
+      self.q_a_proj = Linear(D, cfg.q_lora_rank, axes=("embed", "q_lora"), **kw)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps, param_dtype=rt.param_dtype)
+      self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, axes=("q_lora", "heads"), **kw)
+    self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                     axes=("embed", "kv_lora"), **kw)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps, param_dtype=rt.param_dtype)
+    self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                            axes=("kv_lora", "heads"), **kw)
+    self.o_proj = Linear(H * cfg.v_head_dim, D, axes=("heads", "embed"), **kw)
+    inv_freq, mscale = rope_frequencies(cfg)
+    self.inv_freq, self.rope_mscale = tuple(float(f) for f in inv_freq), mscale  # static
+
+  def queries(self, x):
+    """x [B, T, D] -> q_nope [B, T, H, nope], q_pe [B, T, H, rope] (rope not yet applied)."""
+    cfg = self.cfg
+    if cfg.q_lora_rank is None:
+      q = self.q_proj(x)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+    return q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+
+  def latent(self, x, positions):
+    """x [B, T, D] -> normalised latent c [B, T, kv_lora_rank], rotated k_pe [B, T, rope].
+
+    These 512 + 64 values per token are exactly what the decode cache stores.
+    """
+    cfg = self.cfg
+    kv = self.kv_a_proj_with_mqa(x)
+    c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
+    k_pe = apply_rope(k_pe[:, :, None, :], positions, self.inv_freq, self.rope_mscale)[:, :, 0]
+    return self.kv_a_layernorm(c), k_pe
+
+  def __call__(self, x, positions, segment_ids=None):
+    """x [B, T, D], positions [B, T] -> [B, T, D]."""
+    cfg = self.cfg
+    H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
+    with jax.named_scope("mla"):
+      q_nope, q_pe = self.queries(x)
+      q_pe = apply_rope(q_pe, positions, self.inv_freq, self.rope_mscale)
+      c, k_pe = self.latent(x, positions)
+      kv = self.kv_b_proj(c).reshape(*x.shape[:2], H, N + cfg.v_head_dim)
+      k_nope, v = kv[..., :N], kv[..., N:]
+      q = jnp.concatenate([q_nope, q_pe], axis=-1)
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H,
+                                                                          cfg.qk_rope_head_dim))], -1)
+      o = attention(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids,
+                    backend=self.rt.attention_backend)
+      return self.o_proj(o.reshape(*x.shape[:2], H * cfg.v_head_dim))

@@ -1,0 +1,285 @@
+"""The HF checkpoint <-> parameter-tree name table, and the engine that applies it.
+
+One declarative table (`BLOCK_RULES`, `TOP_RULES`, `MTP_RULES`) maps official tensor names to
+parameter paths of `DeepseekV3`. `name_table(cfg, shapes)` expands it over layers and experts,
+keeping the rules whose target exists in the abstract model; the loader, the converter and the
+exporter all use that expansion. The engine checks that every source tensor matches exactly one
+entry, every target is filled exactly once, and every shape equals the abstract shape.
+
+Layouts: a checkpoint linear weight is [out, in]; ours is [in, out] ("linear" rules transpose).
+Routed experts are stacked: entry {E} of [n_experts, in, out]. FP8 tensors (float8_e4m3fn with a
+float32 `<name>_scale_inv` of [ceil(out/128), ceil(in/128)]) are dequantised on read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.safetensors_io import SafetensorsFile
+
+__all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
+           "CheckpointError", "dequantize_fp8", "read_targets", "hf_shape", "to_hf", "SCALE_SUFFIX"]
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match the model (the message names the tensor and the file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """hf -> ours. kind: "copy" | "linear" (transpose) | "expert" (transpose into slot {E}) |
+  "tied" (a stored copy of another parameter, `ours`, checked equal; "tied_linear" transposes)."""
+
+  hf: str
+  ours: str
+  kind: str
+
+
+# Relative to a decoder block: model.layers.{L}. -> layers.{L}. (or mtp.{k}.block. for MTP).
+BLOCK_RULES = (
+    Rule("input_layernorm.weight", "input_layernorm.weight", "copy"),
+    Rule("post_attention_layernorm.weight", "post_attention_layernorm.weight", "copy"),
+    Rule("self_attn.q_proj.weight", "self_attn.q_proj.kernel", "linear"),
+    Rule("self_attn.q_a_proj.weight", "self_attn.q_a_proj.kernel", "linear"),
+    Rule("self_attn.q_a_layernorm.weight", "self_attn.q_a_layernorm.weight", "copy"),
+    Rule("self_attn.q_b_proj.weight", "self_attn.q_b_proj.kernel", "linear"),
+    Rule("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.kernel", "linear"),
+    Rule("self_attn.kv_a_layernorm.weight", "self_attn.kv_a_layernorm.weight", "copy"),
+    Rule("self_attn.kv_b_proj.weight", "self_attn.kv_b_proj.kernel", "linear"),
+    Rule("self_attn.o_proj.weight", "self_attn.o_proj.kernel", "linear"),
+    Rule("mlp.gate_proj.weight", "mlp.gate_proj.kernel", "linear"),
+    Rule("mlp.up_proj.weight", "mlp.up_proj.kernel", "linear"),
+    Rule("mlp.down_proj.weight", "mlp.down_proj.kernel", "linear"),
+    Rule("mlp.gate.weight", "mlp.gate.kernel", "linear"),
+    Rule("mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias", "copy"),
+    Rule("mlp.experts.{E}.gate_proj.weight", "mlp.experts.gate_proj", "expert"),
+    Rule("mlp.experts.{E}.up_proj.weight", "mlp.experts.up_proj", "expert"),
+    Rule("mlp.experts.{E}.down_proj.weight", "mlp.experts.down_proj", "expert"),
+    Rule("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.gate_proj.kernel", "linear"),
+    Rule("mlp.shared_experts.up_proj.weight", "mlp.shared_experts.up_proj.kernel", "linear"),
+    Rule("mlp.shared_experts.down_proj.weight", "mlp.shared_experts.down_proj.kernel", "linear"),
+)
+TOP_RULES = (
+    Rule("model.embed_tokens.weight", "embed_tokens", "copy"),
+    Rule("model.norm.weight", "norm.weight", "copy"),
+    Rule("lm_head.weight", "lm_head.kernel", "linear"),
+)
+# Relative to model.layers.{num_hidden_layers + k}. -> mtp.{k}.
+MTP_RULES = (
+    Rule("enorm.weight", "enorm.weight", "copy"),
+    Rule("hnorm.weight", "hnorm.weight", "copy"),
+    Rule("eh_proj.weight", "eh_proj.kernel", "linear"),
+    Rule("shared_head.norm.weight", "shared_head_norm.weight", "copy"),
+    Rule("embed_tokens.weight", "embed_tokens", "tied"),
+    Rule("shared_head.head.weight", "lm_head.kernel", "tied_linear"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One source tensor: where it goes (`target`, slot `expert` for stacked experts) and how."""
+
+  target: str
+  kind: str
+  expert: int | None = None
+
+
+def name_table(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Entry]:
+  """Expands the rules to {hf_name: Entry} for the parameters present in `shapes`.
+
+  shapes: {parameter path: shape} of the abstract model (e.g. from `dsv3_jax.param_shapes`).
+  """
+  table: dict[str, Entry] = {}
+
+  def add(hf_prefix, ours_prefix, rules):
+    for r in rules:
+      target = r.ours if r.kind.startswith("tied") else ours_prefix + r.ours
+      if target not in shapes:
+        continue
+      if r.kind == "expert":
+        for e in range(shapes[target][0]):
+          table[hf_prefix + r.hf.format(E=e)] = Entry(target, r.kind, e)
+      else:
+        table[hf_prefix + r.hf] = Entry(target, r.kind)
+
+  add("", "", TOP_RULES)
+  for layer in range(cfg.num_hidden_layers):
+    add(f"model.layers.{layer}.", f"layers.{layer}.", BLOCK_RULES)
+  for k in range(cfg.num_nextn_predict_layers):
+    if f"mtp.{k}.enorm.weight" not in shapes:
+      continue
+    hf = f"model.layers.{cfg.num_hidden_layers + k}."
+    add(hf, f"mtp.{k}.block.", BLOCK_RULES)
+    add(hf, f"mtp.{k}.", MTP_RULES)
+  return table
+
+
+def hf_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The checkpoint shape of a source tensor whose target has abstract `shape`."""
+  if entry.kind in ("linear", "tied_linear"):
+    return shape[::-1]
+  if entry.kind == "expert":
+    return shape[1:][::-1]
+  return tuple(shape)
+
+
+def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
+  """Our tensor (the full target, or for experts the whole stack) -> the checkpoint tensor."""
+  if entry.kind == "expert":
+    value = value[entry.expert]
+  return value.T if entry.kind in ("linear", "tied_linear", "expert") else value
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128),
+                   name: str = "") -> np.ndarray:
+  """w[m, n] * scale_inv[m // bm, n // bn] in float32 (partial edge blocks allowed)."""
+  bm, bn = block
+  m, n = w.shape
+  want = (-(-m // bm), -(-n // bn))
+  if scale_inv.shape != want:
+    raise CheckpointError(f"{name}{SCALE_SUFFIX}: shape {scale_inv.shape} does not fit weight "
+                          f"{w.shape} with {bm}x{bn} blocks (expected {want})")
+  s = np.repeat(np.repeat(scale_inv.astype(np.float32), bm, 0), bn, 1)[:m, :n]
+  return w.astype(np.float32) * s
+
+
+class HFCheckpoint:
+  """An HF-format directory: config.json + model.safetensors or an index.json with shards."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    if not os.path.isdir(self.path):
+      raise FileNotFoundError(f"{self.path}: not a directory")
+    index = os.path.join(self.path, "model.safetensors.index.json")
+    single = os.path.join(self.path, "model.safetensors")
+    self._files: dict[str, SafetensorsFile] = {}
+    if os.path.exists(index):
+      with open(index) as f:
+        try:
+          weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+          raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+      self.location = dict(weight_map)
+      for file in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(self.path, file)):
+          first = next(n for n, fl in weight_map.items() if fl == file)
+          raise CheckpointError(f"{index}: shard {file} is missing from {self.path} "
+                                f"(it holds {first!r} among others)")
+    elif os.path.exists(single):
+      self.location = {n: "model.safetensors" for n in self._open("model.safetensors").keys()}
+    else:
+      raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+
+  def _open(self, file: str) -> SafetensorsFile:
+    if file not in self._files:
+      self._files[file] = SafetensorsFile(os.path.join(self.path, file))
+    return self._files[file]
+
+  def names(self) -> list[str]:
+    return list(self.location)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.location
+
+  def file_of(self, name: str) -> str:
+    return os.path.join(self.path, self.location[name])
+
+  def raw(self, name: str) -> np.ndarray:
+    """The stored tensor (memory-mapped), or a CheckpointError naming the file."""
+    if name not in self.location:
+      raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+    f = self._open(self.location[name])
+    if name not in f:
+      raise CheckpointError(f"{f.path}: the index says it holds {name!r}, but it does not")
+    return f[name]
+
+  def read(self, name: str, block: tuple[int, int] = (128, 128)) -> np.ndarray:
+    """The tensor as float32/bf16/..., FP8 weights dequantised with their `_scale_inv`."""
+    w = self.raw(name)
+    scale = name + SCALE_SUFFIX
+    if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn) or w.dtype == np.dtype(ml_dtypes.float8_e5m2):
+      if scale not in self.location:
+        raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} has no {scale!r}")
+      return dequantize_fp8(w, np.asarray(self.raw(scale)), block, name)
+    if scale in self.location:
+      raise CheckpointError(f"{self.file_of(scale)}: {scale!r} given for non-FP8 tensor {name!r} "
+                            f"({w.dtype})")
+    return w
+
+  def close(self):
+    for f in self._files.values():
+      f.close()
+    self._files.clear()
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def read_targets(ckpt: HFCheckpoint, table: Mapping[str, Entry],
+                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
+                 block: tuple[int, int] = (128, 128), ignore_unexpected: bool = False,
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (parameter path, array of the abstract shape and dtype), one target at a time.
+
+  Checks first that the checkpoint's tensor names match the table exactly (scale companions
+  aside); raises CheckpointError naming the tensor and file on any mismatch.
+  """
+  names = set(ckpt.names())
+  scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+  unexpected = sorted(n for n in names - scales - set(table))
+  if unexpected and not ignore_unexpected:
+    raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {ckpt.path}, e.g. "
+                          + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5]))
+  for s in sorted(scales):
+    if s[:-len(SCALE_SUFFIX)] not in names:
+      raise CheckpointError(f"{ckpt.file_of(s)}: scale {s!r} has no weight "
+                            f"{s[:-len(SCALE_SUFFIX)]!r}")
+  missing = sorted(n for n in table if n not in names)
+  if missing:
+    raise CheckpointError(f"{len(missing)} tensor(s) missing from {ckpt.path}, e.g. "
+                          + ", ".join(repr(n) for n in missing[:5]))
+  by_target: dict[str, list[tuple[str, Entry]]] = {}
+  copies = [(n, e) for n, e in table.items() if e.kind.startswith("tied")]
+  for name, e in table.items():
+    if not e.kind.startswith("tied"):
+      by_target.setdefault(e.target, []).append((name, e))
+  keep = {e.target: None for _, e in copies}  # main values that stored copies are checked against
+  for target, sources in by_target.items():
+    shape, dtype = tuple(shapes[target]), dtypes[target]
+    if sources[0][1].kind == "expert":
+      out = np.empty(shape, dtype)
+      for name, e in sources:
+        out[e.expert] = _cast(_read_checked(ckpt, name, e, shape, block), dtype)
+      if len(sources) != shape[0]:
+        raise CheckpointError(f"{target}: {len(sources)} expert tensors for {shape[0]} experts")
+    else:
+      (name, e), = sources
+      out = _cast(np.asarray(_read_checked(ckpt, name, e, shape, block)), dtype)
+    if target in keep:
+      keep[target] = out
+    yield target, out
+  for name, e in copies:
+    x = _cast(_read_checked(ckpt, name, e, tuple(shapes[e.target]), block), dtypes[e.target])
+    if not np.array_equal(x, keep[e.target]):
+      raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} should be a copy of the main model's "
+                            f"{e.target!r} (shared in this implementation) but differs")
+
+
+def _read_checked(ckpt: HFCheckpoint, name: str, e: Entry, shape, block) -> np.ndarray:
+  """Reads one source tensor, checks its checkpoint shape, returns it in our layout."""
+  x = ckpt.read(name, block)
+  want = hf_shape(e, shape)
+  if tuple(x.shape) != want:
+    raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(x.shape)}, "
+                          f"config.json implies {want}")
+  return x.T if e.kind in ("linear", "tied_linear", "expert") else x

@@ -1,0 +1,188 @@
+"""DeepSeekMoE: group-limited router with the aux-loss-free selection bias, dropless experts.
+
+Einsum letters: N tokens (batch*seq flattened), D hidden, E routed experts, K experts per token,
+F expert FFN width, G expert groups.
+
+The expert computation is a chain of small pure functions (route -> permute -> grouped FFN ->
+unpermute/combine) so expert parallelism (dsv3_jax.sharding) can wrap the same pieces in
+shard_map. Nothing is dropped: each token reaches all of its K experts.
+See docs in the README ("MoE and MTP design").
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.layers import MLP, INIT_STD
+
+__all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
+           "grouped_ffn", "unpermute", "grouped_matmul"]
+
+
+class RouterBias(nnx.Variable):
+  """The aux-loss-free selection bias: state updated by the balancing rule, never by gradients.
+
+  Its own Variable type so `nnx.Param` filters (optimizer, grad) skip it.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Router output for N tokens: weights [N, K] f32, experts [N, K] int32, scores [N, E] f32."""
+
+  weights: jax.Array
+  experts: jax.Array
+  scores: jax.Array
+
+
+def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
+  """Group-limited top-k routing on float32 router logits [N, E].
+
+  s = sigmoid(logits) (softmax for V2-style configs); selection uses s + bias; a group's score is
+  the sum of its top-2 (noaux_tc) or its max (group_limited_greedy); the best `topk_group` groups
+  stay eligible; the top-k eligible experts are chosen; their weights are the unbiased s,
+  normalised to sum 1 if norm_topk_prob, then times routed_scaling_factor.
+  """
+  E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+  logits = logits.astype(jnp.float32)
+  scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
+  choice = scores if bias is None else scores + bias.astype(jnp.float32)
+  if cfg.topk_method != "greedy" and cfg.n_group > 1:
+    G = cfg.n_group
+    grouped = choice.reshape(-1, G, E // G)
+    if cfg.topk_method == "noaux_tc":
+      group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+    else:
+      group_score = grouped.max(-1)
+    _, keep = jax.lax.top_k(group_score, cfg.topk_group)  # [N, topk_group]
+    group_mask = jnp.zeros(group_score.shape, bool).at[jnp.arange(group_score.shape[0])[:, None],
+                                                           keep].set(True)
+    expert_mask = jnp.repeat(group_mask, E // G, axis=-1)
+    choice = jnp.where(expert_mask, choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, K)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   backend: str = "reference") -> jax.Array:
+  """lhs [M, I] rows sorted by group, rhs [E, I, O], group_sizes [E] -> [M, O]."""
+  if backend != "reference":
+    from dsv3_jax.kernels_pallas import grouped_matmul as kernel
+    return kernel(lhs, rhs, group_sizes, backend=backend)
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def permute(x: jax.Array, experts: jax.Array, num_experts: int):
+  """Sorts the N*K (token, expert) pairs by expert.
+
+  x [N, D], experts [N, K] -> (xs [N*K, D] rows grouped by expert, order [N*K] (position of each
+  sorted row in the flattened [N*K] pair list), group_sizes [E] int32).
+  """
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  K = experts.shape[1]
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return x[order // K], order, group_sizes
+
+
+def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference"):
+  """Per-expert SwiGLU on expert-sorted rows: xs [M, D] -> [M, D]."""
+  g = grouped_matmul(xs, w_gate, group_sizes, backend)
+  u = grouped_matmul(xs, w_up, group_sizes, backend)
+  return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, backend)
+
+
+def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+  """Inverse of `permute` plus the weighted combine.
+
+  ys [N*K, D] expert-sorted outputs, order [N*K], weights [N, K] -> [N, D] = sum_k w_k * y_k,
+  accumulated in float32.
+  """
+  N, K = weights.shape
+  y = jnp.zeros(ys.shape, jnp.float32).at[order].set(ys.astype(jnp.float32))
+  return jnp.einsum("nkd,nk->nd", y.reshape(N, K, -1), weights.astype(jnp.float32))
+
+
+class Router(nnx.Module):
+  """Router weights (`mlp.gate.weight`, stored transposed [D, E]) and the selection bias."""
+
+  def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+    E, D = cfg.n_routed_experts, cfg.hidden_size
+    w = INIT_STD * jax.random.normal(rngs.params(), (D, E), jnp.float32)
+    self.kernel = nnx.Param(w.astype(rt.param_dtype), axes=("embed", None))
+    self.e_score_correction_bias = (RouterBias(jnp.zeros((E,), jnp.float32), axes=(None,))
+                                    if cfg.uses_router_bias else None)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array) -> Routing:
+    """x [N, D] -> Routing. Logits are computed in float32."""
+    logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.kernel.get_value().astype(jnp.float32))
+    bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.get_value()
+    return route(logits, bias, self.cfg)
+
+
+class Experts(nnx.Module):
+  """Routed experts stacked on a leading expert axis: gate/up [E, D, F], down [E, F, D]."""
+
+  def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+
+    def init(shape):
+      return (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(rt.param_dtype)
+
+    self.gate_proj = nnx.Param(init((E, D, F)), axes=("expert", "embed", "moe_mlp"))
+    self.up_proj = nnx.Param(init((E, D, F)), axes=("expert", "embed", "moe_mlp"))
+    self.down_proj = nnx.Param(init((E, F, D)), axes=("expert", "moe_mlp", "embed"))
+    self.rt = rt
+
+  def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
+    """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32)."""
+    dt = self.rt.dtype
+    xs, order, sizes = permute(x.astype(dt), routing.experts, self.gate_proj.shape[0])
+    ys = grouped_ffn(xs, sizes, self.gate_proj.get_value().astype(dt), self.up_proj.get_value().astype(dt),
+                     self.down_proj.get_value().astype(dt), self.rt.moe_backend)
+    return unpermute(ys, order, routing.weights), sizes
+
+
+class MoE(nnx.Module):
+  """Routed experts + shared experts. Returns the output and the router statistics."""
+
+  def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
+    self.gate = Router(cfg, rt, rngs=rngs)
+    self.experts = Experts(cfg, rt, rngs=rngs)
+    self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                               rngs=rngs, param_dtype=rt.param_dtype, dtype=rt.dtype)
+                           if cfg.n_shared_experts else None)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    """x [B, T, D] -> (y [B, T, D] in x.dtype, stats).
+
+    stats: "load" [E] int32 tokens routed to each expert; "seq_load" [B, E] float32 the same per
+    sequence; "seq_prob" [B, E] float32 mean over the sequence of s_i / sum_j s_j (the P_i of the
+    sequence-wise balance loss).
+    """
+    B, T, D = x.shape
+    with jax.named_scope("moe"):
+      flat = x.reshape(B * T, D)
+      routing = self.gate(flat)
+      y, load = self.experts(flat, routing)
+      y = y.reshape(B, T, D)
+      if self.shared_experts is not None:
+        y = y + self.shared_experts(x).astype(jnp.float32)
+      E = self.cfg.n_routed_experts
+      seq_of_pair = (jnp.arange(B * T) // T)[:, None] * E + routing.experts  # [N, K]
+      seq_load = jnp.bincount(seq_of_pair.reshape(-1), length=B * E).reshape(B, E)
+      s = routing.scores
+      stats = {"load": load,
+               "seq_load": seq_load.astype(jnp.float32),
+               "seq_prob": (s / s.sum(-1, keepdims=True)).reshape(B, T, E).mean(1)}
+      return y.astype(x.dtype), stats

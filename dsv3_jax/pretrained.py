@@ -1,0 +1,150 @@
+"""Abstract models, parameter counting and `from_pretrained`.
+
+The abstract model (`nnx.eval_shape`, nothing allocated) is the single list of parameter paths,
+shapes and dtypes that the loader, the converter and the sharding rules read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.checkpoint import HFCheckpoint, name_table, read_targets
+from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.model import DeepseekV3
+
+__all__ = ["abstract_model", "flat_variables", "param_shapes", "param_dtypes", "model_from_arrays",
+           "from_pretrained", "ParamCount", "count_params"]
+
+log = logging.getLogger(__name__)
+
+
+def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> DeepseekV3:
+  """The model with jax.ShapeDtypeStruct leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: DeepseekV3(cfg, rt or RuntimeConfig(), rngs=nnx.Rngs(0)))
+
+
+def _path(p) -> str:
+  return ".".join(str(x) for x in p)
+
+
+def flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{"layers.3.self_attn.kv_b_proj.kernel": Variable, ...} for every variable of `model`."""
+  return {_path(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.get_value().shape) for k, v in flat_variables(model).items()}
+
+
+def param_dtypes(model: nnx.Module) -> dict[str, np.dtype]:
+  return {k: np.dtype(v.get_value().dtype) for k, v in flat_variables(model).items()}
+
+
+def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, jax.Array],
+                      ) -> DeepseekV3:
+  """Builds a model whose variables are `arrays` ({path: array}); every path must be present."""
+  abstract = abstract_model(cfg, rt)
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
+  if missing:
+    raise ValueError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
+  for p, v in flat:
+    a = arrays[_path(p)]
+    want = v.get_value()
+    if tuple(a.shape) != tuple(want.shape):
+      raise ValueError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
+    v.set_value(jnp.asarray(a, dtype=want.dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
+  """Number of MTP depths whose tensors the checkpoint holds."""
+  depth = 0
+  while depth < cfg.num_nextn_predict_layers and any(
+      n.startswith(f"model.layers.{cfg.num_hidden_layers + depth}.") for n in ckpt.names()):
+    depth += 1
+  return depth
+
+
+def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
+                    mtp: bool | None = None, ignore_unexpected: bool = False) -> DeepseekV3:
+  """Loads an HF-format DeepSeek-V2/V3 checkpoint directory.
+
+  path: a directory with config.json and model.safetensors or model.safetensors.index.json
+    (bf16/fp32 weights, or FP8 e4m3 weights with `weight_scale_inv`, dequantised on load).
+  dtype: parameter and compute dtype (overridden by `runtime` when given).
+  mtp: True requires the MTP layers named by `num_nextn_predict_layers`; False skips them;
+    None (default) loads them when present (transformers' save_pretrained drops them) and
+    otherwise builds the model without MTP, with a warning.
+  Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
+  Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
+  """
+  path = os.fspath(path)
+  cfg = ModelConfig.from_hf_config(path)
+  rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
+  ckpt = HFCheckpoint(path)
+  try:
+    present = _mtp_present(ckpt, cfg)
+    if mtp is False:
+      ignore = {f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)}
+      cfg = cfg.replace(num_nextn_predict_layers=0)
+    elif present < cfg.num_nextn_predict_layers:
+      if mtp:
+        raise ValueError(f"{path}: config.json has num_nextn_predict_layers="
+                         f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} MTP layer(s)")
+      log.warning("%s: no MTP tensors for depth %d..%d (transformers drops them); loading without",
+                  path, present + 1, cfg.num_nextn_predict_layers)
+      cfg = cfg.replace(num_nextn_predict_layers=present)
+    abstract = abstract_model(cfg, rt)
+    shapes, dtypes = param_shapes(abstract), param_dtypes(abstract)
+    table = name_table(cfg, shapes)
+    if mtp is False:
+      # The skipped MTP layers' tensors are expected, not unexpected.
+      for n in ckpt.names():
+        if any(n.startswith(pfx) for pfx in ignore):
+          ckpt.location.pop(n)
+    block = cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128)
+    arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
+                               ignore_unexpected=ignore_unexpected))
+  finally:
+    ckpt.close()
+  return model_from_arrays(cfg, rt, arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  """Parameter counts. `activated` counts what one token uses: everything except the routed
+  experts it is not sent to (embedding and head included, as DeepSeek reports 37B)."""
+
+  total: int
+  activated: int
+  mtp: int
+  mtp_activated: int
+
+  @property
+  def total_with_mtp(self) -> int:
+    return self.total + self.mtp
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+  """Counts parameters from the abstract model (nothing allocated); router bias excluded."""
+  shapes = {k: v for k, v in flat_variables(abstract_model(cfg)).items() if isinstance(v, nnx.Param)}
+  total = mtp = inactive = mtp_inactive = 0
+  unused = (cfg.n_routed_experts - cfg.num_experts_per_tok) / max(cfg.n_routed_experts, 1)
+  for path, v in shapes.items():
+    n = int(np.prod(v.get_value().shape))
+    idle = int(round(n * unused)) if ".mlp.experts." in path else 0
+    if path.startswith("mtp."):
+      mtp, mtp_inactive = mtp + n, mtp_inactive + idle
+    else:
+      total, inactive = total + n, inactive + idle
+  return ParamCount(total=total, activated=total - inactive, mtp=mtp,
+                    mtp_activated=mtp - mtp_inactive)
