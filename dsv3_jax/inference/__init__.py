@@ -1,0 +1,1 @@
+"""Inference: prefill + latent-cache decode, sampling, MTP speculative decoding."""

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, data, checkpointing and the train loop."""
