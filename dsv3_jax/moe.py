@@ -19,6 +19,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import MLP, INIT_STD
+from dsv3_jax.sharding import expert_parallel
 
 __all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
            "grouped_ffn", "unpermute", "grouped_matmul"]
@@ -146,9 +147,16 @@ class Experts(nnx.Module):
   def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
     """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32)."""
     dt = self.rt.dtype
-    xs, order, sizes = permute(x.astype(dt), routing.experts, self.gate_proj.shape[0])
-    ys = grouped_ffn(xs, sizes, self.gate_proj.get_value().astype(dt), self.up_proj.get_value().astype(dt),
-                     self.down_proj.get_value().astype(dt), self.rt.moe_backend)
+    w = [p.get_value().astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    E = w[0].shape[0]
+    layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
+    if layout is not None:
+      ffn = lambda xs, sizes, *ws: grouped_ffn(xs, sizes, *ws, backend=self.rt.moe_backend)
+      y = expert_parallel.expert_parallel_ffn(x.astype(dt), routing.experts, routing.weights, *w,
+                                              ffn=ffn, layout=layout)
+      return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
+    xs, order, sizes = permute(x.astype(dt), routing.experts, E)
+    ys = grouped_ffn(xs, sizes, *w, self.rt.moe_backend)
     return unpermute(ys, order, routing.weights), sizes
 
 

@@ -75,11 +75,16 @@ def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
 
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
-                    mtp: bool | None = None, ignore_unexpected: bool = False) -> DeepseekV3:
-  """Loads an HF-format DeepSeek-V2/V3 checkpoint directory.
+                    mtp: bool | None = None, ignore_unexpected: bool = False,
+                    shardings=None) -> DeepseekV3:
+  """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
-    (bf16/fp32 weights, or FP8 e4m3 weights with `weight_scale_inv`, dequantised on load).
+    (bf16/fp32 weights, or FP8 e4m3 weights with `weight_scale_inv`, dequantised on load), or a
+    converted Orbax directory (`dsv3_jax.convert`; FP8 entries are dequantised on device).
+  shardings: where each parameter goes: {path: jax.sharding.Sharding} or a callable
+    (path, abstract nnx.Variable) -> Sharding (e.g. from the variable's logical axes and a mesh);
+    None = the default device. From an Orbax directory each process reads only its own shards.
   dtype: parameter and compute dtype (overridden by `runtime` when given).
   mtp: True requires the MTP layers named by `num_nextn_predict_layers`; False skips them;
     None (default) loads them when present (transformers' save_pretrained drops them) and
@@ -88,6 +93,9 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
   path = os.fspath(path)
+  from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
+  if orbax_io.is_converted(path):
+    return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings)
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
@@ -116,6 +124,10 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
                                ignore_unexpected=ignore_unexpected))
   finally:
     ckpt.close()
+  if shardings is not None:
+    variables = flat_variables(abstract)
+    arrays = {k: jax.device_put(a, orbax_io.sharding_for(shardings, k, variables[k]))
+              for k, a in arrays.items()}
   return model_from_arrays(cfg, rt, arrays)
 
 

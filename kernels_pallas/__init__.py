@@ -3,5 +3,8 @@
 This package imports nothing from the model (see the README's dependency diagram).
 """
 from dsv3_jax.kernels_pallas.backend import Backend, Impl, select
+from dsv3_jax.kernels_pallas.mla_attention import mla_attention, mla_attention_reference
+from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference
 
-__all__ = ["Backend", "Impl", "select"]
+__all__ = ["Backend", "Impl", "select", "mla_attention", "mla_attention_reference", "mla_decode",
+           "mla_decode_reference"]

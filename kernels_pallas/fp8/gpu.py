@@ -20,13 +20,37 @@ from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_scales
 
-__all__ = ["quantize_activations", "fp8_matmul"]
+__all__ = ["quantize_activations", "fp8_matmul", "edge_mask", "tile_mask", "masked_load",
+           "masked_store"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dim of both operands: a [m, k] . b [n, k]
 
 
 def _pow2_tile(n: int, lo: int, hi: int) -> int:
   return max(lo, min(hi, pl.next_power_of_2(n)))
+
+
+def edge_mask(start, size: int, limit: int):
+  """[size] bool of start + i < limit, or None when every tile is full (no masking needed)."""
+  return None if limit % size == 0 else start + jnp.arange(size) < limit
+
+
+def tile_mask(rows, cols):
+  """2D mask from optional row / column masks (None: all true)."""
+  if rows is None:
+    return None if cols is None else cols[None, :]
+  return rows[:, None] if cols is None else rows[:, None] & cols[None, :]
+
+
+def masked_load(ref, mask):
+  return plt.load(ref) if mask is None else plt.load(ref, mask=mask, other=0.0)
+
+
+def masked_store(ref, value, mask):
+  if mask is None:
+    plt.store(ref, value)
+  else:
+    plt.store(ref, value, mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "power_of_two_scale", "interpret"))
@@ -41,14 +65,14 @@ def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale
 
   def kernel(x_ref, q_ref, s_ref):
     i, j = pl.program_id(0), pl.program_id(1)
-    rmask = i * bm + jnp.arange(bm) < m
-    mask = rmask[:, None] & (j * block + jnp.arange(block) < k)[None, :]
+    rmask = edge_mask(i * bm, bm, m)
+    mask = tile_mask(rmask, edge_mask(j * block, block, k))
     tile = (pl.ds(i * bm, bm), pl.ds(j * block, block))
-    xf = plt.load(x_ref.at[tile], mask=mask, other=0).astype(jnp.float32)
+    xf = masked_load(x_ref.at[tile], mask).astype(jnp.float32)
     scale = tile_scales(jnp.max(jnp.abs(xf), axis=1), power_of_two_scale)
     q = jnp.clip(xf / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
-    plt.store(q_ref.at[tile], q, mask=mask)
-    plt.store(s_ref.at[pl.ds(i * bm, bm), j], scale, mask=rmask)
+    masked_store(q_ref.at[tile], q, mask)
+    masked_store(s_ref.at[pl.ds(i * bm, bm), j], scale, rmask)
 
   return pl.pallas_call(
       kernel,
@@ -67,19 +91,19 @@ def _matmul_kernel(*refs, m, n, k, bm, bn, has_a_scale):
   else:
     a_ref, b_ref, bs_ref, o_ref = refs
   i, j = pl.program_id(0), pl.program_id(1)
-  rmask = i * bm + jnp.arange(bm) < m
-  cmask = j * bn + jnp.arange(bn) < n
+  rmask = edge_mask(i * bm, bm, m)
+  cmask = edge_mask(j * bn, bn, n)
   n_block = (j * bn) // BLOCK  # bn divides 128: the tile lies in one weight scale block
 
   def body(kb, acc):
-    kmask = kb * BLOCK + jnp.arange(BLOCK) < k
+    kmask = edge_mask(kb * BLOCK, BLOCK, k)
     ks = pl.ds(kb * BLOCK, BLOCK)
-    a = plt.load(a_ref.at[pl.ds(i * bm, bm), ks], mask=rmask[:, None] & kmask[None, :], other=0)
-    b = plt.load(b_ref.at[pl.ds(j * bn, bn), ks], mask=cmask[:, None] & kmask[None, :], other=0)
+    a = masked_load(a_ref.at[pl.ds(i * bm, bm), ks], tile_mask(rmask, kmask))
+    b = masked_load(b_ref.at[pl.ds(j * bn, bn), ks], tile_mask(cmask, kmask))
     b_s = bs_ref[n_block, kb]
     if has_a_scale:
       part = jax.lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
-      a_s = plt.load(as_ref.at[pl.ds(i * bm, bm), kb], mask=rmask, other=0.0)
+      a_s = masked_load(as_ref.at[pl.ds(i * bm, bm), kb], rmask)
       return acc + part * (a_s[:, None] * b_s)
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     part = jax.lax.dot_general(a, b.astype(a.dtype), _NT, precision=precision,
@@ -87,8 +111,8 @@ def _matmul_kernel(*refs, m, n, k, bm, bn, has_a_scale):
     return acc + part * b_s
 
   acc = jax.lax.fori_loop(0, cdiv(k, BLOCK), body, jnp.zeros((bm, bn), jnp.float32))
-  plt.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype),
-            mask=rmask[:, None] & cmask[None, :])
+  masked_store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype),
+               tile_mask(rmask, cmask))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "interpret"))

@@ -25,7 +25,8 @@ from jax.experimental.pallas import tpu as pltpu
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_scales
 
 __all__ = ["e4m3_to_f32", "f32_to_e4m3", "quantize_activations", "fp8_matmul", "tile_size",
-           "group_weight_scales", "dequantize_tile"]
+           "group_weight_scales", "group_row_scales", "dequantize_tile", "dequantize_rows",
+           "mask_columns"]
 
 _NT = (((1,), (1,)), ((), ()))
 
@@ -54,9 +55,11 @@ def f32_to_e4m3(v: jax.Array) -> jax.Array:
   # Normal range: round the 23-bit mantissa to 3 bits (ties to even), rebias 127 -> 7.
   r = (ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20
   normal = r - (120 << 3)
-  # Subnormal range |v| < 2^-6: the code is round_half_even(|v| * 2^9) (0..8; 8 is 2^-6).
-  magic = jnp.float32(2.0 ** 23)
-  sub = ((a * jnp.float32(2.0 ** 9) + magic) - magic).astype(jnp.int32)
+  # Subnormal range |v| < 2^-6: the code is round_half_even(|v| * 2^9) (0..8; 8 is 2^-6), done
+  # on the integer significand (a float "+2^23-2^23" trick is not safe from the compiler).
+  frac = (ab & 0x7FFFFF) | 0x800000
+  shift = jnp.clip(14 - ((ab >> 23) - 127), 1, 31)
+  sub = (frac + (1 << (shift - 1)) - 1 + ((frac >> shift) & 1)) >> shift
   code = jnp.where(a < jnp.float32(2.0 ** -6), sub, normal)
   negative = jax.lax.bitcast_convert_type(v, jnp.int32) < 0  # the sign bit, so -0.0 -> 0x80
   code = jnp.where(negative, code | 0x80, code)
@@ -82,6 +85,15 @@ def group_weight_scales(scale: jax.Array, bn: int, bk: int) -> jax.Array:
   return jnp.moveaxis(s, -3, -2)
 
 
+def group_row_scales(scale: jax.Array, bk: int) -> jax.Array:
+  """[M, Kb] 1x128 activation scales -> [K/bk, M, bk/128], a legal block per (bm, bk) tile."""
+  m, kb = scale.shape
+  q = cdiv(bk, BLOCK)
+  nk = cdiv(kb, q)
+  s = jnp.pad(scale.astype(jnp.float32), ((0, 0), (0, nk * q - kb)), constant_values=1.0)
+  return jnp.moveaxis(s.reshape(m, nk, q), 1, 0)
+
+
 def dequantize_tile(w_ref, s_ref, out_ref, *, k_limit=None):
   """Decodes the int8 tile w_ref [bn, bk] into out_ref (its dtype) using s_ref [p, q] scales.
 
@@ -97,6 +109,24 @@ def dequantize_tile(w_ref, s_ref, out_ref, *, k_limit=None):
         col = j * BLOCK + jax.lax.broadcasted_iota(jnp.int32, w.shape, 1)
         w = jnp.where(col < k_limit, w, 0.0)
       out_ref[rows, cols] = w.astype(out_ref.dtype)
+
+
+def dequantize_rows(x_ref, s_ref, out_ref, *, k_limit=None):
+  """Decodes the int8 activation tile x_ref [bm, bk] into out_ref with s_ref [bm, bk/128]."""
+  bk = x_ref.shape[1]
+  for j in range(cdiv(bk, BLOCK)):
+    cols = slice(j * BLOCK, min(bk, (j + 1) * BLOCK))
+    x = e4m3_to_f32(x_ref[:, cols]) * s_ref[:, j:j + 1]
+    if k_limit is not None:
+      col = j * BLOCK + jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+      x = jnp.where(col < k_limit, x, 0.0)
+    out_ref[:, cols] = x.astype(out_ref.dtype)
+
+
+def mask_columns(x: jax.Array, k_limit) -> jax.Array:
+  """Zeroes the columns >= k_limit of a [rows, bk] tile (the overhang past K)."""
+  col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.where(col < k_limit, x, jnp.zeros_like(x))
 
 
 def _quantize_block_rows(m: int, kp: int) -> int:
@@ -162,22 +192,11 @@ def _matmul_kernel(*refs, k, bk, nk, has_a_scale):
 
   k_limit = (k - kk * bk) if k % bk else None
   dequantize_tile(b_ref, bs_ref, w_ref, k_limit=k_limit)
-  if has_a_scale:
-    # Activations are dequantised to bf16 as well (the MXU takes no e4m3fn).
-    x_ref_in = a_ref
-    for j in range(cdiv(bk, BLOCK)):
-      cols = slice(j * BLOCK, min(bk, (j + 1) * BLOCK))
-      x = e4m3_to_f32(x_ref_in[:, cols]) * as_ref[:, j:j + 1]
-      if k_limit is not None:
-        col = j * BLOCK + jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
-        x = jnp.where(col < k_limit, x, 0.0)
-      x_ref[:, cols] = x.astype(x_ref.dtype)
+  if has_a_scale:  # activations are dequantised to bf16 as well (the MXU takes no e4m3fn)
+    dequantize_rows(a_ref, as_ref, x_ref, k_limit=k_limit)
     x = x_ref[...]
   else:
-    x = a_ref[...]
-    if k_limit is not None:
-      col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
-      x = jnp.where(col < k_limit, x, jnp.zeros_like(x))
+    x = a_ref[...] if k_limit is None else mask_columns(a_ref[...], k_limit)
   acc_ref[...] += jax.lax.dot_general(x, w_ref[...], _NT, preferred_element_type=jnp.float32)
 
   @pl.when(kk == nk - 1)
@@ -210,10 +229,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array | None, b: jax.Array, b_scale: j
   operands = [jax.lax.bitcast_convert_type(a, jnp.int8) if has_a_scale else a]
   scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bn, bk), compute_dtype)]
   if has_a_scale:
-    # [M, Kb] -> [K/bk, M, q]: the scales of one (bm, bk) activation tile as a legal block.
-    kb = a_scale.shape[1]
-    s = jnp.pad(a_scale.astype(jnp.float32), ((0, 0), (0, nk * q - kb)), constant_values=1.0)
-    operands.append(jnp.moveaxis(s.reshape(m, nk, q), 1, 0))
+    operands.append(group_row_scales(a_scale, bk))
     in_specs.append(pl.BlockSpec((None, bm, q), lambda i, j, kk: (kk, i, 0)))
     scratch.append(pltpu.VMEM((bm, bk), compute_dtype))
   operands += [jax.lax.bitcast_convert_type(b, jnp.int8), group_weight_scales(b_scale, bn, bk)]

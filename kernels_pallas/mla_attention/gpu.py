@@ -88,6 +88,11 @@ def _dot_chunks(xs, ys, dims):
   return out
 
 
+def _may_mask(cfg: _Config, bk: int) -> bool:
+  """Whether any tile can need a mask (else no masked loop is emitted)."""
+  return cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
+
+
 def _mask(q_start, k_start, bq, bk, *, transposed, cfg: _Config, q_seg=None, kv_seg=None):
   """Visibility of a (bq, bk) tile, or of its (bk, bq) transpose."""
   q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
@@ -106,6 +111,7 @@ def _mask(q_start, k_start, bq, bk, *, transposed, cfg: _Config, q_seg=None, kv_
     mask = pad if mask is None else jnp.logical_and(mask, pad)
   if seg is not None:
     mask = seg if mask is None else jnp.logical_and(mask, seg)
+  assert mask is not None, "masked tile without any mask"
   return jnp.broadcast_to(mask, (bk, bq) if transposed else (bq, bk))
 
 
@@ -116,10 +122,11 @@ def _mask(q_start, k_start, bq, bk, *, transposed, cfg: _Config, q_seg=None, kv_
 def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: int, nq: int,
                 nk: int):
   if cfg.has_segments:
-    q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+    q_seg_ref, kv_seg_ref, *refs = refs
     q_seg = q_seg_ref[...]
   else:
-    (o_ref, lse_ref), q_seg, kv_seg_ref = refs, None, None
+    q_seg, kv_seg_ref = None, None
+  o_ref, *lse_ref = refs
   qk_chunks, v_chunks = pow2_chunks(q_ref.shape[-1]), pow2_chunks(v_ref.shape[-1])
   i = nq - 1 - pl.program_id(0)
   q_start = off_ref[0] + i * bq
@@ -152,15 +159,18 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
   carry = (tuple(jnp.zeros((bq, n), jnp.float32) for _, n in v_chunks),
            jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-  accs, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+  if _may_mask(cfg, bk):
+    carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+  accs, m, l = carry
   inv = jnp.where(l > 0.0, 1.0 / l, 0.0)
   for (o, n), a in zip(v_chunks, accs):
     o_ref[:, pl.ds(o, n)] = (a * inv[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(l > 0.0, m + jnp.log2(l), jnp.inf)
+  if lse_ref:
+    lse_ref[0][...] = jnp.where(l > 0.0, m + jnp.log2(l), jnp.inf)
 
 
-def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  """Padded [b, t, h, d] inputs -> o [b, t, h, dv], base-2 lse [b, h, t]."""
+def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
+  """Padded [b, t, h, d] inputs -> o [b, t, h, dv] (and base-2 lse [b, h, t])."""
   b, tq, h, dqk = q.shape
   tk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
   g = h // hk
@@ -179,19 +189,23 @@ def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config):
     in_specs += [pl.BlockSpec((None, bq), lambda i, h_, b_: (b_, nq - 1 - i)),
                  pl.BlockSpec((None, tk), lambda i, h_, b_: (b_, 0))]
     args += [q_seg, kv_seg]
-  return pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, bq, None, dv), q_map)]
+  out_shape = [jax.ShapeDtypeStruct((b, tq, h, dv), q.dtype)]
+  if save_lse:
+    out_specs.append(pl.BlockSpec((None, None, bq), lambda i, h_, b_: (b_, h_, nq - 1 - i)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
+  outs = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nq=nq, nk=nk),
       grid=(nq, h, b),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bq, None, dv), q_map),
-                 pl.BlockSpec((None, None, bq), lambda i, h_, b_: (b_, h_, nq - 1 - i))],
-      out_shape=[jax.ShapeDtypeStruct((b, tq, h, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=plt.CompilerParams(num_warps=cfg.blocks.num_warps,
                                          num_stages=cfg.blocks.num_stages),
       interpret=cfg.interpret,
       name="mla_attention_fwd",
   )(*args)
+  return tuple(outs) if save_lse else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +246,8 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
 
   dqs = tuple(jnp.zeros((bq, n), jnp.float32) for _, n in qk_chunks)
   dqs = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dqs)
-  dqs = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dqs)
+  if _may_mask(cfg, bk):
+    dqs = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dqs)
   for (o, n), a in zip(qk_chunks, dqs):
     dq_ref[:, pl.ds(o, n)] = (a * cfg.scale).astype(dq_ref.dtype)
 
@@ -277,7 +292,8 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     return dks, dvs
 
   def per_head(head, carry):
-    carry = lax.fori_loop(q_lo, q_full, functools.partial(body, head=head, masked=True), carry)
+    if _may_mask(cfg, bk):
+      carry = lax.fori_loop(q_lo, q_full, functools.partial(body, head=head, masked=True), carry)
     return lax.fori_loop(q_full, nq, functools.partial(body, head=head, masked=False), carry)
 
   carry = (tuple(jnp.zeros((bk, n), jnp.float32) for _, n in qk_chunks),
@@ -362,11 +378,11 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  return _forward(q, k, v, off, q_seg, kv_seg, cfg)[0]
+  return _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
 
 
 def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg)
+  o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
   return o, (q, k, v, off, q_seg, kv_seg, o, lse)
 
 

@@ -92,6 +92,11 @@ def _mask(q_start, k_start, shape, *, transposed: bool, causal: bool, kv_len: in
   return mask
 
 
+def _may_mask(cfg: _Config, bk: int) -> bool:
+  """Whether any tile can need a mask (else the masked branch is not even traced)."""
+  return cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
+
+
 def _compiler_params(sem):
   return pltpu.CompilerParams(dimension_semantics=sem)
 
@@ -101,12 +106,15 @@ def _compiler_params(sem):
 
 
 def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: int, nk: int,
-                kv_len: int):
+                kv_len: int, save_lse: bool):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
   else:
     q_seg_ref = kv_seg_ref = None
-  o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  if save_lse:
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+  else:
+    (o_ref, m_ref, l_ref, acc_ref), lse_ref = refs, None
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   dv = acc_ref.shape[-1]
 
@@ -141,18 +149,20 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
     acc_ref[...] = acc_ref[...] * _lanes(alpha, dv) + pv
 
   pl.when(j < n_full)(lambda: step(False))
-  pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
+  if _may_mask(cfg, bk):
+    pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
 
   @pl.when(j == nk - 1)
   def _finish():
     l, m = l_ref[...], m_ref[...]
     inv = jnp.where(l > 0.0, 1.0 / l, 0.0)
     o_ref[...] = (acc_ref[...] * _lanes(inv, dv)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(l), jnp.inf)
+    if save_lse:
+      lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(l), jnp.inf)
 
 
-def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  """q/k/v in [b, h, t, d] layout, already padded. Returns o [b, h, t, dv], lse [b, h, t]."""
+def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
+  """q/k/v in [b, h, t, d] layout, already padded -> o [b, h, t, dv] (and lse [b, h, t])."""
   b, h, tq, dqk = q.shape
   hk, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
   g = h // hk
@@ -179,28 +189,32 @@ def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config):
     ]
     args += [jnp.broadcast_to(q_seg[:, :, None], (b, tq, LANES)),
              jnp.broadcast_to(kv_seg[:, None, :], (b, SUBLANES, tk))]
-  kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_len=kv_len)
-  o, lse = pl.pallas_call(
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, nk=nk, kv_len=kv_len,
+                             save_lse=save_lse)
+  # lse leaves the kernel lane-replicated ((bq, 128) tiles store without relayout); the
+  # transient [b, h, t, 128] array is sliced to [b, h, t] right away.
+  out_specs = [pl.BlockSpec((None, None, bq, dv), lambda b_, h_, i, j, o: (b_, h_, i, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, h, tq, dv), q.dtype)]
+  if save_lse:
+    out_specs.append(pl.BlockSpec((None, None, bq, LANES), lambda b_, h_, i, j, o: (b_, h_, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, tq, LANES), jnp.float32))
+  outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(b, h, nq, nk),
           in_specs=in_specs,
-          out_specs=[
-              pl.BlockSpec((None, None, bq, dv), lambda b_, h_, i, j, o: (b_, h_, i, 0)),
-              pl.BlockSpec((None, None, bq, LANES), lambda b_, h_, i, j, o: (b_, h_, i, 0)),
-          ],
+          out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                           pltpu.VMEM((bq, LANES), jnp.float32),
                           pltpu.VMEM((bq, dv), jnp.float32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((b, h, tq, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, tq, LANES), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="mla_attention_fwd",
   )(off, *args)
-  return o, lse[..., 0]
+  return (outs[0], outs[1][..., 0]) if save_lse else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +252,8 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
 
   pl.when(j < n_full)(lambda: step(False))
-  pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
+  if _may_mask(cfg, bk):
+    pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
 
   @pl.when(j == nk - 1)
   def _finish():
@@ -279,7 +294,8 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dst = pt * (dpt - di_ref[:1, :])
     dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
 
-  pl.when(jnp.logical_and(i >= q_lo, i < q_full))(lambda: step(True))
+  if _may_mask(cfg, bk):
+    pl.when(jnp.logical_and(i >= q_lo, i < q_full))(lambda: step(True))
   pl.when(i >= q_full)(lambda: step(False))
 
   @pl.when(jnp.logical_and(gi == g - 1, i == nq - 1))
@@ -411,11 +427,11 @@ def _tile(requested: int, padded_len: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  return _forward(q, k, v, off, q_seg, kv_seg, cfg)[0]
+  return _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
 
 
 def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: _Config):
-  o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg)
+  o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
   return o, (q, k, v, off, q_seg, kv_seg, o, lse)
 
 

@@ -1,0 +1,172 @@
+"""Prefill and absorbed-MLA decode against the latent cache (pure functions of the model).
+
+Einsum letters: B batch, T new tokens per step, S cache rows, H heads, N qk_nope_head_dim,
+R qk_rope_head_dim, C kv_lora_rank, V v_head_dim, D hidden.
+
+Absorbed form (decode): kv_b_proj's kernel [C, H*(N+V)] is split once into W_UK [H, N, C] and
+W_UV [H, V, C] (`absorb_weights`). Per new token:
+  q_latent = q_nope . W_UK                      [B, H, C]
+  scores   = (q_latent . c + q_pe . k_pe) * scale  (two dots; the cache parts stay separate)
+  o_latent = softmax(scores) . c                [B, H, C]
+  out      = o_proj(o_latent . W_UV)
+This reads 576 cached values per token per layer instead of per-head keys and values.
+
+Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
+compute-efficient form for many query tokens, and writes each layer's latent into the cache.
+Right padding keeps every sequence at positions 0..len-1; causal attention means the padding
+behind a sequence never influences it, and the rows it leaves in the cache lie past `lengths`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.inference.cache import LatentCache, write_rows
+from dsv3_jax.layers import apply_rope
+
+__all__ = ["absorb_weights", "decode_attention", "prefill", "decode_forward", "mtp_prefill",
+           "mtp_decode_forward"]
+
+
+def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
+  """Splits every layer's kv_b_proj (main layers, then MTP blocks) into W_UK [H, N, C] and
+  W_UV [H, V, C] in the compute dtype. Call once at load, not per step."""
+  cfg, dt = model.config, model.runtime.dtype
+  H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  uk, uv = [], []
+  for layer in _all_layers(model):
+    k = layer.self_attn.kv_b_proj.kernel.get_value().reshape(C, H, N + V)
+    uk.append(jnp.transpose(k[:, :, :N], (1, 2, 0)).astype(dt))
+    uv.append(jnp.transpose(k[:, :, N:], (1, 2, 0)).astype(dt))
+  return {"w_uk": tuple(uk), "w_uv": tuple(uv)}
+
+
+def _all_layers(model):
+  return list(model.layers) + [m.block for m in model.mtp]
+
+
+def decode_attention(q_latent: jax.Array, q_pe: jax.Array, c: jax.Array, k_pe: jax.Array,
+                     lengths: jax.Array, scale: float) -> jax.Array:
+  """One query token per sequence against its latent cache (the slot for the mla_decode kernel).
+
+  q_latent [B, H, C] (q_nope . W_UK); q_pe [B, H, R] (rotated); c [B, S, C]; k_pe [B, S, R];
+  lengths int [B]: rows s < lengths[b] are visible. Returns o_latent [B, H, C] float32
+  (softmax in float32; zero for a sequence with no visible row).
+  """
+  s = (jnp.einsum("bhc,bsc->bhs", q_latent, c, preferred_element_type=jnp.float32)
+       + jnp.einsum("bhr,bsr->bhs", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
+  valid = jnp.arange(c.shape[1])[None, None, :] < lengths[:, None, None]
+  s = jnp.where(valid, s, -jnp.inf)
+  p = jnp.where(valid, jax.nn.softmax(s, axis=-1), 0.0)
+  return jnp.einsum("bhs,bsc->bhc", p.astype(c.dtype), c, preferred_element_type=jnp.float32)
+
+
+def _absorbed_layer(layer, w_uk, w_uv, c_buf, kpe_buf, x, positions):
+  """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
+  positions[:, 0], which is where they are written). Returns (x, c_buf, kpe_buf)."""
+  attn, cfg = layer.self_attn, layer.self_attn.cfg
+  B, T, _ = x.shape
+  with jax.named_scope("mla_decode"):
+    h = layer.input_layernorm(x)
+    q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
+    q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
+    c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
+    c_buf = write_rows(c_buf, c, positions[:, 0])
+    kpe_buf = write_rows(kpe_buf, k_pe, positions[:, 0])
+    q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
+    q_lat, q_pe = q_lat.astype(c_buf.dtype), q_pe.astype(kpe_buf.dtype)
+    # Query t sees rows 0..positions[b, t]; vmap over t shares (does not copy) the cache.
+    o = jax.vmap(decode_attention, in_axes=(1, 1, None, None, 1, None), out_axes=1)(
+        q_lat, q_pe, c_buf, kpe_buf, positions + 1, cfg.softmax_scale)  # [B, T, H, C] f32
+    o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
+    x = x + attn.o_proj(o.reshape(B, T, -1))
+  y = layer.mlp(layer.post_attention_layernorm(x))
+  if layer.is_moe:
+    y = y[0]
+  return x + y, c_buf, kpe_buf
+
+
+def _replace_layer(cache: LatentCache, i: int, c_buf, kpe_buf) -> LatentCache:
+  c, k = list(cache.c), list(cache.k_pe)
+  c[i], k[i] = c_buf, kpe_buf
+  return LatentCache(tuple(c), tuple(k), cache.lengths)
+
+
+def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array):
+  """Main model on T new tokens per sequence through the latent cache.
+
+  tokens int32 [B, T] at positions [B, T] (consecutive; row positions[b, 0] onward is written).
+  Returns (logits [B, T, V] float32, final normed hidden h^0 [B, T, D], cache). cache.lengths is
+  not changed (the caller decides how many of the new rows to keep).
+  """
+  x = model.embed(tokens)
+  for i, layer in enumerate(model.layers):
+    x, cb, kb = _absorbed_layer(layer, absorbed["w_uk"][i], absorbed["w_uv"][i], cache.c[i],
+                                cache.k_pe[i], x, positions)
+    cache = _replace_layer(cache, i, cb, kb)
+  hidden = model.norm(x)
+  return model.head(hidden), hidden, cache
+
+
+def _mtp_input(mtp_layer, model, next_tokens, h_prev):
+  return mtp_layer.eh_proj(jnp.concatenate(
+      [mtp_layer.enorm(model.embed(next_tokens)), mtp_layer.hnorm(h_prev)], axis=-1))
+
+
+def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Array,
+                       h_prev: jax.Array, positions: jax.Array):
+  """The first MTP block on T new positions through its latent cache.
+
+  next_tokens int32 [B, T]: t_{i+1} for each position i; h_prev [B, T, D]: the main model's h^0_i
+  (final hidden after model.norm, vLLM's choice for serving). Returns (logits [B, T, V] float32,
+  predicting t_{i+2}; cache).
+  """
+  L = model.config.num_hidden_layers
+  m = model.mtp[0]
+  x = _mtp_input(m, model, next_tokens, h_prev)
+  x, cb, kb = _absorbed_layer(m.block, absorbed["w_uk"][L], absorbed["w_uv"][L], cache.c[L],
+                              cache.k_pe[L], x, positions)
+  return model.head(m.shared_head_norm(x)), _replace_layer(cache, L, cb, kb)
+
+
+def _prefill_layer(layer, x, positions, cache, i):
+  h = layer.input_layernorm(x)
+  c, k_pe = layer.self_attn.latent(h, positions)
+  zero = jnp.zeros((x.shape[0],), jnp.int32)
+  cache = _replace_layer(cache, i, write_rows(cache.c[i], c, zero), write_rows(cache.k_pe[i], k_pe, zero))
+  x, _ = layer(x, positions)
+  return x, cache
+
+
+def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
+  """Runs right-padded prompts tokens int32 [B, T] (sequence b's tokens in 0..lengths[b]-1) and
+  fills main-layer cache rows 0..T-1. Returns (logits at each sequence's last prompt token
+  [B, V] float32, final normed hidden [B, T, D], cache with lengths = `lengths`)."""
+  B, T = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x = model.embed(tokens)
+  for i, layer in enumerate(model.layers):
+    x, cache = _prefill_layer(layer, x, positions, cache, i)
+  hidden = model.norm(x)
+  last = hidden[jnp.arange(B), lengths - 1]  # [B, D]
+  cache = LatentCache(cache.c, cache.k_pe, lengths.astype(jnp.int32))
+  return model.head(last), hidden, cache
+
+
+def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array,
+                hidden: jax.Array, first: jax.Array):
+  """Fills the first MTP block's cache for prompt positions 0..lengths[b]-1.
+
+  Position i takes [Emb(t_{i+1}); h^0_i]; for the last prompt position t_{i+1} is `first` [B],
+  the token sampled from the prefill logits. Returns (MTP logits at position lengths[b]-1 [B, V]
+  float32, predicting the token after `first`; cache).
+  """
+  B, T = tokens.shape
+  L = model.config.num_hidden_layers
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  rows = jnp.arange(B)
+  nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
+  m = model.mtp[0]
+  x, cache = _prefill_layer(m.block, _mtp_input(m, model, nxt, hidden), positions, cache, L)
+  last = m.shared_head_norm(x[rows, lengths - 1])
+  return model.head(last), cache

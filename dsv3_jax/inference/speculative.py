@@ -1,0 +1,126 @@
+"""MTP self-speculative decoding (depth 1) and the plain one-token decode step.
+
+One speculative step, for a sequence whose cache holds positions 0..n-1, with `last` = t_n (not
+yet fed) and `draft` = d, the MTP head's guess for t_{n+1}:
+  1. verify: the main model runs [t_n, d] at positions n, n+1 in one call (cache rows n, n+1);
+     logits at n give p(t_{n+1}), at n+1 give p(t_{n+2} | d).
+  2. greedy: accept iff argmax p(t_{n+1}) == d. Sampling: accept with probability
+     min(1, p(d)/q(d)); on rejection draw t_{n+1} from norm(max(p - q, 0)) (the standard rule,
+     which makes every emitted token distributed exactly as plain sampling). On acceptance the
+     bonus t_{n+2} is drawn from p(. | d). So each step emits 1 or 2 tokens, and greedy output
+     equals plain greedy decoding token for token.
+  3. draft again: the MTP block runs positions n and n+1 with inputs [Emb(t_{i+1}); h^0_i] (h^0 =
+     the main model's final hidden after model.norm, vLLM's serving choice) and its own latent
+     cache; the next draft comes from position n+1 when accepted, else from position n. Rows past
+     the kept length are garbage that the lengths mask hides and the next step overwrites.
+Only the first MTP depth is used for drafting.
+
+Einsum letters: B batch, V vocabulary, D hidden.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.inference.cache import LatentCache
+from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
+from dsv3_jax.inference.sampling import SamplingParams, probabilities, sample, sample_from_probs
+from dsv3_jax.inference.state import GenState, emit
+
+__all__ = ["plain_step", "speculative_step", "draft_from", "make_mtp_agree"]
+
+
+def plain_step(model, absorbed, gs: GenState, params: SamplingParams,
+               eos_ids: tuple[int, ...]) -> GenState:
+  """Feeds `last` at position cache.lengths, samples one token per unfinished sequence."""
+  key, k = jax.random.split(gs.key)
+  n = gs.cache.lengths
+  logits, _, cache = decode_forward(model, absorbed, gs.cache, gs.last[:, None], n[:, None])
+  tok = sample(k, logits[:, 0], params)
+  out, num, finished, _ = emit(gs, tok[:, None], jnp.ones_like(n), eos_ids)
+  lengths = n + (~gs.finished).astype(jnp.int32)
+  last = jnp.where(gs.finished, gs.last, tok)
+  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, key,
+                  gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted)
+
+
+def draft_from(key, logits: jax.Array, params: SamplingParams):
+  """MTP logits [B, V] -> (draft [B] int32, its distribution [B, V] float32, or [B, 0] if greedy)."""
+  if params.greedy:
+    return sample(key, logits, params), jnp.zeros((logits.shape[0], 0), jnp.float32)
+  q = probabilities(logits, params)
+  return sample_from_probs(key, q), q
+
+
+def speculative_step(model, absorbed, gs: GenState, params: SamplingParams,
+                     eos_ids: tuple[int, ...]) -> GenState:
+  """Verify the draft with the main model, keep 1 or 2 tokens, draft the next one (see module)."""
+  key, k_acc, k_res, k_bonus, k_draft = jax.random.split(gs.key, 5)
+  n = gs.cache.lengths
+  B = n.shape[0]
+  rows = jnp.arange(B)
+  positions = n[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
+  fed = jnp.stack([gs.last, gs.draft], axis=1)
+  logits, hidden, cache = decode_forward(model, absorbed, gs.cache, fed, positions)
+  if params.greedy:
+    first = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+    accept = first == gs.draft
+    bonus = jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
+  else:
+    p = probabilities(logits[:, 0], params)
+    q = gs.draft_probs
+    pd, qd = p[rows, gs.draft], q[rows, gs.draft]
+    accept = jax.random.uniform(k_acc, (B,)) * qd < pd  # u < p(d)/q(d), q(d) > 0 as d ~ q
+    resid = jnp.maximum(p - q, 0.0)
+    total = resid.sum(-1, keepdims=True)
+    resid = jnp.where(total > 0, resid / jnp.where(total > 0, total, 1.0), p)
+    first = jnp.where(accept, gs.draft, sample_from_probs(k_res, resid))
+    bonus = sample(k_bonus, logits[:, 1], params)
+  new = jnp.stack([first, bonus], axis=1)
+  count = 1 + accept.astype(jnp.int32)
+  out, num, finished, _ = emit(gs, new, count, eos_ids)
+  active = ~gs.finished
+  lengths = n + jnp.where(active, count, 0)
+  mtp_logits, cache = mtp_decode_forward(model, absorbed, cache, new, hidden, positions)
+  draft, draft_probs = draft_from(k_draft, jnp.where(accept[:, None], mtp_logits[:, 1],
+                                                     mtp_logits[:, 0]), params)
+  last = jnp.where(active, jnp.where(accept, bonus, first), gs.last)
+  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, key,
+                  gs.steps + 1, draft, draft_probs,
+                  gs.drafted + active.sum().astype(jnp.int32),
+                  gs.accepted + (active & accept).sum().astype(jnp.int32))
+
+
+def make_mtp_agree(model, main_scale: float = 0.0) -> None:
+  """Forces the MTP head to agree with the main model (in place; for tests and benchmarks).
+
+  Every main-layer and MTP-block residual branch (o_proj, dense/shared/routed down projections)
+  is multiplied by `main_scale`, so the main model's next-token logits are head(norm(Emb(t) +
+  main_scale * context)). The MTP block is made to pass Emb(t_{i+1}) through: eh_proj = [I; 0]
+  (embedding half first), enorm weight 1, shared_head_norm weight = model.norm weight. With
+  main_scale = 0 both heads compute head(norm(Emb(t_{i+1}))) (up to the RMSNorm epsilon), so the
+  draft matches greedy verification essentially always; main_scale > 0 lets context perturb
+  the main model, lowering acceptance. All matmuls keep their shapes, so timings stay realistic.
+  """
+  def scale(var, s):
+    var.set_value((var.get_value() * s).astype(var.get_value().dtype))
+
+  def quiet(layer, s):
+    scale(layer.self_attn.o_proj.kernel, s)
+    mlp = layer.mlp
+    if layer.is_moe:
+      scale(mlp.experts.down_proj, s)
+      if mlp.shared_experts is not None:
+        scale(mlp.shared_experts.down_proj.kernel, s)
+    else:
+      scale(mlp.down_proj.kernel, s)
+
+  for layer in model.layers:
+    quiet(layer, main_scale)
+  D = model.config.hidden_size
+  for m in model.mtp:
+    quiet(m.block, 0.0)
+    k = m.eh_proj.kernel
+    k.set_value(jnp.concatenate([jnp.eye(D), jnp.zeros((D, D))], 0).astype(k.get_value().dtype))
+    m.enorm.weight.set_value(jnp.ones_like(m.enorm.weight.get_value()))
+    m.shared_head_norm.weight.set_value(model.norm.weight.get_value())

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a training run: periodic saves, keep-N, exact resume.
+
+A checkpoint at step s holds, as one Orbax composite:
+  "state": the model's variables (fp32 master params and the RouterBias state), the optimizer
+           state (step count, Adam moments) and the run's RNG key data, as a pure-array pytree;
+  "meta":  JSON with the step, the data reader's position (`DataState`) and the configs' names.
+Restoring all of it continues the run with the same loss sequence as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["RunCheckpointer"]
+
+
+class RunCheckpointer:
+  """Thin wrapper over `orbax.checkpoint.CheckpointManager` for training state.
+
+  directory: where step folders go (created); save_every: save when step % save_every == 0
+  (`save(..., force=True)` always saves); keep: how many recent checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int = 3):
+    if save_every < 1 or keep < 1:
+      raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = save_every
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
+                                        enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Saves the pure-array pytree `state` and JSON `meta` at `step` if due (or `force`).
+    A step that already has a checkpoint is not rewritten. Returns whether one was written."""
+    if (not force and step % self.save_every) or step in self.manager.all_steps():
+      return False
+    saved = self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    self.manager.wait_until_finished()
+    return bool(saved)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    """Restores (state, meta, step) at `step` (default: the latest). abstract_state: a pytree of
+    arrays or jax.ShapeDtypeStruct with the target structure, shapes, dtypes and shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"], step
+
+  def close(self) -> None:
+    self.manager.close()

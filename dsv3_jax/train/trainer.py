@@ -1,0 +1,219 @@
+"""The training loop: a jitted step (forward with MTP, loss, AdamW, router-bias update), logging,
+checkpoints.
+
+The step is a pure function of (state, batch) built with `nnx.split`/`nnx.merge`: `state` is the
+nnx.State of (model, optimizer) plus the RNG key data, donated to the step. Per step it
+  1. runs model.forward(tokens, positions, segment_ids, mtp=True) in the runtime's compute dtype,
+  2. takes the loss of `dsv3_jax.train.loss` and its gradient w.r.t. the nnx.Param leaves only,
+  3. applies the optimizer (clip + AdamW) to the Params,
+  4. moves every RouterBias by gamma * sign(mean load - load) from this step's loads.
+Metrics per step: loss, ce, mtp_ce, balance, load_ratio (max/mean expert load, mean over MoE
+layers), grad_norm, lr, plus host-side tokens/s and MFU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.model import DeepseekV3
+from dsv3_jax.pretrained import count_params
+from dsv3_jax.train.balance import load_ratio, update_router_bias
+from dsv3_jax.train.checkpointing import RunCheckpointer
+from dsv3_jax.train.data import Batch, DataState, TokenDataset
+from dsv3_jax.train.loss import LossConfig, training_loss
+from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
+
+__all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "H100_PEAK_FLOPS"]
+
+H100_PEAK_FLOPS = 790e12  # dense bf16, as measured on the lent H100 (ARCHITECTURE.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What a run does (the model is a ModelConfig, the dtypes/remat a RuntimeConfig).
+
+  mtp_lambda_later / mtp_lambda_switch: the paper's schedule, lambda = loss.mtp_lambda before step
+  `mtp_lambda_switch` and `mtp_lambda_later` from then on (None: constant).
+  bias_gamma: aux-loss-free bias step (0 freezes the bias).
+  document_mask: pass segment ids (and restarting positions) to the model so attention stays in a
+  document; off by default as in the paper (the loss never crosses documents either way).
+  save_every / keep: checkpoint cadence and retention when the trainer has an output directory.
+  peak_flops: accelerator peak for MFU (None: MFU not reported).
+  """
+
+  steps: int = 1000
+  seed: int = 0
+  optim: OptimConfig = OptimConfig()
+  loss: LossConfig = LossConfig()
+  mtp_lambda_later: float | None = None
+  mtp_lambda_switch: int | None = None
+  bias_gamma: float = 1e-3
+  document_mask: bool = False
+  save_every: int = 1000
+  keep: int = 3
+  peak_flops: float | None = None
+
+  def __post_init__(self):
+    if self.bias_gamma < 0:
+      raise ValueError(f"bias_gamma must be >= 0 (0 freezes the bias), got {self.bias_gamma}")
+
+  def mtp_lambda(self, step: int) -> float:
+    if self.mtp_lambda_later is not None and self.mtp_lambda_switch is not None \
+        and step >= self.mtp_lambda_switch:
+      return self.mtp_lambda_later
+    return self.loss.mtp_lambda
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 * (activated matmul params) + causal attention scores/values.
+
+  Activated params: `count_params(cfg).activated` (+ the MTP modules) without the embedding table
+  (a lookup, not a matmul); each MTP depth also runs the shared head (D x V). Attention per layer
+  (MTP blocks included): forward 2*T*H*(d_qk + d_v) per token, halved for causality, times 3 for
+  forward + backward.
+  """
+  pc = count_params(cfg)
+  D, V = cfg.hidden_size, cfg.vocab_size
+  depth = cfg.num_nextn_predict_layers
+  matmul_params = pc.activated - V * D + pc.mtp_activated + depth * D * V
+  layers = cfg.num_hidden_layers + depth
+  attn = 3 * layers * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+  return 6.0 * matmul_params + attn
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(graphdef, loss_cfg: LossConfig, gamma: float, document_mask: bool,
+                   optim_cfg: OptimConfig):
+  """One jitted step per (model structure, configs): Trainers of the same run share it, so a
+  resumed run in the same process does not compile again."""
+  return jax.jit(functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, gamma=gamma,
+                                   document_mask=document_mask, schedule=make_schedule(optim_cfg)),
+                 donate_argnums=(0, 1))
+
+
+def _train_step(graphdef, state, rng, tokens, segment_ids, positions, mtp_lambda, *,
+                loss_cfg: LossConfig, gamma: float, document_mask: bool, schedule):
+  model, optimizer = nnx.merge(graphdef, state)
+  K = model.config.num_experts_per_tok
+  seg_in = segment_ids if document_mask else None
+  pos_in = positions if document_mask else None
+
+  def loss_fn(m):
+    out = m.forward(tokens, positions=pos_in, segment_ids=seg_in, mtp=True)
+    loss, metrics = training_loss(out, tokens, segment_ids, loss_cfg, K, mtp_lambda)
+    return loss, (metrics, out.router_stats)
+
+  (_, (metrics, stats)), grads = nnx.value_and_grad(
+      loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(optimizer.step.get_value()),
+                 load_ratio=load_ratio(stats))
+  if stats:
+    metrics["layer_load"] = jnp.stack([s["load"] for s in stats])  # [layers, E]
+  optimizer.update(model, grads)
+  update_router_bias(model, stats, gamma)
+  rng = jax.random.split(jax.random.wrap_key_data(rng))[0]
+  return nnx.state((model, optimizer)), jax.random.key_data(rng), metrics
+
+
+class Trainer:
+  """Owns the model, optimizer, data reader and (optionally) a checkpointer.
+
+  cfg / runtime: the model; train: the run; data: a TokenDataset (its batch_size and seq_len are
+  the batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints).
+  `model` (a DeepseekV3 view of the current state) and `history` (host metrics per step) are
+  available at any time.
+  """
+
+  def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig, train: TrainConfig,
+               data: TokenDataset, out_dir: str | None = None):
+    if data.vocab_size is not None and data.vocab_size > cfg.vocab_size:
+      raise ValueError(f"data vocab_size {data.vocab_size} exceeds model vocab_size {cfg.vocab_size}")
+    self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
+    model = DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed))
+    self.schedule = make_schedule(train.optim)
+    optimizer = nnx.Optimizer(model, make_optimizer(train.optim), wrt=nnx.Param)
+    self.graphdef, self.state = nnx.split((model, optimizer))
+    self.rng = jax.random.key_data(jax.random.key(train.seed + 1))
+    self.step = 0
+    self.history: list[dict[str, Any]] = []
+    self.checkpointer = (RunCheckpointer(f"{out_dir}/checkpoints", save_every=train.save_every,
+                                         keep=train.keep) if out_dir else None)
+    self._step_fn = _compiled_step(self.graphdef, train.loss, train.bias_gamma, train.document_mask,
+                                   train.optim)
+    self.flops_per_token = train_flops_per_token(cfg, data.seq_len)
+
+  @property
+  def model(self) -> DeepseekV3:
+    return nnx.merge(self.graphdef, self.state)[0]
+
+  # Checkpoints -------------------------------------------------------------------------------
+  def _pure(self) -> dict:
+    return {"train": nnx.to_pure_dict(self.state), "rng": self.rng}
+
+  def save(self, force: bool = False) -> bool:
+    """Saves the run at the current step if due (or `force`). Needs an out_dir."""
+    if self.checkpointer is None:
+      raise ValueError("this Trainer has no out_dir: nothing to save to")
+    meta = {"step": self.step, "data": self.data.state.to_dict(), "data_seed": self.data.seed,
+            "seq_len": self.data.seq_len, "batch_size": self.data.batch_size}
+    return self.checkpointer.save(self.step, self._pure(), meta, force=force)
+
+  def restore(self, step: int | None = None) -> bool:
+    """Loads the latest (or the given) checkpoint; False when there is none."""
+    if self.checkpointer is None or (step is None and self.checkpointer.latest_step() is None):
+      return False
+    pure, meta, step = self.checkpointer.restore(self._pure(), step)
+    if (meta["seq_len"], meta["batch_size"]) != (self.data.seq_len, self.data.batch_size):
+      raise ValueError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
+                       f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
+                       f"{self.data.seq_len} batch={self.data.batch_size}")
+    nnx.replace_by_pure_dict(self.state, pure["train"])
+    self.rng = jnp.asarray(pure["rng"])
+    self.step = int(meta["step"])
+    self.data.state = DataState.from_dict(meta["data"])
+    return True
+
+  # Training ----------------------------------------------------------------------------------
+  def train_step(self, batch: Batch) -> dict[str, Any]:
+    """One optimizer step on `batch`; returns host metrics (floats, layer_load as numpy)."""
+    t0 = time.perf_counter()
+    lam = jnp.float32(self.train.mtp_lambda(self.step))
+    self.state, self.rng, m = self._step_fn(self.state, self.rng, jnp.asarray(batch.tokens),
+                                            jnp.asarray(batch.segment_ids),
+                                            jnp.asarray(batch.positions), lam)
+    m = jax.device_get(m)
+    dt = time.perf_counter() - t0
+    self.step += 1
+    out = {k: (np.asarray(v) if k == "layer_load" else float(v)) for k, v in m.items()}
+    ntok = batch.tokens.size * max(jax.process_count(), 1)
+    out.update(step=self.step, step_time=dt, tokens_per_s=ntok / dt)
+    if self.train.peak_flops:
+      out["mfu"] = self.flops_per_token * ntok / dt / (self.train.peak_flops * jax.device_count())
+    self.history.append(out)
+    return out
+
+  def run(self, steps: int | None = None, *, callback: Callable[[dict], None] | None = None,
+          ) -> Iterator[dict[str, Any]]:
+    """Trains until `steps` total steps (default train.steps), yielding each step's metrics;
+    saves on the checkpoint cadence and at the end."""
+    end = self.train.steps if steps is None else steps
+    while self.step < end:
+      m = self.train_step(self.data.next_batch())
+      if self.checkpointer is not None:
+        self.save(force=self.step == end)
+      if callback is not None:
+        callback(m)
+      yield m
+
+  def close(self) -> None:
+    if self.checkpointer is not None:
+      self.checkpointer.close()

@@ -1,0 +1,178 @@
+"""Grouped (ragged) matmul for MoE experts: bf16/f32 with a custom VJP, and FP8 for inference.
+
+Letters: T rows (tokens sorted by expert), G groups (experts), K contraction, N output.
+  lhs [T, K]; group_sizes int32 [G] with sum <= T: group g owns rows
+  [sum(sizes[:g]), sum(sizes[:g+1])); rows past the sum produce zeros (as `jax.lax.ragged_dot`).
+  grouped_matmul:      rhs [G, K, N] bf16/f32                         -> [T, N]
+  grouped_matmul_fp8:  rhs [G, N, K] float8_e4m3fn (per-expert [out, in] checkpoint weights)
+                       rhs_scale [G, ceil(N/128), ceil(K/128)] float32 -> [T, N]
+
+Backward of grouped_matmul uses the same kernels: dlhs = gmm(dout, rhs^T) (rhs read transposed
+in the kernel, never materialised) and drhs[g] = lhs_g^T . dout_g (a transposed grouped matmul,
+[G, K, N]; empty groups get zero gradients).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.kernels_pallas.backend import Backend, select
+from dsv3_jax.kernels_pallas.grouped_matmul import gpu, tpu
+from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_fp8_ref,
+                                                              grouped_matmul_ref,
+                                                              transposed_grouped_matmul_ref)
+
+__all__ = ["grouped_matmul", "grouped_matmul_fp8", "transposed_grouped_matmul"]
+
+_FLOATS = (jnp.bfloat16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  kind: str                     # "tpu" or "gpu"
+  interpret: bool
+  tiles: tuple[int, int, int] | None
+  out_dtype: Any
+
+  @property
+  def kernels(self):
+    return tpu if self.kind == "tpu" else gpu
+
+
+def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
+  if group_sizes.shape != (num_groups,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be integer [{num_groups}], got {group_sizes.shape} "
+                     f"{group_sizes.dtype}")
+  return group_sizes.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs, rhs, group_sizes, cfg: _Config):
+  return cfg.kernels.gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, tiles=cfg.tiles,
+                         interpret=cfg.interpret)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, cfg):
+  return _gmm(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(cfg, residuals, dout):
+  lhs, rhs, group_sizes = residuals
+  dout = dout.astype(lhs.dtype)
+  dlhs = cfg.kernels.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
+                         interpret=cfg.interpret)
+  drhs = cfg.kernels.tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0],
+                          out_dtype=rhs.dtype, interpret=cfg.interpret)
+  return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                   out_dtype=None, tiling: tuple[int, int, int] | None = None,
+                   backend: Backend | str = "auto", platform: str | None = None) -> jax.Array:
+  """out[rows of g] = lhs[rows of g] . rhs[g]; differentiable in lhs and rhs.
+
+  Args:
+    lhs: [T, K] bfloat16/float32, rows sorted by group.
+    rhs: [G, K, N] bfloat16/float32 (operands of different dtypes are promoted to a common one).
+    group_sizes: [G] integer, sum <= T (a larger sum is clipped to T); empty groups allowed.
+    out_dtype: output dtype, default the operands' dtype; accumulation is float32.
+    tiling: forward (bm, bk, bn) override: powers of two on GPU, multiples of (8, 128, 128) on
+      TPU (cut to whole dims when larger). The backward uses each kernel's defaults.
+    backend, platform: see `dsv3_jax.kernels_pallas.backend.select`.
+
+  Returns:
+    [T, N]; rows past sum(group_sizes) are zero.
+  """
+  if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"expected lhs [T, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")
+  if lhs.dtype not in _FLOATS or rhs.dtype not in _FLOATS:
+    raise ValueError(f"grouped_matmul takes bfloat16/float32, got {lhs.dtype} and {rhs.dtype} "
+                     f"(FP8 weights: grouped_matmul_fp8)")
+  group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
+  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+  out_dtype = jnp.dtype(out_dtype or dtype)
+  impl = select(backend, platform=platform)
+  if impl.kind == "reference" or 0 in lhs.shape or 0 in rhs.shape:
+    return grouped_matmul_ref(lhs, rhs, group_sizes, out_dtype=out_dtype)
+  return _gmm(lhs, rhs, group_sizes, _Config(impl.kind, impl.interpret, tiling, out_dtype))
+
+
+def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
+                              num_groups: int | None = None, out_dtype=None,
+                              backend: Backend | str = "auto",
+                              platform: str | None = None) -> jax.Array:
+  """out[g] = lhs_g^T . dout_g: lhs [T, K], dout [T, N] (same dtype) -> [G, K, N].
+
+  The weight-gradient product of `grouped_matmul`; groups with no rows give zeros.
+  """
+  if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0] or lhs.dtype != dout.dtype:
+    raise ValueError(f"expected lhs [T, K] and dout [T, N] of one dtype, got {lhs.shape} "
+                     f"{lhs.dtype} and {dout.shape} {dout.dtype}")
+  group_sizes = _check_group_sizes(group_sizes, num_groups or group_sizes.shape[0])
+  impl = select(backend, platform=platform)
+  if impl.kind == "reference" or 0 in lhs.shape or 0 in dout.shape:
+    return transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype)
+  kernels = tpu if impl.kind == "tpu" else gpu
+  return kernels.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
+                      out_dtype=out_dtype, interpret=impl.interpret)
+
+
+def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,
+                       group_sizes: jax.Array, *, lhs_scale: jax.Array | None = None,
+                       out_dtype=jnp.bfloat16, tiling: tuple[int, int, int] | None = None,
+                       backend: Backend | str = "auto",
+                       platform: str | None = None) -> jax.Array:
+  """FP8 block-scaled grouped matmul for inference (not differentiable).
+
+  Args:
+    lhs: [T, K] bfloat16/float32, or float8_e4m3fn with lhs_scale [T, ceil(K/128)] float32
+      (1 x 128 tiles, as from `fp8.quantize_activations`).
+    rhs: [G, N, K] float8_e4m3fn, the experts' [out, in] weights stacked.
+    rhs_scale: [G, ceil(N/128), ceil(K/128)] float32, each expert's 128 x 128 block scales.
+    group_sizes: [G] integer, sum <= T.
+    out_dtype: output dtype (bf16 default); accumulation is float32.
+    tiling: (bm, bk, bn) override (GPU: powers of two, bk = 128, bn dividing 128).
+
+  Returns:
+    [T, N]; rows past sum(group_sizes) are zero. GPU: e4m3 x e4m3 on the tensor cores when lhs
+    is e4m3, else the weight tile is upcast exactly; block scales are applied to each 128-wide
+    K step's float32 partial. TPU: weight (and e4m3 lhs) tiles are decoded in VMEM, scaled, and
+    multiplied in bf16.
+  """
+  if rhs.ndim != 3 or rhs.dtype != jnp.float8_e4m3fn or lhs.ndim != 2:
+    raise ValueError(f"expected lhs [T, K] and rhs [G, N, K] float8_e4m3fn, got {lhs.shape} "
+                     f"and {rhs.shape} {rhs.dtype}")
+  num_groups, n, k = rhs.shape
+  if lhs.shape[1] != k:
+    raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} disagree on K")
+  want = (num_groups, -(-n // 128), -(-k // 128))
+  if rhs_scale.shape != want:
+    raise ValueError(f"rhs_scale must be {want}, got {rhs_scale.shape}")
+  if lhs_scale is None and lhs.dtype not in _FLOATS:
+    raise ValueError(f"lhs must be bfloat16/float32, or float8_e4m3fn with lhs_scale; "
+                     f"got {lhs.dtype}")
+  if lhs_scale is not None and (lhs.dtype != jnp.float8_e4m3fn
+                                or lhs_scale.shape != (lhs.shape[0], want[2])):
+    raise ValueError(f"with lhs_scale, lhs must be float8_e4m3fn and lhs_scale "
+                     f"{(lhs.shape[0], want[2])}; got {lhs.dtype} and {lhs_scale.shape}")
+  group_sizes = _check_group_sizes(group_sizes, num_groups)
+  impl = select(backend, platform=platform)
+  if impl.kind == "reference" or 0 in lhs.shape or n == 0:
+    return grouped_matmul_fp8_ref(lhs, rhs, rhs_scale, group_sizes, lhs_scale=lhs_scale,
+                                  out_dtype=out_dtype)
+  rhs_scale = rhs_scale.astype(jnp.float32)
+  lhs_scale = None if lhs_scale is None else lhs_scale.astype(jnp.float32)
+  if impl.kind == "tpu":
+    return tpu.gmm_fp8(lhs, rhs, rhs_scale, group_sizes, lhs_scale=lhs_scale,
+                       out_dtype=out_dtype, tiles=tiling, interpret=impl.interpret)
+  return gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=True, lhs_scale=lhs_scale,
+                 rhs_scale=rhs_scale, out_dtype=out_dtype, tiles=tiling,
+                 interpret=impl.interpret)

@@ -1,0 +1,193 @@
+"""Grouped matmul kernels for TPUs (Mosaic).
+
+bf16/f32: jax's megablox kernels (`gmm`, `tgmm` in jax.experimental.pallas.ops.tpu.megablox),
+called rather than re-implemented. Megablox needs T to be a multiple of its row tile (lhs is
+padded with zero rows here) and leaves rows past sum(group_sizes) unwritten (zeroed here).
+
+FP8 (inference): our own kernel over the work list of `schedule.row_tile_schedule`, scalar-
+prefetched into SMEM and driving the block index maps; grid (N tiles, live items, K tiles) with
+the item count a runtime grid bound. Each item accumulates its (row tile, group) product in a
+float32 VMEM scratch over the K steps; weight tiles are decoded from e4m3 in VMEM and scaled by
+their 128 x 128 block scales (fp8/tpu.py), and at the last K step the item writes only its rows
+[lo, hi) of the output block. Items of one row tile are consecutive, so the output block stays
+in VMEM until every row of it has been written. Items of the virtual group (rows past the sum)
+skip the matmul, keep their block indices fixed across K, and write zeros.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from dsv3_jax.kernels_pallas.fp8 import tpu as fp8_tpu
+from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
+
+__all__ = ["gmm", "tgmm", "gmm_fp8"]
+
+_BLOCK = 128
+_NT = (((1,), (1,)), ((), ()))
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _megablox():
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _row_tile(t: int, preferred: int) -> int:
+  return min(preferred, _cdiv(t, 16) * 16)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiles", "interpret"))
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+        out_dtype=None, tiles: tuple[int, int, int] | None = None,
+        interpret: bool = False) -> jax.Array:
+  """lhs [T, C] . rhs[g] ([G, C, D], or [G, D, C] with transpose_rhs) -> [T, D], via megablox.
+
+  tiles = (bm, bk, bn) in megablox's sense (bk, bn multiples of 128 or cut to the whole dim).
+  """
+  t, c = lhs.shape
+  d = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  tm, tk, tn = tiles or (512, 512, 512)
+  tm = _row_tile(t, tm)
+  tk, tn = fp8_tpu.tile_size(c, tk), fp8_tpu.tile_size(d, tn)
+  t_pad = _cdiv(t, tm) * tm
+  out = _megablox().gmm(_pad_rows(lhs, t_pad), rhs, group_sizes.astype(jnp.int32),
+                        preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
+                        transpose_rhs=transpose_rhs, interpret=interpret)
+  _, ends = group_bounds(group_sizes, t)
+  rows = jnp.arange(t_pad, dtype=jnp.int32)[:, None]
+  return jnp.where(rows < ends[-1], out, jnp.zeros_like(out))[:t]
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "tiles", "interpret"))
+def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
+         out_dtype=None, tiles: tuple[int, int, int] | None = None,
+         interpret: bool = False) -> jax.Array:
+  """out[g] = lhs_g^T [K, T_g] . dout_g [T_g, N] -> [G, K, N] (empty groups: 0), via megablox."""
+  t, k = lhs.shape
+  n = dout.shape[1]
+  tm, tk, tn = tiles or (512, 512, 512)
+  tm = _row_tile(t, tm)
+  tk, tn = fp8_tpu.tile_size(k, tk), fp8_tpu.tile_size(n, tn)
+  t_pad = _cdiv(t, tm) * tm
+  return _megablox().tgmm(_pad_rows(lhs, t_pad).T, _pad_rows(dout, t_pad),
+                          group_sizes.astype(jnp.int32),
+                          preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
+                          num_actual_groups=num_groups or group_sizes.shape[0],
+                          interpret=interpret)
+
+
+def _gmm_fp8_kernel(tile_ref, group_ref, lo_ref, hi_ref, *refs, num_groups, k, bm, bk, nk,
+                    has_lhs_scale):
+  if has_lhs_scale:
+    x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, wd_ref, xd_ref = refs
+  else:
+    x_ref, w_ref, ws_ref, o_ref, acc_ref, wd_ref = refs
+  item, kk = pl.program_id(1), pl.program_id(2)
+  lo, hi = lo_ref[item], hi_ref[item]
+
+  @pl.when(kk == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  @pl.when((group_ref[item] < num_groups) & (lo < hi))
+  def _():
+    k_limit = (k - kk * bk) if k % bk else None
+    fp8_tpu.dequantize_tile(w_ref, ws_ref, wd_ref, k_limit=k_limit)
+    if has_lhs_scale:
+      fp8_tpu.dequantize_rows(x_ref, xs_ref, xd_ref, k_limit=k_limit)
+      x = xd_ref[...]
+    else:
+      x = x_ref[...] if k_limit is None else fp8_tpu.mask_columns(x_ref[...], k_limit)
+    acc_ref[...] += jax.lax.dot_general(x, wd_ref[...], _NT, preferred_element_type=jnp.float32)
+
+  @pl.when(kk == nk - 1)
+  def _():
+    rows = tile_ref[item] * bm + jax.lax.broadcasted_iota(jnp.int32, acc_ref.shape, 0)
+    mine = (rows >= lo) & (rows < hi)
+    old = o_ref[...].astype(jnp.float32)  # select in f32: v5e has no bf16 VPU
+    o_ref[...] = jnp.where(mine, acc_ref[...], old).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
+def gmm_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array, group_sizes: jax.Array, *,
+            lhs_scale: jax.Array | None = None, out_dtype=jnp.bfloat16,
+            tiles: tuple[int, int, int] | None = None, interpret: bool = False) -> jax.Array:
+  """lhs [T, K] . dequant(rhs[g] [N, K])^T per group -> [T, N], weights decoded in VMEM.
+
+  rhs e4m3 [G, N, K] with rhs_scale [G, ceil(N/128), ceil(K/128)]; lhs bf16/f32, or e4m3 with
+  lhs_scale [T, ceil(K/128)]. tiles = (bm, bk, bn), multiples of (8, 128, 128) or whole dims.
+  """
+  t, k = lhs.shape
+  num_groups, n, _ = rhs.shape
+  tm, tk, tn = tiles or (256, 512, 512)
+  if tk % _BLOCK or tn % _BLOCK or tm % 8:
+    raise ValueError(f"TPU tiles (bm, bk, bn) must be multiples of (8, 128, 128), got {tiles}")
+  bm, bk, bn = fp8_tpu.tile_size(t, tm), fp8_tpu.tile_size(k, tk), fp8_tpu.tile_size(n, tn)
+  p, q = _cdiv(bn, _BLOCK), _cdiv(bk, _BLOCK)
+  nk = _cdiv(k, bk)
+  sched = row_tile_schedule(group_sizes, t, bm)
+  has_lhs_scale = lhs_scale is not None
+  compute_dtype = jnp.float32 if lhs.dtype == jnp.float32 else jnp.bfloat16
+
+  def k_of(item, kk, group_ref):  # virtual-group items hold K still: no DMA while they idle
+    return jnp.where(group_ref[item] < num_groups, kk, 0)
+
+  def rhs_group(item, group_ref):
+    return jnp.minimum(group_ref[item], num_groups - 1)
+
+  def x_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref):
+    return tile_ref[it], k_of(it, kk, group_ref)
+
+  def xs_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref):
+    return k_of(it, kk, group_ref), tile_ref[it], 0
+
+  def w_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref):
+    return rhs_group(it, group_ref), j, k_of(it, kk, group_ref)
+
+  def ws_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref):
+    return rhs_group(it, group_ref), j, k_of(it, kk, group_ref), 0, 0
+
+  def o_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref):
+    return tile_ref[it], j
+
+  in_specs = [pl.BlockSpec((bm, bk), x_map)]
+  operands = [jax.lax.bitcast_convert_type(lhs, jnp.int8) if has_lhs_scale else lhs]
+  scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bn, bk), compute_dtype)]
+  if has_lhs_scale:
+    in_specs.append(pl.BlockSpec((None, bm, q), xs_map))
+    operands.append(fp8_tpu.group_row_scales(lhs_scale, bk))
+    scratch.append(pltpu.VMEM((bm, bk), compute_dtype))
+  in_specs += [pl.BlockSpec((None, bn, bk), w_map),
+               pl.BlockSpec((None, None, None, p, q), ws_map)]
+  operands += [jax.lax.bitcast_convert_type(rhs, jnp.int8),
+               fp8_tpu.group_weight_scales(rhs_scale, bn, bk)]
+
+  kernel = functools.partial(_gmm_fp8_kernel, num_groups=num_groups, k=k, bm=bm, bk=bk, nk=nk,
+                             has_lhs_scale=has_lhs_scale)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((t, n), out_dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(_cdiv(n, bn), sched.num_items, nk),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((bm, bn), o_map),
+          scratch_shapes=scratch,
+      ),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      interpret=interpret,
+      name="dsv3_grouped_matmul_fp8",
+  )(sched.tile, sched.group, sched.lo, sched.hi, *operands)

@@ -1,0 +1,59 @@
+"""Absorbed-MLA decode: one query token per sequence against the shared 576-dim latent cache.
+
+`mla_decode` dispatches (see `dsv3_jax.kernels_pallas.backend`) to the jnp reference, the TPU
+Pallas kernel (`tpu.py`, Mosaic) or the GPU Pallas kernel (`gpu.py`, Triton lowering).
+"""
+from __future__ import annotations
+
+import jax
+
+from dsv3_jax.kernels_pallas.backend import Backend, select
+from dsv3_jax.kernels_pallas.mla_decode.reference import check_inputs, mla_decode_reference
+
+__all__ = ["mla_decode", "mla_decode_reference"]
+
+
+def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: float,
+               kv_lora_rank: int = 512, block_tables: jax.Array | None = None,
+               backend: Backend | str = "auto", platform: str | None = None,
+               block_sizes=None) -> jax.Array:
+  """Decode attention of absorbed MLA queries against the latent cache.
+
+  scores[b, h, l] = scale * sum_d q[b, h, d] * cache[b, l, d] over all d (latent then rope),
+  softmax over l < lengths[b], out[b, h] = sum_l p[b, h, l] * cache[b, l, :kv_lora_rank].
+
+  Args:
+    q: [batch, heads, d], d = kv_lora_rank + rope dims (DeepSeek-V3: 512 + 64 = 576): q_nope
+      already multiplied by W_UK, then q_pe.
+    cache: [batch, max_len, d] (latent c after its RMSNorm, then the rotated k_pe), or, with
+      `block_tables`, a page pool [num_pages, page_size, d].
+    lengths: int32 [batch]: valid cache entries per sequence, in [0, capacity] (values outside
+      are clipped). Rows past a sequence's length are never used, whatever they hold.
+    scale: softmax scale.
+    kv_lora_rank: latent dims at the front of d; they are also the values.
+    block_tables: optional int32 [batch, pages_per_seq]: logical page i of sequence b lives in
+      pool page block_tables[b, i]; entries past a sequence's length are ignored.
+    backend: "auto" | "reference" | "pallas" | "interpret" (see `Backend`).
+    platform: "tpu" | "gpu": the kernel to interpret, or to lower for off-device.
+    block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` of the selected kernel (block_k, and the
+      split-K factor num_splits; None picks one from the batch size and capacity).
+
+  Returns:
+    [batch, heads, kv_lora_rank] in q.dtype (float32 accumulation and softmax inside, also
+    across split-K partials); zero for sequences of length 0.
+  """
+  check_inputs(q, cache, lengths, kv_lora_rank, block_tables)
+  impl = select(backend, platform=platform)
+  if impl.kind == "reference":
+    return mla_decode_reference(q, cache, lengths, scale=scale, kv_lora_rank=kv_lora_rank,
+                                block_tables=block_tables)
+  if impl.kind == "tpu":
+    from dsv3_jax.kernels_pallas.mla_decode import tpu as kernel
+  else:
+    from dsv3_jax.kernels_pallas.mla_decode import gpu as kernel
+  if block_sizes is not None and not isinstance(block_sizes, kernel.BlockSizes):
+    raise TypeError(f"block_sizes for the {impl.kind} kernel must be {kernel.__name__}.BlockSizes, "
+                    f"got {type(block_sizes).__name__}")
+  return kernel.mla_decode(q, cache, lengths, block_tables, scale=scale,
+                           kv_lora_rank=kv_lora_rank, block_sizes=block_sizes,
+                           interpret=impl.interpret)

@@ -1,0 +1,137 @@
+"""Device meshes from named axis sizes, and multi-host start-up on JAX's own runtime.
+
+The mesh spans every device of every process (`jax.devices()`, not `jax.local_devices()`), so the
+same code runs on one host with 8 simulated CPU devices and on a TPU pod slice with one process
+per host. Mesh axes are named; the conventional names are DATA, FSDP, EXPERT and TENSOR, which
+the default `ShardingRules` and the expert-parallel MoE refer to.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+__all__ = ["DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape",
+           "DistributedConfig", "add_distributed_arguments", "initialize_distributed"]
+
+DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
+
+
+def parse_mesh_shape(spec: str) -> dict[str, int]:
+  """"data=2,expert=4" -> {"data": 2, "expert": 4} (order kept; `-1` means "the rest")."""
+  out: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, size = part.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"mesh shape {spec!r}: expected name=size entries, got {part!r}")
+    try:
+      out[name.strip()] = int(size)
+    except ValueError:
+      raise ValueError(f"mesh shape {spec!r}: size of axis {name.strip()!r} is not an integer: "
+                       f"{size!r}") from None
+  return out
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | str, *, devices: Sequence[jax.Device] | None = None,
+              ) -> Mesh:
+  """A mesh with the given named axis sizes over all devices of all processes.
+
+  axis_sizes: ordered {name: size} (or "data=2,expert=4"); at most one size may be -1 (filled in
+  from the device count). The product must equal the number of devices. Axis types are Auto
+  (GSPMD propagation outside shard_map; the expert-parallel MoE uses shard_map inside).
+  Device order follows `jax.make_mesh`, which places the fastest-varying (last) axes on
+  neighbouring devices of one host/ICI ring: put the chattiest axis (tensor, then expert) last.
+  """
+  if isinstance(axis_sizes, str):
+    axis_sizes = parse_mesh_shape(axis_sizes)
+  names, sizes = list(axis_sizes), list(axis_sizes.values())
+  devices = list(jax.devices() if devices is None else devices)
+  if len(set(names)) != len(names):
+    raise ValueError(f"mesh axis names repeat: {names}")
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes must be positive (at most one -1), got {dict(axis_sizes)}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"cannot fill -1 in {dict(axis_sizes)}: {len(devices)} devices not divisible "
+                       f"by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+                     f"but {len(devices)} are available ({jax.process_count()} process(es))")
+  return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+class DistributedConfig:
+  """Multi-controller start-up settings: coordinator "host:port", process count and id.
+
+  Values come from flags, else from the environment variables DSV3_COORDINATOR,
+  DSV3_NUM_PROCESSES, DSV3_PROCESS_ID; when none is set on a TPU pod / SLURM / Open MPI job,
+  `jax.distributed.initialize()` discovers them itself.
+  """
+
+  def __init__(self, coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, cpu_collectives: str | None = None,
+               timeout_s: int = 300):
+    env = os.environ
+    self.coordinator = coordinator or env.get("DSV3_COORDINATOR")
+    self.num_processes = _int_or_none(num_processes, env.get("DSV3_NUM_PROCESSES"),
+                                      "DSV3_NUM_PROCESSES")
+    self.process_id = _int_or_none(process_id, env.get("DSV3_PROCESS_ID"), "DSV3_PROCESS_ID")
+    self.cpu_collectives = cpu_collectives or env.get("DSV3_CPU_COLLECTIVES")
+    self.timeout_s = timeout_s
+
+  @property
+  def explicit(self) -> bool:
+    return self.coordinator is not None or self.num_processes is not None
+
+
+def _int_or_none(flag, env_value, env_name):
+  if flag is not None:
+    return int(flag)
+  if env_value in (None, ""):
+    return None
+  try:
+    return int(env_value)
+  except ValueError:
+    raise ValueError(f"environment variable {env_name}={env_value!r} is not an integer") from None
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds --coordinator, --num-processes, --process-id, --cpu-collectives to a CLI parser."""
+  g = parser.add_argument_group("multi-host")
+  g.add_argument("--coordinator", default=None,
+                 help="coordinator host:port (env DSV3_COORDINATOR); omit on TPU pods (auto)")
+  g.add_argument("--num-processes", type=int, default=None, help="env DSV3_NUM_PROCESSES")
+  g.add_argument("--process-id", type=int, default=None, help="env DSV3_PROCESS_ID")
+  g.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
+                 help="cross-process collectives for the CPU backend (env DSV3_CPU_COLLECTIVES)")
+
+
+def initialize_distributed(cfg: DistributedConfig | argparse.Namespace | None = None, *,
+                           force: bool = False) -> bool:
+  """Calls `jax.distributed.initialize` when a multi-process run is configured.
+
+  Must run before any other jax call that touches devices. Returns True if it initialised.
+  With no settings it initialises only when `force` (TPU pods and SLURM/MPI jobs auto-detect),
+  so a single-process run stays single-process.
+  """
+  if isinstance(cfg, argparse.Namespace):
+    cfg = DistributedConfig(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.cpu_collectives)
+  cfg = cfg or DistributedConfig()
+  if cfg.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+  if not (cfg.explicit or force):
+    return False
+  if cfg.explicit and (cfg.coordinator is None or cfg.num_processes is None
+                       or cfg.process_id is None):
+    raise ValueError("multi-host start-up needs all of coordinator, num_processes and process_id "
+                     f"(got {cfg.coordinator!r}, {cfg.num_processes!r}, {cfg.process_id!r})")
+  jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                             process_id=cfg.process_id, initialization_timeout=cfg.timeout_s)
+  return True

@@ -1,0 +1,57 @@
+"""Routing on hand-computed cases."""
+import jax.numpy as jnp
+import numpy as np
+
+import dsv3_jax
+from dsv3_jax.moe import permute, route, unpermute
+
+CFG = dsv3_jax.TINY.replace(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                            routed_scaling_factor=2.0, norm_topk_prob=True)
+
+
+def _logit(p):
+  return np.log(p / (1 - p))
+
+
+def test_group_limited_sigmoid_routing_by_hand():
+  # Sigmoid scores chosen directly; groups of 2 experts: {0,1} {2,3} {4,5} {6,7}.
+  s = np.array([[0.9, 0.1, 0.6, 0.55, 0.7, 0.0001, 0.3, 0.3]])
+  bias = np.array([0, 0, 0, 0, 0, 0, 0.5, 0.5])
+  # choice = s + bias = [.9 .1 | .6 .55 | .7 .0001 | .8 .8]; group top-2 sums: 1.0, 1.15, .7001, 1.6
+  # -> keep groups 3 and 1 -> candidates 2,3,6,7 with choice .6 .55 .8 .8 -> experts {6, 7}
+  # (expert 0, the best raw score, sits in a dropped group). Weights use raw s: .3,.3 -> .5,.5 * 2.
+  r = route(jnp.asarray(_logit(s)), jnp.asarray(bias), CFG)
+  assert sorted(np.asarray(r.experts)[0].tolist()) == [6, 7]
+  np.testing.assert_allclose(np.asarray(r.weights)[0], [1.0, 1.0], rtol=1e-6)
+  # Without the bias: group sums 1.0, 1.15, .7001, .6 -> groups 1, 0 -> experts {0, 2}.
+  r = route(jnp.asarray(_logit(s)), None, CFG)
+  e = np.asarray(r.experts)[0].tolist()
+  assert sorted(e) == [0, 2]
+  w = dict(zip(e, np.asarray(r.weights)[0]))
+  np.testing.assert_allclose([w[0], w[2]], [2 * 0.9 / 1.5, 2 * 0.6 / 1.5], rtol=1e-6)
+
+
+def test_v2_max_group_softmax_routing_by_hand():
+  cfg = CFG.replace(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+                    routed_scaling_factor=1.0)
+  logits = np.log(np.array([[0.05, 0.3, 0.2, 0.2, 0.01, 0.04, 0.1, 0.1]]))
+  # Group max: .3, .2, .04, .1 -> keep groups 0, 1 -> top-2 of {.05,.3,.2,.2}: 1 and (2 or 3).
+  r = route(jnp.asarray(logits), None, cfg)
+  e = np.asarray(r.experts)[0].tolist()
+  assert e[0] == 1 and e[1] in (2, 3)
+  np.testing.assert_allclose(np.asarray(r.weights)[0], [0.3, 0.2], rtol=1e-5)
+
+
+def test_permute_unpermute_is_a_dropless_weighted_combine():
+  rng = np.random.RandomState(0)
+  x = rng.randn(5, 3).astype(np.float32)
+  experts = np.array([[0, 2], [2, 1], [3, 0], [2, 3], [1, 2]], np.int32)
+  weights = rng.rand(5, 2).astype(np.float32)
+  xs, order, sizes = permute(jnp.asarray(x), jnp.asarray(experts), 4)
+  assert np.asarray(sizes).tolist() == [2, 2, 4, 2]  # every (token, expert) pair kept
+  flat_e = experts.reshape(-1)[np.asarray(order)]
+  assert np.all(np.diff(flat_e) >= 0)  # grouped by expert
+  ys = np.asarray(xs) * (1 + flat_e[:, None])  # "expert e multiplies by e+1"
+  got = unpermute(jnp.asarray(ys), order, jnp.asarray(weights))
+  want = sum(weights[:, k:k + 1] * x * (1 + experts[:, k:k + 1]) for k in range(2))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
