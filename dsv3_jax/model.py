@@ -30,6 +30,7 @@ from dsv3_jax.moe import MoE
 __all__ = ["DecoderLayer", "MTPLayer", "DeepseekV3", "ModelOutput"]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
   """logits [B, T, V] float32; mtp_logits [depth, B, T, V] float32 or None (position i of depth k

@@ -6,6 +6,7 @@ shapes and dtypes that the loader, the converter and the sharding rules read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Mapping
@@ -15,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import HFCheckpoint, name_table, read_targets
+from dsv3_jax.checkpoint import HFCheckpoint, name_table, read_targets, to_hf
+from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.model import DeepseekV3
 
 __all__ = ["abstract_model", "flat_variables", "param_shapes", "param_dtypes", "model_from_arrays",
-           "from_pretrained", "ParamCount", "count_params"]
+           "from_pretrained", "save_pretrained", "ParamCount", "count_params"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,45 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     arrays = {k: jax.device_put(a, orbax_io.sharding_for(shardings, k, variables[k]))
               for k, a in arrays.items()}
   return model_from_arrays(cfg, rt, arrays)
+
+
+def save_pretrained(model: DeepseekV3, path: str | os.PathLike, *, dtype=None,
+                    max_shard_bytes: int = 4 << 30) -> None:
+  """Writes `model` as an HF-format checkpoint (official tensor names, [out, in] weights,
+  per-expert tensors, the MTP layers with their embedding/head copies) plus config.json.
+
+  dtype: storage dtype (default: the parameters' own); the router bias stays float32.
+  Shards of at most `max_shard_bytes` with model.safetensors.index.json when more than one.
+  The directory must not exist or be empty; files appear only once fully written.
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  if os.listdir(path):
+    raise FileExistsError(f"{path}: directory is not empty")
+  cfg = model.config
+  values = {k: v.get_value() for k, v in flat_variables(model).items()}
+  table = name_table(cfg, {k: v.shape for k, v in values.items()})
+  shards, current, size = [], [], 0
+  for name, entry in table.items():
+    x = np.asarray(to_hf(entry, np.asarray(values[entry.target])))
+    if dtype is not None and not entry.target.endswith("e_score_correction_bias"):
+      x = x.astype(np.dtype(dtype))
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append((name, np.ascontiguousarray(x)))
+    size += x.nbytes
+  shards.append(current)
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for file, tensors in zip(files, shards):
+    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+  if len(shards) > 1:
+    weight_map = {n: f for f, tensors in zip(files, shards) for n, _ in tensors}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg.to_hf_config(), f, indent=1)
 
 
 @dataclasses.dataclass(frozen=True)
