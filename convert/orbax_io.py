@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -217,6 +218,7 @@ def _restore(directory: str, items: Mapping[str, tuple[tuple, Any, Any]]) -> dic
                                                                         restore_args=args))
 
 
+@functools.lru_cache(maxsize=64)  # one compiled function per (block, dtype, sharding), not per parameter
 def _dequantize_fn(block: tuple[int, int], dtype, out_sharding):
   bm, bn = block
 
@@ -273,7 +275,7 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
     if keep_fp8:
       out[p] = Fp8Weight(r["value"], r["scale_inv"], block)
     else:
-      out[p] = _dequantize_fn(block, want.dtype, s)(r["value"], r["scale_inv"])
+      out[p] = _dequantize_fn(tuple(block), np.dtype(want.dtype), s)(r["value"], r["scale_inv"])
   return out
 
 

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", default=None, help="where to write the tiny checkpoint (default: a temp dir)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-671b", action="store_true", help="skip the 671B parameter count (~20 s)")
+  p.add_argument("--train-steps", type=int, default=300,
+                 help="steps of the CPU training part (0 skips it; see dsv3_jax.train.demo)")
+  p.add_argument("--train-seconds", type=float, default=150.0, help="time budget of the training part")
 
 
 def _fmt(n: int) -> str:
@@ -58,5 +61,9 @@ def run(args: argparse.Namespace) -> int:
     c = dsv3_jax.count_params(dsv3_jax.DEEPSEEK_V3)
     print(f"deepseek-v3 preset (eval_shape, nothing allocated): {_fmt(c.total)} main-model parameters, "
           f"{_fmt(c.activated)} activated per token, MTP layer {_fmt(c.mtp)}")
+  if args.train_steps > 0:
+    from dsv3_jax.train.demo import train_demo
+    train_demo(os.path.join(os.path.dirname(out), "train"), steps=args.train_steps,
+               max_seconds=args.train_seconds, seq=64, seed=args.seed)
   print(f"done in {time.perf_counter() - t0:.1f} s")
   return 0

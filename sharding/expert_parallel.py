@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from typing import Callable
 
 import jax
@@ -38,7 +39,7 @@ from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "padded_dispatch", "padded_return", "ragged_plan", "ragged_dispatch", "ragged_return",
-           "local_experts", "combine", "receive_capacity"]
+           "local_experts", "combine", "receive_capacity", "hlo_collectives"]
 
 FFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -246,3 +247,26 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   with jax.named_scope("expert_parallel"):
     y = body(x, experts, weights.astype(jnp.float32), w_gate, w_up, w_down)
   return y[:N] if pad else y
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
+
+
+def hlo_collectives(hlo_text: str, ops=("all-to-all", "ragged-all-to-all")):
+  """Collectives of a compiled module's HLO text (`jit(f).lower(...).compile().as_text()`).
+
+  Returns [(op, [(dtype, dims), ...] result shapes, bytes)] per instruction; for all-to-all the
+  result shapes equal the operand shapes (XLA may split one tiled all-to-all into S operands).
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    for op in ops:
+      m = re.match(rf"\s*(?:ROOT )?%[\w.-]+ = (.*?) {re.escape(op)}\(", line)
+      if m:
+        shapes = [(t, tuple(int(d) for d in dims.split(",") if d))
+                  for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+        nbytes = sum(math.prod(d) * _DTYPE_BYTES.get(t, 4) for t, d in shapes)
+        out.append((op, shapes, nbytes))
+        break
+  return out

@@ -55,7 +55,7 @@ def _bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (n - 1).bit_length())
 
 
-def _prefill_fn(graphdef, state, absorbed, tokens, lengths, key, *, capacity, params, eos_ids,
+def _prefill_fn(graphdef, state, absorbed, tokens, lengths, eos, key, *, capacity, params,
                 max_new, speculative, cache_dtype):
   model = nnx.merge(graphdef, state)
   B = tokens.shape[0]
@@ -64,7 +64,6 @@ def _prefill_fn(graphdef, state, absorbed, tokens, lengths, key, *, capacity, pa
   key, k_first, k_draft = jax.random.split(key, 3)
   first = sample(k_first, logits, params)
   out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   finished = jnp.any(first[:, None] == eos, -1) | (max_new <= 1)
   draft = jnp.zeros((B,), jnp.int32)
   draft_probs = jnp.zeros((B, 0), jnp.float32)
@@ -72,27 +71,30 @@ def _prefill_fn(graphdef, state, absorbed, tokens, lengths, key, *, capacity, pa
     mtp_logits, cache = mtp_prefill(model, cache, tokens, lengths, hidden, first)
     draft, draft_probs = draft_from(k_draft, mtp_logits, params)
   zero = jnp.zeros((), jnp.int32)
-  return GenState(cache, first, out, jnp.ones((B,), jnp.int32), finished, key, zero, draft,
+  return GenState(cache, first, out, jnp.ones((B,), jnp.int32), finished, eos, key, zero, draft,
                   draft_probs, zero, zero)
 
 
-def _step_fn(graphdef, state, absorbed, gs, *, params, eos_ids, speculative):
+def _step_fn(graphdef, state, absorbed, gs, *, params, speculative):
   model = nnx.merge(graphdef, state)
   step = speculative_step if speculative else plain_step
-  return step(model, absorbed, gs, params, eos_ids)
+  return step(model, absorbed, gs, params)
 
 
-def _loop_fn(graphdef, state, absorbed, gs, *, params, eos_ids, speculative):
+def _loop_fn(graphdef, state, absorbed, gs, *, params, speculative):
   max_steps = gs.out.shape[1]
 
   def cond(g):
     return (~jnp.all(g.finished)) & (g.steps < max_steps)
 
   def body(g):
-    return _step_fn(graphdef, state, absorbed, g, params=params, eos_ids=eos_ids,
-                    speculative=speculative)
+    return _step_fn(graphdef, state, absorbed, g, params=params, speculative=speculative)
 
   return jax.lax.while_loop(cond, body, gs)
+
+
+# Compiled functions, shared by Generators of models with the same structure (graphdef).
+_COMPILED: dict = {}
 
 
 class Generator:
@@ -108,20 +110,20 @@ class Generator:
     self.graphdef, self.state = nnx.split(model)
     self.absorbed = absorb_weights(model)
     self.cache_dtype = cache_dtype or model.runtime.dtype
-    self._compiled: dict = {}
+
 
   def _compile(self, kind, fn, statics, *args):
     """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics; returns
     (compiled, seconds spent compiling now). Step and loop donate the carry (args[2])."""
-    key = (kind, tuple(sorted(statics.items(), key=lambda kv: kv[0])),
-           str(jax.tree.map(lambda a: (a.shape, a.dtype), args[2:])))
-    if key not in self._compiled:
+    key = (kind, self.graphdef, tuple(sorted(statics.items(), key=lambda kv: kv[0])),
+           str(jax.tree.map(lambda a: (a.shape, a.dtype), args)))
+    if key not in _COMPILED:
       jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
                        donate_argnums=() if kind == "prefill" else (2,))
       t = time.perf_counter()
-      self._compiled[key] = jitted.lower(*args).compile()
-      return self._compiled[key], time.perf_counter() - t
-    return self._compiled[key], 0.0
+      _COMPILED[key] = jitted.lower(*args).compile()
+      return _COMPILED[key], time.perf_counter() - t
+    return _COMPILED[key], 0.0
 
   def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
           sampling: SamplingParams = SamplingParams(), seed: int = 0,
@@ -143,7 +145,8 @@ class Generator:
                        "num_nextn_predict_layers=0 (was the checkpoint saved without layer "
                        f"{self.config.num_hidden_layers}?)")
     eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-    eos_ids = tuple(int(e) for e in (() if eos is None else (eos,) if isinstance(eos, int) else eos))
+    eos_ids = [int(e) for e in (() if eos is None else (eos,) if isinstance(eos, int) else eos)]
+    eos_arr = jnp.asarray((eos_ids + [-1] * 4)[:max(4, len(eos_ids))], jnp.int32)  # 4: one shape
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     T = _bucket(int(lens.max()))
@@ -157,12 +160,12 @@ class Generator:
       toks[b, :len(p)] = p
     toks, lens = jnp.asarray(toks), jnp.asarray(lens)
     key = jax.random.key(seed)
-    common = dict(params=sampling, eos_ids=eos_ids, speculative=speculative)
+    common = dict(params=sampling, speculative=speculative)
     pre, c0 = self._compile("prefill", _prefill_fn, dict(capacity=capacity, max_new=max_new_tokens,
                                                         cache_dtype=self.cache_dtype, **common),
-                            self.state, self.absorbed, toks, lens, key)
+                            self.state, self.absorbed, toks, lens, eos_arr, key)
     t0 = time.perf_counter()
-    gs = pre(self.state, self.absorbed, toks, lens, key)
+    gs = pre(self.state, self.absorbed, toks, lens, eos_arr, key)
     jax.block_until_ready(gs)
     t_prefill = time.perf_counter() - t0
     if on_step is None:

@@ -27,21 +27,20 @@ from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
 from dsv3_jax.inference.sampling import SamplingParams, probabilities, sample, sample_from_probs
 from dsv3_jax.inference.state import GenState, emit
 
-__all__ = ["plain_step", "speculative_step", "draft_from", "make_mtp_agree"]
+__all__ = ["plain_step", "speculative_step", "rejection_sample", "draft_from", "make_mtp_agree"]
 
 
-def plain_step(model, absorbed, gs: GenState, params: SamplingParams,
-               eos_ids: tuple[int, ...]) -> GenState:
+def plain_step(model, absorbed, gs: GenState, params: SamplingParams) -> GenState:
   """Feeds `last` at position cache.lengths, samples one token per unfinished sequence."""
   key, k = jax.random.split(gs.key)
   n = gs.cache.lengths
   logits, _, cache = decode_forward(model, absorbed, gs.cache, gs.last[:, None], n[:, None])
   tok = sample(k, logits[:, 0], params)
-  out, num, finished, _ = emit(gs, tok[:, None], jnp.ones_like(n), eos_ids)
+  out, num, finished, _ = emit(gs, tok[:, None], jnp.ones_like(n))
   lengths = n + (~gs.finished).astype(jnp.int32)
   last = jnp.where(gs.finished, gs.last, tok)
-  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, key,
-                  gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted)
+  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, gs.eos,
+                  key, gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted)
 
 
 def draft_from(key, logits: jax.Array, params: SamplingParams):
@@ -52,13 +51,26 @@ def draft_from(key, logits: jax.Array, params: SamplingParams):
   return sample_from_probs(key, q), q
 
 
-def speculative_step(model, absorbed, gs: GenState, params: SamplingParams,
-                     eos_ids: tuple[int, ...]) -> GenState:
+def rejection_sample(key_accept, key_resample, p: jax.Array, q: jax.Array, draft: jax.Array):
+  """The speculative-sampling rule for one draft token per sequence.
+
+  p [B, V]: the target distribution; q [B, V]: the draft distribution; draft int32 [B] drawn from
+  q. Accept with probability min(1, p(d)/q(d)), else draw from norm(max(p - q, 0)) (p itself if
+  p == q). Returns (token [B] int32, distributed exactly as p; accepted bool [B]).
+  """
+  rows = jnp.arange(p.shape[0])
+  pd, qd = p[rows, draft], q[rows, draft]
+  accept = jax.random.uniform(key_accept, pd.shape) * qd < pd  # u < p(d)/q(d); q(d) > 0
+  resid = jnp.maximum(p - q, 0.0)
+  total = resid.sum(-1, keepdims=True)
+  resid = jnp.where(total > 0, resid / jnp.where(total > 0, total, 1.0), p)
+  return jnp.where(accept, draft, sample_from_probs(key_resample, resid)), accept
+
+
+def speculative_step(model, absorbed, gs: GenState, params: SamplingParams) -> GenState:
   """Verify the draft with the main model, keep 1 or 2 tokens, draft the next one (see module)."""
   key, k_acc, k_res, k_bonus, k_draft = jax.random.split(gs.key, 5)
   n = gs.cache.lengths
-  B = n.shape[0]
-  rows = jnp.arange(B)
   positions = n[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
   fed = jnp.stack([gs.last, gs.draft], axis=1)
   logits, hidden, cache = decode_forward(model, absorbed, gs.cache, fed, positions)
@@ -67,26 +79,20 @@ def speculative_step(model, absorbed, gs: GenState, params: SamplingParams,
     accept = first == gs.draft
     bonus = jnp.argmax(logits[:, 1], -1).astype(jnp.int32)
   else:
-    p = probabilities(logits[:, 0], params)
-    q = gs.draft_probs
-    pd, qd = p[rows, gs.draft], q[rows, gs.draft]
-    accept = jax.random.uniform(k_acc, (B,)) * qd < pd  # u < p(d)/q(d), q(d) > 0 as d ~ q
-    resid = jnp.maximum(p - q, 0.0)
-    total = resid.sum(-1, keepdims=True)
-    resid = jnp.where(total > 0, resid / jnp.where(total > 0, total, 1.0), p)
-    first = jnp.where(accept, gs.draft, sample_from_probs(k_res, resid))
+    first, accept = rejection_sample(k_acc, k_res, probabilities(logits[:, 0], params),
+                                     gs.draft_probs, gs.draft)
     bonus = sample(k_bonus, logits[:, 1], params)
   new = jnp.stack([first, bonus], axis=1)
   count = 1 + accept.astype(jnp.int32)
-  out, num, finished, _ = emit(gs, new, count, eos_ids)
+  out, num, finished, _ = emit(gs, new, count)
   active = ~gs.finished
   lengths = n + jnp.where(active, count, 0)
   mtp_logits, cache = mtp_decode_forward(model, absorbed, cache, new, hidden, positions)
   draft, draft_probs = draft_from(k_draft, jnp.where(accept[:, None], mtp_logits[:, 1],
                                                      mtp_logits[:, 0]), params)
   last = jnp.where(active, jnp.where(accept, bonus, first), gs.last)
-  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, key,
-                  gs.steps + 1, draft, draft_probs,
+  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, gs.eos,
+                  key, gs.steps + 1, draft, draft_probs,
                   gs.drafted + active.sum().astype(jnp.int32),
                   gs.accepted + (active & accept).sum().astype(jnp.int32))
 

@@ -19,7 +19,8 @@ class GenState:
   cache: the latent cache; cache.lengths[b] rows are valid, and `last[b]` (the newest emitted
     token, not yet fed to the model) sits at position cache.lengths[b].
   out int32 [B, max_new]: emitted tokens (row b valid up to num[b]); num int32 [B];
-  finished bool [B] (EOS emitted or max_new reached); key: PRNG key; steps int32 [].
+  finished bool [B] (EOS emitted or max_new reached); eos int32 [E]: ids that end a sequence
+  (-1 pads; never matches); key: PRNG key; steps int32 [].
   Speculative decoding only: draft int32 [B] (the MTP head's guess for the token after `last`),
   draft_probs float32 [B, V] (the distribution it was drawn from; [B, 0] when greedy),
   drafted / accepted int32 [] (drafts checked for unfinished sequences, and how many were kept).
@@ -30,6 +31,7 @@ class GenState:
   out: jax.Array
   num: jax.Array
   finished: jax.Array
+  eos: jax.Array
   key: jax.Array
   steps: jax.Array
   draft: jax.Array
@@ -38,13 +40,12 @@ class GenState:
   accepted: jax.Array
 
 
-def emit(gs: GenState, tokens: jax.Array, count: jax.Array, eos_ids: tuple[int, ...]):
+def emit(gs: GenState, tokens: jax.Array, count: jax.Array):
   """Appends up to `count[b]` of tokens [B, J] to each unfinished sequence, stopping after an EOS
   or at the output buffer's end. Returns (out, num, finished, kept [B] int32)."""
   B, J = tokens.shape
   max_new = gs.out.shape[1]
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  is_eos = jnp.any(tokens[..., None] == eos, axis=-1)  # [B, J]
+  is_eos = jnp.any(tokens[..., None] == gs.eos, axis=-1)  # [B, J]
   j = jnp.arange(J)[None, :]
   eos_before = jnp.cumsum(is_eos, axis=1) - is_eos > 0
   valid = (~gs.finished[:, None]) & (j < count[:, None]) & (gs.num[:, None] + j < max_new) & ~eos_before

@@ -58,7 +58,7 @@ def _document(rng, index: int) -> str:
   return " ".join(lines)
 
 
-def generate_corpus(num_docs: int = 2000, seed: int = 1234) -> list[str]:
+def generate_corpus(num_docs: int = 1200, seed: int = 1234) -> list[str]:
   """`num_docs` synthetic documents (deterministic for a given seed)."""
   rng = np.random.default_rng(seed)
   return [_document(rng, i) for i in range(num_docs)]

@@ -1,8 +1,8 @@
 """The training loop: a jitted step (forward with MTP, loss, AdamW, router-bias update), logging,
 checkpoints.
 
-The step is a pure function of (state, batch) built with `nnx.split`/`nnx.merge`: `state` is the
-nnx.State of (model, optimizer) plus the RNG key data, donated to the step. Per step it
+The step is a pure function of (state, batch) built with `nnx.split`/`nnx.merge`: `state` holds
+the Params, the other variables (RouterBias), the optax state, step and RNG; it is donated. It
   1. runs model.forward(tokens, positions, segment_ids, mtp=True) in the runtime's compute dtype,
   2. takes the loss of `dsv3_jax.train.loss` and its gradient w.r.t. the nnx.Param leaves only,
   3. applies the optimizer (clip + AdamW) to the Params,
@@ -91,73 +91,83 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef, loss_cfg: LossConfig, gamma: float, document_mask: bool,
-                   optim_cfg: OptimConfig):
-  """One jitted step per (model structure, configs): Trainers of the same run share it, so a
-  resumed run in the same process does not compile again."""
-  return jax.jit(functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, gamma=gamma,
-                                   document_mask=document_mask, schedule=make_schedule(optim_cfg)),
-                 donate_argnums=(0, 1))
+def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig):
+  """One jitted step per (model structure, configs): Trainers of the same shapes and configs
+  share it, so a resumed run in the same process does not compile again."""
+  return jax.jit(functools.partial(_train_step, graphdef, loss_cfg=loss_cfg,
+                                   document_mask=document_mask, optim_cfg=optim_cfg),
+                 donate_argnums=(0,))
 
 
-def _train_step(graphdef, state, rng, tokens, segment_ids, positions, mtp_lambda, *,
-                loss_cfg: LossConfig, gamma: float, document_mask: bool, schedule):
-  model, optimizer = nnx.merge(graphdef, state)
-  K = model.config.num_experts_per_tok
+def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *,
+                loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig):
+  tx = make_optimizer(optim_cfg)
+  params, rest = state["params"], state["rest"]
   seg_in = segment_ids if document_mask else None
   pos_in = positions if document_mask else None
 
-  def loss_fn(m):
-    out = m.forward(tokens, positions=pos_in, segment_ids=seg_in, mtp=True)
-    loss, metrics = training_loss(out, tokens, segment_ids, loss_cfg, K, mtp_lambda)
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p, rest)
+    out = model.forward(tokens, positions=pos_in, segment_ids=seg_in, mtp=True)
+    loss, metrics = training_loss(out, tokens, segment_ids, loss_cfg,
+                                  model.config.num_experts_per_tok, mtp_lambda)
     return loss, (metrics, out.router_stats)
 
-  (_, (metrics, stats)), grads = nnx.value_and_grad(
-      loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(model)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(optimizer.step.get_value()),
+  # Differentiates the nnx.Param leaves only: the RouterBias lives in `rest`.
+  (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(optim_cfg)(state["step"]),
                  load_ratio=load_ratio(stats))
   if stats:
     metrics["layer_load"] = jnp.stack([s["load"] for s in stats])  # [layers, E]
-  optimizer.update(model, grads)
+  updates, opt = tx.update(grads, state["opt"], params)
+  params = optax.apply_updates(params, updates)
+  model = nnx.merge(graphdef, params, rest)
   update_router_bias(model, stats, gamma)
-  rng = jax.random.split(jax.random.wrap_key_data(rng))[0]
-  return nnx.state((model, optimizer)), jax.random.key_data(rng), metrics
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+  return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1, "rng": rng}, metrics
 
 
 class Trainer:
   """Owns the model, optimizer, data reader and (optionally) a checkpointer.
 
   cfg / runtime: the model; train: the run; data: a TokenDataset (its batch_size and seq_len are
-  the batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints).
+  the batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints);
+  model: start from this model (e.g. `from_pretrained`) instead of a fresh init from train.seed.
   `model` (a DeepseekV3 view of the current state) and `history` (host metrics per step) are
   available at any time.
   """
 
   def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig, train: TrainConfig,
-               data: TokenDataset, out_dir: str | None = None):
+               data: TokenDataset, out_dir: str | None = None, model: DeepseekV3 | None = None):
     if data.vocab_size is not None and data.vocab_size > cfg.vocab_size:
       raise ValueError(f"data vocab_size {data.vocab_size} exceeds model vocab_size {cfg.vocab_size}")
     self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
-    model = DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed))
+    if model is None:
+      model = DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed))
+    elif model.config != cfg:
+      raise ValueError("the given model's config differs from `cfg`")
     self.schedule = make_schedule(train.optim)
-    optimizer = nnx.Optimizer(model, make_optimizer(train.optim), wrt=nnx.Param)
-    self.graphdef, self.state = nnx.split((model, optimizer))
-    self.rng = jax.random.key_data(jax.random.key(train.seed + 1))
+    self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # state: Params (fp32 master copy), the other variables (RouterBias), the optax state, the
+    # step count and the RNG key data (carried for stochastic extensions; the model uses none).
+    self.state = {"params": params, "rest": rest, "opt": make_optimizer(train.optim).init(params),
+                  "step": jnp.zeros((), jnp.int32),
+                  "rng": jax.random.key_data(jax.random.key(train.seed + 1))}
     self.step = 0
     self.history: list[dict[str, Any]] = []
     self.checkpointer = (RunCheckpointer(f"{out_dir}/checkpoints", save_every=train.save_every,
                                          keep=train.keep) if out_dir else None)
-    self._step_fn = _compiled_step(self.graphdef, train.loss, train.bias_gamma, train.document_mask,
-                                   train.optim)
+    self._step_fn = _compiled_step(self.graphdef, train.loss, train.document_mask, train.optim)
     self.flops_per_token = train_flops_per_token(cfg, data.seq_len)
 
   @property
   def model(self) -> DeepseekV3:
-    return nnx.merge(self.graphdef, self.state)[0]
+    return nnx.merge(self.graphdef, self.state["params"], self.state["rest"])
 
   # Checkpoints -------------------------------------------------------------------------------
   def _pure(self) -> dict:
-    return {"train": nnx.to_pure_dict(self.state), "rng": self.rng}
+    return jax.tree.map(lambda x: x, self.state)
 
   def save(self, force: bool = False) -> bool:
     """Saves the run at the current step if due (or `force`). Needs an out_dir."""
@@ -176,8 +186,7 @@ class Trainer:
       raise ValueError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
                        f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
                        f"{self.data.seq_len} batch={self.data.batch_size}")
-    nnx.replace_by_pure_dict(self.state, pure["train"])
-    self.rng = jnp.asarray(pure["rng"])
+    self.state = pure
     self.step = int(meta["step"])
     self.data.state = DataState.from_dict(meta["data"])
     return True
@@ -187,9 +196,9 @@ class Trainer:
     """One optimizer step on `batch`; returns host metrics (floats, layer_load as numpy)."""
     t0 = time.perf_counter()
     lam = jnp.float32(self.train.mtp_lambda(self.step))
-    self.state, self.rng, m = self._step_fn(self.state, self.rng, jnp.asarray(batch.tokens),
-                                            jnp.asarray(batch.segment_ids),
-                                            jnp.asarray(batch.positions), lam)
+    self.state, m = self._step_fn(self.state, jnp.asarray(batch.tokens),
+                                  jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions), lam,
+                                  jnp.float32(self.train.bias_gamma))
     m = jax.device_get(m)
     dt = time.perf_counter() - t0
     self.step += 1

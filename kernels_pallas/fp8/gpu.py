@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as plt
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_scales
 
 __all__ = ["quantize_activations", "fp8_matmul", "edge_mask", "tile_mask", "masked_load",
-           "masked_store"]
+           "masked_store", "swizzle"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dim of both operands: a [m, k] . b [n, k]
 
@@ -42,6 +42,20 @@ def tile_mask(rows, cols):
   return rows[:, None] if cols is None else rows[:, None] & cols[None, :]
 
 
+def swizzle(pid, rows: int, cols: int, group: int = 8):
+  """Maps a 1-D program id to (row tile, col tile) in groups of `group` row tiles.
+
+  Programs that run together then share `group` row tiles and a band of column tiles in L2,
+  instead of one row tile against every column tile (or the reverse), which would stream one
+  operand from HBM once per tile of the other.
+  """
+  per_group = group * cols
+  first = (pid // per_group) * group
+  size = jnp.minimum(rows - first, group)
+  local = pid % per_group
+  return first + local % size, local // size
+
+
 def masked_load(ref, mask):
   return plt.load(ref) if mask is None else plt.load(ref, mask=mask, other=0.0)
 
@@ -53,15 +67,21 @@ def masked_store(ref, value, mask):
     plt.store(ref, value, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "power_of_two_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "power_of_two_scale", "block_rows",
+                                             "interpret"))
 def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale: bool = False,
+                         block_rows: int | None = None,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, ceil(K/block)]); one program per bm x block."""
+  """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, ceil(K/block)]); one program per bm x block.
+
+  block_rows: rows per program (a power of two; default up to 64).
+  """
   m, k = x.shape
-  if block & (block - 1):
-    raise ValueError(f"the Triton kernel needs a power-of-two block, got {block}")
+  bm = block_rows or _pow2_tile(m, 1, 64)
+  if block & (block - 1) or bm & (bm - 1):
+    raise ValueError(f"the Triton kernel needs power-of-two tiles, got block={block}, "
+                     f"block_rows={bm}")
   kb = cdiv(k, block)
-  bm = _pow2_tile(m, 1, 64)
 
   def kernel(x_ref, q_ref, s_ref):
     i, j = pl.program_id(0), pl.program_id(1)
@@ -90,7 +110,7 @@ def _matmul_kernel(*refs, m, n, k, bm, bn, has_a_scale):
     a_ref, as_ref, b_ref, bs_ref, o_ref = refs
   else:
     a_ref, b_ref, bs_ref, o_ref = refs
-  i, j = pl.program_id(0), pl.program_id(1)
+  i, j = swizzle(pl.program_id(0), cdiv(m, bm), cdiv(n, bn))
   rmask = edge_mask(i * bm, bm, m)
   cmask = edge_mask(j * bn, bn, n)
   n_block = (j * bn) // BLOCK  # bn divides 128: the tile lies in one weight scale block
@@ -138,7 +158,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array | None, b: jax.Array, b_scale: j
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(cdiv(m, bm), cdiv(n, bn)),
+      grid=(cdiv(m, bm) * cdiv(n, bn),),
       compiler_params=plt.CompilerParams(num_warps=8 if big else 4, num_stages=3),
       interpret=interpret,
       name="dsv3_fp8_matmul",

@@ -1,9 +1,10 @@
 """FP8 kernels for TPUs (Mosaic): weight-only FP8 with dequantisation in VMEM.
 
 v5e/v5p/v6e MXUs do not take float8_e4m3fn, so weight tiles are decoded in VMEM, multiplied by
-their 128 x 128 block scale, rounded to bf16 (the activation dtype for f32 activations) and fed
-to the MXU; the accumulator is float32. Weights cross HBM as one byte per element, which is the
-gain over an XLA dequantise-then-matmul.
+their 128 x 128 block scale, rounded to bf16 (f32 when the activations are f32) and fed to the
+MXU; the accumulator is float32. Weights cross HBM as one byte per element, which is the gain
+over an XLA dequantise-then-matmul; the decode (a dozen VPU ops per weight) is amortised over
+the bm activation rows of the tile, hence the tall default row tile.
 
 e4m3 bytes travel as int8 (a free bitcast outside the kernel) and are decoded / encoded with
 32-bit integer arithmetic (`e4m3_to_f32`, `f32_to_e4m3`), so nothing here depends on the chip
@@ -134,13 +135,15 @@ def _quantize_block_rows(m: int, kp: int) -> int:
   return m if m <= rows else rows
 
 
-@functools.partial(jax.jit, static_argnames=("block", "power_of_two_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "power_of_two_scale", "block_rows",
+                                             "interpret"))
 def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale: bool = False,
+                         block_rows: int | None = None,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, ceil(K/block)]); one program per row block.
 
   Each program holds whole rows (K padded to a multiple of `block` with zeros, only when K is
-  not one) and walks their 1 x block tiles.
+  not one) and walks their 1 x block tiles. block_rows: rows per program (a multiple of 32).
   """
   if block % 128:
     raise ValueError(f"the TPU kernel needs block to be a multiple of 128, got {block}")
@@ -149,7 +152,7 @@ def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale
   kp = kb * block
   if kp != k:
     x = jnp.pad(x, ((0, 0), (0, kp - k)))
-  bm = _quantize_block_rows(m, kp)
+  bm = _quantize_block_rows(m, kp) if block_rows is None else tile_size(m, block_rows)
 
   def kernel(x_ref, q_ref, s_ref):
     lane = jax.lax.broadcasted_iota(jnp.int32, (bm, kb), 1)
@@ -216,7 +219,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array | None, b: jax.Array, b_scale: j
   """
   m, k = a.shape
   n = b.shape[0]
-  tm, tk, tn = tiles or (256, 512, 512)
+  tm, tk, tn = tiles or (512, 512, 512)
   if tk % BLOCK or tn % BLOCK or tm % 8:
     raise ValueError(f"TPU tiles (bm, bk, bn) must be multiples of (8, 128, 128), got {tiles}")
   bm, bk, bn = tile_size(m, tm), tile_size(k, tk), tile_size(n, tn)

@@ -106,17 +106,20 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
-                              num_groups: int | None = None, out_dtype=None,
-                              backend: Backend | str = "auto",
+                              out_dtype=None, backend: Backend | str = "auto",
                               platform: str | None = None) -> jax.Array:
-  """out[g] = lhs_g^T . dout_g: lhs [T, K], dout [T, N] (same dtype) -> [G, K, N].
+  """out[g] = lhs_g^T . dout_g: lhs [T, K], dout [T, N] (one dtype, bf16/f32) -> [G, K, N].
 
-  The weight-gradient product of `grouped_matmul`; groups with no rows give zeros.
+  The weight-gradient product of `grouped_matmul`, with G = len(group_sizes) (sum <= T); groups
+  with no rows give zeros. out_dtype defaults to lhs.dtype; accumulation is float32.
   """
-  if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0] or lhs.dtype != dout.dtype:
-    raise ValueError(f"expected lhs [T, K] and dout [T, N] of one dtype, got {lhs.shape} "
-                     f"{lhs.dtype} and {dout.shape} {dout.dtype}")
-  group_sizes = _check_group_sizes(group_sizes, num_groups or group_sizes.shape[0])
+  if (lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]
+      or lhs.dtype != dout.dtype or lhs.dtype not in _FLOATS):
+    raise ValueError(f"expected lhs [T, K] and dout [T, N] of one dtype (bf16/f32), got "
+                     f"{lhs.shape} {lhs.dtype} and {dout.shape} {dout.dtype}")
+  if group_sizes.ndim != 1:
+    raise ValueError(f"group_sizes must be [G], got {group_sizes.shape}")
+  group_sizes = _check_group_sizes(group_sizes, group_sizes.shape[0])
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or 0 in dout.shape:
     return transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype)

@@ -11,8 +11,11 @@ zeros.
 `tgmm`: out[g] = lhs_g^T . dout_g, one program per (group, K tile, N tile) looping over the
 group's row tiles with the rows outside the group masked to zero; an empty group stores zeros.
 
-All refs are whole arrays in global memory with masked power-of-two tile loads, so T, K and N
-need not be multiples of the tiles. Every call passes `plt.CompilerParams` (see fp8/gpu.py).
+Both use a 1-D grid whose program ids are L2-swizzled (`fp8.gpu.swizzle`): programs running
+together share a few row tiles and a band of N tiles, so neither operand is streamed from HBM once
+per tile of the other. All refs are whole arrays in global memory with masked power-of-two tile
+loads, so T, K and N need not be multiples of the tiles. Every call passes
+`plt.CompilerParams` (see fp8/gpu.py).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv3_jax.kernels_pallas.fp8.gpu import edge_mask, masked_load, masked_store, tile_mask
+from dsv3_jax.kernels_pallas.fp8.gpu import (edge_mask, masked_load, masked_store, swizzle,
+                                             tile_mask)
 from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
 
 __all__ = ["gmm", "tgmm", "default_tiles"]
@@ -59,7 +63,7 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, *refs, num_groups, c, d, bm
   rhs_ref = refs.pop(0)
   rs_ref = refs.pop(0) if has_rhs_scale else None
   (o_ref,) = refs
-  item, j = pl.program_id(0), pl.program_id(1)
+  item, j = swizzle(pl.program_id(0), tile_ref.shape[0], _cdiv(d, bd))
   tile, group, lo, hi = tile_ref[item], group_ref[item], lo_ref[item], hi_ref[item]
   g = jnp.minimum(group, num_groups - 1)
   row0 = tile * bm
@@ -123,7 +127,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((t, d), out_dtype or lhs.dtype),
-      grid=(sched.tile.shape[0], _cdiv(d, bd)),
+      grid=(sched.tile.shape[0] * _cdiv(d, bd),),
       compiler_params=_compiler_params(bm, bd),
       interpret=interpret,
       name="dsv3_grouped_matmul",
@@ -131,7 +135,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
 
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, o_ref, *, k, n, bt, bk, bn):
-  g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  pid, nk, nn = pl.program_id(0), _cdiv(k, bk), _cdiv(n, bn)
+  g = pid // (nk * nn)  # groups outermost, then L2-swizzled (K tile, N tile) within a group
+  i, j = swizzle(pid % (nk * nn), nk, nn)
   start, end = start_ref[g], end_ref[g]
   first = start // bt
   num_t = jnp.where(end > start, (end + bt - 1) // bt - first, 0)
@@ -170,7 +176,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or lhs.dtype),
-      grid=(num_groups, _cdiv(k, bk), _cdiv(n, bn)),
+      grid=(num_groups * _cdiv(k, bk) * _cdiv(n, bn),),
       compiler_params=_compiler_params(bk, bn),
       interpret=interpret,
       name="dsv3_transposed_grouped_matmul",

@@ -48,6 +48,12 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
   return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
+def _clip_sizes(group_sizes: jax.Array, rows: int) -> jax.Array:
+  """Group sizes with their sum clipped to `rows`, as our own kernels read them."""
+  starts, ends = group_bounds(group_sizes, rows)
+  return ends - starts
+
+
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiles", "interpret"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         out_dtype=None, tiles: tuple[int, int, int] | None = None,
@@ -62,7 +68,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   tm = _row_tile(t, tm)
   tk, tn = fp8_tpu.tile_size(c, tk), fp8_tpu.tile_size(d, tn)
   t_pad = _cdiv(t, tm) * tm
-  out = _megablox().gmm(_pad_rows(lhs, t_pad), rhs, group_sizes.astype(jnp.int32),
+  out = _megablox().gmm(_pad_rows(lhs, t_pad), rhs, _clip_sizes(group_sizes, t),
                         preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
                         transpose_rhs=transpose_rhs, interpret=interpret)
   _, ends = group_bounds(group_sizes, t)
@@ -82,7 +88,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
   tk, tn = fp8_tpu.tile_size(k, tk), fp8_tpu.tile_size(n, tn)
   t_pad = _cdiv(t, tm) * tm
   return _megablox().tgmm(_pad_rows(lhs, t_pad).T, _pad_rows(dout, t_pad),
-                          group_sizes.astype(jnp.int32),
+                          _clip_sizes(group_sizes, t),
                           preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
                           num_actual_groups=num_groups or group_sizes.shape[0],
                           interpret=interpret)

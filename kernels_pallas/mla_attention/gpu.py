@@ -1,6 +1,6 @@
 """MLA attention, GPU Pallas (Triton lowering): flash-attention forward and backward, dqk != dv.
 
-Works on NVIDIA and AMD (the Triton lowering is the only Pallas path to ROCm). Tensors stay in
+Written for the Triton lowering because it also serves ROCm (not exercised here). Tensors stay in
 the caller's [batch, seq, heads, dim] layout; each program owns one (query block, head, batch)
 (forward, dq) or one (key block, kv head, batch) (dk/dv, which loops over the heads of its
 group, so GQA/MQA need no reduction afterwards). Triton needs power-of-two tiles, so head dims

@@ -311,10 +311,6 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
   g = h // hk
   kv_len = cfg.kv_len
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [b, h, t]
-  seg_args = []
-  if cfg.has_segments:
-    seg_args = [q_seg, kv_seg]
-  sem4 = _compiler_params(("parallel", "parallel", "parallel", "arbitrary"))
 
   # dq: grid (b, h, q blocks, k blocks).
   bq, bk = _tile(cfg.blocks.block_q_dq, tq), _tile(cfg.blocks.block_k_dq, tk)
@@ -355,7 +351,7 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
           scratch_shapes=[pltpu.VMEM((bq, dqk), jnp.float32)],
       ),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=sem4,
+      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="mla_attention_dq",
   )(off, *args)

@@ -8,7 +8,6 @@ softmax over positions l < lengths[b], output = softmax . cache[..., :kv_lora_ra
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 __all__ = ["mla_decode_reference", "check_inputs", "combine_splits", "gather_pages"]
@@ -17,7 +16,8 @@ __all__ = ["mla_decode_reference", "check_inputs", "combine_splits", "gather_pag
 def check_inputs(q, cache, lengths, kv_lora_rank: int, block_tables) -> None:
   """Raises ValueError unless the shapes follow the documented layout."""
   if q.ndim != 3 or cache.ndim != 3:
-    raise ValueError(f"expected q [batch, heads, dim] and a 3-d cache; got {q.shape}, {cache.shape}")
+    raise ValueError(f"expected q [batch, heads, dim] and a 3-d cache; got {q.shape}, "
+                     f"{cache.shape}")
   if cache.shape[-1] != q.shape[-1]:
     raise ValueError(f"q and cache dims differ: {q.shape} vs {cache.shape}")
   if not 0 < kv_lora_rank < q.shape[-1]:

@@ -1,0 +1,182 @@
+"""MLA decode: reference vs numpy, TPU and GPU kernels (interpret mode) vs reference on contiguous
+and paged caches with split-K, dispatch rules, and lowering for TPU (Mosaic) and GPU (Triton).
+
+Tolerances. float32: same float32 math as the reference up to summation order (online softmax
+per block, split-K merge): observed ~1e-6 on O(1) values, bound 2e-5 + 1e-5 * |x|. bfloat16
+(DeepSeek-V3 dims 512 + 64): the kernels round p to bf16 before the value matmul and both sides
+round the result to bf16 (one ulp is 3.9e-3 on [0.5, 1)): bound 1e-2 + 1e-2 * |x|.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.kernels_pallas import mla_decode
+from dsv3_jax.kernels_pallas.mla_decode import gpu, reference, tpu
+from tests.utils import assert_close
+
+OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_fast(f, *args):
+  """jit + run with XLA's CPU optimisations off: compile time dominates interpret-mode tests."""
+  return jax.jit(f).lower(*args).compile(compiler_options=OPTS)(*args)
+
+
+def _numpy_decode(q, cache, lengths, scale, rank):
+  q, cache = np.asarray(q, np.float64), np.asarray(cache, np.float64)
+  out = np.zeros(q.shape[:2] + (rank,))
+  for b in range(q.shape[0]):
+    n = int(lengths[b])
+    for h in range(q.shape[1]):
+      if n:
+        sc = cache[b, :n] @ q[b, h] * scale
+        w = np.exp(sc - sc.max())
+        out[b, h] = (w / w.sum()) @ cache[b, :n, :rank]
+  return out
+
+
+def _to_pages(cache, page, rng, extra_pages=3):
+  """Scatters a contiguous cache [b, n * page, d] into a shuffled pool; returns pool, tables."""
+  b, length, d = cache.shape
+  n = length // page
+  perm = rng.permutation(b * n + extra_pages)
+  pool = jnp.asarray(rng.standard_normal((b * n + extra_pages, page, d)), cache.dtype)
+  tables = perm[:b * n].reshape(b, n)
+  pool = pool.at[tables.reshape(-1)].set(cache.reshape(b * n, page, d))
+  return pool, jnp.asarray(tables, jnp.int32)
+
+
+def test_reference_matches_numpy_and_pages():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((3, 2, 24)), jnp.float32)
+  cache = jnp.asarray(rng.standard_normal((3, 12, 24)), jnp.float32)
+  lengths = np.array([12, 0, 5])
+  got = reference.mla_decode_reference(q, cache, jnp.asarray(lengths), scale=0.3, kv_lora_rank=16)
+  assert_close(got, _numpy_decode(q, cache, lengths, 0.3, 16), atol=1e-5, what="vs numpy")
+  assert np.all(np.asarray(got)[1] == 0)  # empty sequence -> zeros
+  pool, tables = _to_pages(cache, 4, rng)
+  paged = reference.mla_decode_reference(q, pool, jnp.asarray(lengths), scale=0.3,
+                                         kv_lora_rank=16, block_tables=tables)
+  assert_close(paged, got, atol=0, what="paged vs contiguous")
+
+
+def test_combine_splits_matches_unsplit():
+  rng = np.random.default_rng(1)
+  s = jnp.asarray(rng.standard_normal((2, 3, 10)), jnp.float32)  # [b, h, l] scores
+  vals = jnp.asarray(rng.standard_normal((2, 10, 4)), jnp.float32)
+  full = jnp.einsum("bhl,blc->bhc", jax.nn.softmax(s, -1), vals)
+  parts, lses = [], []
+  for lo, hi in [(0, 4), (4, 4), (4, 10)]:  # the middle split is empty
+    ss = s[..., lo:hi]
+    lse = jax.nn.logsumexp(ss, -1) if hi > lo else jnp.full(s.shape[:2], -jnp.inf)
+    o = jnp.einsum("bhl,blc->bhc", jnp.exp(ss - lse[..., None]), vals[:, lo:hi])
+    parts.append(o)
+    lses.append(lse)
+  got = reference.combine_splits(jnp.stack(parts, 1), jnp.stack(lses, 1))
+  assert_close(got, full, atol=1e-6, what="split-K merge")
+
+
+SMALL = {
+    "tpu": lambda splits: tpu.BlockSizes(block_k=128, num_splits=splits),
+    "gpu": lambda splits: gpu.BlockSizes(block_k=32, block_h=16, num_splits=splits),
+}
+
+
+def _case(seed, b, h, rank, rope, length, dtype):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, h, rank + rope)) * 0.3, dtype)
+  cache = jnp.asarray(rng.standard_normal((b, length, rank + rope)), dtype)
+  return q, cache, rng
+
+
+def _poison(cache, lengths):
+  """NaN in every row past each sequence's length: the kernels must never let it through."""
+  rows = jnp.arange(cache.shape[1])[None, :, None] < jnp.asarray(lengths)[:, None, None]
+  return jnp.where(rows, cache, jnp.nan)
+
+
+# (batch, heads, kv_lora_rank, rope dims, capacity, lengths, splits, dtype)
+CONTIGUOUS = {
+    # Capacity 300 is not a multiple of any block; lengths end mid-block, in the first block, at 0.
+    "ragged_one_split": (4, 4, 128, 64, 300, (300, 1, 157, 0), 1, jnp.float32),
+    "ragged_split_k": (4, 4, 128, 64, 300, (300, 1, 157, 0), 3, jnp.float32),
+    "deepseek_dims_bf16": (2, 16, 512, 64, 200, (200, 77), 2, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", list(CONTIGUOUS))
+def test_kernel_contiguous(platform, case):
+  b, h, rank, rope, cap, lengths, splits, dtype = CONTIGUOUS[case]
+  q, cache, _ = _case(len(case), b, h, rank, rope, cap, dtype)
+  lengths = jnp.asarray(lengths, jnp.int32)
+  f = functools.partial(mla_decode, scale=0.2, kv_lora_rank=rank, backend="interpret",
+                        platform=platform, block_sizes=SMALL[platform](splits))
+  got = run_fast(f, q, _poison(cache, lengths), lengths)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=0.2, kv_lora_rank=rank)
+  assert got.dtype == dtype
+  tol = dict(atol=2e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=1e-2, rtol=1e-2)
+  assert_close(got, want, **tol, what=f"{platform}/{case}")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_kernel_paged(platform):
+  page = 128 if platform == "tpu" else 32
+  q, cache, rng = _case(7, 3, 4, 128, 64, 4 * page, jnp.float32)
+  lengths = jnp.asarray([4 * page, 0, page + 5], jnp.int32)
+  pool, tables = _to_pages(_poison(cache, lengths), page, rng)
+  unused = np.setdiff1d(np.arange(pool.shape[0]), np.asarray(tables))
+  pool = pool.at[unused].set(jnp.nan)
+  f = functools.partial(mla_decode, scale=0.2, kv_lora_rank=128, backend="interpret",
+                        platform=platform, block_sizes=SMALL[platform](2))
+  got = run_fast(lambda q, c, n, t: f(q, c, n, block_tables=t), q, pool, lengths, tables)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=0.2, kv_lora_rank=128)
+  assert_close(got, want, atol=2e-5, rtol=1e-5, what=f"{platform}/paged")
+
+
+def test_dispatch():
+  q, cache, _ = _case(3, 2, 2, 64, 64, 20, jnp.float32)
+  lengths = jnp.asarray([20, 3], jnp.int32)
+  ref = reference.mla_decode_reference(q, cache, lengths, scale=0.1, kv_lora_rank=64)
+  assert_close(mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64), ref, atol=0,
+               what="auto on cpu")
+  with pytest.raises(RuntimeError):
+    mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64, backend="pallas")
+  with pytest.raises(TypeError):
+    mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64, backend="interpret",
+               block_sizes=gpu.BlockSizes())
+  with pytest.raises(ValueError):
+    mla_decode(q, cache[:, :, :100], lengths, scale=0.1, kv_lora_rank=64)
+
+
+def _lower(platform, lowering_platform, *, batch, capacity, paged):
+  """Lowers at DeepSeek-V3 dims (128 heads, 512 + 64), bf16, default block sizes."""
+  sds = jax.ShapeDtypeStruct
+  q = sds((batch, 128, 576), jnp.bfloat16)
+  lengths = sds((batch,), jnp.int32)
+  if paged:
+    page = 64
+    cache = sds((batch * capacity // page + 8, page, 576), jnp.bfloat16)
+    tables = sds((batch, capacity // page), jnp.int32)
+  else:
+    cache, tables = sds((batch, capacity, 576), jnp.bfloat16), None
+  f = lambda q, c, l, t: mla_decode(q, c, l, scale=0.07, block_tables=t, backend="pallas",
+                                    platform=platform)
+  return jax.jit(f).trace(q, cache, lengths, tables).lower(
+      lowering_platforms=(lowering_platform,)).as_text()
+
+
+@pytest.mark.parametrize("batch,capacity,paged", [(8, 1000, False), (1, 8192, False),
+                                                  (4, 2048, True)])
+def test_lowers_for_tpu(batch, capacity, paged):
+  assert _lower("tpu", "tpu", batch=batch, capacity=capacity, paged=paged).count(
+      "tpu_custom_call") == 1
+
+
+@pytest.mark.parametrize("batch,capacity,paged", [(8, 1000, False), (1, 8192, False),
+                                                  (4, 2048, True)])
+def test_lowers_for_gpu_triton(batch, capacity, paged):
+  assert "triton" in _lower("gpu", "cuda", batch=batch, capacity=capacity, paged=paged)

@@ -1,0 +1,93 @@
+"""The shared case of the sharded-model tests and the multi-host worker.
+
+Import only after the process's JAX environment (platform, device count) is set. One jitted
+training step returns the loss, logits and gradients, so one compile per mesh checks forward,
+backward and the parameter update.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsv3_jax.config import TINY, RuntimeConfig
+from dsv3_jax.model import DeepseekV3
+from dsv3_jax.sharding import ShardingRules, activation_sharding, state_shardings
+
+# One MoE layer, no MTP (keeps XLA:CPU compile time small); 8 experts over up to 8 shards.
+CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
+LR = 0.1
+BATCH, SEQ = 8, 8
+
+
+def tokens() -> np.ndarray:
+  return np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, SEQ), dtype=np.int32)
+
+
+# Faster XLA:CPU compiles for tests (the numerics are unchanged up to float32 reassociation).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def random_state(mesh=None, rules: ShardingRules | None = None):
+  """-> (graphdef, params, rest): the model's abstract tree filled from numpy (no jax compile;
+  eager/jitted nnx init costs ~20 s of XLA:CPU compile here), sharded per `rules` on `mesh`.
+  Weights ~ N(0, 0.05^2), norm scales 1 + N(0, 0.1^2), router bias ~ N(0, 0.3^2)."""
+  abstract = nnx.eval_shape(lambda: DeepseekV3(CFG, RuntimeConfig(), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(1)
+
+  def fill(path, v):
+    shape, name = v.get_value().shape, ".".join(str(getattr(k, "key", k)) for k in path)
+    if name.endswith("e_score_correction_bias"):
+      a = 0.3 * rng.standard_normal(shape)
+    elif name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+      a = 1 + 0.1 * rng.standard_normal(shape)
+    else:
+      a = 0.05 * rng.standard_normal(shape)
+    return v.replace(np.asarray(a, np.float32))
+
+  state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if mesh is not None:
+    state = jax.device_put(state, state_shardings(state, rules, mesh))
+  else:
+    state = jax.device_put(state)
+  model = nnx.merge(graphdef, state)
+  return nnx.split(model, nnx.Param, ...)
+
+
+def build(mesh=None, rules: ShardingRules | None = None):
+  """-> (jitted step, params State, rest State, tokens array). step(params, rest, tokens) ->
+  (new params, loss, logits [B, T, V], grads). With a mesh, parameters are placed sharded and
+  the step keeps them so (in/out shardings from the rules)."""
+  graphdef, params, rest = random_state(mesh, rules)
+  tx = optax.sgd(LR)
+
+  def step(params, rest, toks):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p, rest)(toks)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], toks[:, 1:])
+      return ce.mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates), loss, logits, grads
+
+  tok = tokens()
+  if mesh is None:
+    return jax.jit(step, compiler_options=FAST_COMPILE), params, rest, jnp.asarray(tok)
+  ps, rs = state_shardings(params, rules, mesh), state_shardings(rest, rules, mesh)
+  ts = activation_sharding(("batch", "sequence"), rules, mesh, tok.shape)
+  tok = jax.make_array_from_callback(tok.shape, ts, lambda idx: tok[idx])
+  jitted = jax.jit(step, in_shardings=(ps, rs, ts), out_shardings=(ps, None, None, ps),
+                   compiler_options=FAST_COMPILE)
+  return jitted, params, rest, tok
+
+
+def flat(tree) -> dict[str, jax.Array]:
+  """{"layers.1.mlp.experts.gate_proj": array} for a State / pytree of Variables."""
+  out = {}
+  for path, v in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    out[key] = v.get_value() if isinstance(v, nnx.Variable) else v
+  return out
