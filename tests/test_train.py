@@ -128,11 +128,11 @@ def _corpus_file(tmp_path, n_docs=300):
   return path
 
 
-def _trainer(path, tmp_dir=None, steps=6, model=None, **train_kw):
+def _trainer(path, tmp_dir=None, steps=6, model=None, runtime=RuntimeConfig(), **train_kw):
   data = TokenDataset(path, seq_len=32, batch_size=4, eos_id=0, seed=3, vocab_size=256)
   tc = TrainConfig(steps=steps, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=steps),
                    save_every=3, keep=5, **train_kw)
-  return Trainer(CFG, RuntimeConfig(), tc, data, out_dir=tmp_dir, model=model)
+  return Trainer(CFG, runtime, tc, data, out_dir=tmp_dir, model=model)
 
 
 def test_router_bias_has_no_gradient_and_follows_load(tmp_path):
@@ -183,6 +183,17 @@ def test_kill_and_resume_reproduces_losses(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state), ref_state)
   assert resumed.checkpointer.all_steps() == [3, 6]
   resumed.close()
+
+
+def test_remat_step_matches_plain_step(tmp_path):
+  # Rematerialisation changes what is stored for the backward pass, not the maths.
+  path = _corpus_file(tmp_path)
+  plain, remat = _trainer(path), _trainer(path, runtime=RuntimeConfig(remat="full"))
+  for _ in range(2):
+    a, b = plain.train_step(plain.data.next_batch()), remat.train_step(remat.data.next_batch())
+    assert_close(b["loss"], a["loss"], atol=1e-5, what="loss with remat")
+  jax.tree.map(lambda x, y: assert_close(x, y, atol=1e-5, what="params with remat"),
+               jax.device_get(remat.state["params"]), jax.device_get(plain.state["params"]))
 
 
 def test_decay_mask_and_schedules():

@@ -107,7 +107,7 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
   pos_in = positions if document_mask else None
 
   def loss_fn(p):
-    model = nnx.merge(graphdef, p, rest)
+    model = nnx.merge(graphdef, p, rest, copy=True)  # no Variable shared with the outer trace
     out = model.forward(tokens, positions=pos_in, segment_ids=seg_in, mtp=True)
     loss, metrics = training_loss(out, tokens, segment_ids, loss_cfg,
                                   model.config.num_experts_per_tok, mtp_lambda)
@@ -121,7 +121,7 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
     metrics["layer_load"] = jnp.stack([s["load"] for s in stats])  # [layers, E]
   updates, opt = tx.update(grads, state["opt"], params)
   params = optax.apply_updates(params, updates)
-  model = nnx.merge(graphdef, params, rest)
+  model = nnx.merge(graphdef, params, rest, copy=True)
   update_router_bias(model, stats, gamma)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
