@@ -6,7 +6,8 @@ experts (8 to 64) and T rows (tokens x top-k routed to this shard), with group s
 uniform (T/E each) or skewed (Zipf, exponent 1.2: a few hot experts, some nearly idle). One row
 per case with TFLOP/s (2*T*K*N / time) of:
 
-  ours      `grouped_matmul` (bf16), backend=pallas
+  ours      `grouped_matmul` (bf16), backend=pallas (GPU: auto flavour, Mosaic GPU on Hopper)
+  triton, mosaic  GPU only: `grouped_matmul` forced to gpu_impl="triton" / "mosaic"
   ragged    XLA `jax.lax.ragged_dot` (bf16)
   dense     XLA bf16 [T, K] x [K, N], the same FLOPs without groups (the ceiling to approach)
   fp8w      `grouped_matmul_fp8`, e4m3 expert weights with 128x128 block scales, bf16 rows
@@ -15,45 +16,49 @@ per case with TFLOP/s (2*T*K*N / time) of:
 then ours/ragged and ours/dense (goals: >= 5x and >= 0.6), and err = max |ours - ragged| /
 max |ragged|. With --grad also fwd+bwd TFLOP/s (3 x the forward FLOPs) of ours and ragged.
 Each timing: --warmup calls, then --iters calls back to back and one block_until_ready; the mean
-per call of the best of --repeats.
+per call of the best of --repeats (bench/common.py `time_call`). "ours % peak" is against 790
+TFLOP/s (dense bf16 measured on the H100).
 
   python bench/grouped_matmul.py [--quick] [--experts 8 64] [--tokens 32768] [--grad]
       [--markdown bench/RESULTS.md]
-  python bench/grouped_matmul.py --backend interpret --platform gpu --experts 3 --tokens 64 \
-      --hidden 256 --inter 128 --iters 1 --repeats 1 --warmup 0   (CPU smoke run of the script)
+  python bench/grouped_matmul.py --smoke   (CPU: 3 experts, 64 skewed rows, 256/128 dims, --grad, the
+      GPU kernels in interpret mode, plus CUDA lowering of the kernels at the real shapes)
 """
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.kernels_pallas import grouped_matmul, grouped_matmul_fp8, quantize_activations
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (H100_BF16_TFLOPS, Table, add_timing_args, check_cuda_lowering,  # noqa: E402
+                    peak_fraction, print_header, ratio, resolve_platform, save_table, time_call)
+
+from dsv3_jax.kernels_pallas import (grouped_matmul, grouped_matmul_fp8,  # noqa: E402
+                                     quantize_activations)
+
+__all__ = ["group_sizes", "run_case", "main"]
 
 EXPERTS_ALL = (8, 16, 32, 64)
 EXPERTS_QUICK = (32,)
 DISTRIBUTIONS = ("uniform", "skewed")
-
-
-def time_call(f, args, *, warmup: int, iters: int, repeats: int) -> float:
-  """Seconds per call: best over `repeats` of (iters calls back to back, then one sync)."""
-  for _ in range(warmup):
-    jax.block_until_ready(f(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = f(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / iters)
-  return best
+COLUMNS = (("E", "E", "d"), ("dist", "dist", "s"), ("T", "T", "d"), ("K", "K", "d"),
+           ("N", "N", "d"), ("max_g", "max group", "d"), ("ours", "ours", ".1f"),
+           ("triton", "triton", ".1f"), ("mosaic", "mosaic", ".1f"),
+           ("ragged", "ragged", ".1f"), ("dense", "dense", ".1f"), ("fp8w", "fp8w", ".1f"),
+           ("fp8", "fp8", ".1f"), ("vs_ragged", "ours/ragged", "s"),
+           ("vs_dense", "ours/dense", "s"), ("peak", "ours % peak", "s"), ("err", "err", ".1e"))
+GRAD_COLUMNS = (("ours_fb", "ours fwd+bwd", ".1f"), ("triton_fb", "triton fwd+bwd", ".1f"),
+                ("mosaic_fb", "mosaic fwd+bwd", ".1f"), ("ragged_fb", "ragged fwd+bwd", ".1f"),
+                ("vs_ragged_fb", "ours/ragged fwd+bwd", "s"))
 
 
 def group_sizes(tokens: int, experts: int, distribution: str, seed: int = 0) -> np.ndarray:
-  """int32 [experts] summing to tokens."""
+  """int32 [experts] summing to tokens: uniform, or Zipf(1.2) weights in a shuffled order."""
   if distribution == "uniform":
     weights = np.ones(experts)
   else:
@@ -64,7 +69,14 @@ def group_sizes(tokens: int, experts: int, distribution: str, seed: int = 0) -> 
   return sizes.astype(np.int32)
 
 
+def _fwd_bwd(f, cot):
+  def loss(x, w, g):
+    return jnp.sum((f(x, w, g) * cot).astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 def run_case(tokens, experts, k, n, distribution, platform, opts) -> dict:
+  """One table row: TFLOP/s of every column, ratios, % of peak and err."""
   kx, kw, k8, ks = jax.random.split(jax.random.PRNGKey(experts * 7 + k), 4)
   x = jax.random.normal(kx, (tokens, k), jnp.float32).astype(jnp.bfloat16)
   w = (jax.random.normal(kw, (experts, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
@@ -74,10 +86,10 @@ def run_case(tokens, experts, k, n, distribution, platform, opts) -> dict:
                                 0.5, 2.0) / (100 * np.sqrt(k))
   sizes = group_sizes(tokens, experts, distribution)
   gs = jnp.asarray(sizes)
-  w_dense = w[0]
   timing = dict(warmup=opts.warmup, iters=opts.iters, repeats=opts.repeats)
   kw_ = dict(backend=opts.backend, platform=platform)
   flops = 2.0 * tokens * k * n
+  tflops = lambda f, *args, mult=1: mult * flops / time_call(f, args, **timing) / 1e12
 
   ours = jax.jit(lambda x, w, g: grouped_matmul(x, w, g, **kw_))
   ragged = jax.jit(lambda x, w, g: jax.lax.ragged_dot(x, w, g))
@@ -85,42 +97,69 @@ def run_case(tokens, experts, k, n, distribution, platform, opts) -> dict:
   fp8w = jax.jit(lambda x, w, s, g: grouped_matmul_fp8(x, w, s, g, **kw_))
   row = {"E": experts, "dist": distribution, "T": tokens, "K": k, "N": n,
          "max_g": int(sizes.max())}
-  row["ours"] = flops / time_call(ours, (x, w, gs), **timing) / 1e12
-  row["ragged"] = flops / time_call(ragged, (x, w, gs), **timing) / 1e12
-  row["dense"] = flops / time_call(dense, (x, w_dense), **timing) / 1e12
-  row["fp8w"] = flops / time_call(fp8w, (x, w8, w8_scale, gs), **timing) / 1e12
+  row["ours"] = tflops(ours, x, w, gs)
+  flavours = {}
+  for impl in ("triton", "mosaic"):
+    flavours[impl] = jax.jit(lambda x, w, g, impl=impl: grouped_matmul(x, w, g, gpu_impl=impl,
+                                                                         **kw_))
+    row[impl] = tflops(flavours[impl], x, w, gs) if platform == "gpu" else None
+  row["ragged"] = tflops(ragged, x, w, gs)
+  row["dense"] = tflops(dense, x, w[0])
+  row["fp8w"] = tflops(fp8w, x, w8, w8_scale, gs)
   if platform == "gpu":
     xq, xs = jax.jit(lambda x: quantize_activations(x, **kw_))(x)
     fp8 = jax.jit(lambda x, xs, w, s, g: grouped_matmul_fp8(x, w, s, g, lhs_scale=xs, **kw_))
-    row["fp8"] = flops / time_call(fp8, (xq, xs, w8, w8_scale, gs), **timing) / 1e12
+    row["fp8"] = tflops(fp8, xq, xs, w8, w8_scale, gs)
   else:
-    row["fp8"] = float("nan")
+    row["fp8"] = None
   ref = np.asarray(ragged(x, w, gs), np.float32)
   got = np.asarray(ours(x, w, gs), np.float32)
   row["err"] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-  row["vs_ragged"] = row["ours"] / row["ragged"]
-  row["vs_dense"] = row["ours"] / row["dense"]
+  row["vs_ragged"] = ratio(row["ours"], row["ragged"])
+  row["vs_dense"] = ratio(row["ours"], row["dense"])
+  row["peak"] = peak_fraction(row["ours"], H100_BF16_TFLOPS)
   if opts.grad:
     cot = jax.random.normal(kx, (tokens, n), jnp.float32).astype(jnp.bfloat16)
-
-    def fwd_bwd(f):
-      def loss(x, w, g):
-        return jnp.sum((f(x, w, g) * cot).astype(jnp.float32))
-      return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-    row["ours_fb"] = 3 * flops / time_call(fwd_bwd(ours), (x, w, gs), **timing) / 1e12
-    row["ragged_fb"] = 3 * flops / time_call(fwd_bwd(ragged), (x, w, gs), **timing) / 1e12
+    row["ours_fb"] = tflops(_fwd_bwd(ours, cot), x, w, gs, mult=3)
+    for impl, f in flavours.items():
+      row[f"{impl}_fb"] = (tflops(_fwd_bwd(f, cot), x, w, gs, mult=3) if platform == "gpu"
+                           else None)
+    row["ragged_fb"] = tflops(_fwd_bwd(ragged, cot), x, w, gs, mult=3)
+    row["vs_ragged_fb"] = ratio(row["ours_fb"], row["ragged_fb"])
   return row
 
 
-COLUMNS = (("E", 4, "d"), ("dist", 8, "s"), ("T", 7, "d"), ("K", 6, "d"), ("N", 6, "d"),
-           ("max_g", 7, "d"), ("ours", 8, ".1f"), ("ragged", 8, ".1f"), ("dense", 8, ".1f"),
-           ("fp8w", 8, ".1f"), ("fp8", 8, ".1f"), ("vs_ragged", 10, ".2f"),
-           ("vs_dense", 9, ".2f"), ("err", 8, ".1e"))
-GRAD_COLUMNS = (("ours_fb", 8, ".1f"), ("ragged_fb", 10, ".1f"))
+def lowering_checks(tokens: int, experts: int, hidden: int, inter: int) -> None:
+  """Lowers the GPU kernels (bf16 forward + backward, both FP8 variants) for CUDA at the real
+  shapes."""
+  sds = jax.ShapeDtypeStruct
+  kw = dict(backend="pallas", platform="gpu")
+  for k, n in ((hidden, inter), (inter, hidden)):
+    x, gs = sds((tokens, k), jnp.bfloat16), sds((experts,), jnp.int32)
+    w, cot = sds((experts, k, n), jnp.bfloat16), sds((tokens, n), jnp.bfloat16)
+    w8 = sds((experts, n, k), jnp.float8_e4m3fn)
+    w8_s = sds((experts, -(-n // 128), -(-k // 128)), jnp.float32)
+    x8, x8_s = sds((tokens, k), jnp.float8_e4m3fn), sds((tokens, -(-k // 128)), jnp.float32)
+    what = f"T {tokens} E {experts} K {k} N {n}"
+    ours = lambda x, w, g: grouped_matmul(x, w, g, **kw)
+    check_cuda_lowering(f"grouped_matmul {what}", ours, x, w, gs)
+    check_cuda_lowering(f"grouped_matmul fwd+bwd {what}",
+                        lambda x, w, g, c: jax.grad(lambda x, w: jnp.sum(
+                            (ours(x, w, g) * c).astype(jnp.float32)), argnums=(0, 1))(x, w),
+                        x, w, gs, cot)
+    mosaic = lambda x, w, g: grouped_matmul(x, w, g, gpu_impl="mosaic", **kw)
+    check_cuda_lowering(f"grouped_matmul mosaic fwd+bwd {what}",
+                        lambda x, w, g, c: jax.grad(lambda x, w: jnp.sum(
+                            (mosaic(x, w, g) * c).astype(jnp.float32)), argnums=(0, 1))(x, w),
+                        x, w, gs, cot, marker="mosaic_gpu")
+    check_cuda_lowering(f"grouped_matmul_fp8 (bf16 rows) {what}",
+                        lambda x, w, s, g: grouped_matmul_fp8(x, w, s, g, **kw), x, w8, w8_s, gs)
+    check_cuda_lowering(f"grouped_matmul_fp8 (e4m3 rows) {what}",
+                        lambda x, xs, w, s, g: grouped_matmul_fp8(x, w, s, g, lhs_scale=xs, **kw),
+                        x8, x8_s, w8, w8_s, gs)
 
 
-def main():
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="32 experts only")
   parser.add_argument("--experts", type=int, nargs="*", help="override the list of E")
@@ -128,38 +167,26 @@ def main():
   parser.add_argument("--hidden", type=int, default=7168)
   parser.add_argument("--inter", type=int, default=2048, help="moe_intermediate_size")
   parser.add_argument("--grad", action="store_true", help="also time forward + backward")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--backend", default="pallas",
-                      help="kernel backend; 'interpret' (with --platform) smoke-tests on CPU")
   parser.add_argument("--platform", choices=("gpu", "tpu"), help="default: the jax backend")
-  parser.add_argument("--markdown", help="append the results as a markdown table to this file")
-  opts = parser.parse_args()
+  add_timing_args(parser, warmup=3, iters=10, repeats=3)
+  opts = parser.parse_args(argv)
 
-  backend = jax.default_backend()
-  platform = opts.platform or ("gpu" if backend in ("gpu", "cuda", "rocm") else backend)
-  if platform not in ("gpu", "tpu"):
-    raise SystemExit(f"bench/grouped_matmul.py needs a GPU or TPU (jax backend is {backend!r})")
-  columns = COLUMNS + (GRAD_COLUMNS if opts.grad else ())
-  device = jax.devices()[0].device_kind
-  print(f"# device: {device}   jax {jax.__version__}   TFLOP/s   (backend={opts.backend})")
-  print(" ".join(f"{name:>{width}}" for name, width, _ in columns))
-  rows = []
-  for experts in opts.experts or (EXPERTS_QUICK if opts.quick else EXPERTS_ALL):
-    for distribution in DISTRIBUTIONS:
+  experts = opts.experts or (EXPERTS_QUICK if opts.quick else EXPERTS_ALL)
+  if opts.smoke:
+    lowering_checks(opts.tokens, max(experts), opts.hidden, opts.inter)
+    experts, opts.tokens, opts.hidden, opts.inter, opts.grad = [3], 64, 256, 128, True
+    opts.warmup, opts.iters, opts.repeats = 0, 1, 1
+  platform = resolve_platform(opts, "bench/grouped_matmul.py")
+  print_header(f"grouped matmul, bf16 (fp8 columns: e4m3 weights), TFLOP/s, T={opts.tokens}; "
+               f"ours = grouped_matmul (backend={opts.backend})", opts)
+  table = Table(COLUMNS + (GRAD_COLUMNS if opts.grad else ()))
+  for e in experts:
+    for distribution in (("skewed",) if opts.smoke else DISTRIBUTIONS):
       for k, n in ((opts.hidden, opts.inter), (opts.inter, opts.hidden)):
-        rows.append(run_case(opts.tokens, experts, k, n, distribution, platform, opts))
-        print(" ".join(f"{rows[-1][name]:>{width}{spec}}" for name, width, spec in columns),
-              flush=True)
-  if opts.markdown:
-    with open(opts.markdown, "a") as f:
-      f.write(f"\n## bench/grouped_matmul.py on {device}, jax {jax.__version__}, "
-              f"T={opts.tokens}\n\n| " + " | ".join(name for name, _, _ in columns) + " |\n")
-      f.write("|" + "---|" * len(columns) + "\n")
-      for row in rows:
-        f.write("| " + " | ".join(f"{row[name]:{spec}}" for name, _, spec in columns) + " |\n")
+        table.add(run_case(opts.tokens, e, k, n, distribution, platform, opts))
+  save_table(opts.markdown, f"Grouped matmul (bench/grouped_matmul.py), T={opts.tokens}", table)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

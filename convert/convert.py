@@ -79,11 +79,9 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
   total = 0
   for name, e in table.items():
     try:
-      f = ckpt._open(ckpt.location[name])
+      f = ckpt.shard(name)
     except SafetensorsError as err:
       raise CheckpointError(f"{err} (while reading {name!r})") from None
-    if name not in f:
-      raise CheckpointError(f"{f.path}: the index says it holds {name!r}, but it does not")
     got, want = tuple(f.shape(name)), hf_shape(e, tuple(shapes[e.target]))
     if got != want:
       raise CheckpointError(f"{f.path}: tensor {name!r} has shape {got}, config.json implies {want}")
@@ -93,8 +91,7 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
       if scale not in names:
         raise CheckpointError(f"{f.path}: FP8 tensor {name!r} has no {scale!r}")
     if scale in names:
-      sf = ckpt._open(ckpt.location[scale])
-      total += sf.nbytes(scale)
+      total += ckpt.shard(scale).nbytes(scale)
   ckpt.close()
   return total
 
@@ -266,7 +263,7 @@ def _nbytes(ckpt: HFCheckpoint, name: str) -> int:
   n = 0
   for t in (name, name + SCALE_SUFFIX):
     if t in ckpt.location:
-      n += ckpt._open(ckpt.location[t]).nbytes(t)
+      n += ckpt.shard(t).nbytes(t)
   return n
 
 

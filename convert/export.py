@@ -27,7 +27,7 @@ import numpy as np
 from dsv3_jax.checkpoint import SCALE_SUFFIX, Entry, hf_shape, name_table, to_hf
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.convert import TOKENIZER_FILES
-from dsv3_jax.convert.orbax_io import read_manifest, restore_numpy
+from dsv3_jax.convert.orbax_io import read_manifest, restore_numpy, staging_dir
 from dsv3_jax.pretrained import abstract_model, param_shapes
 from dsv3_jax.safetensors_io import DTYPES as ST_DTYPES
 
@@ -197,7 +197,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
       targets.append(_Target(t, by_target[t], entry, shapes[t], dtype, block, scale_fmt == "ue8m0"))
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+  tmp = staging_dir(out)
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:

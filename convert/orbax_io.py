@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["MANIFEST", "FORMAT", "CHUNK_BYTES", "Fp8Weight", "OrbaxWriter", "is_converted",
+           "staging_dir",
            "read_manifest", "restore_arrays", "restore_numpy", "load_model", "ShardingsArg",
            "sharding_for"]
 
@@ -66,6 +67,34 @@ class Fp8Weight:
   value: Any
   scale_inv: Any
   block: tuple[int, int]
+
+
+def staging_dir(dst: str) -> str:
+  """The hidden sibling `.<name>.partial-<pid>` that a write into `dst` fills before renaming it.
+
+  Also removes the staging directories of earlier writes into `dst` whose process is gone (a
+  killed conversion leaves its partial directory behind; a running one keeps its own).
+  """
+  parent, name = os.path.split(os.path.abspath(dst))
+  prefix = f".{name}.partial-"
+  for entry in os.listdir(parent) if os.path.isdir(parent) else ():
+    pid = entry[len(prefix):]
+    if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+      log.info("removing %s, left by an interrupted write (process %s)", entry, pid)
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  return os.path.join(parent, f"{prefix}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return False  # our own earlier attempt in this process: stale by construction
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # exists, owned by someone else
+  return True
 
 
 def _checkpointer():
@@ -111,7 +140,7 @@ class OrbaxWriter:
       raise ValueError(f"workers must be >= 1, got {workers}")
     parent, name = os.path.split(self.dst)
     os.makedirs(parent, exist_ok=True)
-    self.tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    self.tmp = staging_dir(self.dst)
     if os.path.lexists(self.tmp):
       shutil.rmtree(self.tmp)
     os.makedirs(os.path.join(self.tmp, PARAMS_DIR))
@@ -294,8 +323,12 @@ def restore_numpy(path: str | os.PathLike, param: str, manifest: dict | None = N
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp: bool | None = None,
-               shardings: ShardingsArg = None):
-  """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`."""
+               shardings: ShardingsArg = None, keep_fp8: bool = False):
+  """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`.
+
+  keep_fp8: FP8 entries (`--dtype float8`) stay e4m3 + block scales in the model
+  (`from_pretrained(..., fp8="keep")`); otherwise they are dequantised on device.
+  """
   from dsv3_jax.config import ModelConfig, RuntimeConfig
   from dsv3_jax.pretrained import abstract_model, flat_variables, model_from_arrays
   path = os.fspath(path)
@@ -313,5 +346,5 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp:
                 present, cfg.num_nextn_predict_layers)
     cfg = cfg.replace(num_nextn_predict_layers=present)
   abstract = flat_variables(abstract_model(cfg, rt))
-  arrays = restore_arrays(path, abstract, shardings=shardings)
+  arrays = restore_arrays(path, abstract, shardings=shardings, keep_fp8=keep_fp8)
   return model_from_arrays(cfg, rt, arrays)

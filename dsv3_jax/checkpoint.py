@@ -186,6 +186,16 @@ class HFCheckpoint:
   def names(self) -> list[str]:
     return list(self.location)
 
+  def shard(self, name: str) -> SafetensorsFile:
+    """The opened shard that holds tensor `name` (header parsed, no tensor data read), for
+    shape/dtype/nbytes checks. Raises CheckpointError naming the file when it is not there."""
+    if name not in self.location:
+      raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+    f = self._open(self.location[name])
+    if name not in f:
+      raise CheckpointError(f"{f.path}: the index says it holds {name!r}, but it does not")
+    return f
+
   def __contains__(self, name: str) -> bool:
     return name in self.location
 
@@ -196,10 +206,7 @@ class HFCheckpoint:
     """The stored tensor (memory-mapped), or a CheckpointError naming the file."""
     if name not in self.location:
       raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-    f = self._open(self.location[name])
-    if name not in f:
-      raise CheckpointError(f"{f.path}: the index says it holds {name!r}, but it does not")
-    return f[name]
+    return self.shard(name)[name]
 
   def read(self, name: str, block: tuple[int, int] = (128, 128)) -> np.ndarray:
     """The tensor as float32/bf16/..., FP8 weights dequantised with their `_scale_inv`."""

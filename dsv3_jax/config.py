@@ -191,6 +191,10 @@ class ModelConfig:
       raise ValueError("attention_bias=true is not supported (DeepSeek projections have no bias)")
     if raw.get("n_routed_experts") is None:
       raise ValueError("n_routed_experts is missing: a dense-only config is not a DeepSeek MoE model")
+    kv_heads = raw.get("num_key_value_heads")
+    if kv_heads is not None and kv_heads != raw.get("num_attention_heads"):
+      raise ValueError(f"num_key_value_heads={kv_heads} differs from num_attention_heads="
+                       f"{raw.get('num_attention_heads')}: MLA has one key/value per query head")
     rope_theta, rope_scaling = _parse_rope(raw)
     eos = raw.get("eos_token_id", 1)
     return cls(
@@ -230,7 +234,8 @@ class ModelConfig:
   def to_hf_config(self) -> dict[str, Any]:
     """The `config.json` dict (official field names) that `from_hf_config` reads back."""
     out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-                           "hidden_act": "silu", "attention_bias": False}
+                           "hidden_act": "silu", "attention_bias": False,
+                           "num_key_value_heads": self.num_attention_heads}
     for f in dataclasses.fields(self):
       if f.name in ("rope_scaling", "quantization_config"):
         continue
@@ -306,6 +311,9 @@ class RuntimeConfig:
   (softmax, norms and the router always run in float32). attention_backend / moe_backend: kernel
   choice ("auto", "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
   remat: activation rematerialisation policy per decoder block ("none", "full", "dots").
+  kernel_platform: which Pallas kernel the "interpret" backend runs ("tpu" or "gpu"; default
+  "tpu"), or the platform "pallas"/"auto" lower for when it is not the current one (None: the
+  current platform).
   """
 
   param_dtype: Any = jnp.float32
@@ -313,10 +321,13 @@ class RuntimeConfig:
   attention_backend: str = "reference"
   moe_backend: str = "reference"
   remat: str = "none"
+  kernel_platform: str | None = None
 
   def __post_init__(self):
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.kernel_platform not in (None, "tpu", "gpu"):
+      raise ValueError(f"kernel_platform must be None, 'tpu' or 'gpu', got {self.kernel_platform!r}")
 
 
 TINY = ModelConfig(

@@ -6,9 +6,17 @@ them to mesh axes. Logical weight axes used in this package:
   mlp (dense/shared FFN width), expert, moe_mlp (routed-expert FFN width), None (replicated).
 
 Einsum letters: B batch, T sequence, D hidden, F FFN width, I/O a linear's input/output.
+
+FP8 weights (inference only): a `Linear` converted with `Linear.to_fp8` holds the checkpoint's
+float8_e4m3fn weight in its [out, in] layout (`weight`, an `Fp8Value`) and the float32 128 x 128
+block scales (`weight_scale_inv`, an `Fp8Scale`) instead of the dense [in, out] `kernel`, and
+multiplies through `dsv3_jax.kernels_pallas.fp8_weight_matmul` (the weight crosses memory as one
+byte per element). Neither variable is an `nnx.Param`, so optimizers skip them; differentiating
+through an FP8 layer raises `Fp8TrainingError` (see `fp8_inference_only`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,9 +26,61 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 
-__all__ = ["Linear", "RMSNorm", "MLP", "rope_frequencies", "apply_rope", "INIT_STD"]
+__all__ = ["Linear", "RMSNorm", "MLP", "rope_frequencies", "apply_rope", "INIT_STD", "FP8_BLOCK",
+           "Fp8Variable", "Fp8Value", "Fp8Scale", "Fp8TrainingError", "fp8_inference_only",
+           "dequantize_blocks", "check_fp8_weight"]
 
 INIT_STD = 0.02
+FP8_BLOCK = (128, 128)  # the block size the FP8 kernels take (DeepSeek-V3's weight_block_size)
+
+
+class Fp8Variable(nnx.Variable):
+  """Base type of the FP8 weight variables: inference-only state, not an `nnx.Param`."""
+
+
+class Fp8Value(Fp8Variable):
+  """A float8_e4m3fn weight in the checkpoint layout [..., out, in] (experts stacked first)."""
+
+
+class Fp8Scale(Fp8Variable):
+  """float32 block scales `scale_inv` [..., ceil(out/128), ceil(in/128)] of an `Fp8Value`:
+  dequantised w[..., i, j] = value[..., i, j] * scale_inv[..., i // 128, j // 128]."""
+
+
+class Fp8TrainingError(TypeError):
+  """Raised when gradients are taken through a layer that holds FP8 weights."""
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fp8_inference_only(x: jax.Array, what: str) -> jax.Array:
+  """Identity on x; its gradient raises `Fp8TrainingError` naming `what`.
+
+  Applied to the input of every FP8-weight matmul, so `jax.grad` / the trainer fail at trace
+  time with a clear message instead of silently training around frozen FP8 weights.
+  """
+  return x
+
+
+def _guard_fwd(x, what):
+  return x, None
+
+
+def _guard_bwd(what, _, g):
+  raise Fp8TrainingError(
+      f"{what} holds FP8 (float8_e4m3fn) weights, which are inference-only: gradients through "
+      f"it are not supported. To train or fine-tune, load the checkpoint dequantised "
+      f"(from_pretrained(path, fp8='dequantize'), the default).")
+
+
+fp8_inference_only.defvjp(_guard_fwd, _guard_bwd)
+
+
+def dequantize_blocks(value: jax.Array, scale_inv: jax.Array, block=FP8_BLOCK) -> jax.Array:
+  """value [..., R, C] e4m3 * scale_inv [..., ceil(R/bm), ceil(C/bn)] per block -> float32."""
+  bm, bn = block
+  r, c = value.shape[-2:]
+  s = jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), bm, axis=-2), bn, axis=-1)
+  return value.astype(jnp.float32) * s[..., :r, :c]
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype):
@@ -28,15 +88,72 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel, kernel [in, out] (the checkpoint's [out, in] weight, transposed)."""
+  """y = x @ kernel, kernel [in, out] (the checkpoint's [out, in] weight, transposed).
+
+  After `to_fp8` the layer holds `weight` [out, in] float8_e4m3fn and `weight_scale_inv`
+  [ceil(out/128), ceil(in/128)] float32 instead, and computes
+  y = x @ dequant(weight, weight_scale_inv)^T with `fp8_weight_matmul` (float32 accumulation,
+  output in the compute dtype).
+  """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple, rngs: nnx.Rngs,
                param_dtype=jnp.float32, dtype=jnp.float32):
     self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), param_dtype), axes=axes)
     self.dtype = dtype
+    self.fp8_backend: str | None = None  # set by to_fp8: the FP8 kernel backend
+    self.fp8_platform: str | None = None
+
+  @property
+  def is_fp8(self) -> bool:
+    return self.fp8_backend is not None
+
+  def to_fp8(self, value, scale_inv, *, backend: str = "reference",
+             platform: str | None = None) -> None:
+    """Replaces `kernel` [in, out] by FP8 `weight` [out, in] e4m3 and `weight_scale_inv` (in place).
+
+    value: [out, in] float8_e4m3fn (array or jax.ShapeDtypeStruct, for an abstract model);
+    scale_inv: [ceil(out/128), ceil(in/128)] float32. backend / platform: the kernel choice of
+    `fp8_weight_matmul` (see `dsv3_jax.kernels_pallas.select`). The logical axes of `weight`
+    are the kernel's reversed; the scales are replicated.
+    """
+    if self.is_fp8:
+      raise ValueError("this Linear already holds FP8 weights")
+    axes = self.kernel.get_metadata().get("axes")
+    n_in, n_out = self.kernel.get_value().shape
+    check_fp8_weight(value, scale_inv, (n_out, n_in), "Linear")
+    del self.kernel
+    self.weight = Fp8Value(value, axes=None if axes is None else tuple(axes)[::-1])
+    self.weight_scale_inv = Fp8Scale(scale_inv, axes=(None, None))
+    self.fp8_backend, self.fp8_platform = backend, platform
+
+  def dense_kernel(self) -> jax.Array:
+    """The [in, out] kernel: the Param's value, or the FP8 weight dequantised (float32)."""
+    if not self.is_fp8:
+      return self.kernel.get_value()
+    return dequantize_blocks(self.weight.get_value(), self.weight_scale_inv.get_value()).T
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+    if not self.is_fp8:
+      return jnp.einsum("...i,io->...o", x.astype(self.dtype),
+                        self.kernel.get_value().astype(self.dtype))
+    from dsv3_jax.kernels_pallas import fp8_weight_matmul
+    w = self.weight.get_value()
+    x2 = fp8_inference_only(x.reshape(-1, x.shape[-1]).astype(self.dtype), "a Linear layer")
+    y = fp8_weight_matmul(x2, w, self.weight_scale_inv.get_value(), out_dtype=self.dtype,
+                          backend=self.fp8_backend, platform=self.fp8_platform)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def check_fp8_weight(value, scale_inv, shape: tuple[int, ...], what: str) -> None:
+  """Checks an FP8 weight [..., out, in] (e4m3) and its 128 x 128 block scales against `shape`."""
+  if tuple(value.shape) != tuple(shape) or value.dtype != jnp.float8_e4m3fn:
+    raise ValueError(f"{what}: FP8 weight must be {tuple(shape)} float8_e4m3fn ([..., out, in]), "
+                     f"got {tuple(value.shape)} {value.dtype}")
+  bm, bn = FP8_BLOCK
+  want = tuple(shape[:-2]) + (-(-shape[-2] // bm), -(-shape[-1] // bn))
+  if tuple(scale_inv.shape) != want:
+    raise ValueError(f"{what}: FP8 scale_inv must be {want} ({bm}x{bn} blocks of "
+                     f"{tuple(shape)}), got {tuple(scale_inv.shape)}")
 
 
 class RMSNorm(nnx.Module):

@@ -7,6 +7,12 @@ The expert computation is a chain of small pure functions (route -> permute -> g
 unpermute/combine) so expert parallelism (dsv3_jax.sharding) can wrap the same pieces in
 shard_map. Nothing is dropped: each token reaches all of its K experts.
 See docs in the README ("MoE and MTP design").
+
+Kernels: `RuntimeConfig.moe_backend` picks the grouped-matmul implementation ("reference" is
+jax.lax.ragged_dot; "auto" / "pallas" / "interpret" go to `dsv3_jax.kernels_pallas`, with
+`RuntimeConfig.kernel_platform` naming the kernel to interpret or lower for). The same backend
+serves FP8 weights: `Experts.to_fp8` keeps a projection as e4m3 [E, out, in] + block scales and
+it runs through `grouped_matmul_fp8` (inference only).
 """
 from __future__ import annotations
 
@@ -18,11 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
-from dsv3_jax.layers import MLP, INIT_STD
+from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight,
+                             fp8_inference_only)
 from dsv3_jax.sharding import expert_parallel
 
 __all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
-           "grouped_ffn", "unpermute", "grouped_matmul"]
+           "grouped_ffn", "unpermute", "grouped_matmul", "Fp8Experts"]
 
 
 class RouterBias(nnx.Variable):
@@ -72,12 +79,32 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
   return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-                   backend: str = "reference") -> jax.Array:
-  """lhs [M, I] rows sorted by group, rhs [E, I, O], group_sizes [E] -> [M, O]."""
+@dataclasses.dataclass(frozen=True)
+class Fp8Experts:
+  """One FP8 expert projection as `grouped_matmul` takes it: value [E, O, I] float8_e4m3fn (the
+  checkpoint's per-expert [out, in] weights stacked), scale_inv [E, ceil(O/128), ceil(I/128)]."""
+
+  value: jax.Array
+  scale_inv: jax.Array
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax.Array,
+                   backend: str = "reference", platform: str | None = None) -> jax.Array:
+  """lhs [M, I] rows sorted by group, rhs [E, I, O] (or `Fp8Experts`), group_sizes [E] -> [M, O].
+
+  backend "reference": jax.lax.ragged_dot; otherwise the `dsv3_jax.kernels_pallas` grouped
+  matmul (differentiable, custom VJP) with `platform` ("tpu"/"gpu": the kernel "interpret" runs).
+  FP8 rhs: `grouped_matmul_fp8` with float32 accumulation, output in lhs.dtype, any backend
+  (inference only: its gradient raises `Fp8TrainingError`).
+  """
+  if isinstance(rhs, Fp8Experts):
+    from dsv3_jax.kernels_pallas import grouped_matmul_fp8
+    lhs = fp8_inference_only(lhs, "a routed-expert (MoE) layer")
+    return grouped_matmul_fp8(lhs, rhs.value, rhs.scale_inv, group_sizes, out_dtype=lhs.dtype,
+                              backend=backend, platform=platform)
   if backend != "reference":
     from dsv3_jax.kernels_pallas import grouped_matmul as kernel
-    return kernel(lhs, rhs, group_sizes, backend=backend)
+    return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
@@ -94,11 +121,15 @@ def permute(x: jax.Array, experts: jax.Array, num_experts: int):
   return x[order // K], order, group_sizes
 
 
-def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference"):
-  """Per-expert SwiGLU on expert-sorted rows: xs [M, D] -> [M, D]."""
-  g = grouped_matmul(xs, w_gate, group_sizes, backend)
-  u = grouped_matmul(xs, w_up, group_sizes, backend)
-  return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, backend)
+def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference",
+                platform: str | None = None):
+  """Per-expert SwiGLU on expert-sorted rows: xs [M, D] -> [M, D].
+
+  Weights [E, D, F] / [E, F, D], or `Fp8Experts`; backend / platform as in `grouped_matmul`.
+  """
+  g = grouped_matmul(xs, w_gate, group_sizes, backend, platform)
+  u = grouped_matmul(xs, w_up, group_sizes, backend, platform)
+  return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, backend, platform)
 
 
 def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
@@ -131,7 +162,13 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-  """Routed experts stacked on a leading expert axis: gate/up [E, D, F], down [E, F, D]."""
+  """Routed experts stacked on a leading expert axis: gate/up [E, D, F], down [E, F, D].
+
+  `to_fp8(name, value, scale_inv)` replaces one projection by FP8 weights (inference only):
+  `{name}_weight` [E, out, in] float8_e4m3fn and `{name}_weight_scale_inv` float32 block scales.
+  """
+
+  PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
   def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, *, rngs: nnx.Rngs):
     E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -143,20 +180,58 @@ class Experts(nnx.Module):
     self.up_proj = nnx.Param(init((E, D, F)), axes=("expert", "embed", "moe_mlp"))
     self.down_proj = nnx.Param(init((E, F, D)), axes=("expert", "moe_mlp", "embed"))
     self.rt = rt
+    self.fp8 = ()  # names of the projections held as FP8 (see to_fp8)
+
+  def to_fp8(self, name: str, value, scale_inv) -> tuple[str, str]:
+    """Replaces projection `name` ("gate_proj", "up_proj", "down_proj") by FP8 weights, in place.
+
+    value: [E, out, in] float8_e4m3fn (array or jax.ShapeDtypeStruct); scale_inv:
+    [E, ceil(out/128), ceil(in/128)] float32. Stored as `{name}_weight` (logical axes: the
+    dense ones with the last two swapped) and `{name}_weight_scale_inv` ("expert", None, None).
+    Returns the two new attribute names.
+    """
+    if name not in self.PROJECTIONS or name in self.fp8:
+      raise ValueError(f"Experts.to_fp8: {name!r} is not a dense projection of {self.PROJECTIONS}")
+    dense = getattr(self, name)
+    E, n_in, n_out = dense.get_value().shape
+    check_fp8_weight(value, scale_inv, (E, n_out, n_in), f"experts.{name}")
+    axes = dense.get_metadata().get("axes")
+    delattr(self, name)
+    v_name, s_name = f"{name}_weight", f"{name}_weight_scale_inv"
+    setattr(self, v_name, Fp8Value(value, axes=None if axes is None else (axes[0], axes[2], axes[1])))
+    setattr(self, s_name, Fp8Scale(scale_inv, axes=("expert", None, None)))
+    self.fp8 = tuple(self.fp8) + (name,)
+    return v_name, s_name
+
+  def weights(self) -> list[jax.Array | Fp8Experts]:
+    """[gate, up, down]: dense [E, I, O] arrays in the compute dtype, or `Fp8Experts`."""
+    out = []
+    for name in self.PROJECTIONS:
+      if name in self.fp8:
+        out.append(Fp8Experts(getattr(self, f"{name}_weight").get_value(),
+                              getattr(self, f"{name}_weight_scale_inv").get_value()))
+      else:
+        out.append(getattr(self, name).get_value().astype(self.rt.dtype))
+    return out
 
   def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
     """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32)."""
     dt = self.rt.dtype
-    w = [p.get_value().astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    E = w[0].shape[0]
+    w = self.weights()
+    E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
+    backend, platform = self.rt.moe_backend, self.rt.kernel_platform
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
-      ffn = lambda xs, sizes, *ws: grouped_ffn(xs, sizes, *ws, backend=self.rt.moe_backend)
+      if self.fp8:
+        raise NotImplementedError(
+            "FP8 routed experts under expert parallelism (a mesh with an 'expert' axis) are not "
+            "supported yet; load the checkpoint with fp8='dequantize' for expert parallelism")
+      ffn = lambda xs, sizes, *ws: grouped_ffn(xs, sizes, *ws, backend=backend, platform=platform)
       y = expert_parallel.expert_parallel_ffn(x.astype(dt), routing.experts, routing.weights, *w,
                                               ffn=ffn, layout=layout)
       return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
     xs, order, sizes = permute(x.astype(dt), routing.experts, E)
-    ys = grouped_ffn(xs, sizes, *w, self.rt.moe_backend)
+    ys = grouped_ffn(xs, sizes, *w, backend, platform)
     return unpermute(ys, order, routing.weights), sizes
 
 

@@ -2,6 +2,14 @@
 
 The abstract model (`nnx.eval_shape`, nothing allocated) is the single list of parameter paths,
 shapes and dtypes that the loader, the converter and the sharding rules read.
+
+FP8 inference: `from_pretrained(path, fp8="keep")` keeps the tensors that are float8_e4m3fn in
+the checkpoint (HF directory with `weight_scale_inv`, or `dsv3 convert --dtype float8`) as e4m3
+weights with their 128 x 128 block scales: linears become FP8 `Linear`s (`weight` [out, in] +
+`weight_scale_inv`, see `dsv3_jax.layers`), routed experts FP8 `Experts` projections. Everything
+else loads as with the default `fp8="dequantize"`. The FP8 matmuls use `runtime.moe_backend`
+(and `runtime.kernel_platform`); such a model is inference-only (gradients raise
+`Fp8TrainingError`).
 """
 from __future__ import annotations
 
@@ -16,13 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import HFCheckpoint, name_table, read_targets, to_hf
+from dsv3_jax.checkpoint import SCALE_SUFFIX, HFCheckpoint, name_table, read_targets, to_hf
 from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
 from dsv3_jax.model import DeepseekV3
+from dsv3_jax.moe import Experts
 
 __all__ = ["abstract_model", "flat_variables", "param_shapes", "param_dtypes", "model_from_arrays",
-           "from_pretrained", "save_pretrained", "ParamCount", "count_params"]
+           "from_pretrained", "save_pretrained", "ParamCount", "count_params", "FP8_MODES",
+           "fp8_variables"]
+
+FP8_MODES = ("dequantize", "keep")
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +62,62 @@ def param_dtypes(model: nnx.Module) -> dict[str, np.dtype]:
   return {k: np.dtype(v.get_value().dtype) for k, v in flat_variables(model).items()}
 
 
-def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, jax.Array],
+def fp8_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{path: variable} of the FP8 weights and scales of `model` (empty for a dense model)."""
+  return {k: v for k, v in flat_variables(model).items() if isinstance(v, Fp8Variable)}
+
+
+def _owner(model: nnx.Module, path: str) -> tuple[nnx.Module, str]:
+  """(module, attribute name) of the variable at `path` ("layers.1.mlp.experts.up_proj")."""
+  *parents, attr = path.split(".")
+  obj = model
+  for part in parents:
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  return obj, attr
+
+
+def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object]) -> dict[str, object]:
+  """Turns the abstract model's FP8-capable targets whose value in `arrays` is an FP8 weight
+  (`dsv3_jax.convert.Fp8Weight`) into FP8 modules, in place; returns the arrays re-keyed by
+  the new variable paths. FP8 values for other targets (e.g. a quantised router) are dequantised.
+  """
+  from dsv3_jax.convert.orbax_io import Fp8Weight  # convert imports this module, not back
+  out = dict(arrays)
+  for path, w in arrays.items():
+    if not isinstance(w, Fp8Weight):
+      continue
+    if tuple(w.block) != FP8_BLOCK:
+      raise ValueError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
+                       f"FP8 kernels' layout), the checkpoint has {tuple(w.block)}; load it with "
+                       f"fp8='dequantize'")
+    owner, attr = _owner(abstract, path)
+    del out[path]
+    value = jax.ShapeDtypeStruct(w.value.shape, jnp.float8_e4m3fn)
+    scale = jax.ShapeDtypeStruct(w.scale_inv.shape, jnp.float32)
+    prefix = path[:-len(attr)]
+    if isinstance(owner, Linear) and attr == "kernel":
+      owner.to_fp8(value, scale, backend=rt.moe_backend, platform=rt.kernel_platform)
+      names = ("weight", "weight_scale_inv")
+    elif isinstance(owner, Experts) and attr in Experts.PROJECTIONS:
+      names = owner.to_fp8(attr, value, scale)
+    else:  # no FP8 form (e.g. the router): dequantise to our [..., in, out] layout
+      dense = dequantize_blocks(jnp.asarray(w.value), jnp.asarray(w.scale_inv), tuple(w.block))
+      out[path] = jnp.swapaxes(dense, -1, -2)
+      continue
+    out[prefix + names[0]], out[prefix + names[1]] = w.value, w.scale_inv
+  return out
+
+
+def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, object],
                       ) -> DeepseekV3:
-  """Builds a model whose variables are `arrays` ({path: array}); every path must be present."""
+  """Builds a model whose variables are `arrays` ({path: array}); every path must be present.
+
+  A value may also be a `dsv3_jax.convert.Fp8Weight` (value [..., out, in] float8_e4m3fn,
+  scale_inv, block (128, 128)): that Linear kernel or routed-expert projection is then held as
+  FP8 (see the module docstring); any other parameter given as FP8 is dequantised.
+  """
   abstract = abstract_model(cfg, rt)
+  arrays = _use_fp8(abstract, rt, dict(arrays))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
@@ -78,7 +143,7 @@ def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
-                    shardings=None) -> DeepseekV3:
+                    shardings=None, fp8: str = "dequantize") -> DeepseekV3:
   """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
@@ -91,13 +156,23 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   mtp: True requires the MTP layers named by `num_nextn_predict_layers`; False skips them;
     None (default) loads them when present (transformers' save_pretrained drops them) and
     otherwise builds the model without MTP, with a warning.
+  fp8: "dequantize" (default): FP8 weights become `dtype` parameters. "keep": the weights that
+    are float8_e4m3fn in the checkpoint stay e4m3 with their 128 x 128 block scales (needs
+    weight_block_size [128, 128]); dense layers then run `fp8_weight_matmul` and routed experts
+    `grouped_matmul_fp8`, with `runtime.moe_backend` / `runtime.kernel_platform` choosing the
+    kernel. Everything else loads as with "dequantize" (in `dtype`). The model is then
+    inference-only: taking gradients through it raises `dsv3_jax.layers.Fp8TrainingError`;
+    `save_pretrained` and expert parallelism are not supported for it.
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
   path = os.fspath(path)
+  if fp8 not in FP8_MODES:
+    raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
   from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
   if orbax_io.is_converted(path):
-    return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings)
+    return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
+                               keep_fp8=fp8 == "keep")
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
@@ -122,15 +197,41 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
         if any(n.startswith(pfx) for pfx in ignore):
           ckpt.location.pop(n)
     block = cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128)
-    arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
-                               ignore_unexpected=ignore_unexpected))
+    if fp8 == "keep":
+      arrays = _read_keep_fp8(ckpt, table, shapes, dtypes, tuple(block), ignore_unexpected)
+    else:
+      arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
+                                 ignore_unexpected=ignore_unexpected))
   finally:
     ckpt.close()
   if shardings is not None:
     variables = flat_variables(abstract)
-    arrays = {k: jax.device_put(a, orbax_io.sharding_for(shardings, k, variables[k]))
+    arrays = {k: _place(a, orbax_io.sharding_for(shardings, k, variables[k]))
               for k, a in arrays.items()}
   return model_from_arrays(cfg, rt, arrays)
+
+
+def _read_keep_fp8(ckpt, table, shapes, dtypes, block, ignore_unexpected):
+  """{target: array | Fp8Weight} from an HF directory, e4m3 weights kept with their scales."""
+  from dsv3_jax.convert.convert import check_checkpoint, read_targets_fp8
+  from dsv3_jax.convert.orbax_io import Fp8Weight
+  if ignore_unexpected:
+    for n in [n for n in ckpt.names() if n not in table and not n.endswith(SCALE_SUFFIX)]:
+      ckpt.location.pop(n)
+      ckpt.location.pop(n + SCALE_SUFFIX, None)
+  check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
+  return {t: (v if s is None else Fp8Weight(v, s, block))
+          for t, v, s, _ in read_targets_fp8(ckpt, table, shapes, dtypes, block=block)}
+
+
+def _place(a, sharding):
+  """device_put of an array, or of an Fp8Weight (value: the sharding with its last two axes
+  swapped, [out, in] being our [in, out] transposed; scales replicated)."""
+  from dsv3_jax.convert.orbax_io import Fp8Weight, _replicated, _swap_last2
+  if isinstance(a, Fp8Weight):
+    return Fp8Weight(jax.device_put(a.value, _swap_last2(sharding, a.value.ndim)),
+                     jax.device_put(a.scale_inv, _replicated(sharding)), a.block)
+  return jax.device_put(a, sharding)
 
 
 def save_pretrained(model: DeepseekV3, path: str | os.PathLike, *, dtype=None,
@@ -143,6 +244,10 @@ def save_pretrained(model: DeepseekV3, path: str | os.PathLike, *, dtype=None,
   The directory must not exist or be empty; files appear only once fully written.
   """
   path = os.fspath(path)
+  if fp8_variables(model):
+    raise ValueError("save_pretrained: this model holds FP8 weights (from_pretrained(fp8='keep')); "
+                     "export the FP8 checkpoint with `dsv3 export` from a converted directory, or "
+                     "load it with fp8='dequantize' first")
   os.makedirs(path, exist_ok=True)
   if os.listdir(path):
     raise FileExistsError(f"{path}: directory is not empty")

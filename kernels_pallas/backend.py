@@ -12,6 +12,9 @@ the implementation to run:
 - ``Backend.INTERPRET``: the TPU or GPU kernel (``platform=``) in Pallas interpret mode, which
   runs on CPU; used by the tests.
 
+On GPU a kernel may have two Pallas implementations: the Triton lowering (portable, also ROCm)
+and Mosaic GPU (Hopper-only: wgmma, TMA, warp specialisation). `gpu_flavor` picks one.
+
 Nothing here is decided at import time.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import enum
 
 import jax
 
-__all__ = ["Backend", "Impl", "select"]
+__all__ = ["Backend", "Impl", "select", "gpu_flavor", "GPU_FLAVORS"]
 
 
 class Backend(enum.Enum):
@@ -74,3 +77,39 @@ def select(backend: Backend | str, *, platform: str | None = None,
     raise RuntimeError(f"backend='pallas' requested but this kernel has no Pallas implementation "
                        f"for platform {current!r} (it has {available}); use backend='reference'")
   return Impl("reference")
+
+
+GPU_FLAVORS = ("triton", "mosaic")
+
+
+def gpu_flavor(requested: str | None = None, *, has_mosaic: bool = True) -> str:
+  """Which GPU implementation to run: "triton" or "mosaic" (Mosaic GPU).
+
+  requested: "triton" / "mosaic" forces one (the DSV3_GPU_KERNELS environment variable gives
+  the default); None or "auto" picks Mosaic GPU when the kernel has one (`has_mosaic`) and the
+  first device is a Hopper GPU (compute capability 9.x), else Triton. Interpret mode on CPU
+  follows the same rule with no Hopper device, so tests name the flavour explicitly.
+  """
+  import os
+  requested = requested or os.environ.get("DSV3_GPU_KERNELS") or "auto"
+  if requested not in GPU_FLAVORS + ("auto",):
+    raise ValueError(f"unknown GPU kernel flavour {requested!r}; expected 'auto', 'triton' or "
+                     f"'mosaic' (argument or DSV3_GPU_KERNELS)")
+  if requested == "mosaic" and not has_mosaic:
+    raise ValueError("this kernel has no Mosaic GPU implementation; use 'triton'")
+  if requested != "auto":
+    return requested
+  return "mosaic" if has_mosaic and _is_hopper() else "triton"
+
+
+def _is_hopper() -> bool:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  if dev.platform != "gpu":
+    return False
+  cc = getattr(dev, "compute_capability", None)
+  if cc is not None:
+    return str(cc).split(".")[0] == "9"
+  return any(name in dev.device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))

@@ -52,6 +52,7 @@ def test_softmax_scale_closed_form():
     ("topk_group", 9, "topk_group=9 must be in"),
     ("tie_word_embeddings", True, "tie_word_embeddings=true is not supported"),
     ("model_type", "llama", "model_type 'llama' is not a DeepSeek"),
+    ("num_key_value_heads", 16, "num_key_value_heads=16 differs from num_attention_heads=128"),
 ])
 def test_bad_values_are_errors(field, value, message, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**OFFICIAL_V3, field: value}))

@@ -163,3 +163,9 @@ convert({fp8_src['e4m3']!r}, {dst!r}, progress=False)
   assert len(partial) == 1 and not is_converted(tmp_path / partial[0])
   with pytest.raises((CheckpointError, FileNotFoundError, ValueError)):
     dsv3_jax.from_pretrained(dst)
+  # The next conversion into DST removes the dead process's partial directory and finishes.
+  live = tmp_path / ".dst.partial-1"  # pid 1 always exists: a live writer's directory stays
+  live.mkdir()
+  convert(fp8_src["e4m3"], dst, progress=False)
+  assert is_converted(dst)
+  assert sorted(n for n in os.listdir(tmp_path) if ".partial-" in n) == [live.name]

@@ -32,9 +32,10 @@ def quantize_blockwise(w: np.ndarray, block: int, pow2: bool):
   return (w / full).astype(ml_dtypes.float8_e4m3fn), scale
 
 
-def make_fp8(path, pow2: bool, seed: int):
+def make_fp8(path, pow2: bool, seed: int, e8m0_scales: bool = False):
   """A transformers checkpoint re-written in the official FP8 format; returns a torch model with
-  the dequantised weights (the exact reference)."""
+  the dequantised weights (the exact reference). `e8m0_scales` stores the (power-of-two) scales
+  as F8_E8M0 tensors instead of float32."""
   make_v3(path, seed=seed)
   f = SafetensorsFile(path / "model.safetensors")
   out = {}
@@ -48,7 +49,9 @@ def make_fp8(path, pow2: bool, seed: int):
     else:
       out[k] = w
   f.close()
-  save_file(out, str(path / "model.safetensors"))
+  stored = {k: (v.astype(ml_dtypes.float8_e8m0fnu) if e8m0_scales and k.endswith("_scale_inv") else v)
+            for k, v in out.items()}
+  save_file(stored, str(path / "model.safetensors"))
   cfg = json.loads((path / "config.json").read_text())
   cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [BLOCK, BLOCK],
@@ -68,14 +71,22 @@ def make_fp8(path, pow2: bool, seed: int):
   return DeepseekV3ForCausalLM.from_pretrained(ref_dir, attn_implementation="eager").float().eval()
 
 
-@pytest.mark.parametrize("pow2", [False, True], ids=["fp32_scales", "ue8m0_scales"])
-def test_fp8_checkpoint_dequantised_on_load(tmp_path, pow2):
-  hf = make_fp8(tmp_path, pow2, seed=21 + pow2)
+@pytest.mark.parametrize("pow2,e8m0", [(False, False), (True, False), (True, True)],
+                         ids=["fp32_scales", "ue8m0_scales", "e8m0_typed_scales"])
+def test_fp8_checkpoint_dequantised_on_load(tmp_path, pow2, e8m0):
+  hf = make_fp8(tmp_path, pow2, seed=21 + pow2, e8m0_scales=e8m0)
+  name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
   f = SafetensorsFile(tmp_path / "model.safetensors")
-  assert f.shape("model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv") == (3, 4)
+  assert f.shape(name) == (3, 4)
   if pow2:
-    s = np.array(f["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"])
+    s = np.array(f[name]).astype(np.float32)
     assert np.all(np.log2(s) == np.round(np.log2(s)))
+  if e8m0:  # the safetensors library itself reads our F8_E8M0 tensor as torch's e8m0 type
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as g:
+      t = g.get_tensor(name)
+    assert t.dtype == torch.float8_e8m0fnu
+    np.testing.assert_array_equal(t.float().numpy(), s)
   tokens = np.random.RandomState(0).randint(0, 97, (2, 10))
   model = dsv3_jax.from_pretrained(tmp_path)
   assert model.config.quantization_config.weight_block_size == (BLOCK, BLOCK)

@@ -2,7 +2,7 @@
 
 Without --data the run uses the bundled synthetic corpus (byte-level tokens, see
 `dsv3_jax.train.corpus`). Resumes from the latest checkpoint in --out when there is one. Writes
-metrics.jsonl and, if matplotlib is installed, a loss/load plot (train_curves.png) to --out.
+metrics.jsonl and a loss/expert-load plot (train_curves.png) to --out.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-__all__ = ["add_arguments", "run", "load_model_config", "write_plot", "bundled_token_file"]
+__all__ = ["add_arguments", "run", "load_model_config", "read_metrics", "write_plot",
+           "bundled_token_file"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,8 +69,24 @@ def _peak_flops(arg: float | None) -> float | None:
   return 790e12 if "h100" in kind else None
 
 
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl, one per step in step order; a step logged twice (replayed after
+  resuming from an earlier checkpoint) keeps its last row."""
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows[row["step"]] = row
+  return [rows[k] for k in sorted(rows)]
+
+
 def write_plot(history: list[dict], path: str) -> bool:
-  """Loss curves and expert-load max/mean to a PNG; False (nothing written) without matplotlib."""
+  """Loss curves and expert-load max/mean to a PNG at `path`.
+
+  history: the trainer's per-step metrics (step, ce, mtp_ce, load_ratio). Returns False, writing
+  nothing, when matplotlib (a dependency) cannot be imported.
+  """
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -142,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps {h0['step']}..{h1['step']}: loss {h0['loss']:.3f} -> {h1['loss']:.3f}, "
           f"expert load max/mean {h0['load_ratio']:.2f} -> {h1['load_ratio']:.2f}")
   plot = os.path.join(args.out, "train_curves.png")
-  if trainer.history and write_plot(trainer.history, plot):
+  if trainer.history and write_plot(read_metrics(log_path), plot):
     print(f"plot: {plot}")
   elif trainer.history:
-    print("matplotlib is not installed: no plot (metrics are in metrics.jsonl)")
+    print("matplotlib could not be imported: no plot (metrics are in metrics.jsonl)")
   print(f"checkpoints: {args.out}/checkpoints (latest step {trainer.checkpointer.latest_step()})")
   return 0

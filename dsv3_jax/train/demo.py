@@ -18,12 +18,14 @@ def train_demo(out_dir: str, *, steps: int = 300, max_seconds: float = 150.0, ba
                seq: int = 128, seed: int = 0, generate_text: bool = True) -> dict:
   """Trains TINY for up to `steps` steps / `max_seconds`; returns {"first", "last", "checkpoint"}.
 
-  Prints a line every ~10% of the run; the checkpoint goes to out_dir/checkpoints.
+  Prints a line every ~10% of the run; the checkpoint goes to out_dir/checkpoints and the
+  loss/load plot to out_dir/train_curves.png.
   """
+  import jax
   import jax.numpy as jnp
 
   from dsv3_jax.config import TINY
-  from dsv3_jax.train.cli import bundled_token_file
+  from dsv3_jax.train.cli import bundled_token_file, write_plot
   from dsv3_jax.train.data import ByteTokenizer, TokenDataset
   from dsv3_jax.train.optim import OptimConfig, training_runtime
   from dsv3_jax.train.trainer import TrainConfig, Trainer
@@ -54,13 +56,26 @@ def train_demo(out_dir: str, *, steps: int = 300, max_seconds: float = 150.0, ba
   trainer.save(force=True)
   ckpt = trainer.checkpointer.directory
   trainer.close()
+  plot = os.path.join(out_dir, "train_curves.png")
+  if write_plot(trainer.history, plot):
+    print(f"loss and expert-load curves: {plot}")
   peak = max(trainer.history, key=lambda h: h["load_ratio"])
   print(f"loss {first['loss']:.3f} -> {last['loss']:.3f}; expert load max/mean "
         f"{first['load_ratio']:.2f} at step 1, {peak['load_ratio']:.2f} at step {peak['step']} "
         f"(routing concentrates early), {last['load_ratio']:.2f} at the end; Orbax checkpoint at {ckpt} "
         f"(step {last['step']})")
   if generate_text:
-    _generate(trainer.model, tok)
+    # Generate from the checkpoint on disk, not from the model in memory: a fresh Trainer
+    # restores the saved step (and is checked to hold exactly the trained weights).
+    restored = Trainer(TINY, training_runtime(jnp.float32), train, data, out_dir=out_dir)
+    if not restored.restore():
+      raise RuntimeError(f"no checkpoint found in {ckpt} right after saving one")
+    restored.close()
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(restored.state["params"]), jax.tree.leaves(trainer.state["params"])))
+    print(f"restored step {restored.step} from {ckpt} (max abs diff to the trained weights "
+          f"{diff:.1e}); generating from it:")
+    _generate(restored.model, tok)
   return {"first": first, "last": last, "checkpoint": ckpt}
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.backend import Backend, select
-from dsv3_jax.kernels_pallas.grouped_matmul import gpu, tpu
+from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
+from dsv3_jax.kernels_pallas.grouped_matmul import gpu, mosaic_gpu, tpu
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_fp8_ref,
                                                               grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
@@ -37,10 +37,31 @@ class _Config:
   interpret: bool
   tiles: tuple[int, int, int] | None
   out_dtype: Any
+  mosaic: bool = False          # GPU: Mosaic GPU (Hopper) kernels instead of Triton
 
   @property
   def kernels(self):
     return tpu if self.kind == "tpu" else gpu
+
+
+def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, interpret):
+  """Mosaic GPU gmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason."""
+  c = lhs.shape[1]
+  d = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if mosaic_gpu.unsupported_reason(lhs.dtype, rhs.dtype, out_dtype, c, d, rows=lhs.shape[0]):
+    return gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                   interpret=interpret)
+  return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=interpret)
+
+
+def _mosaic_tgmm(lhs, dout, group_sizes, *, num_groups, out_dtype, interpret):
+  """Mosaic GPU tgmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason."""
+  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  if mosaic_gpu.unsupported_reason(lhs.dtype, dout.dtype, out_dtype, lhs.shape[1],
+                                   dout.shape[1], tgmm=True, rows=lhs.shape[0]):
+    return gpu.tgmm(lhs, dout, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
+                    interpret=interpret)
+  return mosaic_gpu.tgmm(lhs, dout, group_sizes, num_groups=num_groups, interpret=interpret)
 
 
 def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
@@ -52,6 +73,8 @@ def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs, rhs, group_sizes, cfg: _Config):
+  if cfg.mosaic:
+    return _mosaic_gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, interpret=cfg.interpret)
   return cfg.kernels.gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, tiles=cfg.tiles,
                          interpret=cfg.interpret)
 
@@ -63,6 +86,12 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg):
 def _gmm_bwd(cfg, residuals, dout):
   lhs, rhs, group_sizes = residuals
   dout = dout.astype(lhs.dtype)
+  if cfg.mosaic:
+    dlhs = _mosaic_gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
+                       interpret=cfg.interpret)
+    drhs = _mosaic_tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0], out_dtype=rhs.dtype,
+                        interpret=cfg.interpret)
+    return dlhs, drhs, None
   dlhs = cfg.kernels.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
                          interpret=cfg.interpret)
   drhs = cfg.kernels.tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0],
@@ -75,7 +104,8 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                    out_dtype=None, tiling: tuple[int, int, int] | None = None,
-                   backend: Backend | str = "auto", platform: str | None = None) -> jax.Array:
+                   backend: Backend | str = "auto", platform: str | None = None,
+                   gpu_impl: str | None = None) -> jax.Array:
   """out[rows of g] = lhs[rows of g] . rhs[g]; differentiable in lhs and rhs.
 
   Args:
@@ -86,6 +116,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     tiling: forward (bm, bk, bn) override: powers of two on GPU, multiples of (8, 128, 128) on
       TPU (cut to whole dims when larger). The backward uses each kernel's defaults.
     backend, platform: see `dsv3_jax.kernels_pallas.backend.select`.
+    gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper; see
+      `backend.gpu_flavor`). Mosaic GPU runs bf16/f16 with out_dtype equal to the operands, K and
+      N multiples of the tile and T a multiple of 8; other cases (and `tiling`) use Triton.
 
   Returns:
     [T, N]; rows past sum(group_sizes) are zero.
@@ -102,16 +135,21 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or 0 in rhs.shape:
     return grouped_matmul_ref(lhs, rhs, group_sizes, out_dtype=out_dtype)
-  return _gmm(lhs, rhs, group_sizes, _Config(impl.kind, impl.interpret, tiling, out_dtype))
+  mosaic = (impl.kind == "gpu" and tiling is None
+            and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic")
+  return _gmm(lhs, rhs, group_sizes,
+              _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic))
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
                               out_dtype=None, backend: Backend | str = "auto",
-                              platform: str | None = None) -> jax.Array:
+                              platform: str | None = None,
+                              gpu_impl: str | None = None) -> jax.Array:
   """out[g] = lhs_g^T . dout_g: lhs [T, K], dout [T, N] (one dtype, bf16/f32) -> [G, K, N].
 
   The weight-gradient product of `grouped_matmul`, with G = len(group_sizes) (sum <= T); groups
   with no rows give zeros. out_dtype defaults to lhs.dtype; accumulation is float32.
+  gpu_impl: "triton" / "mosaic" / None (auto), as in `grouped_matmul`.
   """
   if (lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]
       or lhs.dtype != dout.dtype or lhs.dtype not in _FLOATS):
@@ -123,6 +161,9 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or 0 in dout.shape:
     return transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype)
+  if impl.kind == "gpu" and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
+    return _mosaic_tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
+                        out_dtype=out_dtype, interpret=impl.interpret)
   kernels = tpu if impl.kind == "tpu" else gpu
   return kernels.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
                       out_dtype=out_dtype, interpret=impl.interpret)

@@ -20,15 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from dsv3_jax.kernels_pallas.mla_attention.reference import (kv_block_range, pad_to,
+from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
+                                                             kv_block_range, may_mask, pad_to,
                                                              q_block_range, round_up)
 
-__all__ = ["BlockSizes", "mla_attention", "pow2_chunks"]
+__all__ = ["BlockSizes", "mla_attention", "pow2_chunks", "backward"]
 
-MASK_VALUE = -1e30
 LOG2E = math.log2(math.e)
-NN = (((1,), (0,)), ((), ()))  # a @ b
-NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +43,6 @@ class BlockSizes:
   block_k_dq: int = 64
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  scale: float
-  causal: bool
-  has_segments: bool
-  blocks: BlockSizes
-  interpret: bool
-  kv_len: int
 
 
 def pow2_chunks(width: int) -> tuple[tuple[int, int], ...]:
@@ -88,12 +76,7 @@ def _dot_chunks(xs, ys, dims):
   return out
 
 
-def _may_mask(cfg: _Config, bk: int) -> bool:
-  """Whether any tile can need a mask (else no masked loop is emitted)."""
-  return cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
-
-
-def _mask(q_start, k_start, bq, bk, *, transposed, cfg: _Config, q_seg=None, kv_seg=None):
+def _mask(q_start, k_start, bq, bk, *, transposed, cfg: KernelConfig, q_seg=None, kv_seg=None):
   """Visibility of a (bq, bk) tile, or of its (bk, bq) transpose."""
   q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
   k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
@@ -119,7 +102,7 @@ def _mask(q_start, k_start, bq, bk, *, transposed, cfg: _Config, q_seg=None, kv_
 # Forward.
 
 
-def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: int, nq: int,
+def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, bq: int, bk: int, nq: int,
                 nk: int):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
@@ -159,7 +142,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
   carry = (tuple(jnp.zeros((bq, n), jnp.float32) for _, n in v_chunks),
            jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-  if _may_mask(cfg, bk):
+  if may_mask(cfg, bk):
     carry = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
   accs, m, l = carry
   inv = jnp.where(l > 0.0, 1.0 / l, 0.0)
@@ -169,7 +152,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
     lse_ref[0][...] = jnp.where(l > 0.0, m + jnp.log2(l), jnp.inf)
 
 
-def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
+def _forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig, save_lse: bool):
   """Padded [b, t, h, d] inputs -> o [b, t, h, dv] (and base-2 lse [b, h, t])."""
   b, tq, h, dqk = q.shape
   tk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -212,7 +195,7 @@ def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
 # Backward.
 
 
-def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: _Config,
+def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: KernelConfig,
                bq: int, bk: int, nq: int, nk: int):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, dq_ref = refs
@@ -246,13 +229,13 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
 
   dqs = tuple(jnp.zeros((bq, n), jnp.float32) for _, n in qk_chunks)
   dqs = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dqs)
-  if _may_mask(cfg, bk):
+  if may_mask(cfg, bk):
     dqs = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dqs)
   for (o, n), a in zip(qk_chunks, dqs):
     dq_ref[:, pl.ds(o, n)] = (a * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: _Config,
+def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: KernelConfig,
                 bq: int, bk: int, nq: int, g: int):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
@@ -292,7 +275,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     return dks, dvs
 
   def per_head(head, carry):
-    if _may_mask(cfg, bk):
+    if may_mask(cfg, bk):
       carry = lax.fori_loop(q_lo, q_full, functools.partial(body, head=head, masked=True), carry)
     return lax.fori_loop(q_full, nq, functools.partial(body, head=head, masked=False), carry)
 
@@ -305,7 +288,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dv_ref[:, pl.ds(o, n)] = a.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
+def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   b, tq, h, dqk = q.shape
   tk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
   g = h // hk
@@ -372,21 +355,31 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
   return dq, dk, dv_
 
 
+def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
+  """The Triton backward on padded inputs, for other forwards (the Mosaic GPU one) to reuse.
+
+  q/k/v/o/do as in `_forward` (lengths multiples of cfg.blocks' backward tiles), lse: base-2
+  log-sum-exp of the scaled scores [b, h, tq] float32, +inf on rows with no visible key.
+  Returns (dq, dk, dv) in the dtypes of q, k, v.
+  """
+  return _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry: padding and the custom VJP.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, off, q_seg, kv_seg, cfg: _Config):
+def _attention(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   return _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
 
 
-def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: _Config):
+def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
   return o, (q, k, v, off, q_seg, kv_seg, o, lse)
 
 
-def _attention_bwd(cfg: _Config, res, do):
+def _attention_bwd(cfg: KernelConfig, res, do):
   q, k, v, off, q_seg, kv_seg, o, lse = res
   dq, dk, dv = _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg)
   return dq, dk, dv, None, None, None
@@ -407,7 +400,7 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
                                                blocks.block_q_dkv)))
   tk = round_up(sk, max(_tile(x, sk) for x in (blocks.block_k, blocks.block_k_dq,
                                                blocks.block_k_dkv)))
-  cfg = _Config(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
+  cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
                 blocks=blocks, interpret=interpret, kv_len=sk)
   q_seg = kv_seg = None
   if segment_ids is not None:

@@ -10,11 +10,37 @@ Masking rules shared by every implementation (the kernels reproduce them exactly
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 __all__ = ["mla_attention_reference", "attention_mask", "check_inputs", "normalize_q_offset",
-           "kv_block_range", "q_block_range", "round_up", "pad_to"]
+           "kv_block_range", "q_block_range", "round_up", "pad_to", "KernelConfig", "may_mask",
+           "MASK_VALUE", "NN", "NT"]
+
+# Shared by the TPU and GPU kernels.
+MASK_VALUE = -1e30  # finite: keeps exp(MASK - MASK) defined for rows that are masked so far
+NN = (((1,), (0,)), ((), ()))  # dot_general dims of a @ b
+NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b.T
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static settings of one kernel call (hashable: it parametrises the custom_vjp)."""
+
+  scale: float
+  causal: bool
+  has_segments: bool
+  blocks: Any  # the kernel's own BlockSizes
+  interpret: bool
+  kv_len: int  # unpadded key length
+
+
+def may_mask(cfg: KernelConfig, bk: int) -> bool:
+  """Whether any (., bk) tile can need a mask (else no masked code is emitted)."""
+  return cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
 
 
 def check_inputs(q, k, v, segment_ids) -> None:

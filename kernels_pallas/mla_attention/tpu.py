@@ -22,16 +22,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv3_jax.kernels_pallas.mla_attention.reference import (kv_block_range, pad_to,
+from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
+                                                             kv_block_range, may_mask, pad_to,
                                                              q_block_range, round_up)
 
 __all__ = ["BlockSizes", "mla_attention"]
 
 LANES = 128
 SUBLANES = 8
-MASK_VALUE = -1e30  # finite: keeps exp(MASK - MASK) defined for rows that are masked so far
-NN = (((1,), (0,)), ((), ()))  # a @ b
-NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +42,6 @@ class BlockSizes:
   block_k_dkv: int = 512
   block_q_dq: int = 512
   block_k_dq: int = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  scale: float
-  causal: bool
-  has_segments: bool
-  blocks: BlockSizes
-  interpret: bool
-  kv_len: int  # unpadded key length
 
 
 def _block(requested: int, length: int) -> int:
@@ -92,11 +80,6 @@ def _mask(q_start, k_start, shape, *, transposed: bool, causal: bool, kv_len: in
   return mask
 
 
-def _may_mask(cfg: _Config, bk: int) -> bool:
-  """Whether any tile can need a mask (else the masked branch is not even traced)."""
-  return cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
-
-
 def _compiler_params(sem):
   return pltpu.CompilerParams(dimension_semantics=sem)
 
@@ -105,7 +88,7 @@ def _compiler_params(sem):
 # Forward.
 
 
-def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: int, nk: int,
+def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, bq: int, bk: int, nk: int,
                 kv_len: int, save_lse: bool):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
@@ -149,7 +132,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
     acc_ref[...] = acc_ref[...] * _lanes(alpha, dv) + pv
 
   pl.when(j < n_full)(lambda: step(False))
-  if _may_mask(cfg, bk):
+  if may_mask(cfg, bk):
     pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
 
   @pl.when(j == nk - 1)
@@ -161,7 +144,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, bq: int, bk: 
       lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(l), jnp.inf)
 
 
-def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
+def _forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig, save_lse: bool):
   """q/k/v in [b, h, t, d] layout, already padded -> o [b, h, t, dv] (and lse [b, h, t])."""
   b, h, tq, dqk = q.shape
   hk, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -221,7 +204,7 @@ def _forward(q, k, v, off, q_seg, kv_seg, cfg: _Config, save_lse: bool):
 # Backward: dq over key blocks; dk/dv over (group, query blocks).
 
 
-def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: _Config, bq: int,
+def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: KernelConfig, bq: int,
                bk: int, nk: int, kv_len: int):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
@@ -252,7 +235,7 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
     acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
 
   pl.when(j < n_full)(lambda: step(False))
-  if _may_mask(cfg, bk):
+  if may_mask(cfg, bk):
     pl.when(jnp.logical_and(j >= n_full, j < n_end))(lambda: step(True))
 
   @pl.when(j == nk - 1)
@@ -260,7 +243,7 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
     dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: _Config,
+def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg: KernelConfig,
                 bq: int, bk: int, nq: int, g: int, kv_len: int):
   if cfg.has_segments:
     q_seg_ref, kv_seg_ref, *refs = refs
@@ -294,7 +277,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dst = pt * (dpt - di_ref[:1, :])
     dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
 
-  if _may_mask(cfg, bk):
+  if may_mask(cfg, bk):
     pl.when(jnp.logical_and(i >= q_lo, i < q_full))(lambda: step(True))
   pl.when(i >= q_full)(lambda: step(False))
 
@@ -304,7 +287,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: _Config):
+def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   """All arrays in padded [b, h, t, d] layout; lse [b, h, t]. Returns dq, dk, dv (same layout)."""
   b, h, tq, dqk = q.shape
   hk, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -422,16 +405,16 @@ def _tile(requested: int, padded_len: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, off, q_seg, kv_seg, cfg: _Config):
+def _attention(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   return _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
 
 
-def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: _Config):
+def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
   return o, (q, k, v, off, q_seg, kv_seg, o, lse)
 
 
-def _attention_bwd(cfg: _Config, res, do):
+def _attention_bwd(cfg: KernelConfig, res, do):
   q, k, v, off, q_seg, kv_seg, o, lse = res
   dq, dk, dv = _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg)
   return dq, dk, dv, None, None, None
@@ -453,7 +436,7 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
                                                 blocks.block_q_dkv)))
   tk = round_up(sk, max(_block(x, sk) for x in (blocks.block_k, blocks.block_k_dq,
                                                 blocks.block_k_dkv)))
-  cfg = _Config(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
+  cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
                 blocks=blocks, interpret=interpret, kv_len=sk)
   head_major = lambda x, t: pad_to(jnp.swapaxes(x, 1, 2), 2, t)
   q_seg = kv_seg = None
