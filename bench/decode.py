@@ -10,24 +10,42 @@ for both). MTP acceptance is reported twice: with the random MTP head (drafts ar
 right: the speculative overhead) and with the head forced to agree (`make_mtp_agree`, main
 residual branches zeroed and the MTP block passing the next-token embedding to the shared head,
 so drafts match greedy verification ~always: the upper bound). Forcing changes values, not
-shapes, so every matmul is still done.
+shapes, so every matmul is still done. "% HBM" estimates the weight bandwidth of plain decoding:
+bf16 bytes of the non-embedding parameters a step must read (dense weights, plus the routed
+experts that a batch of b tokens touches, E * (1 - (1 - k/E)^b) per MoE layer on uniform routing)
+times steps/s (tokens/s / b, prefill time included), against 3.0 TB/s.
 
-Run on the H100: python bench/decode.py [--batches 1,8,64] [--skip-hf]
+Run on the H100: python bench/decode.py [--batches 1,8,64] [--skip-hf] [--backend auto]
+                 [--markdown bench/RESULTS.md]
+CPU check of every path (tiny model, batch 2, transformers on CPU): python bench/decode.py --smoke
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+# Grow JAX's GPU memory on demand instead of reserving 75% of it at start-up: transformers'
+# model runs in this process too, on the same GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import dsv3_jax
-from dsv3_jax.checkpoint import name_table, to_hf
-from dsv3_jax.inference import Generator, cache_bytes_per_token, make_mtp_agree
-from dsv3_jax.pretrained import count_params, flat_variables, param_shapes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import dsv3_jax  # noqa: E402
+from dsv3_jax.checkpoint import name_table, to_hf  # noqa: E402
+from dsv3_jax.inference import (Generator, cache_bytes_per_token,  # noqa: E402
+                                make_mtp_agree)
+from dsv3_jax.pretrained import count_params, flat_variables, param_shapes  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (H100_HBM_TBS, Table, peak_fraction, print_header, ratio,  # noqa: E402
+                    save_table, torch_sync, transformers_config)
+
+__all__ = ["ours", "hf_model", "hf_generate", "weight_bytes_per_step", "main"]
 
 CFG = dsv3_jax.ModelConfig(
     vocab_size=32768, hidden_size=2048, intermediate_size=8192, moe_intermediate_size=512,
@@ -41,6 +59,7 @@ DEVICE = "cuda"  # torch device; --smoke runs everything small on CPU to check t
 
 
 def ours(gen: Generator, prompts, speculative: bool):
+  """Generates NEW tokens per prompt twice (compile + warm-up, then timed); the second result."""
   kw = dict(max_new_tokens=NEW, eos_token_id=(), speculative=speculative)
   gen.run(prompts, **kw)  # compile + warm-up
   res = gen.run(prompts, **kw)
@@ -53,7 +72,6 @@ def hf_model(model, workdir):
   through the checkpoint name table (MTP layer left out, as transformers drops it) and loaded
   with from_pretrained, so transformers applies its own layout conversions (fused experts)."""
   import json
-  import os
 
   import torch
   from transformers import DeepseekV3ForCausalLM
@@ -69,8 +87,7 @@ def hf_model(model, workdir):
     tensors[name] = np.ascontiguousarray(to_hf(e, np.asarray(jax.device_get(flat[e.target]))))
   save_file(tensors, os.path.join(workdir, "model.safetensors"))
   del tensors
-  hf_cfg = {**CFG.to_hf_config(), "num_nextn_predict_layers": 0, "torch_dtype": "bfloat16",
-            "num_key_value_heads": CFG.num_attention_heads}
+  hf_cfg = {**transformers_config(CFG), "dtype": "bfloat16"}
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(hf_cfg, f)
   for impl in ("sdpa", "eager"):
@@ -84,26 +101,23 @@ def hf_model(model, workdir):
 
 
 def hf_generate(hf, prompts):
+  """transformers' greedy generate of NEW tokens (after an 8-token warm-up): (new ids [B, NEW],
+  seconds, cache bytes per token)."""
   import torch
   ids = torch.as_tensor(np.asarray(prompts), device=DEVICE)
   kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
             eos_token_id=None)
   with torch.no_grad():
     hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-    _sync()
+    torch_sync(DEVICE)
     t = time.perf_counter()
     out = hf.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, return_dict_in_generate=True,
                       **kw)
-    _sync()
+    torch_sync(DEVICE)
     dt = time.perf_counter() - t
   seqs = out.sequences[:, ids.shape[1]:].cpu().numpy()
-  return seqs, dt, _hf_cache_bytes_per_token(out.past_key_values, ids.shape[0], out.sequences.shape[1])
-
-
-def _sync():
-  import torch
-  if DEVICE == "cuda":
-    torch.cuda.synchronize()
+  return seqs, dt, _hf_cache_bytes_per_token(out.past_key_values, ids.shape[0],
+                                             out.sequences.shape[1])
 
 
 def _hf_cache_bytes_per_token(cache, batch, length):
@@ -121,7 +135,18 @@ def _hf_cache_bytes_per_token(cache, batch, length):
   return total / (batch * (length - 1))  # the last generated token is never fed back
 
 
-def main():
+def weight_bytes_per_step(cfg, batch: int, dtype_bytes: int = 2) -> float:
+  """Estimated parameter bytes one plain decode step of `batch` tokens reads (see the module
+  docstring): non-embedding dense parameters plus the routed experts the batch touches."""
+  n = count_params(cfg)
+  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  routed = (n.total - n.activated) * e / (e - k) if e > k else 0.0
+  dense = n.total - routed - cfg.vocab_size * cfg.hidden_size  # embedding: only b rows are read
+  touched = 1.0 - (1.0 - k / e) ** batch if e else 0.0
+  return dtype_bytes * (dense + routed * touched)
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batches", default="1,8,64")
   ap.add_argument("--skip-hf", action="store_true", help="ours only")
@@ -129,17 +154,20 @@ def main():
                   help="attention/MoE kernel backend for ours (reference | auto | pallas)")
   ap.add_argument("--smoke", action="store_true",
                   help="tiny model, short prompt, CPU: checks the script, timings meaningless")
-  args = ap.parse_args()
+  ap.add_argument("--markdown", metavar="PATH", help="write the table as a section of PATH")
+  args = ap.parse_args(argv)
   global CFG, PROMPT, NEW, DEVICE
   if args.smoke:
     CFG = dsv3_jax.TINY.replace(num_hidden_layers=2)
     PROMPT, NEW, DEVICE = 24, 8, "cpu"
-    args.batches = "1,2"
+    args.batches = "2"
+  elif jax.default_backend() == "cpu":
+    raise SystemExit("bench/decode.py needs a GPU (torch on cuda); use --smoke on CPU")
   batches = [int(b) for b in args.batches.split(",")]
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
   n = count_params(CFG)
-  print(f"model: {n.total / 1e9:.2f}B params ({n.activated / 1e9:.2f}B activated) + MTP "
-        f"{n.mtp / 1e6:.0f}M, bf16; prompt {PROMPT}, {NEW} new tokens, greedy")
+  print_header(f"model: {n.total / 1e9:.2f}B params ({n.activated / 1e9:.2f}B activated) + MTP "
+               f"{n.mtp / 1e6:.0f}M, bf16; prompt {PROMPT}, {NEW} new tokens, greedy; ours "
+               f"with attention/MoE backend {args.backend}", args)
   rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
                               attention_backend=args.backend, moe_backend=args.backend)
   model = dsv3_jax.DeepseekV3(CFG, rt, rngs=nnx.Rngs(0))
@@ -190,18 +218,24 @@ def main():
             f"; transformers {hf_bpt:.0f} B (measured from its cache tensors) = "
             f"{hf_bpt / ours_bpt:.1f}x ours" if hf_bpt else "")
         + f"; a per-head K/V cache would hold {per_head} B = {per_head / ours_bpt:.1f}x ours")
-  print("\n| batch | ours tok/s | +MTP random head (acc) | +MTP forced head (acc) | "
-        "transformers tok/s | ours / tf | +MTP forced / tf |")
-  print("|---|---|---|---|---|---|---|")
+  print()
+  table = Table([("batch", "batch", "d"), ("ours", "ours tok/s", ".0f"),
+                 ("spec_random", "+MTP random head (acc)", "s"),
+                 ("spec_forced", "+MTP forced head (acc)", "s"), ("hf", "transformers tok/s", ".0f"),
+                 ("vs_hf", "ours / tf", "s"), ("forced_vs_hf", "+MTP forced / tf", "s"),
+                 ("hbm", "ours % HBM (weights, est.)", "s")])
   for b in batches:
     r = res[b]
     o, sr, sf = r["ours"].tokens_per_second, r["spec_random"], r["spec_forced"]
     hf_s = r.get("hf")
-    ratio = lambda x: f"{x / hf_s:.1f}x" if hf_s else "-"
-    print(f"| {b} | {o:.0f} | {sr.tokens_per_second:.0f} ({sr.acceptance_rate:.0%}) | "
-          f"{sf.tokens_per_second:.0f} ({sf.acceptance_rate:.0%}) | "
-          f"{f'{hf_s:.0f}' if hf_s else '-'} | {ratio(o)} | {ratio(sf.tokens_per_second)} |")
+    table.add({"batch": b, "ours": o, "hf": hf_s,
+               "spec_random": f"{sr.tokens_per_second:.0f} ({sr.acceptance_rate:.0%})",
+               "spec_forced": f"{sf.tokens_per_second:.0f} ({sf.acceptance_rate:.0%})",
+               "vs_hf": ratio(o, hf_s), "forced_vs_hf": ratio(sf.tokens_per_second, hf_s),
+               "hbm": peak_fraction(weight_bytes_per_step(CFG, b) * o / b / 1e12, H100_HBM_TBS)})
+  save_table(args.markdown, f"Decode (bench/decode.py), prompt {PROMPT}, {NEW} new tokens", table)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -5,112 +5,144 @@ sequence filled to the context length. The figure of merit is effective HBM band
 bytes read (batch * context * 576 * 2) divided by the time of one decode call, reported against
 3.0 TB/s (the device-to-device copy rate measured on the H100, ARCHITECTURE.md). Split-K is
 chosen by the kernel's default heuristic unless --splits is given. With --paged the cache is a
-shuffled page pool (--page-size rows per page) addressed through block tables.
+shuffled page pool (--page-size rows per page) addressed through block tables. err = max |ours -
+ref| / max |ref| (a broken kernel shows before its speed is trusted).
 
-Each function is jitted, run --warmup times, then timed over --iters calls (block_until_ready
-after each timed batch of calls); the best of --repeats batches is reported. Prints a markdown
-table (ready for bench/RESULTS.md) preceded by device and jax version.
+Timing (bench/common.py `time_call`): --warmup calls, then the best of --repeats batches of
+--iters calls, one block_until_ready per batch. Prints a markdown table preceded by device and
+jax version; --markdown PATH writes it as a section of PATH.
 
   python bench/mla_decode.py [--quick] [--batches 1 8 64] [--contexts 1024 8192] [--paged]
+  python bench/mla_decode.py --smoke   (CPU: 16 heads, short contexts, contiguous and paged,
+                                        split-K 2, GPU kernel in interpret mode, plus CUDA
+                                        lowering at the real shapes)
 """
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (H100_HBM_TBS, Table, add_timing_args, attempt,  # noqa: E402
+                    check_cuda_lowering, kernel_options, peak_fraction, print_header, ratio,
+                    save_table, time_call)
 
-PEAK_TBS = 3.0
-HEADS, RANK, ROPE = 128, 512, 64
+from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
 
+__all__ = ["make_inputs", "main"]
 
-def bench(fn, args, *, warmup: int, iters: int, repeats: int) -> float:
-  """Best seconds per call of a jitted fn."""
-  out = None
-  for _ in range(warmup):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t) / iters)
-  return best
+RANK, ROPE = 512, 64
+SCALE = (128 + ROPE) ** -0.5
 
 
-def main() -> None:
+def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, rng):
+  """q [batch, heads, 576], cache (contiguous [batch, ctx, 576] or a shuffled page pool
+  [pages, page_size, 576]), lengths int32 [batch] (= ctx), block tables int32 or None."""
+  kq, kc = jax.random.split(jax.random.key(batch * 100003 + ctx))
+  q = jax.random.normal(kq, (batch, heads, RANK + ROPE), jnp.bfloat16)
+  lengths = jnp.full((batch,), ctx, jnp.int32)
+  if paged:
+    if ctx % page_size:
+      raise SystemExit(f"--paged needs contexts that are multiples of --page-size {page_size}; "
+                       f"got {ctx}")
+    pages = batch * (ctx // page_size)
+    cache = jax.random.normal(kc, (pages, page_size, RANK + ROPE), jnp.bfloat16)
+    tables = jnp.asarray(rng.permutation(pages).reshape(batch, -1), jnp.int32)
+  else:
+    cache = jax.random.normal(kc, (batch, ctx, RANK + ROPE), jnp.bfloat16)
+    tables = None
+  return q, cache, lengths, tables
+
+
+def _block_sizes(splits: int | None, platform: str | None):
+  """The selected kernel's BlockSizes with num_splits, or None (the kernel's heuristic)."""
+  if splits is None:
+    return None
+  platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu")
+  if platform == "gpu":
+    from dsv3_jax.kernels_pallas.mla_decode import gpu as kernel
+  else:
+    from dsv3_jax.kernels_pallas.mla_decode import tpu as kernel
+  return kernel.BlockSizes(num_splits=splits)
+
+
+def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits) -> None:
+  """Lowers our kernel for CUDA at the real shapes, contiguous and paged."""
+  sds = jax.ShapeDtypeStruct
+  bs = _block_sizes(splits, "gpu")
+  q, lengths = sds((batch, heads, RANK + ROPE), jnp.bfloat16), sds((batch,), jnp.int32)
+  f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
+                                    backend="pallas", platform="gpu", block_sizes=bs)
+  check_cuda_lowering(f"mla_decode batch {batch} ctx {ctx}", f, q,
+                      sds((batch, ctx, RANK + ROPE), jnp.bfloat16), lengths, None)
+  check_cuda_lowering(f"mla_decode paged batch {batch} ctx {ctx}", f, q,
+                      sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
+                      lengths, sds((batch, ctx // page_size), jnp.int32))
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="batch 1 and 64, context 4k and 32k")
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
   ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
+  ap.add_argument("--heads", type=int, default=128)
   ap.add_argument("--paged", action="store_true")
   ap.add_argument("--page-size", type=int, default=64)
   ap.add_argument("--splits", type=int, default=None, help="override the split-K factor")
-  ap.add_argument("--backend", default="pallas")
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--iters", type=int, default=20)
-  ap.add_argument("--repeats", type=int, default=3)
-  a = ap.parse_args()
+  add_timing_args(ap, warmup=3, iters=20, repeats=3)
+  a = ap.parse_args(argv)
   if a.quick:
     a.batches, a.contexts, a.iters, a.repeats = [1, 64], [4096, 32768], 5, 2
+  layouts = [a.paged]
+  if a.smoke:
+    lowering_checks(a.batches[-1], a.contexts[-1], a.heads, a.page_size, a.splits)
+    a.batches, a.contexts, a.heads, a.page_size = [1, 2], [128], 16, 32
+    a.splits = a.splits or 2
+    a.warmup, a.iters, a.repeats = 1, 1, 1
+    layouts = [False, True]
+  kw = kernel_options(a)
+  block_sizes = _block_sizes(a.splits, kw["platform"])
 
-  block_sizes = None
-  if a.splits is not None:
-    platform = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
-    if platform == "gpu":
-      from dsv3_jax.kernels_pallas.mla_decode import gpu as kernel
-    else:
-      from dsv3_jax.kernels_pallas.mla_decode import tpu as kernel
-    block_sizes = kernel.BlockSizes(num_splits=a.splits)
-
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  print(f"MLA decode, bf16 cache rows of {RANK}+{ROPE}, {HEADS} heads, "
-        f"{'paged (page ' + str(a.page_size) + ')' if a.paged else 'contiguous'} cache; "
-        f"GB/s of cache read, % of {PEAK_TBS:.1f} TB/s\n")
-  print("| batch | context | cache MB | ours GB/s | xla ref GB/s | ours/xla | ours % peak |")
-  print("|---|---|---|---|---|---|---|")
-  scale = (128 + ROPE) ** -0.5
+  print_header(f"MLA decode, bf16 cache rows of {RANK}+{ROPE}, {a.heads} heads, page size "
+               f"{a.page_size} where paged, split-K {a.splits or 'heuristic'}; GB/s of cache "
+               f"read, % of {H100_HBM_TBS:.1f} TB/s", a)
+  table = Table([("cache", "cache", "s"), ("batch", "batch", "d"), ("ctx", "context", "d"),
+                 ("mb", "cache MB", ".0f"), ("ours", "ours GB/s", ".0f"),
+                 ("xla", "xla ref GB/s", ".0f"), ("vs_xla", "ours/xla", "s"),
+                 ("peak", "ours % peak", "s"), ("err", "err", ".1e")])
   timing = dict(warmup=a.warmup, iters=a.iters, repeats=a.repeats)
   rng = np.random.default_rng(0)
-  for batch in a.batches:
-    for ctx in a.contexts:
-      kq, kc = jax.random.split(jax.random.key(batch * 100003 + ctx))
-      q = jax.random.normal(kq, (batch, HEADS, RANK + ROPE), jnp.bfloat16)
-      lengths = jnp.full((batch,), ctx, jnp.int32)
-      if a.paged:
-        pages = batch * (ctx // a.page_size)
-        cache = jax.random.normal(kc, (pages, a.page_size, RANK + ROPE), jnp.bfloat16)
-        tables = jnp.asarray(rng.permutation(pages).reshape(batch, -1), jnp.int32)
-      else:
-        cache = jax.random.normal(kc, (batch, ctx, RANK + ROPE), jnp.bfloat16)
-        tables = None
-      nbytes = batch * ctx * (RANK + ROPE) * 2
-      ours = jax.jit(lambda q, c, n, t: mla_decode(q, c, n, scale=scale, kv_lora_rank=RANK,
-                                                   block_tables=t, backend=a.backend,
-                                                   block_sizes=block_sizes))
-      ref = jax.jit(lambda q, c, n, t: mla_decode_reference(q, c, n, scale=scale,
-                                                            kv_lora_rank=RANK, block_tables=t))
-      gbs = {}
-      for name, fn in (("ours", ours), ("xla", ref)):
-        try:
-          gbs[name] = nbytes / bench(fn, (q, cache, lengths, tables), **timing) / 1e9
-        except Exception as e:  # noqa: BLE001 -- a failing case must not stop the table
-          gbs[name] = f"err ({type(e).__name__})"
-      fmt = lambda x: x if isinstance(x, str) else f"{x:.0f}"
-      both = all(isinstance(x, float) for x in gbs.values())
-      ratio = f"{gbs['ours'] / gbs['xla']:.2f}x" if both else "-"
-      peak = (f"{100 * gbs['ours'] / (PEAK_TBS * 1e3):.1f}%" if isinstance(gbs["ours"], float)
-              else "-")
-      print(f"| {batch} | {ctx} | {nbytes / 1e6:.0f} | {fmt(gbs['ours'])} | {fmt(gbs['xla'])} | "
-            f"{ratio} | {peak} |", flush=True)
-      del cache, q
+  ours = jax.jit(lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK,
+                                               block_tables=t, block_sizes=block_sizes, **kw))
+  ref = jax.jit(lambda q, c, n, t: mla_decode_reference(q, c, n, scale=SCALE, kv_lora_rank=RANK,
+                                                        block_tables=t))
+  for paged in layouts:
+    for batch in a.batches:
+      for ctx in a.contexts:
+        args = make_inputs(batch, ctx, a.heads, paged, a.page_size, rng)
+        nbytes = batch * ctx * (RANK + ROPE) * 2
+        row = {"cache": "paged" if paged else "contiguous", "batch": batch, "ctx": ctx,
+               "mb": nbytes / 1e6}
+        for name, fn in (("ours", ours), ("xla", ref)):
+          row[name] = attempt(lambda: nbytes / time_call(fn, args, **timing) / 1e9)
+
+        def err():
+          want = np.asarray(ref(*args), np.float32)
+          got = np.asarray(ours(*args), np.float32)
+          return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+        row["err"] = attempt(err) if isinstance(row["ours"], float) else None
+        row.update(vs_xla=ratio(row["ours"], row["xla"]),
+                   peak=peak_fraction(row["ours"], H100_HBM_TBS * 1e3))
+        table.add(row)
+  save_table(a.markdown, "MLA decode (bench/mla_decode.py)", table)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

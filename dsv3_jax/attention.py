@@ -40,17 +40,35 @@ def reference_attention(q, k, v, *, scale: float, q_segment_ids=None, kv_segment
   return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v).astype(q.dtype)
 
 
-def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "reference"):
+def _pad_last(x, multiple: int):
+  """Zero-pads the last dim of x up to a multiple of `multiple` (no-op when it already is)."""
+  extra = -x.shape[-1] % multiple
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "reference",
+              platform: str | None = None):
   """The model's single attention entry point (training/prefill, causal).
 
   q: [B, T, H, K]; k: [B, T, H, K]; v: [B, T, H, V]; segment_ids: optional [B, T] int
-  (packed sequences attend within their segment). Returns [B, T, H, V].
-  `backend` selects the kernel ("reference", "auto", "pallas", "interpret").
+  (packed sequences attend within their segment). Returns [B, T, H, V] in q.dtype.
+  `backend` selects the kernel ("reference", "auto", "pallas", "interpret"); `platform`
+  ("tpu", "gpu" or None) is the kernel variant to interpret, or to lower for off-device (see
+  `dsv3_jax.kernels_pallas.mla_attention`). The Pallas kernels need K and V to be multiples of
+  64: other head dims are zero-padded up to the next multiple here (exact: zero q/k dims add
+  nothing to q.k, zero v dims are sliced off; gradients flow through the pad), at the cost of
+  the padded work. DeepSeek-V3's 192 / 128 need no padding.
   """
-  if backend != "reference":
-    from dsv3_jax.kernels_pallas import mla_attention  # the Pallas path, when requested
+  from dsv3_jax.kernels_pallas import mla_attention, select  # the Pallas path, when requested
+  # "auto" on a platform without a kernel resolves to the reference: skip the padding then.
+  if backend != "reference" and select(backend, platform=platform).kind != "reference":
     seg = None if segment_ids is None else (segment_ids, segment_ids)
-    return mla_attention(q, k, v, scale=scale, causal=True, segment_ids=seg, backend=backend)
+    dv = v.shape[-1]
+    o = mla_attention(_pad_last(q, 64), _pad_last(k, 64), _pad_last(v, 64), scale=scale,
+                      causal=True, segment_ids=seg, backend=backend, platform=platform)
+    return o[..., :dv]
   return reference_attention(q, k, v, scale=scale, q_segment_ids=segment_ids,
                              kv_segment_ids=segment_ids)
 
@@ -112,5 +130,5 @@ class MLA(nnx.Module):
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H,
                                                                           cfg.qk_rope_head_dim))], -1)
       o = attention(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids,
-                    backend=self.rt.attention_backend)
+                    backend=self.rt.attention_backend, platform=self.rt.kernel_platform)
       return self.o_proj(o.reshape(*x.shape[:2], H * cfg.v_head_dim))

@@ -165,6 +165,17 @@ def test_fp8_decode_and_generate_match_dequantised(fp8_dir, dense):
   assert all(1 <= len(t) <= 4 for t in ref.tokens)
 
 
+def test_cli_generate_fp8_keep_matches_dequantised(fp8_dir, dense, capsys):
+  from dsv3_jax.cli import main
+  prompt = [3, 17, 42, 5]
+  ref = generate(dense[0], [prompt], max_new_tokens=4, temperature=0.0, eos_token_id=[])
+  rc = main(["generate", "--checkpoint", str(fp8_dir), "--prompt-ids", "3,17,42,5",
+             "--max-new-tokens", "4", "--fp8", "keep", "--dtype", "float32", "--eos-id", "-1"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert " ".join(str(t) for t in ref.tokens[0]) in out, out
+
+
 def test_fp8_model_refuses_training(fp8_dir):
   model = dsv3_jax.from_pretrained(fp8_dir, fp8="keep")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # as the trainer differentiates

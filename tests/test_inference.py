@@ -59,10 +59,13 @@ PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250]]
 
 def test_cache_is_576_values_per_token_for_671b():
   cache = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16))
-  assert len(cache.c) == 61 + 1  # main layers + the MTP block
-  for c, k in zip(cache.c, cache.k_pe):
-    assert c.shape == (2, 16, 512) and k.shape == (2, 16, 64)
-    assert c.shape[-1] + k.shape[-1] == 576
+  assert len(cache.kv) == 61 + 1  # main layers + the MTP block
+  assert cache.kv_lora_rank == 512  # latent c in [..., :512], rotated k_pe in [..., 512:]
+  for kv in cache.kv:
+    assert kv.shape == (2, 16, 576)
+  parts = jax.eval_shape(lambda: (lambda c: (c.c, c.k_pe))(
+      init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16)))
+  assert all(c.shape == (2, 16, 512) and k.shape == (2, 16, 64) for c, k in zip(*parts))
   assert cache_values_per_token(dsv3_jax.DEEPSEEK_V3) == 576
   mla = cache_bytes_per_token(dsv3_jax.DEEPSEEK_V3, jnp.bfloat16)
   assert mla == 61 * 576 * 2

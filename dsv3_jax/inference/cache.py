@@ -1,12 +1,12 @@
-"""The MLA latent cache: per layer, per token, the normalised latent c (kv_lora_rank values) and
-the rotated shared rope key k_pe (qk_rope_head_dim values). Never per-head K/V.
+"""The MLA latent cache: per layer, per token, the normalised latent c (kv_lora_rank values) then
+the rotated shared rope key k_pe (qk_rope_head_dim values), in one row. Never per-head K/V.
 
 For DeepSeek-V3 that is 512 + 64 = 576 values per token per layer, against
 2 * 128 heads * 192/128 dims for a per-head K/V cache (what transformers keeps).
 
-Layout: fixed capacity [B, max_len, .] per layer with per-sequence lengths; sequences are right
-padded (sequence b's token at position p sits in row p), so a decode step writes at row
-lengths[b]. Layers are the main decoder layers, then the MTP blocks (when present).
+Layout: one buffer per layer, fixed capacity [B, max_len, C + R], with per-sequence lengths;
+sequences are right padded (sequence b's token at position p sits in row p), so a decode step
+writes at row lengths[b]. Layers are the main decoder layers, then the MTP blocks (when present).
 
 Einsum letters: B batch, S cache rows (max_len), T new tokens, C kv_lora_rank, R rope dims.
 """
@@ -27,32 +27,55 @@ __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_p
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LatentCache:
-  """c: per layer [B, S, C]; k_pe: per layer [B, S, R]; lengths: int32 [B] valid rows per sequence
-  (shared by all layers: the main model and the MTP blocks advance together)."""
+  """kv: per layer one buffer [B, S, C + R]: the normalised latent c in [..., :C], then the
+  rotated k_pe in [..., C:] (the layout the `mla_decode` kernel and FlashMLA read as is);
+  lengths: int32 [B] valid rows per sequence (shared by all layers: the main model and the MTP
+  blocks advance together); kv_lora_rank: C (static pytree metadata)."""
 
-  c: tuple[jax.Array, ...]
-  k_pe: tuple[jax.Array, ...]
+  kv: tuple[jax.Array, ...]
   lengths: jax.Array
+  kv_lora_rank: int = dataclasses.field(metadata=dict(static=True))
 
   @property
   def capacity(self) -> int:
-    return self.c[0].shape[1]
+    return self.kv[0].shape[1]
 
   @property
   def batch(self) -> int:
-    return self.c[0].shape[0]
+    return self.kv[0].shape[0]
+
+  @property
+  def c(self) -> tuple[jax.Array, ...]:
+    """Per layer the latent part [B, S, C] (a slice of `kv`; read-only view for inspection)."""
+    return tuple(k[..., :self.kv_lora_rank] for k in self.kv)
+
+  @property
+  def k_pe(self) -> tuple[jax.Array, ...]:
+    """Per layer the rope-key part [B, S, R] (a slice of `kv`)."""
+    return tuple(k[..., self.kv_lora_rank:] for k in self.kv)
+
+  def with_layer(self, i: int, buf: jax.Array) -> "LatentCache":
+    """A copy with layer i's buffer replaced by buf [B, S, C + R]."""
+    kv = list(self.kv)
+    kv[i] = buf
+    return dataclasses.replace(self, kv=tuple(kv))
+
+  def with_lengths(self, lengths: jax.Array) -> "LatentCache":
+    """A copy with lengths replaced (int32 [B])."""
+    return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
                mtp_layers: int | None = None) -> LatentCache:
   """A zeroed cache for `cfg.num_hidden_layers` main layers plus `mtp_layers` MTP blocks
-  (default: cfg.num_nextn_predict_layers). Works under jax.eval_shape (nothing allocated)."""
+  (default: cfg.num_nextn_predict_layers), each [batch, max_len, kv_lora_rank + rope dims].
+  Works under jax.eval_shape (nothing allocated)."""
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must be > 0")
   n = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp_layers is None else mtp_layers)
-  c = tuple(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype) for _ in range(n))
-  k_pe = tuple(jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype) for _ in range(n))
-  return LatentCache(c, k_pe, jnp.zeros((batch,), jnp.int32))
+  d = cache_values_per_token(cfg)
+  kv = tuple(jnp.zeros((batch, max_len, d), dtype) for _ in range(n))
+  return LatentCache(kv, jnp.zeros((batch,), jnp.int32), cfg.kv_lora_rank)
 
 
 def cache_values_per_token(cfg: ModelConfig) -> int:

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--eos-id", type=int, action="append",
                  help="token id that ends generation (repeatable; default: the tokenizer's/config's)")
   p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter/compute dtype")
+  p.add_argument("--fp8", choices=("dequantize", "keep"), default="dequantize",
+                 help="FP8 checkpoints: dequantise to --dtype, or keep the e4m3 weights and run "
+                      "the FP8 matmul kernels")
+  p.add_argument("--kernels", choices=("reference", "auto", "pallas"), default="reference",
+                 help="attention/MoE/FP8 kernels: the jnp reference, or the Pallas kernels of this "
+                      "platform (auto falls back to the reference where there are none)")
 
 
 def _fail(msg: str) -> int:
@@ -66,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     return _fail("the prompt is empty")
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   print(f"loading {args.checkpoint} ...", file=sys.stderr)
-  model = from_pretrained(args.checkpoint, dtype)
+  from dsv3_jax.config import RuntimeConfig
+  rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
+                     moe_backend=args.kernels)
+  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8)
   vocab = model.config.vocab_size
   if max(ids) >= vocab or min(ids) < 0:
     return _fail(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")

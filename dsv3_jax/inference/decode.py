@@ -6,10 +6,13 @@ R qk_rope_head_dim, C kv_lora_rank, V v_head_dim, D hidden.
 Absorbed form (decode): kv_b_proj's kernel [C, H*(N+V)] is split once into W_UK [H, N, C] and
 W_UV [H, V, C] (`absorb_weights`). Per new token:
   q_latent = q_nope . W_UK                      [B, H, C]
-  scores   = (q_latent . c + q_pe . k_pe) * scale  (two dots; the cache parts stay separate)
+  scores   = [q_latent | q_pe] . [c | k_pe] * scale  (one cache row of C + R values per token)
   o_latent = softmax(scores) . c                [B, H, C]
   out      = o_proj(o_latent . W_UV)
-This reads 576 cached values per token per layer instead of per-head keys and values.
+This reads 576 cached values per token per layer instead of per-head keys and values. The
+attention over the cache runs the jnp einsum (RuntimeConfig.attention_backend "reference") or
+the `kernels_pallas.mla_decode` kernel (any other backend, with RuntimeConfig.kernel_platform),
+which reads each layer's [B, S, C + R] cache buffer as is.
 
 Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
 compute-efficient form for many query tokens, and writes each layer's latent into the cache.
@@ -22,20 +25,22 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.inference.cache import LatentCache, write_rows
+from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.layers import apply_rope
 
-__all__ = ["absorb_weights", "decode_attention", "prefill", "decode_forward", "mtp_prefill",
-           "mtp_decode_forward"]
+__all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
+           "decode_forward", "mtp_prefill", "mtp_decode_forward"]
 
 
 def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
   """Splits every layer's kv_b_proj (main layers, then MTP blocks) into W_UK [H, N, C] and
-  W_UV [H, V, C] in the compute dtype. Call once at load, not per step."""
+  W_UV [H, V, C] in the compute dtype. Call once at load, not per step. An FP8 kv_b_proj
+  (from_pretrained(fp8="keep")) is dequantised here, once, before the split."""
   cfg, dt = model.config, model.runtime.dtype
   H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   uk, uv = [], []
   for layer in _all_layers(model):
-    k = layer.self_attn.kv_b_proj.kernel.get_value().reshape(C, H, N + V)
+    k = layer.self_attn.kv_b_proj.dense_kernel().reshape(C, H, N + V)
     uk.append(jnp.transpose(k[:, :, :N], (1, 2, 0)).astype(dt))
     uv.append(jnp.transpose(k[:, :, N:], (1, 2, 0)).astype(dt))
   return {"w_uk": tuple(uk), "w_uv": tuple(uv)}
@@ -45,51 +50,99 @@ def _all_layers(model):
   return list(model.layers) + [m.block for m in model.mtp]
 
 
-def decode_attention(q_latent: jax.Array, q_pe: jax.Array, c: jax.Array, k_pe: jax.Array,
-                     lengths: jax.Array, scale: float) -> jax.Array:
-  """One query token per sequence against its latent cache (the slot for the mla_decode kernel).
+def decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, scale: float, *,
+                     kv_lora_rank: int, backend: str = "reference",
+                     platform: str | None = None) -> jax.Array:
+  """One query token per sequence against its latent cache.
 
-  q_latent [B, H, C] (q_nope . W_UK); q_pe [B, H, R] (rotated); c [B, S, C]; k_pe [B, S, R];
-  lengths int [B]: rows s < lengths[b] are visible. Returns o_latent [B, H, C] float32
-  (softmax in float32; zero for a sequence with no visible row).
+  q [B, H, C + R]: q_latent (q_nope . W_UK) then the rotated q_pe; cache [B, S, C + R] (one
+  layer of `LatentCache.kv`); lengths int [B]: rows s < lengths[b] are visible.
+  backend "reference" runs the jnp einsum below; any other value runs
+  `kernels_pallas.mla_decode` with that backend and `platform` (see `RuntimeConfig`).
+  Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
+  row).
   """
-  s = (jnp.einsum("bhc,bsc->bhs", q_latent, c, preferred_element_type=jnp.float32)
-       + jnp.einsum("bhr,bsr->bhs", q_pe, k_pe, preferred_element_type=jnp.float32)) * scale
-  valid = jnp.arange(c.shape[1])[None, None, :] < lengths[:, None, None]
+  C = kv_lora_rank
+  if backend != "reference":
+    return mla_decode(q, cache, lengths, scale=scale, kv_lora_rank=C, backend=backend,
+                      platform=platform).astype(jnp.float32)
+  s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], cache[..., :C], preferred_element_type=jnp.float32)
+       + jnp.einsum("bhr,bsr->bhs", q[..., C:], cache[..., C:],
+                    preferred_element_type=jnp.float32)) * scale
+  valid = jnp.arange(cache.shape[1])[None, None, :] < lengths[:, None, None]
   s = jnp.where(valid, s, -jnp.inf)
   p = jnp.where(valid, jax.nn.softmax(s, axis=-1), 0.0)
-  return jnp.einsum("bhs,bsc->bhc", p.astype(c.dtype), c, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhs,bsc->bhc", p.astype(cache.dtype), cache[..., :C],
+                    preferred_element_type=jnp.float32)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, c_buf, kpe_buf, x, positions):
+def _page_size(capacity: int, cap: int = 512) -> int:
+  """The largest power of two dividing `capacity`, at most `cap` (0 if below 16)."""
+  page = min(capacity & -capacity, cap)
+  return page if page >= 16 else 0
+
+
+def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array, scale: float, *,
+                           kv_lora_rank: int, backend: str = "reference",
+                           platform: str | None = None) -> jax.Array:
+  """T new query tokens per sequence (causal among themselves) against the latent cache.
+
+  q [B, T, H, C + R]; cache [B, S, C + R] already holding the new tokens' rows; positions int
+  [B, T]: query t of sequence b sees rows 0..positions[b, t]. Returns [B, T, H, C] float32.
+
+  Reference: vmap over t (shares, does not copy, the cache). Kernel, T == 1: one contiguous
+  `mla_decode` call. Kernel, T > 1 (speculative verification): the cache is viewed, without a
+  copy, as a page pool [B * S / page, page, C + R] and the B * T queries become B * T
+  "sequences" whose block tables all point at their own sequence's pages, with lengths
+  positions + 1: one kernel launch, but each sequence's cache is read T times (a kernel taking
+  T queries per sequence with per-query lengths would read it once). When S has no power-of-two
+  factor >= 16 (the GPU kernel's page rule) it falls back to T contiguous calls (same reads,
+  T launches). `Generator` sizes the cache in multiples of 64, so it takes the paged path.
+  """
+  B, T, H, d = q.shape
+  S = cache.shape[1]
+  lengths = positions + 1
+  kw = dict(kv_lora_rank=kv_lora_rank, backend=backend, platform=platform)
+  if backend == "reference":
+    return jax.vmap(lambda qt, lt: decode_attention(qt, cache, lt, scale, **kw),
+                    in_axes=(1, 1), out_axes=1)(q, lengths)
+  if T == 1:
+    return decode_attention(q[:, 0], cache, lengths[:, 0], scale, **kw)[:, None]
+  page = _page_size(S)
+  if not page:
+    return jnp.stack([decode_attention(q[:, t], cache, lengths[:, t], scale, **kw)
+                      for t in range(T)], axis=1)
+  pps = S // page
+  pool = cache.reshape(B * S // page, page, d)
+  tables = jnp.arange(B * pps, dtype=jnp.int32).reshape(B, 1, pps)
+  tables = jnp.broadcast_to(tables, (B, T, pps)).reshape(B * T, pps)
+  o = mla_decode(q.reshape(B * T, H, d), pool, lengths.reshape(B * T).astype(jnp.int32),
+                 scale=scale, block_tables=tables, **kw)
+  return o.reshape(B, T, H, kv_lora_rank).astype(jnp.float32)
+
+
+def _absorbed_layer(layer, w_uk, w_uv, buf, x, positions):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
-  positions[:, 0], which is where they are written). Returns (x, c_buf, kpe_buf)."""
-  attn, cfg = layer.self_attn, layer.self_attn.cfg
+  positions[:, 0], which is where they are written into buf [B, S, C + R]). Returns (x, buf)."""
+  attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
     h = layer.input_layernorm(x)
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
-    c_buf = write_rows(c_buf, c, positions[:, 0])
-    kpe_buf = write_rows(kpe_buf, k_pe, positions[:, 0])
+    buf = write_rows(buf, jnp.concatenate([c, k_pe.astype(c.dtype)], -1), positions[:, 0])
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
-    q_lat, q_pe = q_lat.astype(c_buf.dtype), q_pe.astype(kpe_buf.dtype)
-    # Query t sees rows 0..positions[b, t]; vmap over t shares (does not copy) the cache.
-    o = jax.vmap(decode_attention, in_axes=(1, 1, None, None, 1, None), out_axes=1)(
-        q_lat, q_pe, c_buf, kpe_buf, positions + 1, cfg.softmax_scale)  # [B, T, H, C] f32
+    q = jnp.concatenate([q_lat.astype(buf.dtype), q_pe.astype(buf.dtype)], -1)  # [B, T, H, C+R]
+    o = decode_attention_steps(q, buf, positions, cfg.softmax_scale,
+                               kv_lora_rank=cfg.kv_lora_rank, backend=rt.attention_backend,
+                               platform=rt.kernel_platform)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
     x = x + attn.o_proj(o.reshape(B, T, -1))
   y = layer.mlp(layer.post_attention_layernorm(x))
   if layer.is_moe:
     y = y[0]
-  return x + y, c_buf, kpe_buf
-
-
-def _replace_layer(cache: LatentCache, i: int, c_buf, kpe_buf) -> LatentCache:
-  c, k = list(cache.c), list(cache.k_pe)
-  c[i], k[i] = c_buf, kpe_buf
-  return LatentCache(tuple(c), tuple(k), cache.lengths)
+  return x + y, buf
 
 
 def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array):
@@ -101,9 +154,9 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
   """
   x = model.embed(tokens)
   for i, layer in enumerate(model.layers):
-    x, cb, kb = _absorbed_layer(layer, absorbed["w_uk"][i], absorbed["w_uv"][i], cache.c[i],
-                                cache.k_pe[i], x, positions)
-    cache = _replace_layer(cache, i, cb, kb)
+    x, buf = _absorbed_layer(layer, absorbed["w_uk"][i], absorbed["w_uv"][i], cache.kv[i], x,
+                             positions)
+    cache = cache.with_layer(i, buf)
   hidden = model.norm(x)
   return model.head(hidden), hidden, cache
 
@@ -124,16 +177,17 @@ def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Arr
   L = model.config.num_hidden_layers
   m = model.mtp[0]
   x = _mtp_input(m, model, next_tokens, h_prev)
-  x, cb, kb = _absorbed_layer(m.block, absorbed["w_uk"][L], absorbed["w_uv"][L], cache.c[L],
-                              cache.k_pe[L], x, positions)
-  return model.head(m.shared_head_norm(x)), _replace_layer(cache, L, cb, kb)
+  x, buf = _absorbed_layer(m.block, absorbed["w_uk"][L], absorbed["w_uv"][L], cache.kv[L], x,
+                           positions)
+  return model.head(m.shared_head_norm(x)), cache.with_layer(L, buf)
 
 
 def _prefill_layer(layer, x, positions, cache, i):
   h = layer.input_layernorm(x)
   c, k_pe = layer.self_attn.latent(h, positions)
   zero = jnp.zeros((x.shape[0],), jnp.int32)
-  cache = _replace_layer(cache, i, write_rows(cache.c[i], c, zero), write_rows(cache.k_pe[i], k_pe, zero))
+  cache = cache.with_layer(i, write_rows(cache.kv[i], jnp.concatenate(
+      [c, k_pe.astype(c.dtype)], -1), zero))
   x, _ = layer(x, positions)
   return x, cache
 
@@ -149,8 +203,7 @@ def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
     x, cache = _prefill_layer(layer, x, positions, cache, i)
   hidden = model.norm(x)
   last = hidden[jnp.arange(B), lengths - 1]  # [B, D]
-  cache = LatentCache(cache.c, cache.k_pe, lengths.astype(jnp.int32))
-  return model.head(last), hidden, cache
+  return model.head(last), hidden, cache.with_lengths(lengths)
 
 
 def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array,

@@ -2,7 +2,9 @@
 
 Shapes are fixed per call: the prompt batch is right padded to a power-of-two bucket (>= 16) and
 the cache capacity is that bucket + max_new_tokens + 1, rounded up to a multiple of 64, so one
-compiled prefill and one compiled step serve every step and every prompt length in the bucket.
+compiled prefill and one compiled step serve every step and every prompt length in the bucket
+(64 also lets the mla_decode kernel view the cache as 64-row pages for speculative verification,
+see `decode_attention_steps`). The attention backend is the model's RuntimeConfig's.
 Without a streaming callback the whole decode loop runs on device (`lax.while_loop`, one call);
 with one, each step is one call of the same compiled step function.
 """
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.inference.cache import LatentCache, init_cache
+from dsv3_jax.inference.cache import init_cache
 from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
 from dsv3_jax.inference.sampling import SamplingParams, sample
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
@@ -102,10 +104,13 @@ class Generator:
 
   model: a DeepseekV3 (speculative decoding needs num_nextn_predict_layers >= 1).
   cache_dtype: latent cache dtype (default: the model's compute dtype).
+  compiler_options: XLA compiler options for the compiled prefill/step/loop (e.g. the tests turn
+  CPU optimisations off, where compile time dominates interpret-mode kernels); None: defaults.
   """
 
-  def __init__(self, model, *, cache_dtype=None):
+  def __init__(self, model, *, cache_dtype=None, compiler_options: dict | None = None):
     self.model = model
+    self.compiler_options = dict(compiler_options or {})
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
     self.absorbed = absorb_weights(model)
@@ -116,12 +121,13 @@ class Generator:
     """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics; returns
     (compiled, seconds spent compiling now). Step and loop donate the carry (args[2])."""
     key = (kind, self.graphdef, tuple(sorted(statics.items(), key=lambda kv: kv[0])),
-           str(jax.tree.map(lambda a: (a.shape, a.dtype), args)))
+           str(jax.tree.map(lambda a: (a.shape, a.dtype), args)),
+           tuple(sorted(self.compiler_options.items())))
     if key not in _COMPILED:
       jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
                        donate_argnums=() if kind == "prefill" else (2,))
       t = time.perf_counter()
-      _COMPILED[key] = jitted.lower(*args).compile()
+      _COMPILED[key] = jitted.lower(*args).compile(compiler_options=self.compiler_options or None)
       return _COMPILED[key], time.perf_counter() - t
     return _COMPILED[key], 0.0
 

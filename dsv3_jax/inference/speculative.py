@@ -22,7 +22,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.inference.cache import LatentCache
 from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
 from dsv3_jax.inference.sampling import SamplingParams, probabilities, sample, sample_from_probs
 from dsv3_jax.inference.state import GenState, emit
@@ -39,7 +38,7 @@ def plain_step(model, absorbed, gs: GenState, params: SamplingParams) -> GenStat
   out, num, finished, _ = emit(gs, tok[:, None], jnp.ones_like(n))
   lengths = n + (~gs.finished).astype(jnp.int32)
   last = jnp.where(gs.finished, gs.last, tok)
-  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, gs.eos,
+  return GenState(cache.with_lengths(lengths), last, out, num, finished, gs.eos,
                   key, gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted)
 
 
@@ -91,7 +90,7 @@ def speculative_step(model, absorbed, gs: GenState, params: SamplingParams) -> G
   draft, draft_probs = draft_from(k_draft, jnp.where(accept[:, None], mtp_logits[:, 1],
                                                      mtp_logits[:, 0]), params)
   last = jnp.where(active, jnp.where(accept, bonus, first), gs.last)
-  return GenState(LatentCache(cache.c, cache.k_pe, lengths), last, out, num, finished, gs.eos,
+  return GenState(cache.with_lengths(lengths), last, out, num, finished, gs.eos,
                   key, gs.steps + 1, draft, draft_probs,
                   gs.drafted + active.sum().astype(jnp.int32),
                   gs.accepted + (active & accept).sum().astype(jnp.int32))
@@ -108,6 +107,11 @@ def make_mtp_agree(model, main_scale: float = 0.0) -> None:
   draft matches greedy verification essentially always; main_scale > 0 lets context perturb
   the main model, lowering acceptance. All matmuls keep their shapes, so timings stay realistic.
   """
+  from dsv3_jax.pretrained import fp8_variables
+  if fp8_variables(model):
+    raise ValueError("make_mtp_agree edits dense weights; this model keeps FP8 weights "
+                     "(load it with fp8='dequantize')")
+
   def scale(var, s):
     var.set_value((var.get_value() * s).astype(var.get_value().dtype))
 
