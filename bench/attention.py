@@ -3,136 +3,171 @@
 Causal attention, bf16, DeepSeek-V3 head dims (q/k 192, v 128), 128 heads (default), for
 sequence lengths 2k-16k at --batch (default 1). Forward and forward+backward
 (gradients w.r.t. q, k, v). Baselines:
-  cudnn  jax.nn.dot_product_attention(..., implementation="cudnn"), which rejects dv != dqk, so v
-         is zero-padded to 192 inside the timed function and the output sliced back to 128;
+  ours   our Pallas kernel, GPU flavour Triton (forward and backward), column "ours";
+  mosaic our Mosaic GPU forward (Hopper: wgmma, TMA, warp specialisation) with the Triton
+         backward (`gpu_impl="mosaic"`; --mosaic-blocks BQ BK STAGES tunes its forward);
+  cudnn  jax.nn.dot_product_attention(..., implementation="cudnn"), whose public API requires
+         v to have k's head dim (jax 0.10-0.11 check value [B, S, K, H] against key), so v is
+         zero-padded to 192 inside the timed function and the output sliced back to 128;
   xla    the jnp reference (`mla_attention_reference`: einsum, fp32 softmax, masks).
 Every TFLOP/s figure uses the same MLA flop count (visible (query, key) pairs only; 2 flops per
 multiply-add; forward dqk + dv, backward 3 dqk + 2 dv per pair per head), so ratios between
 columns are ratios of time. "% peak" is against 790 TFLOP/s, the dense bf16 matmul rate measured
 on the H100 (ARCHITECTURE.md). The XLA reference materialises fp32 scores [batch, heads, seq,
 seq]; it is only run where that tensor fits in --xla-max-gb ("-" otherwise), and a baseline that
-fails (out of memory, unsupported) prints "err".
+fails (out of memory, unsupported) prints "err" (the reason goes to stderr).
 
-Each function is jitted, run --warmup times, then timed over --iters calls (block_until_ready
-after each timed batch of calls); the best of --repeats batches is reported. Prints a markdown
-table (ready for bench/RESULTS.md) preceded by device and jax version.
+Timing (bench/common.py `time_call`): --warmup calls, then the best of --repeats batches of
+--iters calls, one block_until_ready per batch. Prints a markdown table preceded by device and
+jax version; --markdown PATH writes it as a section of PATH.
 
   python bench/attention.py [--quick] [--seqs 2048 4096] [--heads 128] [--batch 1]
+  python bench/attention.py --smoke   (CPU: tiny shapes, GPU kernel in interpret mode, cuDNN
+                                       column computed by implementation="xla", plus CUDA
+                                       lowering of the kernel at the real shapes)
 """
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.mla_attention import mla_attention, mla_attention_reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (H100_BF16_TFLOPS, Table, add_timing_args, attempt,  # noqa: E402
+                    check_cuda_lowering, kernel_options, peak_fraction, print_header, ratio,
+                    save_table, time_call)
 
-PEAK_TFLOPS = 790.0
+from dsv3_jax.kernels_pallas.mla_attention import (mla_attention,  # noqa: E402
+                                                   mla_attention_reference)
+
+__all__ = ["flops", "implementations", "fwd_bwd", "main"]
+
 DQK, DV = 192, 128
 
 
 def flops(batch: int, seq: int, heads: int, backward: bool) -> float:
-  pairs = seq * (seq + 1) / 2  # causal, q_len == kv_len
+  """MLA attention flops of one causal call (q_len == kv_len == seq)."""
+  pairs = seq * (seq + 1) / 2
   per_pair = (DQK + DV) + ((3 * DQK + 2 * DV) if backward else 0)
   return 2.0 * batch * heads * pairs * per_pair
 
 
-def bench(fn, args, *, warmup: int, iters: int, repeats: int) -> float:
-  """Best seconds per call of a jitted fn."""
-  out = None
-  for _ in range(warmup):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t) / iters)
-  return best
+def implementations(scale: float, kernel_kw: dict, cudnn_impl: str = "cudnn",
+                    mosaic_blocks=None) -> dict:
+  """{"ours", "mosaic", "cudnn", "xla"} -> f(q [B,T,H,192], k [B,T,H,192], v [B,T,H,128])
+  -> [B,T,H,128]. mosaic_blocks: `mosaic_gpu.BlockSizes` of the Mosaic GPU forward (or None).
 
-
-def implementations(scale: float, backend: str):
+  cudnn_impl: the `implementation=` of jax.nn.dot_product_attention ("xla" in --smoke runs,
+  where cuDNN does not exist; the padding and slicing are the same).
+  """
   def ours(q, k, v):
-    return mla_attention(q, k, v, scale=scale, causal=True, backend=backend)
+    return mla_attention(q, k, v, scale=scale, causal=True, gpu_impl="triton", **kernel_kw)
+
+  def mosaic(q, k, v):
+    return mla_attention(q, k, v, scale=scale, causal=True, gpu_impl="mosaic",
+                         block_sizes=mosaic_blocks, **kernel_kw)
 
   def cudnn(q, k, v):
     v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DQK - DV)))
     o = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
-                                     implementation="cudnn")
+                                     implementation=cudnn_impl)
     return o[..., :DV]
 
   def xla(q, k, v):
     return mla_attention_reference(q, k, v, scale=scale, causal=True)
 
-  return {"ours": ours, "cudnn": cudnn, "xla": xla}
+  return {"ours": ours, "mosaic": mosaic, "cudnn": cudnn, "xla": xla}
 
 
 def fwd_bwd(f):
+  """(q, k, v, do) -> (dq, dk, dv) of f."""
   def run(q, k, v, do):
-    o, vjp = jax.vjp(f, q, k, v)
+    _, vjp = jax.vjp(f, q, k, v)
     return vjp(do)
   return run
 
 
-def main() -> None:
+def lowering_checks(seq: int, heads: int, batch: int) -> None:
+  """Lowers our kernel's forward and forward+backward for CUDA at the real shapes."""
+  sds = jax.ShapeDtypeStruct
+  q = sds((batch, seq, heads, DQK), jnp.bfloat16)
+  v = sds((batch, seq, heads, DV), jnp.bfloat16)
+  impls = implementations(DQK ** -0.5, {"backend": "pallas", "platform": "gpu"})
+  ours = impls["ours"]
+  check_cuda_lowering(f"mla_attention fwd seq {seq} heads {heads}", ours, q, q, v)
+  check_cuda_lowering(f"mla_attention fwd+bwd seq {seq} heads {heads}", fwd_bwd(ours),
+                      q, q, v, v)
+  check_cuda_lowering(f"mla_attention mosaic fwd seq {seq} heads {heads}", impls["mosaic"],
+                      q, q, v, marker="mosaic_gpu")
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="seq 2k and 8k, fewer iterations")
   ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
   ap.add_argument("--heads", type=int, default=128)
   ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--backend", default="pallas", help="backend for ours (pallas | interpret ...)")
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--xla-max-gb", type=float, default=10.0,
                   help="largest fp32 score tensor the XLA reference is run with")
-  a = ap.parse_args()
+  ap.add_argument("--mosaic-blocks", type=int, nargs=3, metavar=("BQ", "BK", "STAGES"),
+                  help="Mosaic GPU forward tiles: block_q (per warpgroup), block_k, "
+                       "max_concurrent_steps (default 64 128 2)")
+  ap.add_argument("--no-schedule-barrier", action="store_true",
+                  help="Mosaic GPU forward without the warpgroup ping-pong barrier")
+  add_timing_args(ap, warmup=3, iters=10, repeats=3)
+  a = ap.parse_args(argv)
   if a.quick:
     a.seqs, a.iters, a.repeats, a.warmup = [2048, 8192], 3, 2, 2
+  cudnn_impl = "cudnn"
+  if a.smoke:
+    lowering_checks(a.seqs[0], a.heads, a.batch)
+    a.seqs, a.heads, a.batch, a.warmup, a.iters, a.repeats = [128], 2, 1, 1, 1, 1
+    cudnn_impl = "xla"
+    print("note: cuDNN needs a GPU; in --smoke the cudnn column runs the same call with "
+          "implementation='xla'")
 
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  print(f"causal bf16 MLA attention, {a.heads} heads, dqk {DQK}, dv {DV}, batch {a.batch}; "
-        f"TFLOP/s on the MLA flop count, % of {PEAK_TFLOPS:.0f} peak\n")
-  print("| seq | batch | pass | ours | cudnn (v padded) | xla ref | ours/cudnn | ours/xla "
-        "| ours % peak |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print_header(f"causal bf16 MLA attention, {a.heads} heads, dqk {DQK}, dv {DV}, batch "
+               f"{a.batch}; TFLOP/s on the MLA flop count, % of {H100_BF16_TFLOPS:.0f} peak", a)
+  table = Table([("seq", "seq", "d"), ("batch", "batch", "d"), ("pass", "pass", "s"),
+                 ("ours", "ours", ".1f"), ("mosaic", "mosaic", ".1f"),
+                 ("cudnn", "cudnn (v padded)", ".1f"),
+                 ("xla", "xla ref", ".1f"), ("vs_cudnn", "ours/cudnn", "s"),
+                 ("mosaic_vs_cudnn", "mosaic/cudnn", "s"), ("vs_xla", "ours/xla", "s"),
+                 ("peak", "ours % peak", "s")])
   scale = DQK ** -0.5
   timing = dict(warmup=a.warmup, iters=a.iters, repeats=a.repeats)
+  from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu
+  mb = dict(zip(("block_q", "block_k", "max_concurrent_steps"), a.mosaic_blocks or ()))
+  mosaic_blocks = mosaic_gpu.BlockSizes(**mb, use_schedule_barrier=not a.no_schedule_barrier)
+  impls = implementations(scale, kernel_options(a), cudnn_impl, mosaic_blocks)
   for seq in a.seqs:
-    batch = a.batch
     keys = jax.random.split(jax.random.key(seq), 4)
-    q = jax.random.normal(keys[0], (batch, seq, a.heads, DQK), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (batch, seq, a.heads, DQK), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (batch, seq, a.heads, DV), jnp.bfloat16)
-    do = jax.random.normal(keys[3], (batch, seq, a.heads, DV), jnp.bfloat16)
-    xla_gb = batch * a.heads * seq * seq * 4 / 1e9
-    impls = implementations(scale, a.backend)
+    q = jax.random.normal(keys[0], (a.batch, seq, a.heads, DQK), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (a.batch, seq, a.heads, DQK), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (a.batch, seq, a.heads, DV), jnp.bfloat16)
+    do = jax.random.normal(keys[3], (a.batch, seq, a.heads, DV), jnp.bfloat16)
+    xla_gb = a.batch * a.heads * seq * seq * 4 / 1e9
     for backward in (False, True):
-      tf = {}
+      fl = flops(a.batch, seq, a.heads, backward)
+      row = {"seq": seq, "batch": a.batch, "pass": "fwd+bwd" if backward else "fwd"}
       for name, f in impls.items():
         if name == "xla" and xla_gb > a.xla_max_gb:
-          tf[name] = None
+          row[name] = None
           continue
         fn = jax.jit(fwd_bwd(f)) if backward else jax.jit(f)
         args = (q, k, v, do) if backward else (q, k, v)
-        try:
-          sec = bench(fn, args, **timing)
-          tf[name] = flops(batch, seq, a.heads, backward) / sec / 1e12
-        except Exception as e:  # noqa: BLE001 -- a baseline failing must not stop the table
-          tf[name] = f"err ({type(e).__name__})"
-      fmt = lambda x: "-" if x is None else (x if isinstance(x, str) else f"{x:.1f}")
-      ratio = lambda x, y: (f"{x / y:.2f}x" if isinstance(x, float) and isinstance(y, float)
-                            else "-")
-      ours = tf["ours"]
-      peak = f"{100 * ours / PEAK_TFLOPS:.1f}%" if isinstance(ours, float) else "-"
-      print(f"| {seq} | {batch} | {'fwd+bwd' if backward else 'fwd'} | {fmt(ours)} | "
-            f"{fmt(tf['cudnn'])} | {fmt(tf['xla'])} | {ratio(ours, tf['cudnn'])} | "
-            f"{ratio(ours, tf['xla'])} | {peak} |", flush=True)
+        row[name] = attempt(lambda: fl / time_call(fn, args, **timing) / 1e12)
+      row.update(vs_cudnn=ratio(row["ours"], row["cudnn"]), vs_xla=ratio(row["ours"], row["xla"]),
+                 mosaic_vs_cudnn=ratio(row["mosaic"], row["cudnn"]),
+                 peak=peak_fraction(row["ours"], H100_BF16_TFLOPS))
+      table.add(row)
+    del q, k, v, do
+  save_table(a.markdown, "MLA attention (bench/attention.py)", table)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

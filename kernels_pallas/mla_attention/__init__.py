@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from dsv3_jax.kernels_pallas.backend import Backend, select
+from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
 from dsv3_jax.kernels_pallas.mla_attention.reference import (check_inputs,
                                                              mla_attention_reference,
                                                              normalize_q_offset)
@@ -19,7 +19,7 @@ __all__ = ["mla_attention", "mla_attention_reference"]
 def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool = True,
                   segment_ids: tuple[jax.Array, jax.Array] | None = None, q_offset=0,
                   backend: Backend | str = "auto", platform: str | None = None,
-                  block_sizes=None) -> jax.Array:
+                  block_sizes=None, gpu_impl: str | None = None) -> jax.Array:
   """Softmax attention, float32 statistics, GQA/MQA-agnostic, differentiable.
 
   Args:
@@ -37,8 +37,13 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cau
     backend: "auto" | "reference" | "pallas" | "interpret" (see `Backend`).
     platform: "tpu" | "gpu": the kernel to interpret (backend="interpret") or to lower for
       (backend="pallas"/"auto" off-device, e.g. in lowering tests).
-    block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` for the selected kernel (default: tuned
-      defaults of that kernel).
+    block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` / `mosaic_gpu.BlockSizes` for the selected
+      kernel (default: tuned defaults of that kernel); a `gpu.BlockSizes` given to the Mosaic GPU
+      path configures its (Triton) backward.
+    gpu_impl: GPU only: "triton", "mosaic" (Mosaic GPU forward + Triton backward) or None/"auto"
+      (`backend.gpu_flavor`: Mosaic GPU on Hopper). "auto" falls back to Triton for inputs the
+      Mosaic GPU kernel cannot take (fp32, see `mosaic_gpu.unsupported_reason`); an explicit
+      "mosaic" raises for them instead.
 
   Returns:
     [batch, q_len, heads, dv] in q.dtype. Rows that see no key at all are zero.
@@ -56,6 +61,20 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cau
     from dsv3_jax.kernels_pallas.mla_attention import tpu as kernel
   else:
     from dsv3_jax.kernels_pallas.mla_attention import gpu as kernel
+    if gpu_flavor(gpu_impl) == "mosaic":
+      from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu
+      if isinstance(block_sizes, kernel.BlockSizes):
+        block_sizes = mosaic_gpu.BlockSizes(backward=block_sizes)
+      reason = mosaic_gpu.unsupported_reason(
+          q, k, v, scale=scale, blocks=block_sizes or mosaic_gpu.BlockSizes(),
+          has_segments=segment_ids is not None)
+      if reason is None:
+        kernel = mosaic_gpu
+      elif gpu_impl == "mosaic":
+        raise ValueError(f"gpu_impl='mosaic' cannot take these inputs: {reason}")
+      elif isinstance(block_sizes, mosaic_gpu.BlockSizes):
+        # Fallback (e.g. fp32 inputs): the Triton kernel, keeping the requested backward tiles.
+        block_sizes = block_sizes.backward
   if block_sizes is not None and not isinstance(block_sizes, kernel.BlockSizes):
     raise TypeError(f"block_sizes for the {impl.kind} kernel must be {kernel.__name__}.BlockSizes, "
                     f"got {type(block_sizes).__name__}")

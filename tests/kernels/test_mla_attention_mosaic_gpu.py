@@ -1,0 +1,144 @@
+"""MLA attention, Mosaic GPU forward (+ Triton backward): GPU interpret mode on CPU vs the jnp
+reference and a numpy log-sum-exp, the dispatch rules of `gpu_impl`, and lowering for CUDA.
+
+Interpret mode runs the kernel's TMA pipeline, barriers (three warpgroups), block skipping,
+masking and online softmax; its wgmma takes only untransposed shared-memory operands, so the two
+products run as plain dots of the shared-memory tiles there (the wgmma calls are checked by the
+CUDA lowering test and on a GPU only).
+
+Tolerances (bf16 inputs; the kernel rounds p to bf16 before p @ v, as every flash attention does,
+and both sides round the result to bf16, one ulp = 3.9e-3 on [0.5, 1)): outputs and gradients
+1e-2 + 1e-2 * |x| (two to three ulps, the bound of tests/kernels/test_mla_attention.py). The
+base-2 log-sum-exp is float32 from bf16-exact scores: 1e-4 + 1e-5 * |x|.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.kernels_pallas import mla_attention
+from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
+from tests.utils import assert_close
+
+BLOCKS = mosaic_gpu.BlockSizes(
+    block_q=64, block_k=64, max_concurrent_steps=2,
+    backward=gpu.BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2, block_q_dkv=32,
+                            block_k_dkv=64, block_q_dq=64, block_k_dq=32))
+TOL = dict(atol=1e-2, rtol=1e-2)
+
+
+def run_fast(f, *args):
+  """jit + run with XLA's CPU optimisations off (interpret-mode kernels compile to big loops)."""
+  opts = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  return jax.jit(f).lower(*args).compile(compiler_options=opts)(*args)
+
+
+def _inputs(seed, b, sq, sk, h, hk, dqk, dv):
+  rng = np.random.default_rng(seed)
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+  return mk(b, sq, h, dqk), mk(b, sk, hk, dqk), mk(b, sk, hk, dv), rng
+
+
+CASES = {
+    # DeepSeek-V3 head dims, GQA, batch 2, chunked prefill with per-batch offsets (batch 1: the
+    # first 3 rows see no key), ragged lengths (3 key blocks stream through 2 slots).
+    "gqa_chunked_prefill": (2, 70, 150, 2, 1, 192, 128, True, (80, -3), False),
+    # Packed sequences (segment ids) under the causal mask, 2 query tiles (heaviest first),
+    # dqk == dv (one Q/K part).
+    "segments_causal_two_tiles": (1, 130, 130, 1, 1, 64, 64, True, 0, True),
+    # Not causal, segment ids, MQA, dv > dqk (separate output tile), key padding only.
+    "segments_noncausal_wide_v": (1, 60, 90, 2, 1, 64, 128, False, 0, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_grad_match_reference(case):
+  b, sq, sk, h, hk, dqk, dv, causal, off, segments = CASES[case]
+  q, k, v, rng = _inputs(sum(map(ord, case)), b, sq, sk, h, hk, dqk, dv)
+  seg = None
+  if segments:
+    seg = (jnp.asarray(np.sort(rng.integers(0, 3, (b, sq)), axis=1), jnp.int32),
+           jnp.asarray(np.sort(rng.integers(0, 3, (b, sk)), axis=1), jnp.int32))
+  off = jnp.asarray(off, jnp.int32)
+  do = jnp.asarray(rng.standard_normal((b, sq, h, dv)), jnp.bfloat16)
+  scale = 1 / math.sqrt(dqk)
+
+  def run(backend, **kw):
+    f = functools.partial(mla_attention, scale=scale, causal=causal, segment_ids=seg, q_offset=off,
+                          backend=backend, **kw)
+    o, vjp = jax.vjp(f, q, k, v)
+    return (o, *vjp(do))
+
+  got = run_fast(lambda: run("interpret", platform="gpu", gpu_impl="mosaic", block_sizes=BLOCKS))
+  want = run("reference")
+  for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+    assert a.dtype == jnp.bfloat16, name
+    assert_close(a, e, **TOL, what=f"mosaic/{case}/{name}")
+  if case == "gqa_chunked_prefill":  # rows with no visible key: zero output, zero dq
+    assert np.all(np.asarray(got[0])[1, :3] == 0) and np.all(np.asarray(got[1])[1, :3] == 0)
+
+
+def test_lse_matches_numpy():
+  """The residual the Triton backward consumes: base-2 logsumexp of the scaled scores, +inf on
+  rows with no visible key, [batch, heads, padded q_len]."""
+  b, sq, sk, h, dqk, dv = 1, 128, 64, 1, 64, 64
+  q, k, v, _ = _inputs(7, b, sq, sk, h, h, dqk, dv)
+  off = jnp.asarray([-10], jnp.int32)
+  cfg = reference.KernelConfig(scale=0.125, causal=True, has_segments=False, blocks=BLOCKS,
+                               interpret=True, kv_len=sk)
+  o, lse = run_fast(lambda: mosaic_gpu.forward(q, k, v, off, None, None, cfg))
+  s = np.einsum("bthd,bshd->bhts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.125
+  vis = np.arange(sk)[None, :] <= np.arange(sq)[:, None] - 10
+  s = np.where(vis, s, -np.inf)
+  with np.errstate(divide="ignore"):
+    want = np.log2(np.exp(s).sum(-1))
+  want = np.where(vis.any(-1), want, np.inf)
+  lse = np.asarray(lse)
+  assert np.array_equal(np.isinf(lse), np.isinf(want)) and np.all(lse[np.isinf(lse)] > 0)
+  fin = np.isfinite(want)
+  assert_close(lse[fin], want[fin], atol=1e-4, rtol=1e-5, what="lse")
+  assert_close(o, reference.mla_attention_reference(q, k, v, scale=0.125, q_offset=-10), **TOL,
+               what="out")
+
+
+def test_dispatch():
+  q, k, v, _ = _inputs(3, 1, 8, 8, 2, 2, 64, 64)
+  kw = dict(scale=0.1, backend="interpret", platform="gpu")
+  with pytest.raises(ValueError, match="gpu_impl='mosaic'"):  # fp32: wgmma here takes bf16/f16
+    mla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                  gpu_impl="mosaic", **kw)
+  with pytest.raises(ValueError, match="unknown GPU kernel flavour"):
+    mla_attention(q, k, v, gpu_impl="cutlass", **kw)
+  big = mosaic_gpu.BlockSizes(block_q=128, block_k=256, max_concurrent_steps=4)
+  reason = mosaic_gpu.unsupported_reason(q, k, v, scale=0.1, blocks=big, has_segments=False)
+  assert reason is not None and "shared memory" in reason
+  assert mosaic_gpu.unsupported_reason(q, k, v, scale=0.1, blocks=mosaic_gpu.BlockSizes(),
+                                       has_segments=True) is None
+  with pytest.raises(ValueError):
+    mosaic_gpu.BlockSizes(block_q=96)
+  with pytest.raises(ValueError):
+    mosaic_gpu.BlockSizes(max_concurrent_steps=1)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_lowers_for_cuda_at_deepseek_shape(segments):
+  """Forward (Mosaic GPU) + backward (Triton) lower for CUDA without a GPU: seq 4096, 128 heads,
+  192/128 head dims, bf16, default blocks."""
+  sds = jax.ShapeDtypeStruct
+  b, s, h = 1, 4096, 128
+  q, k, v = sds((b, s, h, 192), jnp.bfloat16), sds((b, s, h, 192), jnp.bfloat16), sds(
+      (b, s, h, 128), jnp.bfloat16)
+  seg = (sds((b, s), jnp.int32), sds((b, s), jnp.int32)) if segments else None
+
+  def f(q, k, v, seg):
+    attn = lambda q, k, v: mla_attention(q, k, v, scale=192 ** -0.5, segment_ids=seg,
+                                         backend="pallas", platform="gpu", gpu_impl="mosaic")
+    o, vjp = jax.vjp(attn, q, k, v)
+    return o, vjp(o)
+
+  text = jax.jit(f).trace(q, k, v, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 1  # the forward
+  assert text.count("triton") >= 2  # dq and dk/dv
