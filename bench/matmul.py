@@ -8,6 +8,8 @@ scales) and K, N from DeepSeek-V3 ([M,7168]x[7168,2048], [M,2048]x[2048,7168],
             beforehand, as a fused model keeps them). TPU: `fp8_weight_matmul` (bf16 x, weights
             decoded in VMEM), the path a TPU model uses.
   ours+q    GPU only: `quantize_activations` + `fp8_matmul` (the quantisation kernel included).
+  triton, mosaic  GPU only: `fp8_matmul` forced to gpu_impl="triton" / "mosaic" (Mosaic GPU,
+            Hopper; "ours" is auto, i.e. Mosaic GPU on an H100, Triton where it cannot run).
   deq+bf16  XLA: dequantise W to bf16 inside the jitted step, then a bf16 matmul.
   bf16      XLA: a bf16 matmul with a bf16 W (what the FP8 path must beat).
 
@@ -46,7 +48,8 @@ SHAPES = ((7168, 2048), (2048, 7168), (7168, 18432))  # (K, N)
 M_ALL = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 M_QUICK = (128, 4096)
 COLUMNS = (("K", "K", "d"), ("N", "N", "d"), ("M", "M", "d"), ("ours", "ours", ".1f"),
-           ("ours+q", "ours+q", ".1f"), ("deq+bf16", "deq+bf16", ".1f"), ("bf16", "bf16", ".1f"),
+           ("triton", "triton", ".1f"), ("mosaic", "mosaic", ".1f"), ("ours+q", "ours+q", ".1f"),
+           ("deq+bf16", "deq+bf16", ".1f"), ("bf16", "bf16", ".1f"),
            ("peak", "ours % peak", "s"), ("vs_bf16", "ours/bf16", "s"),
            ("vs_deq", "ours/deq+bf16", "s"), ("err", "err", ".1e"))
 
@@ -91,11 +94,14 @@ def run_case(m: int, k: int, n: int, platform: str, opts) -> dict:
     ours = jax.jit(lambda a, s, w, t: fp8_matmul(a, s, w, t, **kw))
     row["ours"] = tflops(ours, a, a_scale, w8, w_scale)
     got = ours(a, a_scale, w8, w_scale)
+    for impl in ("triton", "mosaic"):
+      flavour = jax.jit(lambda a, s, w, t, impl=impl: fp8_matmul(a, s, w, t, gpu_impl=impl, **kw))
+      row[impl] = tflops(flavour, a, a_scale, w8, w_scale)
     row["ours+q"] = tflops(jax.jit(_quant_and_matmul(kw)), x, w8, w_scale)
   else:
     ours = jax.jit(lambda x, w, t: fp8_weight_matmul(x, w, t, **kw))
     row["ours"] = tflops(ours, x, w8, w_scale)
-    row["ours+q"] = None
+    row["ours+q"] = row["triton"] = row["mosaic"] = None
     got = ours(x, w8, w_scale)
   ref = np.asarray(expected, np.float32)
   row["err"] = float(np.max(np.abs(np.asarray(got, np.float32) - ref)) / np.max(np.abs(ref)))
@@ -115,6 +121,9 @@ def lowering_checks(shapes, m: int) -> None:
     w, w_s = sds((n, k), jnp.float8_e4m3fn), sds((nb, kb), jnp.float32)
     check_cuda_lowering(f"fp8_matmul M {m} K {k} N {n}",
                         lambda a, s, w, t: fp8_matmul(a, s, w, t, **kw), a, a_s, w, w_s)
+    check_cuda_lowering(f"fp8_matmul mosaic M {m} K {k} N {n}",
+                        lambda a, s, w, t: fp8_matmul(a, s, w, t, gpu_impl="mosaic", **kw),
+                        a, a_s, w, w_s, marker="mosaic_gpu")
     check_cuda_lowering(f"quantize_activations + fp8_matmul M {m} K {k} N {n}",
                         _quant_and_matmul(kw), sds((m, k), jnp.bfloat16), w, w_s)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.backend import Backend, select
-from dsv3_jax.kernels_pallas.fp8 import gpu, reference, tpu
+from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
+from dsv3_jax.kernels_pallas.fp8 import gpu, mosaic_gpu, reference, tpu
 from dsv3_jax.kernels_pallas.fp8.reference import (AMAX_FLOOR, BLOCK, E4M3_MAX, cdiv,
                                                    dequantize_ref)
 
@@ -74,7 +74,7 @@ def _check_weight(b: jax.Array, b_scale: jax.Array, k: int) -> None:
 
 def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Array, *,
                out_dtype=jnp.bfloat16, backend: Backend | str = "auto",
-               platform: str | None = None) -> jax.Array:
+               platform: str | None = None, gpu_impl: str | None = None) -> jax.Array:
   """Block-scaled FP8 matmul: out[m, n] = sum_k (a*a_scale)[m, k] * (b*b_scale)[n, k].
 
   Args:
@@ -82,6 +82,9 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
     b: [N, K] float8_e4m3fn weights ([out, in]); b_scale: [ceil(N/128), ceil(K/128)] float32.
       Partial edge blocks are allowed (e.g. N=576, K=7168 with a [5, 56] scale).
     out_dtype: output dtype (bfloat16 by default); accumulation is float32.
+    gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper; see
+      `backend.gpu_flavor`). Shapes `mosaic_gpu.unsupported_reason` rejects (K not a multiple
+      of 256, N not a multiple of 16, M not a multiple of 8) run the Triton kernel.
 
   Returns:
     [M, N] out_dtype. The GPU kernel multiplies e4m3 x e4m3 on the tensor cores with a float32
@@ -101,6 +104,10 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
   b_scale = b_scale.astype(jnp.float32)
   if impl.kind == "tpu":
     return tpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, interpret=impl.interpret)
+  if (gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic"
+      and mosaic_gpu.unsupported_reason(a.dtype, b.dtype, m, b.shape[0], k) is None):
+    return mosaic_gpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype,
+                                 interpret=impl.interpret)
   return gpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, interpret=impl.interpret)
 
 

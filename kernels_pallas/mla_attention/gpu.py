@@ -401,7 +401,7 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
   tk = round_up(sk, max(_tile(x, sk) for x in (blocks.block_k, blocks.block_k_dq,
                                                blocks.block_k_dkv)))
   cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
-                blocks=blocks, interpret=interpret, kv_len=sk)
+                     blocks=blocks, interpret=interpret, kv_len=sk)
   q_seg = kv_seg = None
   if segment_ids is not None:
     q_seg = pad_to(segment_ids[0].astype(jnp.int32), 1, tq)

@@ -437,7 +437,7 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
   tk = round_up(sk, max(_block(x, sk) for x in (blocks.block_k, blocks.block_k_dq,
                                                 blocks.block_k_dkv)))
   cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
-                blocks=blocks, interpret=interpret, kv_len=sk)
+                     blocks=blocks, interpret=interpret, kv_len=sk)
   head_major = lambda x, t: pad_to(jnp.swapaxes(x, 1, 2), 2, t)
   q_seg = kv_seg = None
   if segment_ids is not None:
