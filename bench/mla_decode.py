@@ -6,7 +6,9 @@ bytes read (batch * context * 576 * 2) divided by the time of one decode call, r
 3.0 TB/s (the device-to-device copy rate measured on the H100, ARCHITECTURE.md). Split-K is
 chosen by the kernel's default heuristic unless --splits is given. With --paged the cache is a
 shuffled page pool (--page-size rows per page) addressed through block tables. err = max |ours -
-ref| / max |ref| (a broken kernel shows before its speed is trusted).
+ref| / max |ref| (a broken kernel shows before its speed is trusted). On a GPU the "triton" and
+"mosaic" columns force `mla_decode(gpu_impl=...)` (Mosaic GPU falls back to Triton for shapes it
+does not take); "ours" is the automatic choice (Mosaic GPU on Hopper).
 
 Timing (bench/common.py `time_call`): --warmup calls, then the best of --repeats batches of
 --iters calls, one block_until_ready per batch. Prints a markdown table preceded by device and
@@ -32,6 +34,7 @@ from common import (H100_HBM_TBS, Table, add_timing_args, attempt,  # noqa: E402
                     check_cuda_lowering, kernel_options, peak_fraction, print_header, ratio,
                     save_table, time_call)
 
+from dsv3_jax.kernels_pallas.backend import gpu_flavor  # noqa: E402
 from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
 
 __all__ = ["make_inputs", "main"]
@@ -59,11 +62,14 @@ def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, r
   return q, cache, lengths, tables
 
 
-def _block_sizes(splits: int | None, platform: str | None):
+def _block_sizes(splits: int | None, platform: str | None, gpu_impl: str | None = None):
   """The selected kernel's BlockSizes with num_splits, or None (the kernel's heuristic)."""
   if splits is None:
     return None
   platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu")
+  if platform == "gpu" and gpu_flavor(gpu_impl) == "mosaic":
+    from dsv3_jax.kernels_pallas.mla_decode import mosaic_gpu
+    return mosaic_gpu.BlockSizes(num_splits=splits)
   if platform == "gpu":
     from dsv3_jax.kernels_pallas.mla_decode import gpu as kernel
   else:
@@ -83,6 +89,16 @@ def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits) ->
   check_cuda_lowering(f"mla_decode paged batch {batch} ctx {ctx}", f, q,
                       sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
                       lengths, sds((batch, ctx // page_size), jnp.int32))
+  bs = _block_sizes(splits, "gpu", "mosaic")
+  f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
+                                    backend="pallas", platform="gpu", block_sizes=bs,
+                                    gpu_impl="mosaic")
+  check_cuda_lowering(f"mla_decode mosaic batch {batch} ctx {ctx}", f, q,
+                      sds((batch, ctx, RANK + ROPE), jnp.bfloat16), lengths, None,
+                      marker="mosaic_gpu")
+  check_cuda_lowering(f"mla_decode mosaic paged batch {batch} ctx {ctx}", f, q,
+                      sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
+                      lengths, sds((batch, ctx // page_size), jnp.int32), marker="mosaic_gpu")
 
 
 def main(argv=None) -> int:
@@ -113,12 +129,17 @@ def main(argv=None) -> int:
                f"read, % of {H100_HBM_TBS:.1f} TB/s", a)
   table = Table([("cache", "cache", "s"), ("batch", "batch", "d"), ("ctx", "context", "d"),
                  ("mb", "cache MB", ".0f"), ("ours", "ours GB/s", ".0f"),
+                 ("triton", "triton GB/s", ".0f"), ("mosaic", "mosaic GB/s", ".0f"),
                  ("xla", "xla ref GB/s", ".0f"), ("vs_xla", "ours/xla", "s"),
                  ("peak", "ours % peak", "s"), ("err", "err", ".1e")])
   timing = dict(warmup=a.warmup, iters=a.iters, repeats=a.repeats)
   rng = np.random.default_rng(0)
   ours = jax.jit(lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK,
                                                block_tables=t, block_sizes=block_sizes, **kw))
+  on_gpu = jax.default_backend() == "gpu" and not a.smoke
+  flavours = {impl: jax.jit(lambda q, c, n, t, impl=impl: mla_decode(
+      q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t, gpu_impl=impl,
+      block_sizes=_block_sizes(a.splits, "gpu", impl), **kw)) for impl in ("triton", "mosaic")}
   ref = jax.jit(lambda q, c, n, t: mla_decode_reference(q, c, n, scale=SCALE, kv_lora_rank=RANK,
                                                         block_tables=t))
   for paged in layouts:
@@ -128,7 +149,10 @@ def main(argv=None) -> int:
         nbytes = batch * ctx * (RANK + ROPE) * 2
         row = {"cache": "paged" if paged else "contiguous", "batch": batch, "ctx": ctx,
                "mb": nbytes / 1e6}
-        for name, fn in (("ours", ours), ("xla", ref)):
+        for name, fn in (("ours", ours), ("xla", ref)) + tuple(flavours.items()):
+          if name in flavours and not on_gpu:
+            row[name] = None  # GPU only
+            continue
           row[name] = attempt(lambda: nbytes / time_call(fn, args, **timing) / 1e9)
 
         def err():

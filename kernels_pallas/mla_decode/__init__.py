@@ -1,13 +1,14 @@
 """Absorbed-MLA decode: one query token per sequence against the shared 576-dim latent cache.
 
 `mla_decode` dispatches (see `dsv3_jax.kernels_pallas.backend`) to the jnp reference, the TPU
-Pallas kernel (`tpu.py`, Mosaic) or the GPU Pallas kernel (`gpu.py`, Triton lowering).
+Pallas kernel (`tpu.py`, Mosaic) or a GPU Pallas kernel (`gpu.py`, Triton lowering, or
+`mosaic_gpu.py`, Mosaic GPU for Hopper; `gpu_impl` picks).
 """
 from __future__ import annotations
 
 import jax
 
-from dsv3_jax.kernels_pallas.backend import Backend, select
+from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
 from dsv3_jax.kernels_pallas.mla_decode.reference import check_inputs, mla_decode_reference
 
 __all__ = ["mla_decode", "mla_decode_reference"]
@@ -16,7 +17,7 @@ __all__ = ["mla_decode", "mla_decode_reference"]
 def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: float,
                kv_lora_rank: int = 512, block_tables: jax.Array | None = None,
                backend: Backend | str = "auto", platform: str | None = None,
-               block_sizes=None) -> jax.Array:
+               block_sizes=None, gpu_impl: str | None = None) -> jax.Array:
   """Decode attention of absorbed MLA queries against the latent cache.
 
   scores[b, h, l] = scale * sum_d q[b, h, d] * cache[b, l, d] over all d (latent then rope),
@@ -35,8 +36,13 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: flo
       pool page block_tables[b, i]; entries past a sequence's length are ignored.
     backend: "auto" | "reference" | "pallas" | "interpret" (see `Backend`).
     platform: "tpu" | "gpu": the kernel to interpret, or to lower for off-device.
-    block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` of the selected kernel (block_k, and the
-      split-K factor num_splits; None picks one from the batch size and capacity).
+    block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` / `mosaic_gpu.BlockSizes` of the selected
+      kernel (block_k, and the split-K factor num_splits; None picks one from the batch size and
+      capacity). A Triton `gpu.BlockSizes` with gpu_impl=None selects the Triton kernel.
+    gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper, see
+      `backend.gpu_flavor`). Mosaic GPU falls back to Triton (with its default blocks) for inputs
+      it does not take (`mosaic_gpu.unsupported_reason`: heads not a multiple of 64, paged
+      caches with pages smaller than its block_k, non-bf16/f16, ...).
 
   Returns:
     [batch, heads, kv_lora_rank] in q.dtype (float32 accumulation and softmax inside, also
@@ -51,6 +57,17 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: flo
     from dsv3_jax.kernels_pallas.mla_decode import tpu as kernel
   else:
     from dsv3_jax.kernels_pallas.mla_decode import gpu as kernel
+    from dsv3_jax.kernels_pallas.mla_decode import mosaic_gpu
+    triton_blocks = isinstance(block_sizes, kernel.BlockSizes) and gpu_impl is None
+    if not triton_blocks and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
+      if block_sizes is not None and not isinstance(block_sizes, mosaic_gpu.BlockSizes):
+        raise TypeError(f"block_sizes for the Mosaic GPU kernel must be mosaic_gpu.BlockSizes, "
+                        f"got {type(block_sizes).__name__}")
+      if mosaic_gpu.unsupported_reason(q, cache, kv_lora_rank, block_tables, block_sizes) is None:
+        return mosaic_gpu.mla_decode(q, cache, lengths, block_tables, scale=scale,
+                                     kv_lora_rank=kv_lora_rank, block_sizes=block_sizes,
+                                     interpret=impl.interpret)
+      block_sizes = None  # Triton, with its own default blocks
   if block_sizes is not None and not isinstance(block_sizes, kernel.BlockSizes):
     raise TypeError(f"block_sizes for the {impl.kind} kernel must be {kernel.__name__}.BlockSizes, "
                     f"got {type(block_sizes).__name__}")

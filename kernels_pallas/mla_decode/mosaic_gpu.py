@@ -1,0 +1,353 @@
+"""Absorbed-MLA decode for Hopper in Mosaic GPU (wgmma + TMA, warp specialised), split-K.
+
+One CTA owns 64 query heads of one sequence and one split of its context; the grid is
+(head blocks, splits, batch), head blocks fastest so the CTAs that read the same cache rows run
+side by side (the second read comes from L2). Three warpgroups:
+
+- memory (wg 2): streams `block_k`-row cache blocks with TMA through a ring of
+  `max_concurrent_steps` shared-memory slots. Each block is loaded ONCE, in three column parts
+  [0, r/2), [r/2, r), [r, d) (r = kv_lora_rank): the keys are all three, the values the first two.
+- score (wg 0): S = Q . K^T (three wgmmas into one [64, block_k] f32 accumulator), the online
+  softmax in base 2 (scale * log2(e) folded in), stores P (q.dtype) and the rescale factor in
+  shared memory for its partner, then O[:, :r/2] = alpha * O + P . V[:, :r/2].
+- value (wg 1): waits for P, O[:, r/2:] = alpha * O + P . V[:, r/2:].
+
+So the value accumulator [64, r] f32 is split over two warpgroups (128 registers per thread at
+r = 512) and the scores are computed once. Split s of sequence b covers blocks
+[s * cps, min((s + 1) * cps, n_b)) of its own n_b = ceil(len_b / block_k) blocks; only the last
+block of a sequence is masked, and there the value rows past the length are zeroed in shared
+memory (stale rows, TMA fill past the end of a contiguous cache, may hold anything, and
+0 * NaN would leak). Partials (normalised O in q.dtype, base-2 log-sum-exp f32) are merged by
+`reference.combine_splits`; one split writes the result directly.
+
+Paged caches: block j at position p = j * block_k comes from pool page
+block_tables[b, p // page_size], rows p % page_size (block_k divides the page size).
+
+Interpret mode (CPU tests) runs the same pipeline, barriers, masking and softmax in Mosaic GPU's
+interpreter, whose wgmma takes neither transposed nor register operands: there both products are
+plain dots of the shared-memory tiles, and register layouts are not given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from dsv3_jax.kernels_pallas.grouped_matmul.mosaic_gpu import interpret_context, num_sms
+from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
+
+__all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -1e30
+HEADS_PER_CTA = 64  # one wgmma M tile
+SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on H100
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+NT = (((1,), (1,)), ((), ()))
+NN = (((1,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """block_k: cache rows per pipeline step (multiple of 64; paged: divides the page size).
+  max_concurrent_steps: cache blocks in flight (shared-memory ring slots, >= 2).
+  num_splits: split-K factor (None: enough CTAs to fill the SMs once)."""
+
+  block_k: int = 64
+  max_concurrent_steps: int = 2
+  num_splits: int | None = None
+
+  def __post_init__(self):
+    if self.block_k <= 0 or self.block_k % 64:
+      raise ValueError(f"block_k={self.block_k} must be a positive multiple of 64")
+    if self.max_concurrent_steps < 2:
+      raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
+
+
+# Without this CompilerParams field Mosaic GPU reserves 2 KiB of reduction scratch per kernel.
+_HAS_SCRATCH_PARAM = "reduction_scratch_bytes" in {
+    f.name for f in dataclasses.fields(plgpu.CompilerParams)}
+
+
+def smem_bytes(d: int, itemsize: int, blocks: BlockSizes) -> int:
+  """Shared memory the kernel allocates (barriers and alignment excluded)."""
+  bk, st = blocks.block_k, blocks.max_concurrent_steps
+  return (HEADS_PER_CTA * d + st * bk * d + HEADS_PER_CTA * bk) * itemsize \
+      + 2 * HEADS_PER_CTA * 4 + (0 if _HAS_SCRATCH_PARAM else 2048 + 128)
+
+
+def unsupported_reason(q, cache, kv_lora_rank: int, block_tables, blocks: BlockSizes | None = None
+                       ) -> str | None:
+  """Why the Mosaic GPU kernel cannot take these inputs (None when it can)."""
+  blocks = blocks or BlockSizes()
+  h, d = q.shape[1], q.shape[2]
+  rank = kv_lora_rank
+  if jnp.dtype(q.dtype) not in _DTYPES or cache.dtype != q.dtype:
+    return f"wgmma takes bf16/f16 operands of one dtype here, got {q.dtype}, {cache.dtype}"
+  if h % HEADS_PER_CTA:
+    return f"heads={h} must be a multiple of {HEADS_PER_CTA} (one wgmma M tile per CTA)"
+  if rank % 128 or (d - rank) % 64 or d == rank:
+    return (f"latent dims {rank} must be a multiple of 128 and rope dims {d - rank} a positive "
+            f"multiple of 64 (128-byte swizzled column parts)")
+  if block_tables is not None and cache.shape[1] % blocks.block_k:
+    return f"page size {cache.shape[1]} must be a multiple of block_k={blocks.block_k}"
+  need = smem_bytes(d, q.dtype.itemsize, blocks)
+  if need > SMEM_BYTES:
+    return (f"{blocks} needs ~{need} bytes of shared memory (> {SMEM_BYTES}); lower block_k or "
+            f"max_concurrent_steps")
+  return None
+
+
+_LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1)}
+
+
+def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_smem, vec_smem,
+            barriers, *, scale: float, parts, bk: int, stages: int, splits: int,
+            page: int | None, interpret: bool):
+  q_bar, k_bar, p_bar, p_free, done = barriers
+  nh = HEADS_PER_CTA
+  half = parts[0][1]
+  dtype = q_ref.dtype
+  lay = (lambda name: None) if interpret else (lambda name: _LAYOUTS[name])
+
+  batch = lax.axis_index("batch")
+  hb = lax.axis_index("heads")
+  split = lax.axis_index("splits")
+  wg = lax.axis_index("wg")
+  heads = pl.ds(hb * nh, nh)
+  length = len_ref[batch]
+  n = lax.div(length + bk - 1, bk)
+  cps = lax.div(n + splits - 1, splits)
+  c0 = jnp.minimum(split * cps, n)
+  c1 = jnp.minimum(c0 + cps, n)
+  nblk = c1 - c0
+  n_full = jnp.clip(lax.div(length, bk), c0, c1) - c0  # blocks [0, n_full) need no mask
+
+  def zero_rows_past_end(v_smem, j):
+    """Zeroes the value rows at or past `length` of relative block j in shared memory."""
+    rows = plgpu.broadcasted_iota(jnp.int32, v_smem.shape, 0, layout=lay("tile")) + (c0 + j) * bk
+    v = v_smem[...]
+    v_smem[...] = jnp.where(rows < length, v, jnp.zeros_like(v))
+
+  def pv(acc, v_smem, alpha):
+    """alpha * acc + P . v (P from shared memory)."""
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    if interpret:  # the interpreter's wgmma: no register operands
+      return acc + lax.dot_general(p_smem[...], v_smem[...], NN,
+                                   preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, p_smem, v_smem)
+      plgpu.wgmma_wait(0)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+  def load_vec(i):
+    if interpret:
+      return vec_smem[i, :]
+    return plgpu.load(vec_smem, (i, slice(None)), layout=lay("row"))
+
+  def store_out(acc, inv, o_smem, col0):
+    o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, split, heads, pl.ds(col0, half)])
+
+  @pl.when(wg == 0)
+  def _score():
+    plgpu.set_max_registers(232, action="increase")
+    for (o, w), q_smem in zip(parts, q_smems):
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, heads, pl.ds(o, w)], q_smem, q_bar)
+    plgpu.barrier_wait(q_bar)
+    c = scale * LOG2E
+
+    def step(j, carry, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(k_bar.at[slot])
+      if interpret:  # the interpreter's wgmma cannot read a transposed operand
+        s = None
+        for q_smem, k_smem in zip(q_smems, k_smems):
+          dot = lax.dot_general(q_smem[...], k_smem.at[slot][...], NT,
+                                preferred_element_type=jnp.float32)
+          s = dot if s is None else s + dot
+      else:
+        def qk(acc_ref):
+          for q_smem, k_smem in zip(q_smems, k_smems):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((nh, bk), jnp.float32))
+      s = s * c
+      if masked:
+        pos = plgpu.broadcasted_iota(jnp.int32, (nh, bk), 1, layout=lay("tile")) + (c0 + j) * bk
+        s = jnp.where(pos < length, s, -jnp.inf)  # m starts finite: masked entries give 0
+      m_next = jnp.maximum(m, s.max(axis=1))
+      alpha = jnp.exp2(m - m_next)
+      p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      pl.when(j > 0)(lambda: plgpu.barrier_wait(p_free))  # partner done with the last P
+      p_smem[...] = p.astype(dtype)
+      vec_smem.at[0][...] = alpha
+      if masked:
+        zero_rows_past_end(k_smems[0].at[slot], j)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_bar)
+      acc = pv(acc, k_smems[0].at[slot], alpha)
+      plgpu.barrier_arrive(done.at[slot])
+      return acc, m_next, l
+
+    carry = (jnp.full((nh, half), 0.0, jnp.float32), jnp.full((nh,), MASK_VALUE, jnp.float32),
+             jnp.full((nh,), 0.0, jnp.float32))
+    if not interpret:
+      carry = (plgpu.layout_cast(carry[0], lay("tile")), plgpu.layout_cast(carry[1], lay("row")),
+               plgpu.layout_cast(carry[2], lay("row")))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, nblk, functools.partial(step, masked=True), carry)
+    pl.when(nblk > 0)(lambda: plgpu.barrier_wait(p_free))
+    seen = l > 0.0
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+    vec_smem.at[1][...] = inv
+    log_l = jnp.log(jnp.where(seen, l, 1.0)) * (1.0 / math.log(2.0))
+    vec_smem.at[0][...] = jnp.where(seen, m + log_l, -jnp.inf)  # alpha's row is free now
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(p_bar)  # the partner's final phase: 1 / l is ready
+    store_out(acc, inv, q_smems[0], 0)  # Q is dead: its first part holds the output tile
+    plgpu.copy_smem_to_gmem(vec_smem.at[0], lse_ref.at[batch, split, heads])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 1)
+  def _value():
+    plgpu.set_max_registers(232, action="increase")
+
+    def step(j, acc, masked: bool):
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(k_bar.at[slot])
+      plgpu.barrier_wait(p_bar)
+      alpha = load_vec(0)
+      if masked:
+        zero_rows_past_end(k_smems[1].at[slot], j)
+        plgpu.commit_smem()
+      acc = pv(acc, k_smems[1].at[slot], alpha)
+      plgpu.barrier_arrive(p_free)
+      plgpu.barrier_arrive(done.at[slot])
+      return acc
+
+    acc = jnp.full((nh, half), 0.0, jnp.float32)
+    if not interpret:
+      acc = plgpu.layout_cast(acc, lay("tile"))
+    acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+    acc = lax.fori_loop(n_full, nblk, functools.partial(step, masked=True), acc)
+    plgpu.barrier_wait(p_bar)
+    store_out(acc, load_vec(1), q_smems[1], half)  # the score warpgroup is done with Q
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(j, slot):
+      pos = (c0 + j) * bk
+      for (o, w), k_smem in zip(parts, k_smems):
+        if page is None:
+          src = c_ref.at[batch, pl.ds(pos, bk), pl.ds(o, w)]
+        else:
+          src = c_ref.at[bt_ref[batch, lax.div(pos, page)], pl.ds(lax.rem(pos, page), bk),
+                         pl.ds(o, w)]
+        plgpu.copy_gmem_to_smem(src, k_smem.at[slot], k_bar.at[slot])
+
+    for i in range(stages):
+      pl.when(i < nblk)(functools.partial(load, i, i))
+
+    @pl.loop(0, jnp.maximum(nblk - stages, 0))
+    def _(j):
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(done.at[slot])
+      load(j + stages, slot)
+
+    @pl.loop(jnp.maximum(nblk - stages, 0), nblk)
+    def _(j):  # observe the last releases too: no barrier phase is left pending at exit
+      plgpu.barrier_wait(done.at[lax.rem(j, stages)])
+
+
+def _compiler_params():
+  """approx_math; no shared-memory reduction scratch (the 2 KiB default would not fit: the row
+  reductions of the WGMMA layout are warp shuffles)."""
+  kw = {}
+  if _HAS_SCRATCH_PARAM:
+    kw["reduction_scratch_bytes"] = 0
+  return plgpu.CompilerParams(approx_math=True, **kw)
+
+
+def _num_splits(blocks: BlockSizes, batch: int, head_blocks: int, capacity: int) -> int:
+  n_blocks = -(-capacity // blocks.block_k)
+  if blocks.num_splits:
+    return max(1, min(blocks.num_splits, n_blocks))
+  want = -(-num_sms() // (batch * head_blocks))
+  return max(1, min(want, n_blocks // 2 or 1))
+
+
+def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
+               block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """Mosaic GPU path of `mla_decode` (see the package docstring); [b, h, rank] in q.dtype.
+
+  Callers check `unsupported_reason` first (the dispatcher falls back to Triton).
+  """
+  blocks = block_sizes or BlockSizes()
+  reason = unsupported_reason(q, cache, kv_lora_rank, block_tables, blocks)
+  if reason is not None:
+    raise ValueError(f"Mosaic GPU MLA decode cannot take these inputs: {reason}")
+  b, h, d = q.shape
+  rank, bk, stages = kv_lora_rank, blocks.block_k, blocks.max_concurrent_steps
+  half = rank // 2
+  parts = ((0, half), (half, half), (rank, d - rank))
+  paged = block_tables is not None
+  if paged:
+    page = cache.shape[1]
+    capacity = block_tables.shape[1] * page
+    tables = block_tables.astype(jnp.int32)
+  else:
+    page = None
+    if cache.shape[1] < bk:  # a TMA box may not exceed the array: pad a tiny cache
+      cache = jnp.pad(cache, ((0, 0), (0, bk - cache.shape[1]), (0, 0)))
+    capacity = cache.shape[1]
+    tables = jnp.zeros((b, 1), jnp.int32)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, capacity)
+  n_hb = h // HEADS_PER_CTA
+  splits = _num_splits(blocks, b, n_hb, capacity)
+
+  tiling = plgpu.TilingTransform((8, 64))
+  swizzle = plgpu.SwizzleTransform(128)
+  smem = lambda shape: plgpu.SMEM(shape, q.dtype, transforms=(tiling, swizzle))
+  q_smems = tuple(smem((HEADS_PER_CTA, w)) for _, w in parts)
+  k_smems = tuple(smem((stages, bk, w)) for _, w in parts)
+  p_smem = smem((HEADS_PER_CTA, bk))
+  vec_smem = plgpu.SMEM((2, HEADS_PER_CTA), jnp.float32)  # alpha (then base-2 lse), 1 / l
+  barriers = (
+      plgpu.Barrier(num_arrivals=len(parts)),  # q loaded
+      plgpu.Barrier(num_arrivals=len(parts), num_barriers=stages),  # cache block loaded
+      plgpu.Barrier(num_arrivals=1),  # P and alpha (then 1 / l) ready for the value warpgroup
+      plgpu.Barrier(num_arrivals=1),  # value warpgroup done with P
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # cache slot consumed
+  )
+  kernel = plgpu.kernel(
+      functools.partial(_kernel, scale=float(scale), parts=parts, bk=bk, stages=stages,
+                        splits=splits, page=page, interpret=interpret),
+      out_type=(jax.ShapeDtypeStruct((b, splits, h, rank), q.dtype),
+                jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
+      scratch_types=(q_smems, k_smems, p_smem, vec_smem, barriers),
+      grid=(n_hb, splits, b),
+      grid_names=("heads", "splits", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_compiler_params(),
+  )
+  with interpret_context(interpret):
+    o, lse = kernel(lengths, tables, q, cache)
+  if splits == 1:
+    return o[:, 0]
+  return combine_splits(o, lse * (1.0 / LOG2E)).astype(q.dtype)

@@ -1,0 +1,123 @@
+"""MLA decode, Mosaic GPU (Hopper) kernel: interpret mode vs the jnp reference, dispatch, and
+lowering for CUDA at DeepSeek-V3 shapes (Mosaic GPU lowers without a GPU).
+
+Interpret mode (CPU) runs the kernel's pipeline, barriers, masking and online softmax; its wgmma
+calls are replaced by dots of the same shared-memory tiles (see `mosaic_gpu` docstring), so the
+wgmma operand layouts are checked only by the lowering tests here and by the H100 bench.
+Small dims keep interpret mode affordable: 64 heads (one CTA), 128 latent + 64 rope.
+
+Rows past each sequence's length (and TMA reads past a contiguous cache's end, NaN in interpret
+mode) are poisoned with NaN in the kernel's input; the reference sees a clean copy, so any leak of
+a masked row shows as NaN.
+
+Tolerance (bf16 inputs, reference float32 on the same values, result bf16): the kernel rounds p
+to bf16 before the value product and stores split-K partials in bf16 before the float32 merge, and
+both sides round the result (half an ulp is 3.9e-3 relative): bound 2e-2 + 2e-2 * |x|.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.kernels_pallas import mla_decode
+from dsv3_jax.kernels_pallas.mla_decode import gpu, mosaic_gpu, reference
+from tests.utils import assert_close
+
+OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+H, RANK, ROPE, SCALE = 64, 128, 64, 0.1
+TOL = dict(atol=2e-2, rtol=2e-2)
+
+
+def run_fast(f, *args):
+  """jit + run with XLA's CPU optimisations off: compile time dominates interpret-mode tests."""
+  return jax.jit(f).lower(*args).compile(compiler_options=OPTS)(*args)
+
+
+def _poison(cache, lengths):
+  """cache [b, s, d] with every row at or past lengths[b] set to NaN."""
+  rows = jnp.arange(cache.shape[1])[None, :, None]
+  return jnp.where(rows < jnp.asarray(lengths)[:, None, None], cache, jnp.nan)
+
+
+def _inputs(rng, b, cap):
+  q = jnp.asarray(rng.standard_normal((b, H, RANK + ROPE)), jnp.bfloat16)
+  cache = jnp.asarray(rng.standard_normal((b, cap, RANK + ROPE)), jnp.bfloat16)
+  return q, cache
+
+
+def _interpret(q, cache, lengths, tables, splits):
+  blocks = mosaic_gpu.BlockSizes(block_k=64, num_splits=splits)
+  return run_fast(lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK,
+                                                block_tables=t, backend="interpret",
+                                                platform="gpu", block_sizes=blocks,
+                                                gpu_impl="mosaic"),
+                  q, cache, lengths, tables)
+
+
+def test_contiguous_ragged_split_k():
+  """Lengths full (100, not a multiple of the 64-row block: the last TMA box reads past the
+  cache end), 0 and 70; two splits per sequence, merged with combine_splits."""
+  rng = np.random.default_rng(0)
+  q, cache = _inputs(rng, 3, 100)
+  lengths = jnp.asarray([100, 0, 70], jnp.int32)
+  got = _interpret(q, _poison(cache, lengths), lengths, None, 2)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=SCALE, kv_lora_rank=RANK)
+  assert got.shape == (3, H, RANK) and got.dtype == jnp.bfloat16
+  assert_close(got, want, **TOL, what="mosaic contiguous")
+  assert np.all(np.asarray(got[1], np.float32) == 0)  # empty sequence -> zeros
+
+
+def test_paged_one_split():
+  """Shuffled page pool (64-row pages, NaN in unused pages and rows past the lengths); one split
+  per sequence (the CTA writes the result directly, no merge)."""
+  rng = np.random.default_rng(1)
+  b, page, pps = 2, 64, 2
+  q, cache = _inputs(rng, b, page * pps)
+  lengths = jnp.asarray([128, 65], jnp.int32)
+  perm = rng.permutation(b * pps + 2)
+  tables = jnp.asarray(perm[:b * pps].reshape(b, pps), jnp.int32)
+  pool = jnp.full((b * pps + 2, page, RANK + ROPE), jnp.nan, jnp.bfloat16)
+  pool = pool.at[tables.reshape(-1)].set(
+      _poison(cache, lengths).reshape(b * pps, page, RANK + ROPE))
+  got = _interpret(q, pool, lengths, tables, 1)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=SCALE, kv_lora_rank=RANK)
+  assert_close(got, want, **TOL, what="mosaic paged")
+
+
+def _lower_cuda(q, cache, lengths, tables, **kw):
+  f = lambda q, c, n, t: mla_decode(q, c, n, scale=576 ** -0.5, kv_lora_rank=512,
+                                    block_tables=t, backend="pallas", platform="gpu", **kw)
+  return jax.jit(f).trace(q, cache, lengths, tables).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_lowers_for_cuda_at_v3_shapes(paged):
+  """B=64, 128 heads, 512 + 64, capacity 8192, bf16: the kernel fits shared memory and lowers."""
+  sds = jax.ShapeDtypeStruct
+  b, cap, page = 64, 8192, 64
+  q, n = sds((b, 128, 576), jnp.bfloat16), sds((b,), jnp.int32)
+  if paged:
+    cache, tables = sds((b * cap // page, page, 576), jnp.bfloat16), sds((b, cap // page),
+                                                                        jnp.int32)
+  else:
+    cache, tables = sds((b, cap, 576), jnp.bfloat16), None
+  text = _lower_cuda(q, cache, n, tables, gpu_impl="mosaic")
+  assert "mosaic_gpu" in text and "triton" not in text
+
+
+def test_unsupported_shapes_fall_back_to_triton():
+  """16 heads (not a multiple of 64) and 16-row pages (below block_k): Triton, with a reason."""
+  sds = jax.ShapeDtypeStruct
+  q16 = sds((2, 16, 576), jnp.bfloat16)
+  cache = sds((2, 256, 576), jnp.bfloat16)
+  assert "heads=16" in mosaic_gpu.unsupported_reason(q16, cache, 512, None)
+  q = sds((2, 128, 576), jnp.bfloat16)
+  pool, tables = sds((32, 16, 576), jnp.bfloat16), sds((2, 16), jnp.int32)
+  assert "page size 16" in mosaic_gpu.unsupported_reason(q, pool, 512, tables)
+  assert mosaic_gpu.unsupported_reason(q, cache, 512, None) is None
+  n = sds((2,), jnp.int32)
+  for args in ((q16, cache, n, None), (q, pool, n, tables)):
+    text = _lower_cuda(*args, gpu_impl="mosaic")
+    assert "triton" in text and "mosaic_gpu" not in text
+  with pytest.raises(TypeError, match="mosaic_gpu.BlockSizes"):
+    _lower_cuda(q, cache, n, None, gpu_impl="mosaic", block_sizes=gpu.BlockSizes())
