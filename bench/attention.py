@@ -4,8 +4,9 @@ Causal attention, bf16, DeepSeek-V3 head dims (q/k 192, v 128), 128 heads (defau
 sequence lengths 2k-16k at --batch (default 1). Forward and forward+backward
 (gradients w.r.t. q, k, v). Baselines:
   ours   our Pallas kernel, GPU flavour Triton (forward and backward), column "ours";
-  mosaic our Mosaic GPU forward (Hopper: wgmma, TMA, warp specialisation) with the Triton
-         backward (`gpu_impl="mosaic"`; --mosaic-blocks BQ BK STAGES tunes its forward);
+  mosaic our Mosaic GPU forward (Hopper: wgmma, TMA, warp specialisation) with the Mosaic GPU
+         backward (`gpu_impl="mosaic"`; --mosaic-blocks BQ BK STAGES tunes its forward,
+         --mosaic-bwd-blocks its backward, --mosaic-bwd triton swaps in the Triton backward);
   cudnn  jax.nn.dot_product_attention(..., implementation="cudnn"), whose public API requires
          v to have k's head dim (jax 0.10-0.11 check value [B, S, K, H] against key), so v is
          zero-padded to 192 inside the timed function and the output sliced back to 128;
@@ -102,6 +103,8 @@ def lowering_checks(seq: int, heads: int, batch: int) -> None:
                       q, q, v, v)
   check_cuda_lowering(f"mla_attention mosaic fwd seq {seq} heads {heads}", impls["mosaic"],
                       q, q, v, marker="mosaic_gpu")
+  check_cuda_lowering(f"mla_attention mosaic fwd+bwd seq {seq} heads {heads}",
+                      fwd_bwd(impls["mosaic"]), q, q, v, v, marker="custom_call @mosaic_gpu")
 
 
 def main(argv=None) -> int:
@@ -117,6 +120,11 @@ def main(argv=None) -> int:
                        "max_concurrent_steps (default 64 128 2)")
   ap.add_argument("--no-schedule-barrier", action="store_true",
                   help="Mosaic GPU forward without the warpgroup ping-pong barrier")
+  ap.add_argument("--mosaic-bwd", choices=("mosaic", "triton"), default="mosaic",
+                  help="backward of the mosaic column (default: the Mosaic GPU backward)")
+  ap.add_argument("--mosaic-bwd-blocks", type=int, nargs=5,
+                  metavar=("BQ_DQ", "BK_DQ", "BQ_DKV", "BK_DKV", "STAGES"),
+                  help="Mosaic GPU backward tiles (default 64 64 64 64 2)")
   add_timing_args(ap, warmup=3, iters=10, repeats=3)
   a = ap.parse_args(argv)
   if a.quick:
@@ -141,7 +149,11 @@ def main(argv=None) -> int:
   timing = dict(warmup=a.warmup, iters=a.iters, repeats=a.repeats)
   from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu
   mb = dict(zip(("block_q", "block_k", "max_concurrent_steps"), a.mosaic_blocks or ()))
-  mosaic_blocks = mosaic_gpu.BlockSizes(**mb, use_schedule_barrier=not a.no_schedule_barrier)
+  bb = dict(zip(("block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv",
+                 "max_concurrent_steps"), a.mosaic_bwd_blocks or ()))
+  mosaic_blocks = mosaic_gpu.BlockSizes(**mb, use_schedule_barrier=not a.no_schedule_barrier,
+                                        backward_impl=a.mosaic_bwd,
+                                        mosaic_backward=mosaic_gpu.BackwardBlockSizes(**bb))
   impls = implementations(scale, kernel_options(a), cudnn_impl, mosaic_blocks)
   for seq in a.seqs:
     keys = jax.random.split(jax.random.key(seq), 4)

@@ -39,8 +39,9 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cau
       (backend="pallas"/"auto" off-device, e.g. in lowering tests).
     block_sizes: `tpu.BlockSizes` / `gpu.BlockSizes` / `mosaic_gpu.BlockSizes` for the selected
       kernel (default: tuned defaults of that kernel); a `gpu.BlockSizes` given to the Mosaic GPU
-      path configures its (Triton) backward.
-    gpu_impl: GPU only: "triton", "mosaic" (Mosaic GPU forward + Triton backward) or None/"auto"
+      path selects the Triton backward with those tiles.
+    gpu_impl: GPU only: "triton", "mosaic" (Mosaic GPU forward + Mosaic GPU backward, see
+      `mosaic_gpu.BlockSizes.backward_impl`) or None/"auto"
       (`backend.gpu_flavor`: Mosaic GPU on Hopper). "auto" falls back to Triton for inputs the
       Mosaic GPU kernel cannot take (fp32, see `mosaic_gpu.unsupported_reason`); an explicit
       "mosaic" raises for them instead.
@@ -64,7 +65,7 @@ def mla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, cau
     if gpu_flavor(gpu_impl) == "mosaic":
       from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu
       if isinstance(block_sizes, kernel.BlockSizes):
-        block_sizes = mosaic_gpu.BlockSizes(backward=block_sizes)
+        block_sizes = mosaic_gpu.BlockSizes(backward=block_sizes, backward_impl="triton")
       reason = mosaic_gpu.unsupported_reason(
           q, k, v, scale=scale, blocks=block_sizes or mosaic_gpu.BlockSizes(),
           has_segments=segment_ids is not None)

@@ -10,7 +10,8 @@ warpgroup, which is what lets block_k = 128 fit with two stages).
 
 Softmax runs in base 2 with scale * log2(e) folded in; the saved log-sum-exp is base 2,
 [batch, heads, q_len] float32, +inf on rows that see no key: exactly what the Triton backward
-of `gpu.py` consumes, so the custom VJP pairs this forward with that backward.
+of `gpu.py` consumes. The custom VJP pairs this forward with the Mosaic GPU backward of
+`mosaic_gpu_backward.py` (default) or with that Triton backward (`BlockSizes.backward_impl`).
 
 Masking (same rules as `reference.py`): causal with a per-batch q_offset, key padding, segment
 ids. Key blocks that are fully visible run without a mask; partly visible ones are masked;
@@ -29,20 +30,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
+from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
+from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
                                                              kv_block_range, may_mask, pad_to,
                                                              round_up)
 
-__all__ = ["BlockSizes", "mla_attention", "forward", "unsupported_reason", "SMEM_BYTES"]
+__all__ = ["BlockSizes", "BackwardBlockSizes", "mla_attention", "forward", "unsupported_reason",
+           "backward_choice", "SMEM_BYTES", "BACKWARD_IMPLS"]
 
 LOG2E = math.log2(math.e)
 SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on H100
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+BACKWARD_IMPLS = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Forward tiles of the Mosaic GPU kernel; `backward` configures the Triton backward.
+  """Tiles of the Mosaic GPU forward, and which backward runs with which tiles.
 
   block_q: query rows per compute warpgroup (multiple of 64; a CTA covers 2 * block_q).
   block_k: key rows per pipeline step (multiple of 64).
@@ -51,6 +56,9 @@ class BlockSizes:
     other's wgmma), as in FlashAttention-3.
   pv_in_place: p @ v accumulates in place onto the rescaled output accumulator (`pl.run_state`);
     False uses a fresh accumulator and adds it.
+  backward_impl: "mosaic" (the Mosaic GPU dq and dk/dv kernels, tiles `mosaic_backward`) or
+    "triton" (the Triton backward of `gpu.py`, tiles `backward`). Inputs the Mosaic backward
+    cannot take (see `backward_choice`) fall back to Triton.
 
   Interpret mode (CPU tests) runs the same pipeline, barriers, masking and softmax, but its
   wgmma takes only untransposed shared-memory operands, so there both products are plain dots
@@ -63,6 +71,8 @@ class BlockSizes:
   use_schedule_barrier: bool = True
   pv_in_place: bool = True
   backward: triton_gpu.BlockSizes = triton_gpu.BlockSizes()
+  backward_impl: str = "mosaic"
+  mosaic_backward: BackwardBlockSizes = BackwardBlockSizes()
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_q <= 0:
@@ -71,6 +81,8 @@ class BlockSizes:
       raise ValueError(f"block_k={self.block_k} must be a positive multiple of 64")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2")
+    if self.backward_impl not in BACKWARD_IMPLS:
+      raise ValueError(f"backward_impl={self.backward_impl!r} must be one of {BACKWARD_IMPLS}")
 
 
 def _parts(dqk: int, dv: int) -> tuple[tuple[int, int], ...]:
@@ -371,8 +383,16 @@ def forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   return o, lse
 
 
-def _backward_cfg(cfg: KernelConfig) -> KernelConfig:
-  return dataclasses.replace(cfg, blocks=cfg.blocks.backward)
+def backward_choice(dqk: int, dv: int, itemsize: int, blocks: BlockSizes,
+                    has_segments: bool) -> tuple[str, str | None]:
+  """(backward that runs, why not the Mosaic one or None): "mosaic" when asked for and the
+  shapes fit, else "triton". The forward's checks (dtype, head dims) already hold here; the
+  Mosaic backward can only refuse tiles whose shared memory exceeds the CTA's."""
+  if blocks.backward_impl == "triton":
+    return "triton", "backward_impl='triton'"
+  reason = mgpu_bwd.unsupported_reason(dqk, dv, itemsize, blocks.mosaic_backward, has_segments,
+                                       SMEM_BYTES)
+  return ("triton", reason) if reason else ("mosaic", None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -387,7 +407,15 @@ def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
 
 def _attention_bwd(cfg: KernelConfig, res, do):
   q, k, v, off, q_seg, kv_seg, o, lse = res
-  dq, dk, dv = triton_gpu.backward(q, k, v, off, q_seg, kv_seg, o, lse, do, _backward_cfg(cfg))
+  blocks: BlockSizes = cfg.blocks
+  impl, _ = backward_choice(q.shape[-1], v.shape[-1], q.dtype.itemsize, blocks, cfg.has_segments)
+  if impl == "mosaic":
+    dq, dk, dv = mgpu_bwd.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
+                                   dataclasses.replace(cfg, blocks=blocks.mosaic_backward),
+                                   _parts(q.shape[-1], v.shape[-1]))
+  else:  # asked for, or the Mosaic backward's tiles do not fit in shared memory
+    dq, dk, dv = triton_gpu.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
+                                     dataclasses.replace(cfg, blocks=blocks.backward))
   return dq, dk, dv, None, None, None
 
 
@@ -395,22 +423,26 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def padded_lengths(q_len: int, kv_len: int, blocks: BlockSizes) -> tuple[int, int]:
-  """Padded (q_len, kv_len): multiples of the forward tiles and of the backward's tiles."""
-  bw = blocks.backward
-  tq = round_up(q_len, math.lcm(2 * blocks.block_q, bw.block_q_dq, bw.block_q_dkv))
-  tk = round_up(kv_len, math.lcm(blocks.block_k, bw.block_k_dq, bw.block_k_dkv))
+  """Padded (q_len, kv_len): multiples of the forward tiles and of both backwards' tiles (the
+  Mosaic backward may fall back to Triton)."""
+  bw, mb = blocks.backward, blocks.mosaic_backward
+  tq = round_up(q_len, math.lcm(2 * blocks.block_q, bw.block_q_dq, bw.block_q_dkv,
+                                2 * mb.block_q_dq, mb.block_q_dkv))
+  tk = round_up(kv_len, math.lcm(blocks.block_k, bw.block_k_dq, bw.block_k_dkv, mb.block_k_dq,
+                                 2 * mb.block_k_dkv))
   return tq, tk
 
 
 def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
                   block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """Mosaic GPU forward + Triton backward path of `mla_attention` (see the package docstring).
+  """Mosaic GPU forward + Mosaic GPU (or Triton) backward path of `mla_attention` (see the
+  package docstring).
 
   q: [b, q_len, h, dqk] bf16/f16; k: [b, kv_len, hk, dqk]; v: [b, kv_len, hk, dv];
   q_offset: int32 [b]; segment_ids: None or (q_seg [b, q_len], kv_seg [b, kv_len]).
   Returns [b, q_len, h, dv] in q.dtype. Callers check `unsupported_reason` first.
-  interpret: run the forward in Mosaic GPU interpret mode and the backward in Triton interpret
-  mode (CPU tests).
+  interpret: run the Mosaic GPU kernels in Mosaic GPU interpret mode (and a Triton backward in
+  Triton interpret mode): CPU tests.
   """
   blocks = block_sizes or BlockSizes()
   reason = unsupported_reason(q, k, v, scale=scale, blocks=blocks,

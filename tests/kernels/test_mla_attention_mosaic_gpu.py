@@ -1,10 +1,11 @@
-"""MLA attention, Mosaic GPU forward (+ Triton backward): GPU interpret mode on CPU vs the jnp
-reference and a numpy log-sum-exp, the dispatch rules of `gpu_impl`, and lowering for CUDA.
+"""MLA attention, Mosaic GPU forward + Mosaic GPU backward (dq and dk/dv kernels): GPU interpret
+mode on CPU vs the jnp reference (outputs, and dq/dk/dv against jax's autodiff of it) and a numpy
+log-sum-exp, the dispatch rules of `gpu_impl` and `backward_impl`, and lowering for CUDA.
 
-Interpret mode runs the kernel's TMA pipeline, barriers (three warpgroups), block skipping,
-masking and online softmax; its wgmma takes only untransposed shared-memory operands, so the two
-products run as plain dots of the shared-memory tiles there (the wgmma calls are checked by the
-CUDA lowering test and on a GPU only).
+Interpret mode runs the kernels' TMA pipelines, barriers (three warpgroups), block skipping,
+masking, online softmax and the backward's GQA group loop; its wgmma takes only untransposed
+shared-memory operands, so the products run as plain dots of the shared-memory tiles there (the
+wgmma calls are checked by the CUDA lowering test and on a GPU only).
 
 Tolerances (bf16 inputs; the kernel rounds p to bf16 before p @ v, as every flash attention does,
 and both sides round the result to bf16, one ulp = 3.9e-3 on [0.5, 1)): outputs and gradients
@@ -24,7 +25,9 @@ from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
 from tests.utils import assert_close
 
 BLOCKS = mosaic_gpu.BlockSizes(
-    block_q=64, block_k=64, max_concurrent_steps=2,
+    block_q=64, block_k=64, max_concurrent_steps=2, backward_impl="mosaic",
+    mosaic_backward=mosaic_gpu.BackwardBlockSizes(block_q_dq=64, block_k_dq=64, block_q_dkv=64,
+                                                  block_k_dkv=64, max_concurrent_steps=2),
     backward=gpu.BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2, block_q_dkv=32,
                             block_k_dkv=64, block_q_dq=64, block_k_dq=32))
 TOL = dict(atol=1e-2, rtol=1e-2)
@@ -44,13 +47,17 @@ def _inputs(seed, b, sq, sk, h, hk, dqk, dv):
 
 CASES = {
     # DeepSeek-V3 head dims, GQA, batch 2, chunked prefill with per-batch offsets (batch 1: the
-    # first 3 rows see no key), ragged lengths (3 key blocks stream through 2 slots).
+    # first 3 rows see no key, keys 67.. are seen by no query), ragged lengths (3 key blocks
+    # stream through 2 slots; the dk/dv kernel streams 2 heads x 2 query blocks per key tile).
     "gqa_chunked_prefill": (2, 70, 150, 2, 1, 192, 128, True, (80, -3), False),
     # Packed sequences (segment ids) under the causal mask, 2 query tiles (heaviest first),
     # dqk == dv (one Q/K part).
     "segments_causal_two_tiles": (1, 130, 130, 1, 1, 64, 64, True, 0, True),
     # Not causal, segment ids, MQA, dv > dqk (separate output tile), key padding only.
     "segments_noncausal_wide_v": (1, 60, 90, 2, 1, 64, 128, False, 0, True),
+    # Not causal, no segments, no key padding: no masked code at all (the dk/dv kernel streams
+    # every query block of both query heads), MHA.
+    "unmasked_mha": (1, 128, 128, 2, 2, 192, 128, False, 0, False),
 }
 
 
@@ -79,6 +86,8 @@ def test_forward_and_grad_match_reference(case):
     assert_close(a, e, **TOL, what=f"mosaic/{case}/{name}")
   if case == "gqa_chunked_prefill":  # rows with no visible key: zero output, zero dq
     assert np.all(np.asarray(got[0])[1, :3] == 0) and np.all(np.asarray(got[1])[1, :3] == 0)
+    # keys no query sees (batch 1, positions > 66): zero dk and dv
+    assert np.all(np.asarray(got[2])[1, 67:] == 0) and np.all(np.asarray(got[3])[1, 67:] == 0)
 
 
 def test_lse_matches_numpy():
@@ -121,24 +130,45 @@ def test_dispatch():
     mosaic_gpu.BlockSizes(block_q=96)
   with pytest.raises(ValueError):
     mosaic_gpu.BlockSizes(max_concurrent_steps=1)
+  with pytest.raises(ValueError, match="backward_impl"):
+    mosaic_gpu.BlockSizes(backward_impl="cudnn")
+  with pytest.raises(ValueError, match="block_k_dkv"):
+    mosaic_gpu.BackwardBlockSizes(block_k_dkv=32)
+  # Backward selection: Mosaic by default at the DeepSeek-V3 dims, Triton when asked for or when
+  # the Mosaic backward's tiles exceed shared memory.
+  assert mosaic_gpu.backward_choice(192, 128, 2, mosaic_gpu.BlockSizes(), True) == ("mosaic", None)
+  impl, why = mosaic_gpu.backward_choice(192, 128, 2,
+                                         mosaic_gpu.BlockSizes(backward_impl="triton"), False)
+  assert impl == "triton" and "backward_impl" in why
+  huge = mosaic_gpu.BlockSizes(mosaic_backward=mosaic_gpu.BackwardBlockSizes(
+      block_k_dq=256, max_concurrent_steps=4))
+  impl, why = mosaic_gpu.backward_choice(192, 128, 2, huge, False)
+  assert impl == "triton" and "shared memory" in why
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_lowers_for_cuda_at_deepseek_shape(segments):
-  """Forward (Mosaic GPU) + backward (Triton) lower for CUDA without a GPU: seq 4096, 128 heads,
-  192/128 head dims, bf16, default blocks."""
+@pytest.mark.parametrize("segments,backward_impl",
+                         [(False, "mosaic"), (True, "mosaic"), (False, "triton")])
+def test_lowers_for_cuda_at_deepseek_shape(segments, backward_impl):
+  """jax.grad through the forward (Mosaic GPU) and the backward (Mosaic GPU dq + dk/dv kernels,
+  or Triton) lowers for CUDA without a GPU: seq 4096, 128 heads, 192/128 head dims, bf16,
+  default tiles."""
   sds = jax.ShapeDtypeStruct
   b, s, h = 1, 4096, 128
   q, k, v = sds((b, s, h, 192), jnp.bfloat16), sds((b, s, h, 192), jnp.bfloat16), sds(
       (b, s, h, 128), jnp.bfloat16)
   seg = (sds((b, s), jnp.int32), sds((b, s), jnp.int32)) if segments else None
 
-  def f(q, k, v, seg):
-    attn = lambda q, k, v: mla_attention(q, k, v, scale=192 ** -0.5, segment_ids=seg,
-                                         backend="pallas", platform="gpu", gpu_impl="mosaic")
-    o, vjp = jax.vjp(attn, q, k, v)
-    return o, vjp(o)
+  blocks = mosaic_gpu.BlockSizes(backward_impl=backward_impl)
 
-  text = jax.jit(f).trace(q, k, v, seg).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("mosaic_gpu") >= 1  # the forward
-  assert text.count("triton") >= 2  # dq and dk/dv
+  def f(q, k, v, seg):
+    o = mla_attention(q, k, v, scale=192 ** -0.5, segment_ids=seg, backend="pallas",
+                      platform="gpu", gpu_impl="mosaic", block_sizes=blocks)
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+
+  grad = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+  text = grad.trace(q, k, v, seg).lower(lowering_platforms=("cuda",)).as_text()
+  n_mosaic = text.count("custom_call @mosaic_gpu")
+  if backward_impl == "mosaic":
+    assert n_mosaic == 3 and "triton" not in text  # forward, dq, dk/dv
+  else:
+    assert n_mosaic == 1 and text.count("triton") >= 2  # forward; Triton dq and dk/dv
