@@ -46,9 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, cdiv
-from dsv3_jax.kernels_pallas.grouped_matmul.mosaic_gpu import (_compiler_params, _grid_size,
-                                                               _loop_index, _snake, _store_rows,
-                                                               interpret_context, wgmma_t)
+from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, snake,
+                                                   store_rows, warpgroup_compiler_params, wgmma_t)
 
 __all__ = ["fp8_matmul", "unsupported_reason", "pick_block_n", "DEFAULT_CONFIG", "K_STEP"]
 
@@ -155,7 +154,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
   def body(a_gmem, as_gmem, b_gmem, bs_gmem, o_gmem):
     @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
     def _loop(info):
-      mi, ni = _snake(_loop_index(info)[0], (grid_m, grid_n), width)
+      mi, ni = snake(loop_index(info)[0], (grid_m, grid_n), width)
       nb = (ni * bn) // BLOCK
 
       def acc_scope(acc0, acc1):
@@ -207,13 +206,13 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
         row0 = mi * bm
-        _store_rows(o_smem, o_gmem, row0, 0, jnp.minimum(bm, m - row0), pl.ds(ni * bn, bn),
+        store_rows(o_smem, o_gmem, row0, 0, jnp.minimum(bm, m - row0), pl.ds(ni * bn, bn),
                     min(bm, m))
 
       pl.run_scoped(store_scope, plgpu.SMEM((bm, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(_grid_size(interpret),),
-      grid_names=("sm",), compiler_params=_compiler_params())
+      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid_size(interpret),),
+      grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(a, a_scale_t, b, b_scale.astype(jnp.float32))

@@ -26,71 +26,25 @@ reads allowed (hardware TMA semantics) and NaN-filled uninitialised memory.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
+from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, snake,
+                                                   store_rows, warpgroup_compiler_params, wgmma_iota,
+                                                   wgmma_t)
 
-__all__ = ["gmm", "tgmm", "unsupported_reason", "interpret_context", "num_sms", "wgmma_t",
-           "wgmma_iota",
-           "DEFAULT_GMM_TILES", "DEFAULT_TGMM_TILES"]
+__all__ = ["gmm", "tgmm", "unsupported_reason", "DEFAULT_GMM_TILES", "DEFAULT_TGMM_TILES"]
 
 # (block_m, block_k, block_n, max_concurrent_steps, grid_block_n); sweep on the H100.
 DEFAULT_GMM_TILES = (128, 64, 128, 4, 8)
 # (block_t, block_k, block_n, max_concurrent_steps, grid_block_n) for tgmm.
 DEFAULT_TGMM_TILES = (64, 128, 128, 4, 8)
 _MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_H100_SMS = 132
-_INTERPRET_CTAS = 4  # persistent CTAs in interpret mode (each is a simulated thread)
-
-
-def num_sms() -> int:
-  """SMs of the first GPU (132 on H100 SXM when there is none, e.g. CPU lowering tests)."""
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return _H100_SMS
-  return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
-
-
-def _grid_size(interpret: bool) -> int:
-  return _INTERPRET_CTAS if interpret else num_sms()
-
-
-def interpret_context(interpret: bool):
-  """Context that traces Mosaic GPU kernels in GPU interpret mode (runs on CPU) when asked."""
-  if not interpret:
-    return contextlib.nullcontext()
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret import params as ip
-  except ImportError as e:  # pragma: no cover - depends on the jax version
-    raise RuntimeError("this jax has no Mosaic GPU interpret mode "
-                       "(jax._src.pallas.mosaic_gpu.interpret); use the Triton flavour") from e
-  # Hardware TMA zero-fills out-of-bounds loads; let the interpreter read them (as NaN).
-  return ip.force_gpu_interpret_mode(ip.InterpretGPUParams(out_of_bounds_reads="uninitialized"))
-
-
-def _compiler_params():
-  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-
-
-def _loop_index(info):
-  """nd_loop passes an NDLoopInfo (jax >= 0.8) or the index tuple (older)."""
-  return tuple(info.index) if hasattr(info, "index") else tuple(info)
-
-
-def _snake(lin, shape, tile_width):
-  """(row, col) of linear work id `lin`, columns grouped in bands of tile_width for L2 reuse."""
-  if hasattr(plgpu, "planar_snake"):
-    return plgpu.planar_snake(lin, shape, 1, tile_width)
-  return lin // shape[1], lin % shape[1]
 
 
 def unsupported_reason(lhs_dtype, rhs_dtype, out_dtype, c: int, d: int, *, tgmm: bool = False,
@@ -119,55 +73,6 @@ def unsupported_reason(lhs_dtype, rhs_dtype, out_dtype, c: int, d: int, *, tgmm:
   return None
 
 
-def wgmma_t(acc_ref, a_smem, b_smem, *, transpose_a: bool = False, transpose_b: bool = False,
-            interpret: bool = False) -> None:
-  """acc += op(a) @ op(b) on SMEM tiles, op = transpose when asked (`plgpu.transpose_ref`).
-
-  The Mosaic GPU interpreter of this jax does not model transposed wgmma operands, so in
-  interpret mode a transposed operand is first copied, transposed, into a scratch SMEM tile
-  (numerically the same product; the hardware path is what the lowering tests compile).
-  """
-  if not interpret or not (transpose_a or transpose_b):
-    a = plgpu.transpose_ref(a_smem, (1, 0)) if transpose_a else a_smem
-    b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
-    plgpu.wgmma(acc_ref, a, b)
-    return
-
-  def flip(ref, do):
-    return plgpu.SMEM(ref.shape[::-1] if do else ref.shape, ref.dtype)
-
-  def scoped(a_t, b_t):
-    a_t[...] = a_smem[...].T if transpose_a else a_smem[...]
-    b_t[...] = b_smem[...].T if transpose_b else b_smem[...]
-    plgpu.commit_smem()
-    plgpu.wgmma(acc_ref, a_t, b_t)
-    plgpu.wgmma_wait(0)
-
-  pl.run_scoped(scoped, flip(a_smem, transpose_a), flip(b_smem, transpose_b))
-
-
-def wgmma_iota(shape, dim: int, interpret: bool = False) -> jax.Array:
-  """int32 iota along `dim` in the WGMMA register layout (the layout hint is hardware-only)."""
-  iota = lax.broadcasted_iota(jnp.int32, shape, dim)
-  return iota if interpret else plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
-
-
-def _store_rows(o_smem, o_gmem, row0, start, size, col_slice, max_rows):
-  """TMA-stores o_smem rows [start, start+size) to o_gmem rows row0+start.. (dynamic size)."""
-  remaining = max_rows
-  while remaining > 0:
-    chunk = 1 << int(math.log2(remaining))
-    remaining //= 2
-
-    @pl.when((size & chunk) != 0)
-    def _():
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, chunk)],
-                              o_gmem.at[pl.ds(row0 + start, chunk), col_slice])
-
-    start = start + (size & chunk)
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiles", "interpret"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
         tiles: tuple[int, int, int, int, int] | None = None,
@@ -193,7 +98,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   def body(tile_ref, group_ref, lo_ref, hi_ref, lhs_gmem, rhs_gmem, o_gmem):
     @plgpu.nd_loop((n_items * grid_n,), collective_axes="sm")
     def _loop(info):
-      item, ni = _snake(_loop_index(info)[0], (n_items, grid_n), grid_bn)
+      item, ni = snake(loop_index(info)[0], (n_items, grid_n), grid_bn)
       tile, group, lo, hi = tile_ref[item], group_ref[item], lo_ref[item], hi_ref[item]
       g = jnp.minimum(group, num_groups - 1)
 
@@ -222,13 +127,13 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
         row0 = tile * bm
-        _store_rows(o_smem, o_gmem, row0, lo - row0, hi - lo, pl.ds(ni * bn, bn), min(bm, t))
+        store_rows(o_smem, o_gmem, row0, lo - row0, hi - lo, pl.ds(ni * bn, bn), min(bm, t))
 
       pl.run_scoped(store_scope, plgpu.SMEM((bm, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((t, d), lhs.dtype), grid=(_grid_size(interpret),),
-      grid_names=("sm",), compiler_params=_compiler_params())
+      body, out_type=jax.ShapeDtypeStruct((t, d), lhs.dtype), grid=(grid_size(interpret),),
+      grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(sched.tile, sched.group, sched.lo, sched.hi, lhs, rhs)
 
@@ -256,8 +161,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   def body(start_ref, end_ref, lhs_gmem, dout_gmem, o_gmem):
     @plgpu.nd_loop((num_groups, grid_k * grid_n), collective_axes="sm")
     def _loop(info):
-      g, lin = _loop_index(info)
-      ki, ni = _snake(lin, (grid_k, grid_n), grid_bn)
+      g, lin = loop_index(info)
+      ki, ni = snake(lin, (grid_k, grid_n), grid_bn)
       start, end = start_ref[g], end_ref[g]
       first = start // bt
       num_t = (end + bt - 1) // bt - first
@@ -310,6 +215,6 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
 
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), lhs.dtype),
-      grid=(_grid_size(interpret),), grid_names=("sm",), compiler_params=_compiler_params())
+      grid=(grid_size(interpret),), grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(starts, ends, lhs, dout)

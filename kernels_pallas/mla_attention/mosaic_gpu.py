@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
@@ -304,24 +305,9 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
       plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(step_ * bk, bk), kv_head], v_smem.at[slot],
                               v_bar.at[slot])
 
-    for i in range(min(stages, k_ref.shape[1] // bk)):  # static bound: slices stay in range
-      @pl.when(i < cta_steps)
-      def _():
-        load(i, i)
-        load_v(i, i)
-
-    @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
-    def _(j):
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(k_done.at[slot])
-      load(j + stages, slot)
-      plgpu.barrier_wait(v_done.at[slot])
-      load_v(j + stages, slot)
-
-    @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-    def _(j):  # observe the last releases too, so no barrier phase is left pending at exit
-      plgpu.barrier_wait(k_done.at[lax.rem(j, stages)])
-      plgpu.barrier_wait(v_done.at[lax.rem(j, stages)])
+    producer_ring([(lambda slot: plgpu.barrier_wait(k_done.at[slot]), load),
+                   (lambda slot: plgpu.barrier_wait(v_done.at[slot]), load_v)],
+                  cta_steps, stages, static_steps=k_ref.shape[1] // bk)
 
 
 def forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
@@ -359,10 +345,7 @@ def forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # v slot consumed
       plgpu.Barrier(num_arrivals=2),  # schedule (ping-pong) barrier
   )
-  kw = {}
-  if cfg.interpret:
-    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
-    kw["interpret"] = interpret_params.InterpretGPUParams()
+  kw = {"interpret": interpret_params()} if cfg.interpret else {}
   nqt = tq // (2 * bq)
   kernel = plgpu.kernel(
       functools.partial(_kernel, cfg=cfg, parts=parts, nk=pl.cdiv(cfg.kv_len, bk), nqt=nqt,

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
                                                              may_mask, q_block_range)
 
@@ -265,18 +266,8 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
         plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], seg_smems[1].at[slot],
                                 kv_bar.at[slot])
 
-    for i in range(min(stages, k_ref.shape[1] // bk)):
-      pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-    @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
-    def _(j):
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(kv_done.at[slot])
-      load(j + stages, slot)
-
-    @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-    def _(j):  # observe the last releases: no barrier phase is left pending at exit
-      plgpu.barrier_wait(kv_done.at[lax.rem(j, stages)])
+    producer_ring([(lambda slot: plgpu.barrier_wait(kv_done.at[slot]), load)], cta_steps, stages,
+                  static_steps=k_ref.shape[1] // bk)
 
 
 def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
@@ -380,18 +371,8 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       if cfg.has_segments:
         plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smems[1].at[slot], q_bar.at[slot])
 
-    for i in range(min(stages, g * nq)):
-      pl.when(i < total)(functools.partial(load, i, i))
-
-    @pl.loop(0, jnp.maximum(total - stages, 0))
-    def _(t):
-      slot = lax.rem(t, stages)
-      plgpu.barrier_wait(q_done.at[slot])
-      load(t + stages, slot)
-
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _(t):
-      plgpu.barrier_wait(q_done.at[lax.rem(t, stages)])
+    producer_ring([(lambda slot: plgpu.barrier_wait(q_done.at[slot]), load)], total, stages,
+                  static_steps=g * nq)
 
 
 def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
@@ -417,10 +398,7 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
   swizzle = plgpu.SwizzleTransform(128)
   smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=(tiling, swizzle))
   f32 = lambda shape: plgpu.SMEM(shape, jnp.float32)
-  kw = {}
-  if cfg.interpret:
-    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
-    kw["interpret"] = interpret_params.InterpretGPUParams()
+  kw = {"interpret": interpret_params()} if cfg.interpret else {}
   extra = 1 if cfg.has_segments else 0
   seg_args = [q_seg, kv_seg] if cfg.has_segments else []
   common = dict(num_threads=3, thread_name="wg",

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.grouped_matmul.mosaic_gpu import interpret_context, num_sms
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_context, num_sms, producer_ring
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
@@ -260,18 +260,7 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
                          pl.ds(o, w)]
         plgpu.copy_gmem_to_smem(src, k_smem.at[slot], k_bar.at[slot])
 
-    for i in range(stages):
-      pl.when(i < nblk)(functools.partial(load, i, i))
-
-    @pl.loop(0, jnp.maximum(nblk - stages, 0))
-    def _(j):
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(done.at[slot])
-      load(j + stages, slot)
-
-    @pl.loop(jnp.maximum(nblk - stages, 0), nblk)
-    def _(j):  # observe the last releases too: no barrier phase is left pending at exit
-      plgpu.barrier_wait(done.at[lax.rem(j, stages)])
+    producer_ring([(lambda slot: plgpu.barrier_wait(done.at[slot]), load)], nblk, stages)
 
 
 def _compiler_params():
