@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
-                                                             kv_block_range, may_mask, pad_to,
+                                                             kv_block_range, may_mask, padded_call,
                                                              q_block_range, round_up)
 
 __all__ = ["BlockSizes", "mla_attention", "pow2_chunks", "backward"]
@@ -402,10 +402,4 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
                                                blocks.block_k_dkv)))
   cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
                      blocks=blocks, interpret=interpret, kv_len=sk)
-  q_seg = kv_seg = None
-  if segment_ids is not None:
-    q_seg = pad_to(segment_ids[0].astype(jnp.int32), 1, tq)
-    kv_seg = pad_to(segment_ids[1].astype(jnp.int32), 1, tk)
-  o = _attention(pad_to(q, 1, tq), pad_to(k, 1, tk), pad_to(v, 1, tk), q_offset, q_seg, kv_seg,
-                 cfg)
-  return o[:, :sq]
+  return padded_call(_attention, q, k, v, q_offset, segment_ids, cfg, tq, tk)

@@ -34,7 +34,7 @@ from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
-                                                             kv_block_range, may_mask, pad_to,
+                                                             kv_block_range, may_mask, padded_call,
                                                              round_up)
 
 __all__ = ["BlockSizes", "BackwardBlockSizes", "mla_attention", "forward", "unsupported_reason",
@@ -436,10 +436,4 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
   tq, tk = padded_lengths(sq, sk, blocks)
   cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
                      blocks=blocks, interpret=interpret, kv_len=sk)
-  q_seg = kv_seg = None
-  if segment_ids is not None:
-    q_seg = pad_to(segment_ids[0].astype(jnp.int32), 1, tq)
-    kv_seg = pad_to(segment_ids[1].astype(jnp.int32), 1, tk)
-  o = _attention(pad_to(q, 1, tq), pad_to(k, 1, tk), pad_to(v, 1, tk), q_offset, q_seg, kv_seg,
-                 cfg)
-  return o[:, :sq]
+  return padded_call(_attention, q, k, v, q_offset, segment_ids, cfg, tq, tk)

@@ -15,10 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = ["mla_attention_reference", "attention_mask", "check_inputs", "normalize_q_offset",
            "kv_block_range", "q_block_range", "round_up", "pad_to", "KernelConfig", "may_mask",
-           "MASK_VALUE", "NN", "NT"]
+           "MASK_VALUE", "NN", "NT", "padded_call"]
 
 # Shared by the TPU and GPU kernels.
 MASK_VALUE = -1e30  # finite: keeps exp(MASK - MASK) defined for rows that are masked so far
@@ -178,3 +179,19 @@ def pad_to(x, axis: int, size: int, value=0):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
   return jnp.pad(x, widths, constant_values=value)
+
+
+def padded_call(attention_fn, q, k, v, q_offset, segment_ids, cfg: KernelConfig, tq: int, tk: int,
+                *, seq_axis: int = 1):
+  """Pads q (and q segment ids) to tq rows and k, v (and kv segment ids) to tk rows, runs
+  `attention_fn(q, k, v, q_offset, q_seg, kv_seg, cfg)` and returns its output cut back to the
+  query length. `seq_axis`: the sequence axis of q/k/v as `attention_fn` takes them (1 for
+  [b, t, h, d], 2 for head-major [b, h, t, d]); segment ids are [b, t] either way."""
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_seg = pad_to(segment_ids[0].astype(jnp.int32), 1, tq)
+    kv_seg = pad_to(segment_ids[1].astype(jnp.int32), 1, tk)
+  sq = q.shape[seq_axis]
+  o = attention_fn(pad_to(q, seq_axis, tq), pad_to(k, seq_axis, tk), pad_to(v, seq_axis, tk),
+                   q_offset, q_seg, kv_seg, cfg)
+  return lax.slice_in_dim(o, 0, sq, axis=seq_axis)

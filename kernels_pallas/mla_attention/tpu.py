@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
-                                                             kv_block_range, may_mask, pad_to,
+                                                             kv_block_range, may_mask, padded_call,
                                                              q_block_range, round_up)
 
 __all__ = ["BlockSizes", "mla_attention"]
@@ -438,11 +438,6 @@ def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
                                                 blocks.block_k_dkv)))
   cfg = KernelConfig(scale=float(scale), causal=causal, has_segments=segment_ids is not None,
                      blocks=blocks, interpret=interpret, kv_len=sk)
-  head_major = lambda x, t: pad_to(jnp.swapaxes(x, 1, 2), 2, t)
-  q_seg = kv_seg = None
-  if segment_ids is not None:
-    q_seg = pad_to(segment_ids[0].astype(jnp.int32), 1, tq)
-    kv_seg = pad_to(segment_ids[1].astype(jnp.int32), 1, tk)
-  o = _attention(head_major(q, tq), head_major(k, tk), head_major(v, tk), q_offset, q_seg, kv_seg,
-                 cfg)
-  return jnp.swapaxes(o[:, :, :sq], 1, 2)
+  o = padded_call(_attention, *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), q_offset, segment_ids,
+                  cfg, tq, tk, seq_axis=2)
+  return jnp.swapaxes(o, 1, 2)
