@@ -8,13 +8,17 @@ chosen by the kernel's default heuristic unless --splits is given. With --paged 
 shuffled page pool (--page-size rows per page) addressed through block tables. err = max |ours -
 ref| / max |ref| (a broken kernel shows before its speed is trusted). On a GPU the "triton" and
 "mosaic" columns force `mla_decode(gpu_impl=...)` (Mosaic GPU falls back to Triton for shapes it
-does not take); "ours" is the automatic choice (Mosaic GPU on Hopper).
+does not take); "ours" is the automatic choice (Mosaic GPU on Hopper). --tokens T times a
+speculative verification step: T query tokens per sequence (q [batch, T, heads, 576], causal
+among themselves) in one call; the bytes counted stay one cache read (Mosaic GPU takes T = 1
+only, so for T > 1 its column is the Triton fallback).
 
 Timing (bench/common.py `time_call`): --warmup calls, then the best of --repeats batches of
 --iters calls, one block_until_ready per batch. Prints a markdown table preceded by device and
 jax version; --markdown PATH writes it as a section of PATH.
 
   python bench/mla_decode.py [--quick] [--batches 1 8 64] [--contexts 1024 8192] [--paged]
+                             [--tokens 2]
   python bench/mla_decode.py --smoke   (CPU: 16 heads, short contexts, contiguous and paged,
                                         split-K 2, GPU kernel in interpret mode, plus CUDA
                                         lowering at the real shapes)
@@ -43,11 +47,14 @@ RANK, ROPE = 512, 64
 SCALE = (128 + ROPE) ** -0.5
 
 
-def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, rng):
-  """q [batch, heads, 576], cache (contiguous [batch, ctx, 576] or a shuffled page pool
-  [pages, page_size, 576]), lengths int32 [batch] (= ctx), block tables int32 or None."""
+def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, rng,
+                tokens: int = 1):
+  """q [batch, heads, 576] (tokens > 1: [batch, tokens, heads, 576]), cache (contiguous
+  [batch, ctx, 576] or a shuffled page pool [pages, page_size, 576]), lengths int32 [batch]
+  (= ctx, including the new tokens), block tables int32 or None."""
   kq, kc = jax.random.split(jax.random.key(batch * 100003 + ctx))
-  q = jax.random.normal(kq, (batch, heads, RANK + ROPE), jnp.bfloat16)
+  q = jax.random.normal(kq, (batch,) + ((tokens,) if tokens > 1 else ()) + (heads, RANK + ROPE),
+                        jnp.bfloat16)
   lengths = jnp.full((batch,), ctx, jnp.int32)
   if paged:
     if ctx % page_size:
@@ -77,11 +84,13 @@ def _block_sizes(splits: int | None, platform: str | None, gpu_impl: str | None 
   return kernel.BlockSizes(num_splits=splits)
 
 
-def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits) -> None:
-  """Lowers our kernel for CUDA at the real shapes, contiguous and paged."""
+def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits,
+                    tokens: int = 1) -> None:
+  """Lowers our kernel for CUDA at the real shapes, contiguous and paged (Mosaic GPU: T = 1)."""
   sds = jax.ShapeDtypeStruct
   bs = _block_sizes(splits, "gpu")
-  q, lengths = sds((batch, heads, RANK + ROPE), jnp.bfloat16), sds((batch,), jnp.int32)
+  q = sds((batch,) + ((tokens,) if tokens > 1 else ()) + (heads, RANK + ROPE), jnp.bfloat16)
+  lengths = sds((batch,), jnp.int32)
   f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
                                     backend="pallas", platform="gpu", block_sizes=bs)
   check_cuda_lowering(f"mla_decode batch {batch} ctx {ctx}", f, q,
@@ -89,6 +98,8 @@ def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits) ->
   check_cuda_lowering(f"mla_decode paged batch {batch} ctx {ctx}", f, q,
                       sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
                       lengths, sds((batch, ctx // page_size), jnp.int32))
+  if tokens > 1:
+    return
   bs = _block_sizes(splits, "gpu", "mosaic")
   f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
                                     backend="pallas", platform="gpu", block_sizes=bs,
@@ -110,13 +121,15 @@ def main(argv=None) -> int:
   ap.add_argument("--paged", action="store_true")
   ap.add_argument("--page-size", type=int, default=64)
   ap.add_argument("--splits", type=int, default=None, help="override the split-K factor")
+  ap.add_argument("--tokens", type=int, default=1,
+                  help="query tokens per sequence (speculative verification: 1 + drafts)")
   add_timing_args(ap, warmup=3, iters=20, repeats=3)
   a = ap.parse_args(argv)
   if a.quick:
     a.batches, a.contexts, a.iters, a.repeats = [1, 64], [4096, 32768], 5, 2
   layouts = [a.paged]
   if a.smoke:
-    lowering_checks(a.batches[-1], a.contexts[-1], a.heads, a.page_size, a.splits)
+    lowering_checks(a.batches[-1], a.contexts[-1], a.heads, a.page_size, a.splits, a.tokens)
     a.batches, a.contexts, a.heads, a.page_size = [1, 2], [128], 16, 32
     a.splits = a.splits or 2
     a.warmup, a.iters, a.repeats = 1, 1, 1
@@ -125,7 +138,8 @@ def main(argv=None) -> int:
   block_sizes = _block_sizes(a.splits, kw["platform"])
 
   print_header(f"MLA decode, bf16 cache rows of {RANK}+{ROPE}, {a.heads} heads, page size "
-               f"{a.page_size} where paged, split-K {a.splits or 'heuristic'}; GB/s of cache "
+               f"{a.page_size} where paged, split-K {a.splits or 'heuristic'}, {a.tokens} query "
+               f"token(s) per sequence; GB/s of cache "
                f"read, % of {H100_HBM_TBS:.1f} TB/s", a)
   table = Table([("cache", "cache", "s"), ("batch", "batch", "d"), ("ctx", "context", "d"),
                  ("mb", "cache MB", ".0f"), ("ours", "ours GB/s", ".0f"),
@@ -145,7 +159,7 @@ def main(argv=None) -> int:
   for paged in layouts:
     for batch in a.batches:
       for ctx in a.contexts:
-        args = make_inputs(batch, ctx, a.heads, paged, a.page_size, rng)
+        args = make_inputs(batch, ctx, a.heads, paged, a.page_size, rng, a.tokens)
         nbytes = batch * ctx * (RANK + ROPE) * 2
         row = {"cache": "paged" if paged else "contiguous", "batch": batch, "ctx": ctx,
                "mb": nbytes / 1e6}

@@ -76,12 +76,6 @@ def decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, scale: 
                     preferred_element_type=jnp.float32)
 
 
-def _page_size(capacity: int, cap: int = 512) -> int:
-  """The largest power of two dividing `capacity`, at most `cap` (0 if below 16)."""
-  page = min(capacity & -capacity, cap)
-  return page if page >= 16 else 0
-
-
 def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array, scale: float, *,
                            kv_lora_rank: int, backend: str = "reference",
                            platform: str | None = None) -> jax.Array:
@@ -90,35 +84,20 @@ def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array,
   q [B, T, H, C + R]; cache [B, S, C + R] already holding the new tokens' rows; positions int
   [B, T]: query t of sequence b sees rows 0..positions[b, t]. Returns [B, T, H, C] float32.
 
-  Reference: vmap over t (shares, does not copy, the cache). Kernel, T == 1: one contiguous
-  `mla_decode` call. Kernel, T > 1 (speculative verification): the cache is viewed, without a
-  copy, as a page pool [B * S / page, page, C + R] and the B * T queries become B * T
-  "sequences" whose block tables all point at their own sequence's pages, with lengths
-  positions + 1: one kernel launch, but each sequence's cache is read T times (a kernel taking
-  T queries per sequence with per-query lengths would read it once). When S has no power-of-two
-  factor >= 16 (the GPU kernel's page rule) it falls back to T contiguous calls (same reads,
-  T launches). `Generator` sizes the cache in multiples of 64, so it takes the paged path.
+  Reference: vmap over t (shares, does not copy, the cache). Kernel: ONE `mla_decode` call with
+  the multi-token query [B, T, H, C + R] and lengths positions[:, -1] + 1, which reads each
+  sequence's cache once for all T tokens (speculative verification costs about one step's
+  attention). The kernel's convention (token t sees lengths - (T - 1 - t) rows) equals
+  "rows <= positions[b, t]" because the positions are consecutive, positions[b, t] =
+  positions[b, 0] + t, as `decode_forward` requires.
   """
-  B, T, H, d = q.shape
-  S = cache.shape[1]
   lengths = positions + 1
   kw = dict(kv_lora_rank=kv_lora_rank, backend=backend, platform=platform)
   if backend == "reference":
     return jax.vmap(lambda qt, lt: decode_attention(qt, cache, lt, scale, **kw),
                     in_axes=(1, 1), out_axes=1)(q, lengths)
-  if T == 1:
-    return decode_attention(q[:, 0], cache, lengths[:, 0], scale, **kw)[:, None]
-  page = _page_size(S)
-  if not page:
-    return jnp.stack([decode_attention(q[:, t], cache, lengths[:, t], scale, **kw)
-                      for t in range(T)], axis=1)
-  pps = S // page
-  pool = cache.reshape(B * S // page, page, d)
-  tables = jnp.arange(B * pps, dtype=jnp.int32).reshape(B, 1, pps)
-  tables = jnp.broadcast_to(tables, (B, T, pps)).reshape(B * T, pps)
-  o = mla_decode(q.reshape(B * T, H, d), pool, lengths.reshape(B * T).astype(jnp.int32),
-                 scale=scale, block_tables=tables, **kw)
-  return o.reshape(B, T, H, kv_lora_rank).astype(jnp.float32)
+  o = mla_decode(q, cache, lengths[:, -1].astype(jnp.int32), scale=scale, **kw)
+  return o.astype(jnp.float32)
 
 
 def _absorbed_layer(layer, w_uk, w_uv, buf, x, positions):

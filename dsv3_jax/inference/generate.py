@@ -1,10 +1,10 @@
 """Batched generation: prefill, then jitted fixed-shape decode steps (plain or MTP-speculative).
 
 Shapes are fixed per call: the prompt batch is right padded to a power-of-two bucket (>= 16) and
-the cache capacity is that bucket + max_new_tokens + 1, rounded up to a multiple of 64, so one
-compiled prefill and one compiled step serve every step and every prompt length in the bucket
-(64 also lets the mla_decode kernel view the cache as 64-row pages for speculative verification,
-see `decode_attention_steps`). The attention backend is the model's RuntimeConfig's.
+the cache capacity is that bucket + max_new_tokens + 1, rounded up to a multiple of 64 (whole
+kernel blocks), so one compiled prefill and one compiled step serve every step and every prompt
+length in the bucket. The attention backend is the model's RuntimeConfig's; speculative
+verification passes all its tokens to one `mla_decode` call, which reads the cache once.
 Without a streaming callback the whole decode loop runs on device (`lax.while_loop`, one call);
 with one, each step is one call of the same compiled step function.
 """

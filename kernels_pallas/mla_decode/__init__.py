@@ -1,4 +1,5 @@
-"""Absorbed-MLA decode: one query token per sequence against the shared 576-dim latent cache.
+"""Absorbed-MLA decode: one (or T consecutive) query tokens per sequence against the shared
+576-dim latent cache.
 
 `mla_decode` dispatches (see `dsv3_jax.kernels_pallas.backend`) to the jnp reference, the TPU
 Pallas kernel (`tpu.py`, Mosaic) or a GPU Pallas kernel (`gpu.py`, Triton lowering, or
@@ -23,13 +24,20 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: flo
   scores[b, h, l] = scale * sum_d q[b, h, d] * cache[b, l, d] over all d (latent then rope),
   softmax over l < lengths[b], out[b, h] = sum_l p[b, h, l] * cache[b, l, :kv_lora_rank].
 
+  Multi-token form (MTP speculative verification): q [batch, T, heads, d] holds T consecutive
+  new tokens whose rows are the LAST T of the lengths[b] valid cache rows; token t sees rows
+  l < lengths[b] - (T - 1 - t), i.e. (with token t at position p_t = lengths[b] - T + t) rows
+  l <= p_t. The kernels fold T into the head (row) dimension, rows = T * heads, with a per-row
+  causal length, so each cache block is read from HBM once for all T tokens.
+
   Args:
-    q: [batch, heads, d], d = kv_lora_rank + rope dims (DeepSeek-V3: 512 + 64 = 576): q_nope
-      already multiplied by W_UK, then q_pe.
+    q: [batch, heads, d] or [batch, T, heads, d], d = kv_lora_rank + rope dims (DeepSeek-V3:
+      512 + 64 = 576): q_nope already multiplied by W_UK, then q_pe.
     cache: [batch, max_len, d] (latent c after its RMSNorm, then the rotated k_pe), or, with
       `block_tables`, a page pool [num_pages, page_size, d].
-    lengths: int32 [batch]: valid cache entries per sequence, in [0, capacity] (values outside
-      are clipped). Rows past a sequence's length are never used, whatever they hold.
+    lengths: int32 [batch]: valid cache entries per sequence including all T new tokens, in
+      [0, capacity] (values outside are clipped). Rows past a sequence's length are never used,
+      whatever they hold; a token whose visible count is <= 0 gets zeros.
     scale: softmax scale.
     kv_lora_rank: latent dims at the front of d; they are also the values.
     block_tables: optional int32 [batch, pages_per_seq]: logical page i of sequence b lives in
@@ -42,13 +50,18 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: flo
     gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper, see
       `backend.gpu_flavor`). Mosaic GPU falls back to Triton (with its default blocks) for inputs
       it does not take (`mosaic_gpu.unsupported_reason`: heads not a multiple of 64, paged
-      caches with pages smaller than its block_k, non-bf16/f16, ...).
+      caches with pages smaller than its block_k, non-bf16/f16, T > 1 query tokens, ...).
 
   Returns:
-    [batch, heads, kv_lora_rank] in q.dtype (float32 accumulation and softmax inside, also
-    across split-K partials); zero for sequences of length 0.
+    [batch, heads, kv_lora_rank] (or [batch, T, heads, kv_lora_rank]) in q.dtype (float32
+    accumulation and softmax inside, also across split-K partials); zero for sequences of
+    length 0.
   """
   check_inputs(q, cache, lengths, kv_lora_rank, block_tables)
+  if q.ndim == 4 and q.shape[1] == 1:  # one token: the 3-d path
+    return mla_decode(q[:, 0], cache, lengths, scale=scale, kv_lora_rank=kv_lora_rank,
+                      block_tables=block_tables, backend=backend, platform=platform,
+                      block_sizes=block_sizes, gpu_impl=gpu_impl)[:, None]
   impl = select(backend, platform=platform)
   if impl.kind == "reference":
     return mla_decode_reference(q, cache, lengths, scale=scale, kv_lora_rank=kv_lora_rank,

@@ -10,6 +10,12 @@ Split s of sequence b covers chunks [s * cps_b, min((s + 1) * cps_b, n_b)) of it
 splits stay balanced for any length. A contiguous cache whose capacity is not a multiple of
 block_k reads its last chunk shifted back to end at the capacity (never out of bounds), masking
 the rows that an earlier chunk already covered.
+
+Multi-token queries (q [b, T, h, d], speculative verification) are folded into the row dimension
+before the kernel: rows = T * h, row r belongs to token t = r // h and sees the first
+lengths[b] - (T - 1 - t) cache rows. The head-block grid axis walks these rows, chunks are split
+by the longest row length, and the per-row length mask is the only change to the inner loop;
+chunks below the shortest row length need no mask.
 """
 from __future__ import annotations
 
@@ -49,8 +55,16 @@ class BlockSizes:
   num_stages: int = 2
 
 
+def _row_lengths(length, row0, rows: int, heads: int, tokens: int):
+  """Visible cache rows of query rows row0 .. row0 + rows - 1 (row r is token r // heads of
+  `tokens`; padding rows past tokens * heads count as the last token) -> int32 [rows]."""
+  row = row0 + jnp.arange(rows, dtype=jnp.int32)
+  t = sum((row >= k * heads).astype(jnp.int32) for k in range(1, tokens))
+  return length - (tokens - 1) + t
+
+
 def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page: int | None,
-            capacity: int):
+            capacity: int, heads: int, tokens: int):
   if page is not None:
     bt_ref, q_ref, c_ref, *out_refs = refs
   else:
@@ -64,8 +78,12 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page:
   cps = lax.div(n + splits - 1, splits)
   c0 = s * cps
   c1 = jnp.minimum(c0 + cps, n)
-  c_mid = jnp.clip(lax.div(length, bk), c0, jnp.maximum(c1, c0))  # chunks below need no mask
+  min_len = jnp.maximum(length - (tokens - 1), 0)  # the shortest row length
+  c_mid = jnp.clip(lax.div(min_len, bk), c0, jnp.maximum(c1, c0))  # chunks below need no mask
   qs = [q_ref[:, pl.ds(o, w)] for o, w in lat_chunks + pe_chunks]
+  bh = q_ref.shape[0]
+  row_len = None if tokens == 1 else _row_lengths(length, pl.program_id(0) * bh, bh, heads,
+                                                   tokens)
   qk_scale = scale * LOG2E
 
   def load(c, chunks):
@@ -91,21 +109,23 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page:
     if masked:
       pos = start + jnp.arange(bk, dtype=jnp.int32)
       valid = jnp.logical_and(pos >= c * bk, pos < length)  # shifted last chunk: skip seen rows
-      sc = jnp.where(valid[None, :], sc, MASK_VALUE)
       # Rows past the end may hold anything (stale pages): 0 * NaN would leak into the sum.
       lat = [jnp.where(valid[:, None], t, jnp.zeros_like(t)) for t in lat]
+      valid = valid[None, :]
+      if row_len is not None:  # per query row: token t sees length - (T - 1 - t) rows
+        valid = jnp.logical_and(valid, pos[None, :] < row_len[:, None])
+      sc = jnp.where(valid, sc, MASK_VALUE)
     m_next = jnp.maximum(m, sc.max(axis=1))
     alpha = jnp.exp2(m - m_next)
     p = jnp.exp2(sc - m_next[:, None])
     if masked:
-      p = jnp.where(valid[None, :], p, 0.0)
+      p = jnp.where(valid, p, 0.0)
     l = l * alpha + p.sum(axis=1)
     p = p.astype(lat[0].dtype)
     accs = tuple(a * alpha[:, None] + lax.dot_general(p, t, NN, preferred_element_type=jnp.float32)
                  for a, t in zip(accs, lat))
     return accs, m_next, l
 
-  bh = q_ref.shape[0]
   carry = (tuple(jnp.zeros((bh, w), jnp.float32) for _, w in lat_chunks),
            jnp.full((bh,), MASK_VALUE, jnp.float32), jnp.zeros((bh,), jnp.float32))
   carry = lax.fori_loop(c0, c_mid, functools.partial(body, masked=False), carry)
@@ -120,12 +140,16 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page:
 
 def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """GPU kernel path of `mla_decode` (see the package docstring). Returns [b, h, rank] q.dtype."""
+  """GPU kernel path of `mla_decode` (see the package docstring): q [b, h, d] or [b, T, h, d]
+  (token t sees lengths[b] - (T - 1 - t) rows). Returns [b, h, rank] / [b, T, h, rank] q.dtype."""
   blocks = block_sizes or BlockSizes()
   for name in ("block_k", "block_h"):
     x = getattr(blocks, name)
     if x < 16 or x & (x - 1):
       raise ValueError(f"GPU {name} must be a power of two >= 16; got {x}")
+  out_shape4 = q.shape[:-1] + (kv_lora_rank,) if q.ndim == 4 else None
+  tokens, heads = (q.shape[1], q.shape[2]) if q.ndim == 4 else (1, q.shape[1])
+  q = q.reshape(q.shape[0], tokens * heads, q.shape[-1])  # rows = T * h, token-major
   b, h, d = q.shape
   rank = kv_lora_rank
   if rank % 16 or (d - rank) % 16:
@@ -175,7 +199,7 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
                  jax.ShapeDtypeStruct((b, splits, hp), jnp.float32)]
   outs = pl.pallas_call(
       functools.partial(_kernel, scale=float(scale), rank=rank, bk=bk, splits=splits, page=page,
-                        capacity=capacity),
+                        capacity=capacity, heads=heads, tokens=tokens),
       grid=(nh, splits, b),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -186,6 +210,8 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
       name="mla_decode",
   )(*args)
   if splits == 1:
-    return outs[0][:, :h]
-  o, lse = outs
-  return combine_splits(o[:, :, :h], lse[:, :, :h] / LOG2E).astype(q.dtype)
+    out = outs[0][:, :h]
+  else:
+    o, lse = outs
+    out = combine_splits(o[:, :, :h], lse[:, :, :h] / LOG2E).astype(q.dtype)
+  return out if out_shape4 is None else out.reshape(out_shape4)

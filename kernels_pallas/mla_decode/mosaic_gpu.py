@@ -84,9 +84,13 @@ def smem_bytes(d: int, itemsize: int, blocks: BlockSizes) -> int:
 
 def unsupported_reason(q, cache, kv_lora_rank: int, block_tables, blocks: BlockSizes | None = None
                        ) -> str | None:
-  """Why the Mosaic GPU kernel cannot take these inputs (None when it can)."""
+  """Why the Mosaic GPU kernel cannot take these inputs (None when it can). q: [b, h, d], or
+  [b, T, h, d] (multi-token queries: only T == 1 here)."""
   blocks = blocks or BlockSizes()
-  h, d = q.shape[1], q.shape[2]
+  if q.ndim == 4 and q.shape[1] > 1:
+    return (f"T={q.shape[1]} query tokens per sequence (per-row causal lengths) are not "
+            f"implemented in the Mosaic GPU decode kernel")
+  h, d = q.shape[-2], q.shape[-1]
   rank = kv_lora_rank
   if jnp.dtype(q.dtype) not in _DTYPES or cache.dtype != q.dtype:
     return f"wgmma takes bf16/f16 operands of one dtype here, got {q.dtype}, {cache.dtype}"

@@ -9,6 +9,12 @@ Split s of sequence b covers chunks [s * cps_b, min((s + 1) * cps_b, n_b)) of it
 (n_b = ceil(len_b / block), cps_b = ceil(n_b / splits)), so splits stay balanced for every
 length. Steps past a sequence's end are skipped and their index maps repeat the last block, so
 no DMA is issued for them. Lengths and block tables arrive by scalar prefetch (SMEM).
+
+Multi-token queries (q [b, T, h, d], speculative verification) are folded into the row dimension
+of the block: rows = T * h, row r belongs to token t = r // h and sees the first
+lengths[b] - (T - 1 - t) cache rows, so each cache block is still DMA'd once for all T tokens.
+Chunks are split by the longest row length; a step needs the (per-row) mask unless every row
+sees the whole chunk.
 """
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ def _chunk(b, s, j, len_ref, *, bk: int, splits: int):
 
 
 def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged: bool,
-            n_steps: int):
+            n_steps: int, heads: int, tokens: int):
   if paged:
     refs = refs[1:]  # block tables: used by the index maps only
   q_ref, c_ref, *out_refs, m_ref, l_ref, acc_ref = refs
@@ -79,7 +85,12 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
     sc += lax.dot_general(q[:, rank:], blk[:, rank:], NT, preferred_element_type=jnp.float32)
     sc = sc * scale  # (heads, bk)
     if masked:
-      valid = c * bk + lax.broadcasted_iota(jnp.int32, sc.shape, 1) < length
+      row_len = length
+      if tokens > 1:  # row r is token t = r // heads: it sees length - (T - 1 - t) rows
+        row = lax.broadcasted_iota(jnp.int32, sc.shape, 0)
+        row_len = length - (tokens - 1) + sum(
+            (row >= k * heads).astype(jnp.int32) for k in range(1, tokens))
+      valid = c * bk + lax.broadcasted_iota(jnp.int32, sc.shape, 1) < row_len
       sc = jnp.where(valid, sc, MASK_VALUE)
       # Rows past the end may hold anything (stale pages, NaN padding): 0 * NaN would leak.
       lat = jnp.where(c * bk + lax.broadcasted_iota(jnp.int32, lat.shape, 0) < length, lat, 0)
@@ -94,7 +105,7 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
     acc_ref[...] = acc_ref[...] * _lanes(alpha, rank) + lax.dot_general(
         p.astype(lat.dtype), lat, NN, preferred_element_type=jnp.float32)
 
-  full = (c + 1) * bk <= length
+  full = (c + 1) * bk <= length - (tokens - 1)  # every row sees the whole chunk
   pl.when(jnp.logical_and(real, full))(lambda: step(False))
   pl.when(jnp.logical_and(real, jnp.logical_not(full)))(lambda: step(True))
 
@@ -118,8 +129,12 @@ def _paged_block(page_size: int, block_k: int) -> int:
 
 def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """TPU kernel path of `mla_decode` (see the package docstring). Returns [b, h, rank] q.dtype."""
+  """TPU kernel path of `mla_decode` (see the package docstring): q [b, h, d] or [b, T, h, d]
+  (token t sees lengths[b] - (T - 1 - t) rows). Returns [b, h, rank] / [b, T, h, rank] q.dtype."""
   blocks = block_sizes or BlockSizes()
+  out_shape4 = q.shape[:-1] + (kv_lora_rank,) if q.ndim == 4 else None
+  tokens, heads = (q.shape[1], q.shape[2]) if q.ndim == 4 else (1, q.shape[1])
+  q = q.reshape(q.shape[0], tokens * heads, q.shape[-1])  # rows = T * h, token-major
   b, h, d = q.shape
   rank = kv_lora_rank
   paged = block_tables is not None
@@ -160,7 +175,7 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
     out_shape = [jax.ShapeDtypeStruct((b, splits, h, rank), jnp.float32),
                  jax.ShapeDtypeStruct((b, splits, h, LANES), jnp.float32)]
   kernel = functools.partial(_kernel, scale=float(scale), rank=rank, bk=bk, splits=splits,
-                             paged=paged, n_steps=n_steps)
+                             paged=paged, n_steps=n_steps, heads=heads, tokens=tokens)
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -178,6 +193,8 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
       name="mla_decode",
   )(*prefetch, q, cache)
   if splits == 1:
-    return outs[0]
-  o, lse = outs
-  return combine_splits(o, lse[..., 0]).astype(q.dtype)
+    out = outs[0]
+  else:
+    o, lse = outs
+    out = combine_splits(o, lse[..., 0]).astype(q.dtype)
+  return out if out_shape4 is None else out.reshape(out_shape4)

@@ -1,5 +1,7 @@
 """MLA decode: reference vs numpy, TPU and GPU kernels (interpret mode) vs reference on contiguous
-and paged caches with split-K, dispatch rules, and lowering for TPU (Mosaic) and GPU (Triton).
+and paged caches with split-K, dispatch rules, and lowering for TPU (Mosaic) and GPU (Triton);
+the same for multi-token queries q [b, T, h, d] (speculative verification: token t sees
+lengths[b] - (T - 1 - t) rows), whose numpy oracle runs each token on its own.
 
 Tolerances. float32: same float32 math as the reference up to summation order (online softmax
 per block, split-K merge): observed ~1e-6 on O(1) values, bound 2e-5 + 1e-5 * |x|. bfloat16
@@ -36,6 +38,13 @@ def _numpy_decode(q, cache, lengths, scale, rank):
         w = np.exp(sc - sc.max())
         out[b, h] = (w / w.sum()) @ cache[b, :n, :rank]
   return out
+
+
+def _numpy_decode_tokens(q, cache, lengths, scale, rank):
+  """q [b, T, h, d]: token t is an ordinary one-token decode over lengths - (T - 1 - t) rows."""
+  T = q.shape[1]
+  return np.stack([_numpy_decode(q[:, t], cache, np.maximum(np.asarray(lengths) - (T - 1 - t), 0),
+                                 scale, rank) for t in range(T)], axis=1)
 
 
 def _to_pages(cache, page, rng, extra_pages=3):
@@ -152,10 +161,11 @@ def test_dispatch():
     mla_decode(q, cache[:, :, :100], lengths, scale=0.1, kv_lora_rank=64)
 
 
-def _lower(platform, lowering_platform, *, batch, capacity, paged):
-  """Lowers at DeepSeek-V3 dims (128 heads, 512 + 64), bf16, default block sizes."""
+def _lower(platform, lowering_platform, *, batch, capacity, paged, tokens=None):
+  """Lowers at DeepSeek-V3 dims (128 heads, 512 + 64), bf16, default block sizes; tokens: a
+  multi-token query [batch, tokens, 128, 576]."""
   sds = jax.ShapeDtypeStruct
-  q = sds((batch, 128, 576), jnp.bfloat16)
+  q = sds((batch, 128, 576) if tokens is None else (batch, tokens, 128, 576), jnp.bfloat16)
   lengths = sds((batch,), jnp.int32)
   if paged:
     page = 64
@@ -180,3 +190,86 @@ def test_lowers_for_tpu(batch, capacity, paged):
                                                   (4, 2048, True)])
 def test_lowers_for_gpu_triton(batch, capacity, paged):
   assert "triton" in _lower("gpu", "cuda", batch=batch, capacity=capacity, paged=paged)
+
+
+def test_reference_multi_token_matches_numpy():
+  """T = 3 tokens per sequence, lengths: full, = T (no history), 0 (< T: all-zero tokens)."""
+  rng = np.random.default_rng(10)
+  q = jnp.asarray(rng.standard_normal((4, 3, 2, 24)), jnp.float32)
+  cache = jnp.asarray(rng.standard_normal((4, 12, 24)), jnp.float32)
+  lengths = np.array([12, 3, 0, 7])
+  got = reference.mla_decode_reference(q, cache, jnp.asarray(lengths), scale=0.3, kv_lora_rank=16)
+  assert got.shape == (4, 3, 2, 16)
+  assert_close(got, _numpy_decode_tokens(q, cache, lengths, 0.3, 16), atol=1e-5,
+               what="multi-token vs numpy")
+  assert np.all(np.asarray(got)[2] == 0)
+  pool, tables = _to_pages(cache, 4, rng)
+  paged = reference.mla_decode_reference(q, pool, jnp.asarray(lengths), scale=0.3,
+                                         kv_lora_rank=16, block_tables=tables)
+  assert_close(paged, got, atol=0, what="multi-token paged vs contiguous")
+  one = reference.mla_decode_reference(q[:, :1], cache, jnp.asarray(lengths), scale=0.3,
+                                       kv_lora_rank=16)
+  assert_close(one[:, 0], reference.mla_decode_reference(q[:, 0], cache, jnp.asarray(lengths),
+                                                         scale=0.3, kv_lora_rank=16),
+               atol=0, what="T=1 equals the 3-d form")
+
+
+# T -> (heads, lengths): ragged, one sequence with length == T (empty history), one whose
+# shortest and longest token lengths straddle a block boundary (128 / 32 rows), 8 heads so the
+# GPU's 16-row head blocks hold 2 tokens (T=2) or cut across tokens with padding (T=3).
+MULTI = {2: (8, (300, 2, 157, 129)), 3: (8, (300, 3, 129, 98))}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("T", sorted(MULTI))
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kernel_multi_token(platform, T, paged):
+  """Multi-token queries vs the reference (checked against numpy above), split-K on (3 splits),
+  NaN in every cache row past each sequence's length and in unused pages."""
+  h, lengths = MULTI[T]
+  b, rank, rope = len(lengths), 128, 64
+  rng = np.random.default_rng(20 + T)
+  q = jnp.asarray(rng.standard_normal((b, T, h, rank + rope)) * 0.3, jnp.float32)
+  page = 128 if platform == "tpu" else 32
+  cap = 300 if not paged else 3 * page
+  lengths = jnp.asarray(np.minimum(lengths, cap), jnp.int32)
+  cache = jnp.asarray(rng.standard_normal((b, cap, rank + rope)), jnp.float32)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=0.2, kv_lora_rank=rank)
+  f = functools.partial(mla_decode, scale=0.2, kv_lora_rank=rank, backend="interpret",
+                        platform=platform, block_sizes=SMALL[platform](3))
+  if paged:
+    pool, tables = _to_pages(_poison(cache, lengths), page, rng)
+    unused = np.setdiff1d(np.arange(pool.shape[0]), np.asarray(tables))
+    pool = pool.at[unused].set(jnp.nan)
+    got = run_fast(lambda q, c, n, t: f(q, c, n, block_tables=t), q, pool, lengths, tables)
+  else:
+    got = run_fast(f, q, _poison(cache, lengths), lengths)
+  assert got.shape == (b, T, h, rank) and got.dtype == jnp.float32
+  assert_close(got, want, atol=2e-5, rtol=1e-5, what=f"{platform}/T={T}/paged={paged}")
+
+
+def test_multi_token_dispatch():
+  """T = 1 in 4-d form is the 3-d call; Mosaic GPU names T > 1 as its reason to fall back."""
+  from dsv3_jax.kernels_pallas.mla_decode import mosaic_gpu
+  q, cache, _ = _case(4, 2, 4, 64, 64, 40, jnp.float32)
+  lengths = jnp.asarray([40, 9], jnp.int32)
+  f = functools.partial(mla_decode, scale=0.1, kv_lora_rank=64, backend="interpret",
+                        platform="gpu")
+  assert_close(f(q[:, None], cache, lengths)[:, 0], f(q, cache, lengths), atol=0, what="T=1")
+  q2 = jax.ShapeDtypeStruct((2, 2, 64, 576), jnp.bfloat16)
+  c2 = jax.ShapeDtypeStruct((2, 128, 576), jnp.bfloat16)
+  assert "T=2" in mosaic_gpu.unsupported_reason(q2, c2, 512, None)
+  assert mosaic_gpu.unsupported_reason(jax.ShapeDtypeStruct((2, 1, 64, 576), jnp.bfloat16), c2,
+                                       512, None) is None
+  with pytest.raises(ValueError):
+    mla_decode(q[:, None, None], cache, lengths, scale=0.1, kv_lora_rank=64)
+
+
+@pytest.mark.parametrize("platform,lowering", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_multi_token_lowers_at_v3_dims(platform, lowering):
+  """T = 2 at DeepSeek-V3 serving shapes (B=64, 128 heads, 512 + 64, bf16, capacity 8192)."""
+  text = _lower(platform, lowering, batch=64, capacity=8192, paged=False, tokens=2)
+  if platform == "tpu":
+    assert text.count("tpu_custom_call") == 1
+  else:
+    assert "triton" in text
