@@ -50,7 +50,7 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, scale: flo
     gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper, see
       `backend.gpu_flavor`). Mosaic GPU falls back to Triton (with its default blocks) for inputs
       it does not take (`mosaic_gpu.unsupported_reason`: heads not a multiple of 64, paged
-      caches with pages smaller than its block_k, non-bf16/f16, T > 1 query tokens, ...).
+      caches with pages smaller than its block_k, non-bf16/f16, ...).
 
   Returns:
     [batch, heads, kv_lora_rank] (or [batch, T, heads, kv_lora_rank]) in q.dtype (float32

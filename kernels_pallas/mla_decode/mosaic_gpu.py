@@ -13,12 +13,19 @@ side by side (the second read comes from L2). Three warpgroups:
 - value (wg 1): waits for P, O[:, r/2:] = alpha * O + P . V[:, r/2:].
 
 So the value accumulator [64, r] f32 is split over two warpgroups (128 registers per thread at
-r = 512) and the scores are computed once. Split s of sequence b covers blocks
-[s * cps, min((s + 1) * cps, n_b)) of its own n_b = ceil(len_b / block_k) blocks; only the last
-block of a sequence is masked, and there the value rows past the length are zeroed in shared
-memory (stale rows, TMA fill past the end of a contiguous cache, may hold anything, and
-0 * NaN would leak). Partials (normalised O in q.dtype, base-2 log-sum-exp f32) are merged by
-`reference.combine_splits`; one split writes the result directly.
+r = 512) and the scores are computed once.
+
+Multi-token queries (q [b, T, h, d], speculative verification): T is folded into the head-block
+grid axis, q -> [b, T * h, d] with h a multiple of 64, so every CTA holds 64 heads of ONE token t
+and runs with that token's causal length len_t = lengths[b] - (T - 1 - t) (`reference.
+token_lengths`); split-K then splits each token's own blocks. The T tokens of a sequence re-read
+the same cache rows, but their CTAs are adjacent in the fastest grid axis and run side by side,
+so the repeated reads mostly hit L2 rather than HBM. Split s of sequence b covers blocks
+[s * cps, min((s + 1) * cps, n_b)) of its own n_b = ceil(len_b / block_k) blocks (len_b: the
+CTA's token length); only the last block of a sequence is masked, and there the value rows past
+the length are zeroed in shared memory (stale rows, TMA fill past the end of a contiguous
+cache, may hold anything, and 0 * NaN would leak). Partials (normalised O in q.dtype, base-2
+log-sum-exp f32) are merged by `reference.combine_splits`; one split writes the result directly.
 
 Paged caches: block j at position p = j * block_k comes from pool page
 block_tables[b, p // page_size], rows p % page_size (block_k divides the page size).
@@ -85,11 +92,8 @@ def smem_bytes(d: int, itemsize: int, blocks: BlockSizes) -> int:
 def unsupported_reason(q, cache, kv_lora_rank: int, block_tables, blocks: BlockSizes | None = None
                        ) -> str | None:
   """Why the Mosaic GPU kernel cannot take these inputs (None when it can). q: [b, h, d], or
-  [b, T, h, d] (multi-token queries: only T == 1 here)."""
+  [b, T, h, d] (multi-token queries, any T: h a multiple of 64 keeps each CTA in one token)."""
   blocks = blocks or BlockSizes()
-  if q.ndim == 4 and q.shape[1] > 1:
-    return (f"T={q.shape[1]} query tokens per sequence (per-row causal lengths) are not "
-            f"implemented in the Mosaic GPU decode kernel")
   h, d = q.shape[-2], q.shape[-1]
   rank = kv_lora_rank
   if jnp.dtype(q.dtype) not in _DTYPES or cache.dtype != q.dtype:
@@ -113,7 +117,7 @@ _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1)}
 
 def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_smem, vec_smem,
             barriers, *, scale: float, parts, bk: int, stages: int, splits: int,
-            page: int | None, interpret: bool):
+            page: int | None, tokens: int, hb_per_token: int, interpret: bool):
   q_bar, k_bar, p_bar, p_free, done = barriers
   nh = HEADS_PER_CTA
   half = parts[0][1]
@@ -126,6 +130,9 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
   wg = lax.axis_index("wg")
   heads = pl.ds(hb * nh, nh)
   length = len_ref[batch]
+  if tokens > 1:  # head block hb holds token hb // hb_per_token: its causal length
+    token = lax.div(hb, hb_per_token)
+    length = jnp.maximum(length - (tokens - 1 - token), 0)
   n = lax.div(length + bk - 1, bk)
   cps = lax.div(n + splits - 1, splits)
   c0 = jnp.minimum(split * cps, n)
@@ -286,15 +293,22 @@ def _num_splits(blocks: BlockSizes, batch: int, head_blocks: int, capacity: int)
 
 def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """Mosaic GPU path of `mla_decode` (see the package docstring); [b, h, rank] in q.dtype.
+  """Mosaic GPU path of `mla_decode` (see the package docstring).
 
-  Callers check `unsupported_reason` first (the dispatcher falls back to Triton).
+  q [b, h, d] -> [b, h, rank], or q [b, T, h, d] -> [b, T, h, rank] (token t sees cache rows
+  l < lengths[b] - (T - 1 - t)); q.dtype. Callers check `unsupported_reason` first (the
+  dispatcher falls back to Triton).
   """
   blocks = block_sizes or BlockSizes()
   reason = unsupported_reason(q, cache, kv_lora_rank, block_tables, blocks)
   if reason is not None:
     raise ValueError(f"Mosaic GPU MLA decode cannot take these inputs: {reason}")
-  b, h, d = q.shape
+  out_shape = q.shape[:-1] + (kv_lora_rank,)
+  b, d = q.shape[0], q.shape[-1]
+  tokens = q.shape[1] if q.ndim == 4 else 1
+  hb_per_token = q.shape[-2] // HEADS_PER_CTA
+  q = q.reshape(b, tokens * q.shape[-2], d)  # token-major rows: CTA hb holds one token
+  h = q.shape[1]
   rank, bk, stages = kv_lora_rank, blocks.block_k, blocks.max_concurrent_steps
   half = rank // 2
   parts = ((0, half), (half, half), (rank, d - rank))
@@ -329,7 +343,8 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   )
   kernel = plgpu.kernel(
       functools.partial(_kernel, scale=float(scale), parts=parts, bk=bk, stages=stages,
-                        splits=splits, page=page, interpret=interpret),
+                        splits=splits, page=page, tokens=tokens,
+                        hb_per_token=hb_per_token, interpret=interpret),
       out_type=(jax.ShapeDtypeStruct((b, splits, h, rank), q.dtype),
                 jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
       scratch_types=(q_smems, k_smems, p_smem, vec_smem, barriers),
@@ -342,5 +357,5 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   with interpret_context(interpret):
     o, lse = kernel(lengths, tables, q, cache)
   if splits == 1:
-    return o[:, 0]
-  return combine_splits(o, lse * (1.0 / LOG2E)).astype(q.dtype)
+    return o[:, 0].reshape(out_shape)
+  return combine_splits(o, lse * (1.0 / LOG2E)).astype(q.dtype).reshape(out_shape)

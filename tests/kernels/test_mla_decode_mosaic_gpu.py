@@ -84,6 +84,24 @@ def test_paged_one_split():
   assert_close(got, want, **TOL, what="mosaic paged")
 
 
+def test_two_tokens_ragged_split_k():
+  """T = 2 query tokens per sequence (q [b, 2, 64, d]: two CTAs per sequence, one per token,
+  each with its own causal length) vs the reference, two splits; lengths 65 (token 0 sees
+  exactly one 64-row block, split 1 empty; token 1 one row more: a masked block in split 1),
+  2 = T (token 0 sees 1 row, token 1 sees 2) and 1 < T (token 0 sees no row: zeros)."""
+  rng = np.random.default_rng(2)
+  b, cap = 3, 100
+  q = jnp.asarray(rng.standard_normal((b, 2, H, RANK + ROPE)), jnp.bfloat16)
+  cache = jnp.asarray(rng.standard_normal((b, cap, RANK + ROPE)), jnp.bfloat16)
+  lengths = jnp.asarray([65, 2, 1], jnp.int32)
+  got = _interpret(q, _poison(cache, lengths), lengths, None, 2)
+  want = reference.mla_decode_reference(q, cache, lengths, scale=SCALE, kv_lora_rank=RANK)
+  assert got.shape == (b, 2, H, RANK) and got.dtype == jnp.bfloat16
+  assert_close(got, want, **TOL, what="mosaic T=2")
+  assert np.all(np.asarray(got[2, 0], np.float32) == 0)  # token sees no row -> zeros
+  assert np.any(np.asarray(got[2, 1], np.float32) != 0)
+
+
 def _lower_cuda(q, cache, lengths, tables, **kw):
   f = lambda q, c, n, t: mla_decode(q, c, n, scale=576 ** -0.5, kv_lora_rank=512,
                                     block_tables=t, backend="pallas", platform="gpu", **kw)
@@ -102,6 +120,16 @@ def test_lowers_for_cuda_at_v3_shapes(paged):
   else:
     cache, tables = sds((b, cap, 576), jnp.bfloat16), None
   text = _lower_cuda(q, cache, n, tables, gpu_impl="mosaic")
+  assert "mosaic_gpu" in text and "triton" not in text
+
+
+def test_two_tokens_lower_for_cuda_at_v3_shapes():
+  """T = 2 at DeepSeek-V3 serving shapes (B=64, 128 heads, 512 + 64, capacity 8192, bf16): the
+  Mosaic GPU kernel takes it (no Triton fallback) and lowers."""
+  sds = jax.ShapeDtypeStruct
+  q, cache = sds((64, 2, 128, 576), jnp.bfloat16), sds((64, 8192, 576), jnp.bfloat16)
+  assert mosaic_gpu.unsupported_reason(q, cache, 512, None) is None
+  text = _lower_cuda(q, cache, sds((64,), jnp.int32), None, gpu_impl="mosaic")
   assert "mosaic_gpu" in text and "triton" not in text
 
 
