@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
-                                                             kv_block_range, may_mask, padded_call,
-                                                             q_block_range, round_up)
+                                                             kernel_vjp, kv_block_range, may_mask,
+                                                             padded_call, q_block_range, round_up)
 
 __all__ = ["BlockSizes", "mla_attention", "pow2_chunks", "backward"]
 
@@ -369,23 +369,7 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
 # Public entry: padding and the custom VJP.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
-  return _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
-
-
-def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
-  o, lse = _forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
-  return o, (q, k, v, off, q_seg, kv_seg, o, lse)
-
-
-def _attention_bwd(cfg: KernelConfig, res, do):
-  q, k, v, off, q_seg, kv_seg, o, lse = res
-  dq, dk, dv = _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg)
-  return dq, dk, dv, None, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = kernel_vjp(_forward, _backward)
 
 
 def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,

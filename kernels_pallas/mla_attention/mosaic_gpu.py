@@ -34,8 +34,8 @@ from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
-                                                             kv_block_range, may_mask, padded_call,
-                                                             round_up)
+                                                             kernel_vjp, kv_block_range, may_mask,
+                                                             padded_call, round_up)
 
 __all__ = ["BlockSizes", "BackwardBlockSizes", "mla_attention", "forward", "unsupported_reason",
            "backward_choice", "SMEM_BYTES", "BACKWARD_IMPLS"]
@@ -378,31 +378,24 @@ def backward_choice(dqk: int, dv: int, itemsize: int, blocks: BlockSizes,
   return ("triton", reason) if reason else ("mosaic", None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
-  return forward(q, k, v, off, q_seg, kv_seg, cfg)[0]
-
-
-def _attention_fwd(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
+def _forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig, save_lse: bool):
   o, lse = forward(q, k, v, off, q_seg, kv_seg, cfg)
-  return o, (q, k, v, off, q_seg, kv_seg, o, lse)
+  return (o, lse) if save_lse else o
 
 
-def _attention_bwd(cfg: KernelConfig, res, do):
-  q, k, v, off, q_seg, kv_seg, o, lse = res
+def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   blocks: BlockSizes = cfg.blocks
   impl, _ = backward_choice(q.shape[-1], v.shape[-1], q.dtype.itemsize, blocks, cfg.has_segments)
   if impl == "mosaic":
-    dq, dk, dv = mgpu_bwd.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
-                                   dataclasses.replace(cfg, blocks=blocks.mosaic_backward),
-                                   _parts(q.shape[-1], v.shape[-1]))
-  else:  # asked for, or the Mosaic backward's tiles do not fit in shared memory
-    dq, dk, dv = triton_gpu.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
-                                     dataclasses.replace(cfg, blocks=blocks.backward))
-  return dq, dk, dv, None, None, None
+    return mgpu_bwd.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
+                             dataclasses.replace(cfg, blocks=blocks.mosaic_backward),
+                             _parts(q.shape[-1], v.shape[-1]))
+  # asked for, or the Mosaic backward's tiles do not fit in shared memory
+  return triton_gpu.backward(q, k, v, off, q_seg, kv_seg, o, lse, do,
+                             dataclasses.replace(cfg, blocks=blocks.backward))
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = kernel_vjp(_forward, _backward)
 
 
 def padded_lengths(q_len: int, kv_len: int, blocks: BlockSizes) -> tuple[int, int]:

@@ -11,6 +11,7 @@ Masking rules shared by every implementation (the kernels reproduce them exactly
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ from jax import lax
 
 __all__ = ["mla_attention_reference", "attention_mask", "check_inputs", "normalize_q_offset",
            "kv_block_range", "q_block_range", "round_up", "pad_to", "KernelConfig", "may_mask",
-           "MASK_VALUE", "NN", "NT", "padded_call"]
+           "MASK_VALUE", "NN", "NT", "padded_call", "kernel_vjp"]
 
 # Shared by the TPU and GPU kernels.
 MASK_VALUE = -1e30  # finite: keeps exp(MASK - MASK) defined for rows that are masked so far
@@ -195,3 +196,27 @@ def padded_call(attention_fn, q, k, v, q_offset, segment_ids, cfg: KernelConfig,
   o = attention_fn(pad_to(q, seq_axis, tq), pad_to(k, seq_axis, tk), pad_to(v, seq_axis, tk),
                    q_offset, q_seg, kv_seg, cfg)
   return lax.slice_in_dim(o, 0, sq, axis=seq_axis)
+
+
+def kernel_vjp(forward, backward):
+  """The differentiable call `f(q, k, v, off, q_seg, kv_seg, cfg)` of a forward/backward kernel
+  pair on padded inputs (cfg static):
+
+  forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse) -> o, or (o, lse) when save_lse;
+  backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg) -> (dq, dk, dv).
+  The residuals are the inputs, o and lse; offsets and segment ids get no gradient.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+  def attention(q, k, v, off, q_seg, kv_seg, cfg):
+    return forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=False)
+
+  def fwd(q, k, v, off, q_seg, kv_seg, cfg):
+    o, lse = forward(q, k, v, off, q_seg, kv_seg, cfg, save_lse=True)
+    return o, (q, k, v, off, q_seg, kv_seg, o, lse)
+
+  def bwd(cfg, res, do):
+    q, k, v, off, q_seg, kv_seg, o, lse = res
+    return (*backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg), None, None, None)
+
+  attention.defvjp(fwd, bwd)
+  return attention
