@@ -288,7 +288,13 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
     dv_ref[:, pl.ds(o, n)] = a.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
+def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
+  """The Triton backward on padded inputs, for other forwards (the Mosaic GPU one) to reuse.
+
+  q/k/v/o/do as in `_forward` (lengths multiples of cfg.blocks' backward tiles), lse: base-2
+  log-sum-exp of the scaled scores [b, h, tq] float32, +inf on rows with no visible key.
+  Returns (dq, dk, dv) in the dtypes of q, k, v.
+  """
   b, tq, h, dqk = q.shape
   tk, hk, dv = k.shape[1], k.shape[2], v.shape[-1]
   g = h // hk
@@ -355,21 +361,11 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   return dq, dk, dv_
 
 
-def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
-  """The Triton backward on padded inputs, for other forwards (the Mosaic GPU one) to reuse.
-
-  q/k/v/o/do as in `_forward` (lengths multiples of cfg.blocks' backward tiles), lse: base-2
-  log-sum-exp of the scaled scores [b, h, tq] float32, +inf on rows with no visible key.
-  Returns (dq, dk, dv) in the dtypes of q, k, v.
-  """
-  return _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry: padding and the custom VJP.
 
 
-_attention = kernel_vjp(_forward, _backward)
+_attention = kernel_vjp(_forward, backward)
 
 
 def mla_attention(q, k, v, q_offset, segment_ids, *, scale: float, causal: bool,
