@@ -116,8 +116,9 @@ class MLA(nnx.Module):
     k_pe = apply_rope(k_pe[:, :, None, :], positions, self.inv_freq, self.rope_mscale)[:, :, 0]
     return self.kv_a_layernorm(c), k_pe
 
-  def __call__(self, x, positions, segment_ids=None):
-    """x [B, T, D], positions [B, T] -> [B, T, D]."""
+  def __call__(self, x, positions, segment_ids=None, *, return_latent: bool = False):
+    """x [B, T, D], positions [B, T] -> [B, T, D]; with `return_latent` also (c [B, T, C],
+    k_pe [B, T, R]), the normalised latent and rotated rope key the decode cache stores."""
     cfg = self.cfg
     H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
     with jax.named_scope("mla"):
@@ -131,4 +132,5 @@ class MLA(nnx.Module):
                                                                           cfg.qk_rope_head_dim))], -1)
       o = attention(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids,
                     backend=self.rt.attention_backend, platform=self.rt.kernel_platform)
-      return self.o_proj(o.reshape(*x.shape[:2], H * cfg.v_head_dim))
+      out = self.o_proj(o.reshape(*x.shape[:2], H * cfg.v_head_dim))
+      return (out, (c, k_pe)) if return_latent else out

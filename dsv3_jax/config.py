@@ -310,7 +310,8 @@ class RuntimeConfig:
   param_dtype: storage dtype of the parameters. dtype: compute dtype of activations and matmuls
   (softmax, norms and the router always run in float32). attention_backend / moe_backend: kernel
   choice ("auto", "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
-  remat: activation rematerialisation policy per decoder block ("none", "full", "dots").
+  remat: activation rematerialisation policy per decoder block ("none", "full", "dots",
+  "offload": full remat with the saved block inputs in pinned host memory, TPU/GPU only).
   kernel_platform: which Pallas kernel the "interpret" backend runs ("tpu" or "gpu"; default
   "tpu"), or the platform "pallas"/"auto" lower for when it is not the current one (None: the
   current platform).
@@ -324,8 +325,8 @@ class RuntimeConfig:
   kernel_platform: str | None = None
 
   def __post_init__(self):
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.remat not in ("none", "full", "dots", "offload"):
+      raise ValueError(f"remat must be 'none', 'full', 'dots' or 'offload', got {self.remat!r}")
     if self.kernel_platform not in (None, "tpu", "gpu"):
       raise ValueError(f"kernel_platform must be None, 'tpu' or 'gpu', got {self.kernel_platform!r}")
 

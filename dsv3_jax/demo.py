@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         f"{tuple(result.mtp_logits.shape)}")
   same = np.abs(np.asarray(model(tokens)) - logits).max()
   print(f"saved-then-loaded model (jitted) vs the original (eager): max abs diff {same:.2e}")
-  loads = [np.asarray(s["load"]).tolist() for s in result.router_stats]
+  loads = np.asarray(result.router_stats["load"]).tolist()  # [MoE layers, E]
   print(f"tokens per expert, per MoE layer: {loads}")
   c = dsv3_jax.count_params(cfg)
   print(f"tiny preset: {_fmt(c.total)} parameters ({_fmt(c.activated)} activated per token), "

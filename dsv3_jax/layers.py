@@ -111,26 +111,30 @@ class Linear(nnx.Module):
              platform: str | None = None) -> None:
     """Replaces `kernel` [in, out] by FP8 `weight` [out, in] e4m3 and `weight_scale_inv` (in place).
 
-    value: [out, in] float8_e4m3fn (array or jax.ShapeDtypeStruct, for an abstract model);
-    scale_inv: [ceil(out/128), ceil(in/128)] float32. backend / platform: the kernel choice of
+    value: [..., out, in] float8_e4m3fn (array or jax.ShapeDtypeStruct, for an abstract model;
+    leading dims: a stacked layer's); scale_inv: [..., ceil(out/128), ceil(in/128)] float32. backend / platform: the kernel choice of
     `fp8_weight_matmul` (see `dsv3_jax.kernels_pallas.select`). The logical axes of `weight`
     are the kernel's reversed; the scales are replicated.
     """
     if self.is_fp8:
       raise ValueError("this Linear already holds FP8 weights")
     axes = self.kernel.get_metadata().get("axes")
-    n_in, n_out = self.kernel.get_value().shape
-    check_fp8_weight(value, scale_inv, (n_out, n_in), "Linear")
+    *lead, n_in, n_out = self.kernel.get_value().shape
+    check_fp8_weight(value, scale_inv, (*lead, n_out, n_in), "Linear")
     del self.kernel
-    self.weight = Fp8Value(value, axes=None if axes is None else tuple(axes)[::-1])
-    self.weight_scale_inv = Fp8Scale(scale_inv, axes=(None, None))
+    swapped = None if axes is None else tuple(axes)[:-2] + (axes[-1], axes[-2])
+    self.weight = Fp8Value(value, axes=swapped)
+    # Scales replicated, apart from a leading layer axis (a stacked layer's Linear).
+    self.weight_scale_inv = Fp8Scale(scale_inv, axes=(None if axes is None else
+                                                      tuple(axes)[:-2] + (None, None)))
     self.fp8_backend, self.fp8_platform = backend, platform
 
   def dense_kernel(self) -> jax.Array:
     """The [in, out] kernel: the Param's value, or the FP8 weight dequantised (float32)."""
     if not self.is_fp8:
       return self.kernel.get_value()
-    return dequantize_blocks(self.weight.get_value(), self.weight_scale_inv.get_value()).T
+    return jnp.swapaxes(dequantize_blocks(self.weight.get_value(),
+                                          self.weight_scale_inv.get_value()), -1, -2)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.is_fp8:

@@ -5,6 +5,15 @@ Einsum letters: B batch, T sequence, D hidden, V vocabulary.
 Block: x += attn(norm(x)); x += ffn(norm(x)), the FFN dense for layers < first_k_dense_replace
 (and layers off the moe_layer_freq grid), MoE otherwise.
 
+Scanned layers: consecutive decoder layers of the same kind form one `LayerStack` whose
+parameters carry a leading layer axis (logical axis "layers"); the forward pass runs each stack
+under one `jax.lax.scan`, with the runtime's remat policy on the scanned block, so the program's
+size and compile time do not grow with depth. DeepSeek-V3 has two stacks: 3 dense layers, then
+58 MoE layers. The MTP blocks stay separate modules. `layer_groups(cfg)` is the single
+description of the stacking; checkpoint I/O works on the per-layer view (`layers.{L}.<param>`,
+see `dsv3_jax.pretrained.unstack_path`), so the official per-layer tensor names map onto slots
+of the stacks.
+
 MTP depth k (1..num_nextn_predict_layers), checkpoint layer index num_hidden_layers + k - 1:
   h^k_i = Block_k(eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]))   (embedding FIRST)
   logits^k_i = head(shared_head.norm(h^k_i)), predicting t_{i+k+1}.
@@ -27,7 +36,8 @@ from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import INIT_STD, MLP, Linear, RMSNorm
 from dsv3_jax.moe import MoE
 
-__all__ = ["DecoderLayer", "MTPLayer", "DeepseekV3", "ModelOutput"]
+__all__ = ["DecoderLayer", "LayerStack", "MTPLayer", "DeepseekV3", "ModelOutput", "layer_groups",
+           "REMAT_POLICIES"]
 
 
 @jax.tree_util.register_dataclass
@@ -35,12 +45,28 @@ __all__ = ["DecoderLayer", "MTPLayer", "DeepseekV3", "ModelOutput"]
 class ModelOutput:
   """logits [B, T, V] float32; mtp_logits [depth, B, T, V] float32 or None (position i of depth k
   predicts token i+k+1); hidden [B, T, D] the final normalised hidden state (MTP's h^0);
-  router_stats: one dict per MoE layer in order (main layers, then MTP blocks), see `MoE`."""
+  router_stats: None without MoE layers, else one dict (keys as in `MoE`) whose arrays are stacked
+  over the MoE layers that ran, in order (main layers, then MTP blocks): "load" [n_moe, E], ..."""
 
   logits: jax.Array
   mtp_logits: jax.Array | None
   hidden: jax.Array
-  router_stats: list[dict[str, Any]]
+  router_stats: dict[str, jax.Array] | None
+
+
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+
+
+def layer_groups(cfg: ModelConfig) -> list[tuple[int, int]]:
+  """The stacking of the main decoder layers: [(first layer, count), ...], one entry per run of
+  consecutive layers of the same kind (dense or MoE). DeepSeek-V3: [(0, 3), (3, 58)]."""
+  groups: list[tuple[int, int]] = []
+  for layer in range(cfg.num_hidden_layers):
+    if groups and cfg.is_moe_layer(layer) == cfg.is_moe_layer(groups[-1][0]):
+      groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+    else:
+      groups.append((layer, 1))
+  return groups
 
 
 class DecoderLayer(nnx.Module):
@@ -57,15 +83,72 @@ class DecoderLayer(nnx.Module):
                      dtype=rt.dtype)
     self.is_moe = cfg.is_moe_layer(layer)
 
-  def __call__(self, x, positions, segment_ids=None):
-    """x [B, T, D] -> (x [B, T, D], router stats dict or None)."""
-    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids=None, *, return_latent: bool = False):
+    """x [B, T, D] -> (x [B, T, D], router stats dict or None); with `return_latent` also the
+    attention's latent (c [B, T, C], k_pe [B, T, R]), what the decode cache stores."""
+    a = self.self_attn(self.input_layernorm(x), positions, segment_ids, return_latent=return_latent)
+    a, latent = a if return_latent else (a, None)
+    x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
       y, stats = self.mlp(h)
     else:
       y, stats = self.mlp(h), None
-    return x + y, stats
+    return (x + y, stats, latent) if return_latent else (x + y, stats)
+
+
+def remat_block(fn, policy: str):
+  """`fn` wrapped for the runtime's remat policy: "none" (save everything), "full" (save only
+  the block input), "dots" (save matmul outputs without batch dims), "offload" (like "full",
+  with the saved block inputs moved to pinned host memory; TPU/GPU only)."""
+  if policy == "none":
+    return fn
+  if policy == "offload":
+    p = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["decoder_layer_input"],
+        offload_src="device", offload_dst="pinned_host")
+
+    def named(x, *a):
+      return fn(jax.ad_checkpoint.checkpoint_name(x, "decoder_layer_input"), *a)
+    return jax.checkpoint(named, policy=p)
+  p = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return jax.checkpoint(fn, policy=p)
+
+
+class LayerStack(nnx.Module):
+  """`count` consecutive decoder layers of one kind from layer `start`: one `DecoderLayer`
+  (`block`) whose every variable has a leading layer axis [count, ...] (logical axis "layers").
+  Calling it scans the block over that axis."""
+
+  def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, start: int, count: int, *,
+               rngs: nnx.Rngs):
+    self.start, self.count, self.is_moe = start, count, cfg.is_moe_layer(start)
+    graphdef = nnx.split(nnx.eval_shape(lambda: DecoderLayer(cfg, rt, start, rngs=nnx.Rngs(0))))[0]
+    keys = jax.random.split(rngs.params(), count)
+    state = jax.vmap(lambda k: nnx.split(DecoderLayer(cfg, rt, start, rngs=nnx.Rngs(k)))[1])(keys)
+    self.block = nnx.merge(graphdef, state)
+    for _, v in nnx.to_flat_state(nnx.state(self.block)):
+      axes = v.get_metadata().get("axes")
+      if axes is not None:
+        v.set_metadata(axes=("layers",) + tuple(axes))
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Layer start + i as a stand-alone `DecoderLayer` (a view: its arrays are slices)."""
+    graphdef, state = nnx.split(self.block)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+  def __call__(self, x, positions, segment_ids=None, *, remat: str = "none",
+               return_latent: bool = False):
+    """x [B, T, D] -> (x, stats with a leading [count] axis or None[, latents [count, ...]])."""
+    graphdef, state = nnx.split(self.block)
+
+    def body(x, layer_state):
+      out = nnx.merge(graphdef, layer_state)(x, positions, segment_ids,
+                                             return_latent=return_latent)
+      return out[0], out[1:]
+
+    x, ys = jax.lax.scan(remat_block(body, remat), x, state)
+    return (x, *ys)
 
 
 class MTPLayer(nnx.Module):
@@ -95,7 +178,8 @@ class DeepseekV3(nnx.Module):
     self.config, self.runtime = cfg, rt
     emb = INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
     self.embed_tokens = nnx.Param(emb.astype(rt.param_dtype), axes=("vocab", "embed"))
-    self.layers = nnx.List([DecoderLayer(cfg, rt, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+    self.stacks = nnx.List([LayerStack(cfg, rt, start, count, rngs=rngs)
+                            for start, count in layer_groups(cfg)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=rt.param_dtype)
     self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
                           param_dtype=rt.param_dtype, dtype=rt.dtype)
@@ -122,10 +206,12 @@ class DeepseekV3(nnx.Module):
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    remat = self.runtime.remat
     x = self.embed(tokens)
     stats = []
-    for layer in self.layers:
-      x, s = self._layer(layer, x, positions, segment_ids)
+    for stack in self.stacks:
+      with jax.named_scope(f"layers_{stack.start}_{stack.start + stack.count - 1}"):
+        x, s = stack(x, positions, segment_ids, remat=remat)
       if s is not None:
         stats.append(s)
     hidden = self.norm(x)
@@ -136,19 +222,26 @@ class DeepseekV3(nnx.Module):
       for k, layer in enumerate(self.mtp, start=1):
         # Emb(t_{i+k}); the last k positions have no such token and are masked by the loss.
         shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
-        h, normed, s = layer(self.embed(shifted), h, positions, segment_ids)
+        graphdef, state = nnx.split(layer)
+        run = remat_block(lambda e, hp, st, *a: nnx.merge(graphdef, st)(e, hp, *a), remat)
+        h, normed, s = run(self.embed(shifted), h, state, positions, segment_ids)
         if s is not None:
-          stats.append(s)
+          stats.append(jax.tree.map(lambda a: a[None], s))
         outs.append(self.head(normed))
       mtp_logits = jnp.stack(outs)
-    return ModelOutput(logits, mtp_logits, hidden, stats)
+    router_stats = (jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None)
+    return ModelOutput(logits, mtp_logits, hidden, router_stats)
 
-  def _layer(self, layer, x, positions, segment_ids):
-    if self.runtime.remat == "none":
-      return layer(x, positions, segment_ids)
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if self.runtime.remat == "dots" else None)
-    return nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, positions, segment_ids)
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Main decoder layer i as a stand-alone `DecoderLayer` view (for inspection and tests)."""
+    for stack in self.stacks:
+      if stack.start <= i < stack.start + stack.count:
+        return stack.layer(i - stack.start)
+    raise IndexError(f"layer {i} out of range (num_hidden_layers={self.config.num_hidden_layers})")
 
   def __call__(self, tokens, *, positions=None, segment_ids=None) -> jax.Array:
     return self.forward(tokens, positions=positions, segment_ids=segment_ids).logits

@@ -193,13 +193,15 @@ class Experts(nnx.Module):
     if name not in self.PROJECTIONS or name in self.fp8:
       raise ValueError(f"Experts.to_fp8: {name!r} is not a dense projection of {self.PROJECTIONS}")
     dense = getattr(self, name)
-    E, n_in, n_out = dense.get_value().shape
-    check_fp8_weight(value, scale_inv, (E, n_out, n_in), f"experts.{name}")
+    *lead, n_in, n_out = dense.get_value().shape  # lead: [E] or [layers, E] (stacked)
+    check_fp8_weight(value, scale_inv, (*lead, n_out, n_in), f"experts.{name}")
     axes = dense.get_metadata().get("axes")
     delattr(self, name)
     v_name, s_name = f"{name}_weight", f"{name}_weight_scale_inv"
-    setattr(self, v_name, Fp8Value(value, axes=None if axes is None else (axes[0], axes[2], axes[1])))
-    setattr(self, s_name, Fp8Scale(scale_inv, axes=("expert", None, None)))
+    setattr(self, v_name, Fp8Value(value, axes=None if axes is None else
+                                   tuple(axes)[:-2] + (axes[-1], axes[-2])))
+    setattr(self, s_name, Fp8Scale(scale_inv, axes=None if axes is None else
+                                   tuple(axes)[:-2] + (None, None)))
     self.fp8 = tuple(self.fp8) + (name,)
     return v_name, s_name
 

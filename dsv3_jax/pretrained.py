@@ -3,6 +3,13 @@
 The abstract model (`nnx.eval_shape`, nothing allocated) is the single list of parameter paths,
 shapes and dtypes that the loader, the converter and the sharding rules read.
 
+Per-layer view: the model stores its decoder layers as stacks (`stacks.{g}.block.<param>` with a
+leading layer axis, see `dsv3_jax.model.LayerStack`). Checkpoint I/O (the name table, the
+converter, the exporter, `save_pretrained`) works on the per-layer view `layers.{L}.<param>`:
+`flat_variables` lists the model in that view (one entry per layer, the leading axis removed)
+and `model_from_arrays` stacks per-layer arrays back into the stacks. `stacked_location` is the
+one map between the two.
+
 FP8 inference: `from_pretrained(path, fp8="keep")` keeps the tensors that are float8_e4m3fn in
 the checkpoint (HF directory with `weight_scale_inv`, or `dsv3 convert --dtype float8`) as e4m3
 weights with their 128 x 128 block scales: linears become FP8 `Linear`s (`weight` [out, in] +
@@ -31,7 +38,8 @@ from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import Experts
 
-__all__ = ["abstract_model", "flat_variables", "param_shapes", "param_dtypes", "model_from_arrays",
+__all__ = ["abstract_model", "flat_variables", "stacked_variables", "stacked_location",
+           "param_shapes", "param_dtypes", "model_from_arrays",
            "from_pretrained", "save_pretrained", "ParamCount", "count_params", "FP8_MODES",
            "fp8_variables"]
 
@@ -49,9 +57,54 @@ def _path(p) -> str:
   return ".".join(str(x) for x in p)
 
 
-def flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-  """{"layers.3.self_attn.kv_b_proj.kernel": Variable, ...} for every variable of `model`."""
+def stacked_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{"stacks.1.block.self_attn.kv_b_proj.kernel": Variable, ...}: the model's own variables."""
   return {_path(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def stacked_location(model: nnx.Module, path: str) -> tuple[str, int | None]:
+  """Per-layer path -> (the model's variable path, slot in its leading layer axis or None).
+
+  "layers.5.mlp.gate.kernel" -> ("stacks.1.block.mlp.gate.kernel", 2) for V3's stacks
+  (0, 3), (3, 58); paths outside the decoder layers map to themselves with slot None.
+  """
+  parts = path.split(".")
+  if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+    return path, None
+  layer = int(parts[1])
+  for g, stack in enumerate(model.stacks):
+    if stack.start <= layer < stack.start + stack.count:
+      return ".".join(["stacks", str(g), "block", *parts[2:]]), layer - stack.start
+  raise KeyError(f"{path}: layer {layer} is not in the model (num_hidden_layers="
+                 f"{model.config.num_hidden_layers})")
+
+
+def _slot_value(value, i: int):
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+  return value[i]
+
+
+def flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{"layers.3.self_attn.kv_b_proj.kernel": Variable, ...}: every variable in the per-layer
+  view (stacked variables split into one Variable per layer, holding a slice, without the
+  leading "layers" logical axis)."""
+  out = {}
+  for path, v in stacked_variables(model).items():
+    parts = path.split(".")
+    if parts[0] != "stacks":
+      out[path] = v
+      continue
+    stack = model.stacks[int(parts[1])]
+    rest = ".".join(parts[3:])
+    axes = v.get_metadata().get("axes")
+    meta = {} if axes is None else {"axes": tuple(axes)[1:]}
+    value = v.get_value()
+    for i in range(stack.count):
+      out[f"layers.{stack.start + i}.{rest}"] = v.replace(_slot_value(value, i), **meta)
+  # The order of a per-layer model's state: names sorted, layer/expert indices numerically.
+  return dict(sorted(out.items(), key=lambda kv: tuple(
+      (0, int(c), "") if c.isdigit() else (1, 0, c) for c in kv[0].split("."))))
 
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -76,10 +129,64 @@ def _owner(model: nnx.Module, path: str) -> tuple[nnx.Module, str]:
   return obj, attr
 
 
+def _stack(values: list, what: str):
+  """Stacks per-layer values on a new leading axis: numpy on the host; jax arrays on device,
+  NamedSharding-ed slices giving the stacked array the same sharding with the layer axis whole."""
+  if len(values) == 1 and not isinstance(values[0], jax.Array):
+    return np.asarray(values[0])[None]
+  if not any(isinstance(v, jax.Array) for v in values):
+    return np.stack([np.asarray(v) for v in values])
+  s = getattr(values[0], "sharding", None)
+  if isinstance(s, jax.sharding.NamedSharding):
+    out = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+    return jax.jit(lambda *v: jnp.stack(v), out_shardings=out)(*values)
+  return jnp.stack([jnp.asarray(v) for v in values])
+
+
+def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[str, object]:
+  """Per-layer {path: value} -> {model variable path: value}, per-layer slots stacked.
+
+  A stacked target whose every slot is an `Fp8Weight` becomes one stacked `Fp8Weight`; FP8
+  slots mixed with dense ones are dequantised (our [..., in, out] layout)."""
+  from dsv3_jax.convert.orbax_io import Fp8Weight  # convert imports this module, not back
+  slots: dict[str, dict[int, object]] = {}
+  out: dict[str, object] = {}
+  for path, value in arrays.items():
+    target, slot = stacked_location(abstract, path)
+    if slot is None:
+      out[target] = value
+    else:
+      slots.setdefault(target, {})[slot] = value
+  counts = {f"stacks.{g}.": st.count for g, st in enumerate(abstract.stacks)}
+  for target, by_slot in slots.items():
+    count = next(c for pfx, c in counts.items() if target.startswith(pfx))
+    if sorted(by_slot) != list(range(count)):
+      missing = sorted(set(range(count)) - set(by_slot))
+      raise ValueError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
+                       f"{missing[:5]})")
+    values = [by_slot[i] for i in range(count)]
+    fp8 = [isinstance(v, Fp8Weight) for v in values]
+    if all(fp8):
+      out[target] = Fp8Weight(_stack([v.value for v in values], target),
+                              _stack([v.scale_inv for v in values], target), values[0].block)
+      continue
+    if any(fp8):
+      values = [_dequant_ours(v) if isinstance(v, Fp8Weight) else v for v in values]
+    out[target] = _stack(values, target)
+  return out
+
+
+def _dequant_ours(w) -> jax.Array:
+  """An Fp8Weight ([..., out, in] e4m3 + scales) -> float32 in our [..., in, out] layout."""
+  dense = dequantize_blocks(jnp.asarray(w.value), jnp.asarray(w.scale_inv), tuple(w.block))
+  return jnp.swapaxes(dense, -1, -2)
+
+
 def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object]) -> dict[str, object]:
-  """Turns the abstract model's FP8-capable targets whose value in `arrays` is an FP8 weight
-  (`dsv3_jax.convert.Fp8Weight`) into FP8 modules, in place; returns the arrays re-keyed by
-  the new variable paths. FP8 values for other targets (e.g. a quantised router) are dequantised.
+  """Turns the abstract model's FP8-capable targets whose value in `arrays` (keyed by model
+  variable paths) is an FP8 weight (`dsv3_jax.convert.Fp8Weight`) into FP8 modules, in place;
+  returns the arrays re-keyed by the new variable paths. FP8 values for other targets (e.g. a
+  quantised router) are dequantised.
   """
   from dsv3_jax.convert.orbax_io import Fp8Weight  # convert imports this module, not back
   out = dict(arrays)
@@ -101,8 +208,7 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     elif isinstance(owner, Experts) and attr in Experts.PROJECTIONS:
       names = owner.to_fp8(attr, value, scale)
     else:  # no FP8 form (e.g. the router): dequantise to our [..., in, out] layout
-      dense = dequantize_blocks(jnp.asarray(w.value), jnp.asarray(w.scale_inv), tuple(w.block))
-      out[path] = jnp.swapaxes(dense, -1, -2)
+      out[path] = _dequant_ours(w)
       continue
     out[prefix + names[0]], out[prefix + names[1]] = w.value, w.scale_inv
   return out
@@ -110,14 +216,16 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
 
 def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, object],
                       ) -> DeepseekV3:
-  """Builds a model whose variables are `arrays` ({path: array}); every path must be present.
+  """Builds a model whose variables are `arrays` ({per-layer path: array}, the view of
+  `flat_variables`); every path must be present. Per-layer arrays are stacked into the model's
+  layer stacks (sharded slices keep their sharding, see `_stack`).
 
   A value may also be a `dsv3_jax.convert.Fp8Weight` (value [..., out, in] float8_e4m3fn,
   scale_inv, block (128, 128)): that Linear kernel or routed-expert projection is then held as
   FP8 (see the module docstring); any other parameter given as FP8 is dequantised.
   """
   abstract = abstract_model(cfg, rt)
-  arrays = _use_fp8(abstract, rt, dict(arrays))
+  arrays = _use_fp8(abstract, rt, _gather_stacked(abstract, arrays))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   missing = [_path(p) for p, _ in flat if _path(p) not in arrays]

@@ -1,7 +1,8 @@
 """Logical axis names -> mesh axes: the one table that decides the parallelism.
 
 Every model variable carries logical axis names in its `axes` metadata (vocab, embed, q_lora,
-kv_lora, heads, mlp, expert, moe_mlp, or None). `ShardingRules` maps each name to zero, one or
+kv_lora, heads, mlp, expert, moe_mlp, layers (the leading axis of a scanned layer stack), or
+None). `ShardingRules` maps each name to zero, one or
 several mesh axes; changing the parallelism is editing this table, never the model.
 
 Weight axes and activation axes are separate fields (an activation's hidden dim is usually
@@ -28,7 +29,8 @@ __all__ = ["ShardingRules", "WEIGHT_AXES", "ACTIVATION_AXES", "logical_to_spec",
 
 MeshAxes = str | tuple[str, ...] | None
 
-WEIGHT_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "mlp", "expert", "moe_mlp")
+WEIGHT_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "mlp", "expert", "moe_mlp",
+               "layers")
 ACTIVATION_AXES = ("batch", "sequence", "act_embed", "act_heads", "act_vocab")
 
 
@@ -57,6 +59,7 @@ class ShardingRules:
   mlp: MeshAxes = TENSOR
   expert: MeshAxes = EXPERT
   moe_mlp: MeshAxes = TENSOR
+  layers: MeshAxes = None  # the leading axis of scanned layer stacks (scan needs it whole)
   # Activation axes.
   batch: MeshAxes = (DATA, FSDP, EXPERT)
   sequence: MeshAxes = None

@@ -214,6 +214,8 @@ def _logits_and_expert_grads(model, tokens, cot):
 
   grads, logits = run(params)
   flat = {k: v.get_value() for k, v in flat_variables_state(grads).items() if ".experts." in k}
+  # The MoE stack of this config holds one layer (layer 1): its arrays are [1, ...].
+  flat = {k.replace("stacks.1.block.", "layers.1."): v[0] for k, v in flat.items()}
   return np.asarray(logits), flat
 
 

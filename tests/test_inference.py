@@ -59,13 +59,11 @@ PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250]]
 
 def test_cache_is_576_values_per_token_for_671b():
   cache = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16))
-  assert len(cache.kv) == 61 + 1  # main layers + the MTP block
-  assert cache.kv_lora_rank == 512  # latent c in [..., :512], rotated k_pe in [..., 512:]
-  for kv in cache.kv:
-    assert kv.shape == (2, 16, 576)
-  parts = jax.eval_shape(lambda: (lambda c: (c.c, c.k_pe))(
+  # main layers + the MTP block; per layer latent c in [..., :512], rotated k_pe in [..., 512:]
+  assert cache.kv.shape == (61 + 1, 2, 16, 576)
+  c, k = jax.eval_shape(lambda: (lambda c: (c.c, c.k_pe))(
       init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16)))
-  assert all(c.shape == (2, 16, 512) and k.shape == (2, 16, 64) for c, k in zip(*parts))
+  assert c.shape == (62, 2, 16, 512) and k.shape == (62, 2, 16, 64)
   assert cache_values_per_token(dsv3_jax.DEEPSEEK_V3) == 576
   mla = cache_bytes_per_token(dsv3_jax.DEEPSEEK_V3, jnp.bfloat16)
   assert mla == 61 * 576 * 2
@@ -75,7 +73,8 @@ def test_cache_is_576_values_per_token_for_671b():
   one = dsv3_jax.DEEPSEEK_V3.replace(num_hidden_layers=1, first_k_dense_replace=1,
                                      num_nextn_predict_layers=0, vocab_size=128)
   w = jax.eval_shape(lambda: absorb_weights(dsv3_jax.DeepseekV3(one, rngs=nnx.Rngs(0))))
-  assert w["w_uk"][0].shape == (128, 128, 512) and w["w_uv"][0].shape == (128, 128, 512)
+  # One entry per layer stack, stacked like its parameters: [layers, H, N|V, C].
+  assert w["w_uk"][0].shape == (1, 128, 128, 512) and w["w_uv"][0].shape == (1, 128, 128, 512)
 
 
 def test_cached_decode_logits_match_full_forward(model):

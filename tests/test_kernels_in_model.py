@@ -137,9 +137,10 @@ def _grad_fn(model):
 
   def grads(state, tokens, pos, seg):
     g = jax.grad(loss)(state, tokens, pos, seg)
-    attn = [g["layers"][i]["self_attn"] for i in range(CFG.num_hidden_layers)]
-    return {f"layers.{i}.{name}": a[name]["kernel"].get_value()
-            for i, a in enumerate(attn) for name in ("kv_b_proj", "q_b_proj", "kv_a_proj_with_mqa")}
+    attn = g["stacks"][0]["block"]["self_attn"]  # one stack: CFG's layers are all dense
+    return {f"layers.{i}.{name}": attn[name]["kernel"].get_value()[i]
+            for i in range(CFG.num_hidden_layers)
+            for name in ("kv_b_proj", "q_b_proj", "kv_a_proj_with_mqa")}
 
   return grads, state
 

@@ -28,7 +28,7 @@ MESHES = {
     "fsdp2_ep4_pod_rules": {"fsdp": 2, "expert": 4},
 }
 POD_RULES = ShardingRules(vocab="expert", heads="expert", mlp="expert")
-EXPERT_W = "layers.0.mlp.experts.gate_proj"
+EXPERT_W = "stacks.0.block.mlp.experts.gate_proj"  # [layers, E, D, F]
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +64,19 @@ def test_sharded_step_matches_single_device(name, reference):
 
   # Parameters are sharded before and after the step, as the rules say.
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  expect = {"ep8": P("expert"), "ep4_data2": P("expert"),
-            "fsdp2_tp2_ep2": P("expert", "fsdp", "tensor"),
-            "fsdp2_ep4_pod_rules": P("expert", "fsdp")}[name]
+  expect = {"ep8": P(None, "expert"), "ep4_data2": P(None, "expert"),
+            "fsdp2_tp2_ep2": P(None, "expert", "fsdp", "tensor"),
+            "fsdp2_ep4_pod_rules": P(None, "expert", "fsdp")}[name]
   for tree in (params, new):
     w = flat(tree)[EXPERT_W]
     assert w.sharding.spec == expect, w.sharding.spec
-    assert w.addressable_shards[0].data.shape[0] == w.shape[0] // sizes["expert"]
+    assert w.addressable_shards[0].data.shape[1] == w.shape[1] // sizes["expert"]
   if "tensor" in sizes:
-    assert flat(new)["layers.0.mlp.shared_experts.gate_proj.kernel"].sharding.spec == P("fsdp", "tensor")
+    assert (flat(new)["stacks.0.block.mlp.shared_experts.gate_proj.kernel"].sharding.spec
+            == P(None, "fsdp", "tensor"))
     assert flat(new)["embed_tokens"].sharding.spec == P("tensor", "fsdp")
   if rules is POD_RULES:
-    assert flat(new)["layers.0.self_attn.o_proj.kernel"].sharding.spec == P("expert", "fsdp")
+    assert flat(new)["stacks.0.block.self_attn.o_proj.kernel"].sharding.spec == P(None, "expert", "fsdp")
     assert flat(new)["embed_tokens"].sharding.spec == P("expert", "fsdp")
   _compare(reference, float(loss), np.asarray(logits),
            {k: np.asarray(v) for k, v in flat(grads).items()},

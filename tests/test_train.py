@@ -69,11 +69,13 @@ def test_loss_matches_numpy_reference():
   seg = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], np.int32)  # two documents; padding
   fwd = nnx.jit(lambda m, t: dataclasses.astuple(m.forward(t, mtp=True)))
   out = ModelOutput(*fwd(model, jnp.asarray(tokens)))
-  assert len(out.router_stats) == 2  # the MoE layer and the MTP block
+  assert out.router_stats["load"].shape[0] == 2  # the MoE layer and the MTP block
+  stats = jax.device_get(out.router_stats)
+  per_layer = [{k: v[i] for k, v in stats.items()} for i in range(2)]
   lc = LossConfig(mtp_lambda=0.3, balance_alpha=0.05)
   loss, m = training_loss(out, jnp.asarray(tokens), jnp.asarray(seg), lc, CFG.num_experts_per_tok)
   ref, ce, mtp, bal = _np_loss(np.asarray(out.logits), np.asarray(out.mtp_logits),
-                               jax.device_get(out.router_stats), tokens, seg, 0.3, 0.05,
+                               per_layer, tokens, seg, 0.3, 0.05,
                                CFG.num_experts_per_tok)
   assert_close(m["ce"], ce, atol=1e-5, what="ce")
   assert_close(m["mtp_ce"], mtp, atol=1e-5, what="mtp ce")
@@ -94,7 +96,7 @@ def test_mtp_targets_hand_built():
       mtp[k - 1, 0, i, tokens[0, i + k + 1]] = big
   main = np.zeros((1, T, V), np.float32)
   main[0, np.arange(T - 1), tokens[0, 1:]] = big
-  out = ModelOutput(jnp.asarray(main), jnp.asarray(mtp), None, [])
+  out = ModelOutput(jnp.asarray(main), jnp.asarray(mtp), None, None)
   lc = LossConfig(mtp_lambda=1.0, balance_alpha=0.0)
   _, m = training_loss(out, jnp.asarray(tokens), None, lc, 2)
   exact = np.log1p((V - 1) * np.exp(-big))  # CE of a one-hot-ish logit row
@@ -105,7 +107,7 @@ def test_mtp_targets_hand_built():
   for k in range(1, D + 1):
     for i in range(T - k - 1):
       wrong[k - 1, 0, i, tokens[0, i + k]] = big
-  _, m2 = training_loss(ModelOutput(jnp.asarray(main), jnp.asarray(wrong), None, []),
+  _, m2 = training_loss(ModelOutput(jnp.asarray(main), jnp.asarray(wrong), None, None),
                         jnp.asarray(tokens), None, lc, 2)
   assert float(m2["mtp_ce"]) > big - 1
 
@@ -113,13 +115,18 @@ def test_mtp_targets_hand_built():
 def test_balance_loss_hand_cases():
   # Perfect balance: each of E experts gets T*K/E tokens and P_i = 1/E -> sum_i f_i P_i = 1.
   B, E, K, T = 2, 8, 2, 16
-  stats = [{"seq_load": jnp.full((B, E), T * K / E), "seq_prob": jnp.full((B, E), 1 / E)}]
+  # Stats stacked over MoE layers: [layers=1, B, E].
+  stats = {"seq_load": jnp.full((1, B, E), T * K / E), "seq_prob": jnp.full((1, B, E), 1 / E)}
   assert_close(balance_loss(stats, K), 1.0, atol=1e-6, what="balanced")
   # Collapse: all tokens to experts 0,1 with all probability there -> f = E/K on them, P = 1/2.
   load = jnp.zeros((B, E)).at[:, :2].set(T)
   prob = jnp.zeros((B, E)).at[:, :2].set(0.5)
-  assert_close(balance_loss([{"seq_load": load, "seq_prob": prob}], K), E / K, atol=1e-6,
-               what="collapsed")
+  assert_close(balance_loss({"seq_load": load[None], "seq_prob": prob[None]}, K), E / K,
+               atol=1e-6, what="collapsed")
+  # Two layers sum: the balanced and the collapsed one.
+  two = {"seq_load": jnp.stack([stats["seq_load"][0], load]),
+         "seq_prob": jnp.stack([stats["seq_prob"][0], prob])}
+  assert_close(balance_loss(two, K), 1.0 + E / K, atol=1e-6, what="two layers")
 
 
 def _corpus_file(tmp_path, n_docs=300):
@@ -137,13 +144,13 @@ def _trainer(path, tmp_dir=None, steps=6, model=None, runtime=RuntimeConfig(), *
 
 def test_router_bias_has_no_gradient_and_follows_load(tmp_path):
   model = DeepseekV3(CFG, rngs=nnx.Rngs(0))
-  moe = model.layers[1].mlp
+  moe = model.stacks[1].block.mlp  # the MoE layer stack (one layer: its arrays are [1, ...])
   # Skew the router: expert 0 scores far above the rest for every token; start from a non-zero
   # bias so that any optimizer/weight-decay touch would show.
-  moe.gate.kernel.set_value(moe.gate.kernel.get_value().at[:, 0].add(0.5))
+  moe.gate.kernel.set_value(moe.gate.kernel.get_value().at[..., 0].add(0.5))
   bias0 = np.random.default_rng(1).normal(0, 0.01, CFG.n_routed_experts).astype(np.float32)
   for b in balance.router_biases(model):
-    b.set_value(jnp.asarray(bias0))
+    b.set_value(jnp.broadcast_to(jnp.asarray(bias0), b.get_value().shape))
   # The trainer differentiates the Params split off the model; the bias is not among them.
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   assert any(isinstance(v, RouterBias) for _, v in nnx.to_flat_state(rest))
@@ -157,7 +164,7 @@ def test_router_bias_has_no_gradient_and_follows_load(tmp_path):
   m = tr.train_step(tr.data.next_batch())
   load = m["layer_load"][0]  # the main MoE layer
   assert load[0] == load.max() and load[0] > 2 * load.mean()  # the skew took hold
-  after = np.asarray(balance.router_biases(tr.model)[0].get_value())
+  after = np.asarray(balance.router_biases(tr.model)[0].get_value()).reshape(-1)
   expected = bias0 + 1e-3 * np.sign(load.mean() - load)
   assert_close(after, expected, atol=1e-7, what="bias after one step")
   assert after[0] < bias0[0]  # the overloaded expert is pushed down

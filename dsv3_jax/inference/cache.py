@@ -4,11 +4,14 @@ the rotated shared rope key k_pe (qk_rope_head_dim values), in one row. Never pe
 For DeepSeek-V3 that is 512 + 64 = 576 values per token per layer, against
 2 * 128 heads * 192/128 dims for a per-head K/V cache (what transformers keeps).
 
-Layout: one buffer per layer, fixed capacity [B, max_len, C + R], with per-sequence lengths;
+Layout: one array [layers, B, max_len, C + R] (fixed capacity) with per-sequence lengths;
 sequences are right padded (sequence b's token at position p sits in row p), so a decode step
 writes at row lengths[b]. Layers are the main decoder layers, then the MTP blocks (when present).
+One array for all layers lets the scanned decoder carry it through its scan and update the new
+rows in place (`write_layer_rows`).
 
-Einsum letters: B batch, S cache rows (max_len), T new tokens, C kv_lora_rank, R rope dims.
+Einsum letters: L layers, B batch, S cache rows (max_len), T new tokens, C kv_lora_rank,
+R rope dims.
 """
 from __future__ import annotations
 
@@ -21,44 +24,46 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 
 __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_per_token",
-           "write_rows"]
+           "write_rows", "write_layer_rows"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LatentCache:
-  """kv: per layer one buffer [B, S, C + R]: the normalised latent c in [..., :C], then the
+  """kv [layers, B, S, C + R]: per layer and row the normalised latent c in [..., :C], then the
   rotated k_pe in [..., C:] (the layout the `mla_decode` kernel and FlashMLA read as is);
   lengths: int32 [B] valid rows per sequence (shared by all layers: the main model and the MTP
   blocks advance together); kv_lora_rank: C (static pytree metadata)."""
 
-  kv: tuple[jax.Array, ...]
+  kv: jax.Array
   lengths: jax.Array
   kv_lora_rank: int = dataclasses.field(metadata=dict(static=True))
 
   @property
+  def num_layers(self) -> int:
+    return self.kv.shape[0]
+
+  @property
   def capacity(self) -> int:
-    return self.kv[0].shape[1]
+    return self.kv.shape[2]
 
   @property
   def batch(self) -> int:
-    return self.kv[0].shape[0]
+    return self.kv.shape[1]
 
   @property
-  def c(self) -> tuple[jax.Array, ...]:
-    """Per layer the latent part [B, S, C] (a slice of `kv`; read-only view for inspection)."""
-    return tuple(k[..., :self.kv_lora_rank] for k in self.kv)
+  def c(self) -> jax.Array:
+    """The latent part [layers, B, S, C] (a slice of `kv`, for inspection)."""
+    return self.kv[..., :self.kv_lora_rank]
 
   @property
-  def k_pe(self) -> tuple[jax.Array, ...]:
-    """Per layer the rope-key part [B, S, R] (a slice of `kv`)."""
-    return tuple(k[..., self.kv_lora_rank:] for k in self.kv)
+  def k_pe(self) -> jax.Array:
+    """The rope-key part [layers, B, S, R] (a slice of `kv`)."""
+    return self.kv[..., self.kv_lora_rank:]
 
-  def with_layer(self, i: int, buf: jax.Array) -> "LatentCache":
-    """A copy with layer i's buffer replaced by buf [B, S, C + R]."""
-    kv = list(self.kv)
-    kv[i] = buf
-    return dataclasses.replace(self, kv=tuple(kv))
+  def with_kv(self, kv: jax.Array) -> "LatentCache":
+    """A copy with the buffer replaced (same shape)."""
+    return dataclasses.replace(self, kv=kv)
 
   def with_lengths(self, lengths: jax.Array) -> "LatentCache":
     """A copy with lengths replaced (int32 [B])."""
@@ -68,13 +73,13 @@ class LatentCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
                mtp_layers: int | None = None) -> LatentCache:
   """A zeroed cache for `cfg.num_hidden_layers` main layers plus `mtp_layers` MTP blocks
-  (default: cfg.num_nextn_predict_layers), each [batch, max_len, kv_lora_rank + rope dims].
+  (default: cfg.num_nextn_predict_layers): kv [layers, batch, max_len, kv_lora_rank + rope dims].
   Works under jax.eval_shape (nothing allocated)."""
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must be > 0")
   n = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp_layers is None else mtp_layers)
   d = cache_values_per_token(cfg)
-  kv = tuple(jnp.zeros((batch, max_len, d), dtype) for _ in range(n))
+  kv = jnp.zeros((n, batch, max_len, d), dtype)
   return LatentCache(kv, jnp.zeros((batch,), jnp.int32), cfg.kv_lora_rank)
 
 
@@ -97,3 +102,12 @@ def write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
   """
   return jax.vmap(lambda b, n, o: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (o, 0)))(
       buf, new, offsets)
+
+
+def write_layer_rows(kv: jax.Array, layer, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """kv [L, B, S, X], new [B, T, X] rows for `layer` (int, may be traced) at positions int
+  [B, T] -> kv with those rows replaced: a scatter of B*T rows, in place inside a scan carry
+  (no copy of the layer's buffer). Positions must be < S."""
+  B, T = positions.shape
+  b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+  return kv.at[layer, b, positions].set(new.astype(kv.dtype), unique_indices=True)

@@ -16,6 +16,9 @@ which reads each layer's [B, S, C + R] cache buffer as is.
 
 Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
 compute-efficient form for many query tokens, and writes each layer's latent into the cache.
+
+Both scan over the model's layer stacks (`DeepseekV3.stacks`): the cache [layers, B, S, C + R]
+rides in the scan carry and each layer writes only its new rows into it.
 Right padding keeps every sequence at positions 0..len-1; causal attention means the padding
 behind a sequence never influences it, and the rows it leaves in the cache lie past `lengths`.
 """
@@ -24,7 +27,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.inference.cache import LatentCache, write_rows
+from flax import nnx
+
+from dsv3_jax.inference.cache import LatentCache, write_layer_rows
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.layers import apply_rope
 
@@ -33,21 +38,21 @@ __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "pref
 
 
 def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
-  """Splits every layer's kv_b_proj (main layers, then MTP blocks) into W_UK [H, N, C] and
-  W_UV [H, V, C] in the compute dtype. Call once at load, not per step. An FP8 kv_b_proj
+  """Splits every layer's kv_b_proj into W_UK [H, N, C] and W_UV [H, V, C] in the compute dtype:
+  one entry per layer stack ([count, H, N, C], stacked like the stack's parameters), then one
+  per MTP block ([H, N, C]). Call once at load, not per step. An FP8 kv_b_proj
   (from_pretrained(fp8="keep")) is dequantised here, once, before the split."""
   cfg, dt = model.config, model.runtime.dtype
   H, N, V, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   uk, uv = [], []
-  for layer in _all_layers(model):
-    k = layer.self_attn.kv_b_proj.dense_kernel().reshape(C, H, N + V)
-    uk.append(jnp.transpose(k[:, :, :N], (1, 2, 0)).astype(dt))
-    uv.append(jnp.transpose(k[:, :, N:], (1, 2, 0)).astype(dt))
+  for block in [st.block for st in model.stacks] + [m.block for m in model.mtp]:
+    k = block.self_attn.kv_b_proj.dense_kernel()  # [..., C, H * (N + V)]
+    k = k.reshape(*k.shape[:-2], C, H, N + V)
+    lead = tuple(range(k.ndim - 3))
+    perm = lead + tuple(d + len(lead) for d in (1, 2, 0))  # [..., H, N|V, C]
+    uk.append(jnp.transpose(k[..., :N], perm).astype(dt))
+    uv.append(jnp.transpose(k[..., N:], perm).astype(dt))
   return {"w_uk": tuple(uk), "w_uv": tuple(uv)}
-
-
-def _all_layers(model):
-  return list(model.layers) + [m.block for m in model.mtp]
 
 
 def decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, scale: float, *,
@@ -100,9 +105,10 @@ def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array,
   return o.astype(jnp.float32)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, buf, x, positions):
+def _absorbed_layer(layer, w_uk, w_uv, kv, index, x, positions):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
-  positions[:, 0], which is where they are written into buf [B, S, C + R]). Returns (x, buf)."""
+  positions[:, 0]); writes their latent rows into kv [L, B, S, C + R] at layer `index` (int,
+  may be traced). Returns (x, kv)."""
   attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
@@ -110,10 +116,10 @@ def _absorbed_layer(layer, w_uk, w_uv, buf, x, positions):
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
-    buf = write_rows(buf, jnp.concatenate([c, k_pe.astype(c.dtype)], -1), positions[:, 0])
+    kv = write_layer_rows(kv, index, jnp.concatenate([c, k_pe.astype(c.dtype)], -1), positions)
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
-    q = jnp.concatenate([q_lat.astype(buf.dtype), q_pe.astype(buf.dtype)], -1)  # [B, T, H, C+R]
-    o = decode_attention_steps(q, buf, positions, cfg.softmax_scale,
+    q = jnp.concatenate([q_lat.astype(kv.dtype), q_pe.astype(kv.dtype)], -1)  # [B, T, H, C+R]
+    o = decode_attention_steps(q, kv[index], positions, cfg.softmax_scale,
                                kv_lora_rank=cfg.kv_lora_rank, backend=rt.attention_backend,
                                platform=rt.kernel_platform)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
@@ -121,7 +127,7 @@ def _absorbed_layer(layer, w_uk, w_uv, buf, x, positions):
   y = layer.mlp(layer.post_attention_layernorm(x))
   if layer.is_moe:
     y = y[0]
-  return x + y, buf
+  return x + y, kv
 
 
 def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array):
@@ -131,13 +137,21 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
   Returns (logits [B, T, V] float32, final normed hidden h^0 [B, T, D], cache). cache.lengths is
   not changed (the caller decides how many of the new rows to keep).
   """
-  x = model.embed(tokens)
-  for i, layer in enumerate(model.layers):
-    x, buf = _absorbed_layer(layer, absorbed["w_uk"][i], absorbed["w_uv"][i], cache.kv[i], x,
-                             positions)
-    cache = cache.with_layer(i, buf)
+  x, kv = model.embed(tokens), cache.kv
+  for g, stack in enumerate(model.stacks):
+    graphdef, state = nnx.split(stack.block)
+
+    def body(carry, xs, graphdef=graphdef):
+      layer_state, w_uk, w_uv, index = xs
+      x, kv = _absorbed_layer(nnx.merge(graphdef, layer_state), w_uk, w_uv, carry[1], index,
+                              carry[0], positions)
+      return (x, kv), None
+
+    layers = jnp.arange(stack.start, stack.start + stack.count, dtype=jnp.int32)
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (state, absorbed["w_uk"][g], absorbed["w_uv"][g],
+                                              layers))
   hidden = model.norm(x)
-  return model.head(hidden), hidden, cache
+  return model.head(hidden), hidden, cache.with_kv(kv)
 
 
 def _mtp_input(mtp_layer, model, next_tokens, h_prev):
@@ -153,22 +167,19 @@ def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Arr
   (final hidden after model.norm, vLLM's choice for serving). Returns (logits [B, T, V] float32,
   predicting t_{i+2}; cache).
   """
-  L = model.config.num_hidden_layers
+  L, G = model.config.num_hidden_layers, len(model.stacks)
   m = model.mtp[0]
   x = _mtp_input(m, model, next_tokens, h_prev)
-  x, buf = _absorbed_layer(m.block, absorbed["w_uk"][L], absorbed["w_uv"][L], cache.kv[L], x,
-                           positions)
-  return model.head(m.shared_head_norm(x)), cache.with_layer(L, buf)
+  x, kv = _absorbed_layer(m.block, absorbed["w_uk"][G], absorbed["w_uv"][G], cache.kv, L, x,
+                          positions)
+  return model.head(m.shared_head_norm(x)), cache.with_kv(kv)
 
 
-def _prefill_layer(layer, x, positions, cache, i):
-  h = layer.input_layernorm(x)
-  c, k_pe = layer.self_attn.latent(h, positions)
-  zero = jnp.zeros((x.shape[0],), jnp.int32)
-  cache = cache.with_layer(i, write_rows(cache.kv[i], jnp.concatenate(
-      [c, k_pe.astype(c.dtype)], -1), zero))
-  x, _ = layer(x, positions)
-  return x, cache
+def _write_prefill(kv, start: int, c, k_pe):
+  """Writes latents c [n, B, T, C], k_pe [n, B, T, R] of layers start..start+n-1 into kv rows
+  0..T-1."""
+  rows = jnp.concatenate([c, k_pe.astype(c.dtype)], -1).astype(kv.dtype)
+  return jax.lax.dynamic_update_slice(kv, rows, (start, 0, 0, 0))
 
 
 def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
@@ -177,12 +188,13 @@ def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
   [B, V] float32, final normed hidden [B, T, D], cache with lengths = `lengths`)."""
   B, T = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = model.embed(tokens)
-  for i, layer in enumerate(model.layers):
-    x, cache = _prefill_layer(layer, x, positions, cache, i)
+  x, kv = model.embed(tokens), cache.kv
+  for stack in model.stacks:
+    x, _, (c, k_pe) = stack(x, positions, return_latent=True)
+    kv = _write_prefill(kv, stack.start, c, k_pe)
   hidden = model.norm(x)
   last = hidden[jnp.arange(B), lengths - 1]  # [B, D]
-  return model.head(last), hidden, cache.with_lengths(lengths)
+  return model.head(last), hidden, cache.with_kv(kv).with_lengths(lengths)
 
 
 def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array,
@@ -199,6 +211,7 @@ def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array
   rows = jnp.arange(B)
   nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
   m = model.mtp[0]
-  x, cache = _prefill_layer(m.block, _mtp_input(m, model, nxt, hidden), positions, cache, L)
+  x, _, (c, k_pe) = m.block(_mtp_input(m, model, nxt, hidden), positions, return_latent=True)
+  kv = _write_prefill(cache.kv, L, c[None], k_pe[None])
   last = m.shared_head_norm(x[rows, lengths - 1])
-  return model.head(last), cache
+  return model.head(last), cache.with_kv(kv)

@@ -125,8 +125,8 @@ def make_mtp_agree(model, main_scale: float = 0.0) -> None:
     else:
       scale(mlp.down_proj.kernel, s)
 
-  for layer in model.layers:
-    quiet(layer, main_scale)
+  for stack in model.stacks:  # scales every layer of the stack at once
+    quiet(stack.block, main_scale)
   D = model.config.hidden_size
   for m in model.mtp:
     quiet(m.block, 0.0)

@@ -69,20 +69,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
   return nll.sum(), mask.sum().astype(jnp.float32)
 
 
-def balance_loss(router_stats: Sequence[dict[str, Any]], num_experts_per_tok: int) -> jax.Array:
+def balance_loss(router_stats: dict[str, Any], num_experts_per_tok: int) -> jax.Array:
   """Sum over MoE layers of mean_b sum_i f_i * P_i (see module docstring); float32 scalar.
 
-  router_stats: the model's per-layer dicts with "seq_load" [B, E] (tokens per expert per row)
-  and "seq_prob" [B, E] (mean normalised router score per row).
+  router_stats: the model's stats stacked over MoE layers, with "seq_load" [layers, B, E]
+  (tokens per expert per row) and "seq_prob" [layers, B, E] (mean normalised router score per
+  row).
   """
-  total = jnp.zeros((), jnp.float32)
-  for s in router_stats:
-    count = jax.lax.stop_gradient(s["seq_load"].astype(jnp.float32))  # [B, E]
-    E = count.shape[-1]
-    T = count.sum(-1, keepdims=True) / num_experts_per_tok  # tokens per row (each picks K)
-    f = E / num_experts_per_tok * count / T
-    total = total + jnp.mean(jnp.sum(f * s["seq_prob"].astype(jnp.float32), axis=-1))
-  return total
+  count = jax.lax.stop_gradient(router_stats["seq_load"].astype(jnp.float32))  # [L, B, E]
+  E = count.shape[-1]
+  T = count.sum(-1, keepdims=True) / num_experts_per_tok  # tokens per row (each picks K)
+  f = E / num_experts_per_tok * count / T
+  per_layer = jnp.mean(jnp.sum(f * router_stats["seq_prob"].astype(jnp.float32), axis=-1), -1)
+  return jnp.sum(per_layer)
 
 
 def training_loss(out, tokens: jax.Array, segment_ids: jax.Array | None, cfg: LossConfig,
@@ -109,6 +108,6 @@ def training_loss(out, tokens: jax.Array, segment_ids: jax.Array | None, cfg: Lo
       mtp_ce = mtp_ce + nll_k / jnp.maximum(n_k, 1.0)
     mtp_ce = mtp_ce / depth
   bal = (balance_loss(out.router_stats, num_experts_per_tok)
-         if out.router_stats else jnp.zeros((), jnp.float32))
+         if out.router_stats is not None else jnp.zeros((), jnp.float32))
   loss = ce + lam * mtp_ce + cfg.balance_alpha * bal
   return loss, {"loss": loss, "ce": ce, "mtp_ce": mtp_ce, "balance": bal, "tokens": n}

@@ -117,8 +117,8 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
   (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=make_schedule(optim_cfg)(state["step"]),
                  load_ratio=load_ratio(stats))
-  if stats:
-    metrics["layer_load"] = jnp.stack([s["load"] for s in stats])  # [layers, E]
+  if stats is not None:
+    metrics["layer_load"] = stats["load"]  # [MoE layers, E]
   updates, opt = tx.update(grads, state["opt"], params)
   params = optax.apply_updates(params, updates)
   model = nnx.merge(graphdef, params, rest, copy=True)
