@@ -10,6 +10,8 @@ Tolerances (fp32): kernel and reference differ only in float32 summation order (
 per block; sharding adds psums of partial products): logits observed ~1e-6, bound 1e-4 (logits
 O(1)); gradients bound 1e-4 * max|g| per tensor (observed ~1e-6 * max|g|).
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,8 @@ import dsv3_jax
 from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
 from dsv3_jax.pretrained import param_shapes
 from dsv3_jax.sharding import (Dim, KernelShardingError, ShardingRules, activation_sharding,
-                               kernel_map, kernel_specs, make_mesh, shard_model)
+                               kernel_map, kernel_specs, make_mesh, shard_model,
+                               state_shardings)
 from tests.utils import assert_close
 
 # One MoE layer (the expert-parallel shard_map and the kernels' shard_maps in one program), heads
@@ -65,7 +68,8 @@ def pallas_calls(jaxpr, inside=False):
   out = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
-      out.append((str(eqn.params.get("name_and_src_info", "")).split(" ")[0], inside))
+      name = eqn.params.get("name") or eqn.params.get("name_and_src_info")
+      out.append((str(name).split(" ")[0], inside))
     for sub in _sub_jaxprs(eqn):
       out += pallas_calls(sub, inside or eqn.primitive.name == "shard_map")
   return out
@@ -264,3 +268,102 @@ def test_fp8_linear_runs_per_shard():
   xs = jax.device_put(x, NamedSharding(mesh, P("fsdp")))
   got = run_sharded(lambda s, x: nnx.merge(graphdef, s)(x), mesh, state, xs)
   assert_close(np.asarray(got), want, atol=1e-4, what="sharded fp8 Linear")
+
+
+# TPU: hidden 128, 4 heads (2 per tensor shard), q/k 64 + 64, v 128, latent 128 + rope 64 (the
+# decode cache rows are 192 wide); one dense layer keeps the Mosaic + XLA:TPU compile short.
+TPU_CFG = dsv3_jax.TINY.replace(
+    num_hidden_layers=1, first_k_dense_replace=1, num_nextn_predict_layers=0, hidden_size=128,
+    intermediate_size=256, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+    qk_rope_head_dim=64, v_head_dim=128)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+@pytest.fixture(scope="module")
+def tpu_mesh():
+  pytest.importorskip("libtpu", reason="TPU AOT compilation needs libtpu (the test extra)")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  return make_mesh({"fsdp": 2, "tensor": 2}, devices=topo.devices)
+
+
+def _tpu_model(fp8: bool):
+  from dsv3_jax.layers import Linear
+  rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.float32, dtype=jnp.bfloat16,
+                              attention_backend="pallas", moe_backend="pallas",
+                              kernel_platform="tpu")
+  model = dsv3_jax.abstract_model(TPU_CFG, rt)
+  if fp8:  # the projections into and out of the heads hold FP8 weights (fp8_weight_matmul)
+    for path, m in nnx.iter_graph(model):
+      if isinstance(m, Linear) and path[-1] in ("q_b_proj", "o_proj"):
+        n_in, n_out = m.kernel.get_value().shape
+        m.to_fp8(jax.ShapeDtypeStruct((n_out, n_in), jnp.float8_e4m3fn),
+                 jax.ShapeDtypeStruct((-(-n_out // 128), -(-n_in // 128)), jnp.float32),
+                 backend="pallas", platform="tpu")
+  return model
+
+
+def _compile_tpu(f, mesh, *args):
+  # conftest sets matmul precision "highest", which the kernels' bf16 dots would inherit and
+  # Mosaic rejects (fp32 contract precision on bf16 operands): compile at the default.
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    traced = jax.jit(f).trace(*args)
+    calls = pallas_calls(traced.jaxpr)
+    assert calls and all(inside for _, inside in calls), calls
+    return traced.lower().compile().as_text(), calls
+
+
+def test_tpu_aot_sharded_train_step_uses_kernels(tpu_mesh):
+  """Loss + gradients of the model sharded on v5e 2x2 (fsdp 2 x tensor 2) with the TPU attention
+  kernel (forward, dq and dkv kernels per shard) compiles for TPU (Mosaic + XLA:TPU)."""
+  rules = ShardingRules()
+  graphdef, params, rest = nnx.split(_tpu_model(fp8=False), nnx.Param, ...)
+  pa = _abstract(params, state_shardings(params, rules, tpu_mesh))
+  ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
+  shape = (4, 256)
+  tok = jax.ShapeDtypeStruct(shape, jnp.int32,
+                             sharding=activation_sharding(("batch", "sequence"), rules, tpu_mesh, shape))
+
+  def train(params, rest, tokens):
+    def loss(p):
+      return jnp.mean(nnx.merge(graphdef, p, rest)(tokens).astype(jnp.float32))
+    return jax.value_and_grad(loss)(params)
+
+  hlo, calls = _compile_tpu(train, tpu_mesh, pa, ra, tok)
+  assert sorted(n for n, _ in calls) == ["mla_attention_dkv", "mla_attention_dq",
+                                         "mla_attention_fwd"], calls
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 3
+
+
+def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
+  """A cached decode step (cache [B, S, 192] split on batch; FP8 q_b_proj / o_proj) on v5e 2x2
+  compiles for TPU with the mla_decode and fp8_weight_matmul kernels per shard."""
+  rules = ShardingRules()
+  model = _tpu_model(fp8=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  pa = _abstract(params, state_shardings(params, rules, tpu_mesh))
+  ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
+  B, S = 4, 256
+  cache = jax.eval_shape(lambda: init_cache(TPU_CFG, B, S, jnp.bfloat16))
+  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=activation_sharding(
+      ("batch",) + (None,) * (x.ndim - 1), rules, tpu_mesh, x.shape)), cache)
+  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
+  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+      tpu_mesh, P())), absorbed)
+  tok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=activation_sharding(
+      ("batch", None), rules, tpu_mesh, (B, 1)))
+
+  def step(params, rest, absorbed, cache, tokens, positions):
+    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
+                                      positions)
+    return logits, cache
+
+  hlo, calls = _compile_tpu(step, tpu_mesh, pa, ra, absorbed, cache, tok, tok)
+  names = sorted(n for n, _ in calls)
+  assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode"], names
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 3
