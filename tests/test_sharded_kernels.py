@@ -367,3 +367,23 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
   names = sorted(n for n, _ in calls)
   assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode"], names
   assert hlo.count('custom_call_target="tpu_custom_call"') == 3
+
+
+def test_kernel_map_inside_an_enclosing_shard_map():
+  """Inside a shard_map that is manual over `expert` (the expert-parallel MoE's), kernel_map
+  splits only over the remaining axes: batch (on data) and heads (on tensor)."""
+  seen = []
+
+  def kernel(x):
+    seen.append(x.shape)
+    return x * 2
+
+  mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+  f = kernel_map(kernel, [("batch", "act_heads")], ("batch", "act_heads"), name="toy")
+  outer = jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
+                        axis_names={"expert"}, check_vma=False)
+  x = jnp.arange(8 * 4, dtype=jnp.float32).reshape(8, 4)
+  with jax.set_mesh(mesh):
+    out = jax.jit(outer)(x)
+  assert seen == [(2, 2)]  # 8 rows / expert 2 / data 2, 4 heads / tensor 2
+  np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
