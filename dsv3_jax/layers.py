@@ -149,9 +149,9 @@ class Linear(nnx.Module):
     # logical axis says when every shard keeps whole 128-row scale blocks (else whole); its in dim
     # whole (an FSDP-sharded in dim is all-gathered, as GSPMD does for a dense matmul).
     out = (self.weight.get_metadata().get("axes") or (None,))[0]
-    y = kernel_map(kernel, (("batch", None), (None if out is None else Dim(out, FP8_BLOCK[0]), None),
-                            (out, None)), ("batch", out), name="fp8_weight_matmul")(
-                                x2, w, self.weight_scale_inv.get_value())
+    w_axes = (None if out is None else Dim(out, FP8_BLOCK[0]), None)
+    y = kernel_map(kernel, (("batch", None), w_axes, (out, None)), ("batch", out),
+                   name="fp8_weight_matmul")(x2, w, self.weight_scale_inv.get_value())
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -113,8 +113,8 @@ def kernel_specs(shapes: Sequence[tuple[int, ...] | None], in_axes: Sequence[Axe
   return in_specs, [spec(a) for a in out_axes], tuple(sorted(taken))
 
 
-def kernel_map(fn: Callable[..., Any], in_axes: Sequence[Axes | None], out_axes: Axes | Sequence[Axes],
-               *, rules: ShardingRules | None = None, mesh: Mesh | AbstractMesh | None = None,
+def kernel_map(fn: Callable[..., Any], in_axes: Sequence[Axes | None],
+               out_axes: Axes | Sequence[Axes], *, rules: ShardingRules | None = None, mesh: Mesh | AbstractMesh | None = None,
                name: str | None = None) -> Callable[..., Any]:
   """Returns `fn` run per shard over the mesh, for a kernel whose operands carry logical axes.
 

@@ -326,8 +326,8 @@ def test_tpu_aot_sharded_train_step_uses_kernels(tpu_mesh):
   pa = _abstract(params, state_shardings(params, rules, tpu_mesh))
   ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
   shape = (4, 256)
-  tok = jax.ShapeDtypeStruct(shape, jnp.int32,
-                             sharding=activation_sharding(("batch", "sequence"), rules, tpu_mesh, shape))
+  tok = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=activation_sharding(
+      ("batch", "sequence"), rules, tpu_mesh, shape))
 
   def train(params, rest, tokens):
     def loss(p):
@@ -350,8 +350,9 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
   ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
   B, S = 4, 256
   cache = jax.eval_shape(lambda: init_cache(TPU_CFG, B, S, jnp.bfloat16))
-  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=activation_sharding(
-      ("batch",) + (None,) * (x.ndim - 1), rules, tpu_mesh, x.shape)), cache)
+  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=activation_sharding(("batch",) + (None,) * (x.ndim - 1), rules,
+                                                     tpu_mesh, x.shape)), cache)
   absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
   absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
       tpu_mesh, P())), absorbed)

@@ -8,7 +8,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from dsv3_jax.kernels_pallas import (fp8_matmul, fp8_weight_matmul, grouped_matmul,
                                      grouped_matmul_fp8, mla_attention, mla_decode,
