@@ -13,7 +13,8 @@ axes (`rules.mesh_axes`) that are in the mesh with size > 1, not manual (inside 
 shard_map), not taken by an earlier name, kept greedily while their product divides every dim
 carrying that name (and leaves each local size a multiple of `Dim.multiple`). Dropped axes mean
 that dim is replicated, never a wrong result. With no mesh, or no axis left, the kernel is called
-directly.
+directly. Operands on Explicit mesh axes are resharded to the kernel's specs first (shard_map
+requires it); on Auto axes (`make_mesh`'s) GSPMD inserts the same collectives.
 
 This module imports nothing from the model.
 """
@@ -179,7 +180,11 @@ def kernel_map(fn: Callable[..., Any], in_axes: Sequence[Axes | None],
     mapped = jax.shard_map(body, mesh=m, in_specs=tuple(in_specs[i] for i in present),
                            out_specs=out_specs[0] if single else tuple(out_specs),
                            check_vma=False, **kw)
+    operands = [args[i] for i in present]
+    if set(getattr(m, "explicit_axes", ()) or ()) & free:
+      # Explicit-sharding axes: shard_map requires operands already laid out as its in_specs.
+      operands = [jax.sharding.reshard(x, in_specs[i]) for i, x in zip(present, operands)]
     with jax.named_scope(f"kernel_map_{name}"):
-      return mapped(*(args[i] for i in present))
+      return mapped(*operands)
 
   return call

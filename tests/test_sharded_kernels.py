@@ -388,3 +388,16 @@ def test_kernel_map_inside_an_enclosing_shard_map():
     out = jax.jit(outer)(x)
   assert seen == [(2, 2)]  # 8 rows / expert 2 / data 2, 4 heads / tensor 2
   np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
+
+
+def test_kernel_map_on_an_explicit_axes_mesh():
+  """On a mesh with Explicit axis types the operands are resharded to the kernel's specs (shard_map
+  demands it there); the result is the same and sharded batch x heads."""
+  from jax.sharding import AxisType
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+  f = kernel_map(lambda x: x * 2, [("batch", "act_heads")], ("batch", "act_heads"), name="toy")
+  x = jnp.arange(32, dtype=jnp.float32).reshape(4, 8)
+  with jax.set_mesh(mesh):
+    out = jax.jit(f)(x)
+  assert out.sharding.spec == P("data", "tensor")
+  np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
