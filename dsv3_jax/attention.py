@@ -59,16 +59,27 @@ def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "refere
   `dsv3_jax.kernels_pallas.mla_attention`). The Pallas kernels need K and V to be multiples of
   64: other head dims are zero-padded up to the next multiple here (exact: zero q/k dims add
   nothing to q.k, zero v dims are sliced off; gradients flow through the pad), at the cost of
-  the padded work. DeepSeek-V3's 192 / 128 need no padding.
+  the padded work. DeepSeek-V3's 192 / 128 need no padding. Under a mesh (`jax.set_mesh`) the
+  kernel runs inside `shard_map` (`dsv3_jax.sharding.kernel_map`): batch split over the
+  `ShardingRules().batch` axes, heads over `act_heads`, T whole.
   """
   from dsv3_jax.kernels_pallas import mla_attention, select  # the Pallas path, when requested
+  from dsv3_jax.sharding import kernel_map
   # "auto" on a platform without a kernel resolves to the reference: skip the padding then.
   if backend != "reference" and select(backend, platform=platform).kind != "reference":
-    seg = None if segment_ids is None else (segment_ids, segment_ids)
     dv = v.shape[-1]
-    o = mla_attention(_pad_last(q, 64), _pad_last(k, 64), _pad_last(v, 64), scale=scale,
-                      causal=True, segment_ids=seg, backend=backend, platform=platform)
-    return o[..., :dv]
+
+    def kernel(q, k, v, segment_ids):
+      seg = None if segment_ids is None else (segment_ids, segment_ids)
+      o = mla_attention(_pad_last(q, 64), _pad_last(k, 64), _pad_last(v, 64), scale=scale,
+                        causal=True, segment_ids=seg, backend=backend, platform=platform)
+      return o[..., :dv]
+
+    # One kernel call per shard: batch over the batch axes, heads over act_heads; the sequence
+    # stays whole (causal attention reads every earlier key).
+    bthd = ("batch", None, "act_heads", None)
+    return kernel_map(kernel, (bthd, bthd, bthd, ("batch", None)), bthd,
+                      name="mla_attention")(q, k, v, segment_ids)
   return reference_attention(q, k, v, scale=scale, q_segment_ids=segment_ids,
                              kv_segment_ids=segment_ids)
 

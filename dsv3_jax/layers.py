@@ -141,10 +141,21 @@ class Linear(nnx.Module):
       return jnp.einsum("...i,io->...o", x.astype(self.dtype),
                         self.kernel.get_value().astype(self.dtype))
     from dsv3_jax.kernels_pallas import fp8_weight_matmul
+    from dsv3_jax.sharding import Dim, kernel_map
     w = self.weight.get_value()
     x2 = fp8_inference_only(x.reshape(-1, x.shape[-1]).astype(self.dtype), "a Linear layer")
-    y = fp8_weight_matmul(x2, w, self.weight_scale_inv.get_value(), out_dtype=self.dtype,
-                          backend=self.fp8_backend, platform=self.fp8_platform)
+
+    def kernel(x2, w, scale):
+      return fp8_weight_matmul(x2, w, scale, out_dtype=self.dtype, backend=self.fp8_backend,
+                               platform=self.fp8_platform)
+
+    # Per shard of the ambient mesh: rows over the batch axes; the weight's out dim split as its
+    # logical axis says when every shard keeps whole 128-row scale blocks (else whole); its in dim
+    # whole (an FSDP-sharded in dim is all-gathered, as GSPMD does for a dense matmul).
+    out = (self.weight.get_metadata().get("axes") or (None,))[0]
+    w_axes = (None if out is None else Dim(out, FP8_BLOCK[0]), None)
+    y = kernel_map(kernel, (("batch", None), w_axes, (out, None)), ("batch", out),
+                   name="fp8_weight_matmul")(x2, w, self.weight_scale_inv.get_value())
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

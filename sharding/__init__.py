@@ -1,6 +1,7 @@
 """Mesh construction, logical-axis rules, shard_map expert parallelism, memory planning.
 
-Imports nothing from the model (the model imports `expert_parallel` for its MoE dispatch).
+Imports nothing from the model (the model imports `expert_parallel` for its MoE dispatch and
+`kernel_map` to run each Pallas kernel per shard).
 """
 from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, DistributedConfig,
                                     add_distributed_arguments, initialize_distributed, make_mesh,
@@ -9,10 +10,12 @@ from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sh
                                      logical_to_spec, shard_model, state_shardings, state_specs,
                                      variable_spec)
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
+from dsv3_jax.sharding.kernel_map import Dim, KernelShardingError, kernel_map, kernel_specs
 
 __all__ = [
     "DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape", "DistributedConfig",
     "add_distributed_arguments", "initialize_distributed", "ShardingRules", "logical_to_spec",
     "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",
+    "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
 ]

@@ -12,7 +12,8 @@ W_UV [H, V, C] (`absorb_weights`). Per new token:
 This reads 576 cached values per token per layer instead of per-head keys and values. The
 attention over the cache runs the jnp einsum (RuntimeConfig.attention_backend "reference") or
 the `kernels_pallas.mla_decode` kernel (any other backend, with RuntimeConfig.kernel_platform),
-which reads each layer's [B, S, C + R] cache buffer as is.
+which reads each layer's [B, S, C + R] cache buffer as is (per shard of the ambient mesh:
+batch and heads split, see `_sharded_mla_decode`).
 
 Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
 compute-efficient form for many query tokens, and writes each layer's latent into the cache.
@@ -32,6 +33,7 @@ from flax import nnx
 from dsv3_jax.inference.cache import LatentCache, write_layer_rows
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.layers import apply_rope
+from dsv3_jax.sharding import kernel_map
 
 __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
            "decode_forward", "mtp_prefill", "mtp_decode_forward"]
@@ -69,8 +71,8 @@ def decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, scale: 
   """
   C = kv_lora_rank
   if backend != "reference":
-    return mla_decode(q, cache, lengths, scale=scale, kv_lora_rank=C, backend=backend,
-                      platform=platform).astype(jnp.float32)
+    return _sharded_mla_decode(q, cache, lengths, scale, kv_lora_rank=C, backend=backend,
+                               platform=platform)
   s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], cache[..., :C], preferred_element_type=jnp.float32)
        + jnp.einsum("bhr,bsr->bhs", q[..., C:], cache[..., C:],
                     preferred_element_type=jnp.float32)) * scale
@@ -101,8 +103,21 @@ def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array,
   if backend == "reference":
     return jax.vmap(lambda qt, lt: decode_attention(qt, cache, lt, scale, **kw),
                     in_axes=(1, 1), out_axes=1)(q, lengths)
-  o = mla_decode(q, cache, lengths[:, -1].astype(jnp.int32), scale=scale, **kw)
-  return o.astype(jnp.float32)
+  return _sharded_mla_decode(q, cache, lengths[:, -1].astype(jnp.int32), scale, **kw)
+
+
+def _sharded_mla_decode(q, cache, lengths, scale, *, kv_lora_rank, backend, platform):
+  """`mla_decode` run per shard under the ambient mesh (`dsv3_jax.sharding.kernel_map`): q
+  [B, (T,) H, C + R] split on batch and heads (act_heads), cache [B, S, C + R] and lengths [B]
+  on batch; each shard reads only its own sequences' cache rows. Returns float32."""
+  heads = ("batch",) + (None,) * (q.ndim - 3) + ("act_heads", None)
+
+  def kernel(q, cache, lengths):
+    return mla_decode(q, cache, lengths, scale=scale, kv_lora_rank=kv_lora_rank,
+                      backend=backend, platform=platform).astype(jnp.float32)
+
+  return kernel_map(kernel, (heads, ("batch", None, None), ("batch",)), heads,
+                    name="mla_decode")(q, cache, lengths)
 
 
 def _absorbed_layer(layer, w_uk, w_uv, kv, index, x, positions):

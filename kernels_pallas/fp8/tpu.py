@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsv3_jax.kernels_pallas.cost import estimate
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_scales
 
 __all__ = ["e4m3_to_f32", "f32_to_e4m3", "quantize_activations", "fp8_matmul", "tile_size",
@@ -177,6 +178,9 @@ def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=interpret,
       name="dsv3_fp8_quantize",
+      cost_estimate=estimate(4 * m * kp, reads=[x],
+                             writes=[jax.ShapeDtypeStruct((m, kp), jnp.int8),
+                                     jax.ShapeDtypeStruct((m, kb), jnp.float32)]),
   )(x)
   q = jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn)
   return (q[:, :k] if kp != k else q), s
@@ -251,4 +255,6 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array | None, b: jax.Array, b_scale: j
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="dsv3_fp8_matmul",
+      cost_estimate=estimate(2 * m * n * k, reads=operands,
+                             writes=[jax.ShapeDtypeStruct((m, n), out_dtype)]),
   )(*operands)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsv3_jax.kernels_pallas.cost import estimate
 from dsv3_jax.kernels_pallas.fp8 import tpu as fp8_tpu
 from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
 
@@ -196,4 +197,6 @@ def gmm_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array, group_sizes: j
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="dsv3_grouped_matmul_fp8",
+      cost_estimate=estimate(2 * t * n * k, reads=operands,
+                             writes=[jax.ShapeDtypeStruct((t, n), out_dtype)]),
   )(sched.tile, sched.group, sched.lo, sched.hi, *operands)

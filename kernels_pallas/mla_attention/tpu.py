@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsv3_jax.kernels_pallas.cost import estimate
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
                                                              kernel_vjp, kv_block_range, may_mask,
                                                              padded_call, q_block_range, round_up)
@@ -78,6 +79,11 @@ def _mask(q_start, k_start, shape, *, transposed: bool, causal: bool, kv_len: in
       kv_ids = kv_seg_ref[:1, :]
     mask = _and(mask, q_ids == kv_ids)
   return mask
+
+
+def _pairs(b: int, h: int, tq: int, tk: int, cfg: KernelConfig) -> int:
+  """(query, key) score entries computed: about half of tq x tk when causal."""
+  return b * h * tq * tk // (2 if cfg.causal else 1)
 
 
 def _compiler_params(sem):
@@ -196,6 +202,8 @@ def _forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig, save_lse: bool):
       compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="mla_attention_fwd",
+      cost_estimate=estimate(2 * _pairs(b, h, tq, tk, cfg) * (dqk + dv), _pairs(b, h, tq, tk, cfg),
+                             reads=args, writes=out_shape),
   )(off, *args)
   return (outs[0], outs[1][..., 0]) if save_lse else outs[0]
 
@@ -337,6 +345,8 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
       compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=cfg.interpret,
       name="mla_attention_dq",
+      cost_estimate=estimate(2 * _pairs(b, h, tq, tk, cfg) * (2 * dqk + dv),
+                             _pairs(b, h, tq, tk, cfg), reads=args, writes=[q]),
   )(off, *args)
 
   # dk/dv: grid (b, kv heads, k blocks, group, q blocks).
@@ -388,6 +398,8 @@ def _backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
           ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=cfg.interpret,
       name="mla_attention_dkv",
+      cost_estimate=estimate(2 * _pairs(b, h, tq, tk, cfg) * (2 * dqk + 2 * dv),
+                             _pairs(b, h, tq, tk, cfg), reads=args, writes=[k, v]),
   )(off, *args)
   return dq, dk, dv_
 

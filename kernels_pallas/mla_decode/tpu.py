@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dsv3_jax.kernels_pallas.cost import estimate
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode"]
@@ -191,6 +192,8 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="mla_decode",
+      cost_estimate=estimate(2 * b * h * capacity * (d + rank), b * h * capacity,
+                             reads=[q, cache] + prefetch, writes=out_shape),
   )(*prefetch, q, cache)
   if splits == 1:
     out = outs[0]
