@@ -23,3 +23,16 @@ def estimate(flops: float, transcendentals: float = 0, *, reads=(), writes=()) -
   """CostEstimate with bytes_accessed = nbytes(reads) + nbytes(writes)."""
   return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
                          bytes_accessed=nbytes(*reads) + nbytes(*writes))
+
+
+def mxu_dot(a, b, dimension_numbers):
+  """dot_general with a float32 accumulator and the precision the operands' dtype allows on the
+  MXU: HIGHEST for float32 operands, DEFAULT for narrower ones (Mosaic rejects a float32 contract
+  precision on bf16 operands, which a global `jax_default_matmul_precision="highest"` would
+  otherwise request)."""
+  import jax.numpy as jnp
+  from jax import lax
+  wide = a.dtype == jnp.float32 and b.dtype == jnp.float32
+  precision = lax.Precision.HIGHEST if wide else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dimension_numbers, precision=(precision, precision),
+                         preferred_element_type=jnp.float32)

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dsv3_jax
 from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
+from dsv3_jax.inference.cache import cache_shardings
 from dsv3_jax.pretrained import param_shapes
 from dsv3_jax.sharding import (Dim, KernelShardingError, ShardingRules, activation_sharding,
                                kernel_map, kernel_specs, make_mesh, shard_model,
@@ -143,7 +144,7 @@ def test_sharded_model_kernels_match_single_device(arrays, reference, platform, 
   assert set(got) == set(want_g)
   for k, v in want_g.items():
     assert_close(got[k], v, atol=1e-4 * max(np.abs(v).max(), 1e-6), what=f"grad {k}")
-  assert np.abs(want_g["['layers'][0]['self_attn']['kv_b_proj']['kernel']"]).max() > 1e-5
+  assert np.abs(want_g["['stacks'][0]['block']['self_attn']['kv_b_proj']['kernel']"]).max() > 1e-5
 
 
 def _decode_run(model, mesh=None):
@@ -160,9 +161,7 @@ def _decode_run(model, mesh=None):
   cache = init_cache(CFG, nb, cap, jnp.float32)
   if mesh is not None:
     rules = ShardingRules()
-    cache = jax.device_put(cache, jax.tree.map(
-        lambda x: activation_sharding(("batch",) + (None,) * (x.ndim - 1), rules, mesh, x.shape),
-        cache))
+    cache = jax.device_put(cache, cache_shardings(cache, rules, mesh))
   run = (lambda f, *a: run_sharded(f, mesh, *a)) if mesh is not None else (
       lambda f, *a: jax.jit(f).lower(*a).compile(OPTS)(*a))
 
@@ -301,17 +300,17 @@ def _tpu_model(fp8: bool):
   if fp8:  # the projections into and out of the heads hold FP8 weights (fp8_weight_matmul)
     for path, m in nnx.iter_graph(model):
       if isinstance(m, Linear) and path[-1] in ("q_b_proj", "o_proj"):
-        n_in, n_out = m.kernel.get_value().shape
-        m.to_fp8(jax.ShapeDtypeStruct((n_out, n_in), jnp.float8_e4m3fn),
-                 jax.ShapeDtypeStruct((-(-n_out // 128), -(-n_in // 128)), jnp.float32),
+        *lead, n_in, n_out = m.kernel.get_value().shape  # lead: the layer stack's axis
+        m.to_fp8(jax.ShapeDtypeStruct((*lead, n_out, n_in), jnp.float8_e4m3fn),
+                 jax.ShapeDtypeStruct((*lead, -(-n_out // 128), -(-n_in // 128)), jnp.float32),
                  backend="pallas", platform="tpu")
   return model
 
 
 def _compile_tpu(f, mesh, *args):
-  # conftest sets matmul precision "highest", which the kernels' bf16 dots would inherit and
-  # Mosaic rejects (fp32 contract precision on bf16 operands): compile at the default.
-  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+  # conftest sets matmul precision "highest": the kernels' bf16 dots must not inherit it
+  # (Mosaic rejects an fp32 contract precision on bf16 operands; see kernels_pallas.cost.mxu_dot).
+  with jax.set_mesh(mesh):
     traced = jax.jit(f).trace(*args)
     calls = pallas_calls(traced.jaxpr)
     assert calls and all(inside for _, inside in calls), calls
@@ -350,9 +349,8 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
   ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
   B, S = 4, 256
   cache = jax.eval_shape(lambda: init_cache(TPU_CFG, B, S, jnp.bfloat16))
-  cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=activation_sharding(("batch",) + (None,) * (x.ndim - 1), rules,
-                                                     tpu_mesh, x.shape)), cache)
+  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                       cache_shardings(cache, rules, tpu_mesh))
   absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
   absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
       tpu_mesh, P())), absorbed)

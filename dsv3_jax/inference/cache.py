@@ -24,7 +24,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 
 __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_per_token",
-           "write_rows", "write_layer_rows"]
+           "write_rows", "write_layer_rows", "cache_shardings"]
 
 
 @jax.tree_util.register_dataclass
@@ -111,3 +111,12 @@ def write_layer_rows(kv: jax.Array, layer, new: jax.Array, positions: jax.Array)
   B, T = positions.shape
   b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   return kv.at[layer, b, positions].set(new.astype(kv.dtype), unique_indices=True)
+
+
+def cache_shardings(cache: LatentCache, rules, mesh) -> LatentCache:
+  """NamedShardings for `cache` (concrete or from jax.eval_shape) on `mesh`: the batch dim of
+  kv [L, B, S, X] and of lengths [B] over the rules' `batch` axes (dims that do not divide stay
+  whole); layers, rows and values whole. rules: a `dsv3_jax.sharding.ShardingRules`."""
+  from dsv3_jax.sharding import activation_sharding
+  return jax.tree.map(lambda x: activation_sharding(
+      (None, "batch", None, None) if x.ndim == 4 else ("batch",), rules, mesh, x.shape), cache)

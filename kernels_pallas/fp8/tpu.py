@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv3_jax.kernels_pallas.cost import estimate
+from dsv3_jax.kernels_pallas.cost import estimate, mxu_dot
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_scales
 
 __all__ = ["e4m3_to_f32", "f32_to_e4m3", "quantize_activations", "fp8_matmul", "tile_size",
@@ -204,7 +204,7 @@ def _matmul_kernel(*refs, k, bk, nk, has_a_scale):
     x = x_ref[...]
   else:
     x = a_ref[...] if k_limit is None else mask_columns(a_ref[...], k_limit)
-  acc_ref[...] += jax.lax.dot_general(x, w_ref[...], _NT, preferred_element_type=jnp.float32)
+  acc_ref[...] += mxu_dot(x, w_ref[...], _NT)
 
   @pl.when(kk == nk - 1)
   def _():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv3_jax.kernels_pallas.cost import estimate
+from dsv3_jax.kernels_pallas.cost import estimate, mxu_dot
 from dsv3_jax.kernels_pallas.fp8 import tpu as fp8_tpu
 from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
 
@@ -117,7 +117,7 @@ def _gmm_fp8_kernel(tile_ref, group_ref, lo_ref, hi_ref, *refs, num_groups, k, b
       x = xd_ref[...]
     else:
       x = x_ref[...] if k_limit is None else fp8_tpu.mask_columns(x_ref[...], k_limit)
-    acc_ref[...] += jax.lax.dot_general(x, wd_ref[...], _NT, preferred_element_type=jnp.float32)
+    acc_ref[...] += mxu_dot(x, wd_ref[...], _NT)
 
   @pl.when(kk == nk - 1)
   def _():

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv3_jax.kernels_pallas.cost import estimate
+from dsv3_jax.kernels_pallas.cost import estimate, mxu_dot
 from dsv3_jax.kernels_pallas.mla_attention.reference import (MASK_VALUE, NN, NT, KernelConfig,
                                                              kernel_vjp, kv_block_range, may_mask,
                                                              padded_call, q_block_range, round_up)
@@ -118,7 +118,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, bq: int,
                                  causal=cfg.causal, has_segments=cfg.has_segments)
 
   def step(masked: bool):
-    s = lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
+    s = mxu_dot(q_ref[...], k_ref[...], NT)
     s = s * cfg.scale  # (bq, bk)
     mask = None
     if masked:
@@ -134,7 +134,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, bq: int,
     l_ref[...] = alpha * l_prev + lax.broadcast_in_dim(p.sum(axis=-1), l_prev.shape, (0,))
     m_ref[...] = m_next
     v = v_ref[...]
-    pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+    pv = mxu_dot(p.astype(v.dtype), v, NN)
     acc_ref[...] = acc_ref[...] * _lanes(alpha, dv) + pv
 
   pl.when(j < n_full)(lambda: step(False))
@@ -231,16 +231,16 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cfg
 
   def step(masked: bool):
     k = k_ref[...]
-    s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * cfg.scale
+    s = mxu_dot(q_ref[...], k, NT) * cfg.scale
     if masked:
       mask = _mask(q_start, j * bk, s.shape, transposed=False, causal=cfg.causal, kv_len=kv_len,
                    kv_padded=kv_len % bk != 0, q_seg_ref=q_seg_ref, kv_seg_ref=kv_seg_ref)
       s = jnp.where(mask, s, MASK_VALUE)
     lse = jnp.expand_dims(lse_ref[0], -1)  # (bq, 1); +inf on rows that see nothing
     p = jnp.exp(s - lse)
-    dp = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+    dp = mxu_dot(do_ref[...], v_ref[...], NT)
     ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
-    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
+    acc_ref[...] += mxu_dot(ds.astype(k.dtype), k, NN)
 
   pl.when(j < n_full)(lambda: step(False))
   if may_mask(cfg, bk):
@@ -273,17 +273,17 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, cf
   def step(masked: bool):
     q, do = q_ref[...], do_ref[...]
     # Transposed tile (keys x queries): every product below is a plain or rhs-transposed matmul.
-    st = lax.dot_general(k_ref[...], q, NT, preferred_element_type=jnp.float32) * cfg.scale
+    st = mxu_dot(k_ref[...], q, NT) * cfg.scale
     if masked:
       mask = _mask(off + i * bq, k_start, st.shape, transposed=True, causal=cfg.causal,
                    kv_len=kv_len, kv_padded=kv_len % bk != 0, q_seg_ref=q_seg_ref,
                    kv_seg_ref=kv_seg_ref)
       st = jnp.where(mask, st, MASK_VALUE)
     pt = jnp.exp(st - lse_ref[:1, :])  # (bk, bq)
-    dv_acc[...] += lax.dot_general(pt.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
-    dpt = lax.dot_general(v_ref[...], do, NT, preferred_element_type=jnp.float32)
+    dv_acc[...] += mxu_dot(pt.astype(do.dtype), do, NN)
+    dpt = mxu_dot(v_ref[...], do, NT)
     dst = pt * (dpt - di_ref[:1, :])
-    dk_acc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
+    dk_acc[...] += mxu_dot(dst.astype(q.dtype), q, NN)
 
   if may_mask(cfg, bk):
     pl.when(jnp.logical_and(i >= q_lo, i < q_full))(lambda: step(True))

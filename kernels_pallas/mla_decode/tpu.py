@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dsv3_jax.kernels_pallas.cost import estimate
+from dsv3_jax.kernels_pallas.cost import estimate, mxu_dot
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode"]
@@ -82,8 +82,8 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
   def step(masked: bool):
     q, blk = q_ref[...], c_ref[...]
     lat = blk[:, :rank]  # (bk, rank): scores and values
-    sc = lax.dot_general(q[:, :rank], lat, NT, preferred_element_type=jnp.float32)
-    sc += lax.dot_general(q[:, rank:], blk[:, rank:], NT, preferred_element_type=jnp.float32)
+    sc = mxu_dot(q[:, :rank], lat, NT)
+    sc += mxu_dot(q[:, rank:], blk[:, rank:], NT)
     sc = sc * scale  # (heads, bk)
     if masked:
       row_len = length
@@ -103,8 +103,7 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
     alpha = jnp.exp(m_prev - m_next)
     l_ref[...] = alpha * l_prev + lax.broadcast_in_dim(p.sum(axis=-1), l_prev.shape, (0,))
     m_ref[...] = m_next
-    acc_ref[...] = acc_ref[...] * _lanes(alpha, rank) + lax.dot_general(
-        p.astype(lat.dtype), lat, NN, preferred_element_type=jnp.float32)
+    acc_ref[...] = acc_ref[...] * _lanes(alpha, rank) + mxu_dot(p.astype(lat.dtype), lat, NN)
 
   full = (c + 1) * bk <= length - (tokens - 1)  # every row sees the whole chunk
   pl.when(jnp.logical_and(real, full))(lambda: step(False))
