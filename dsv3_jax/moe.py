@@ -222,7 +222,6 @@ class Experts(nnx.Module):
     w = self.weights()
     E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
     backend, platform = self.rt.moe_backend, self.rt.kernel_platform
-    load = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
       # FP8 projections cross the shard_map as (value, scale_inv) pairs, both split over E.
@@ -235,7 +234,7 @@ class Experts(nnx.Module):
       y, overflow = expert_parallel.expert_parallel_ffn(
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
           capacity_factor=self.rt.ep_capacity_factor, return_overflow=True)
-      return y, load, overflow
+      return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
     xs, order, sizes = permute(x.astype(dt), routing.experts, E)
     ys = grouped_ffn(xs, sizes, *w, backend, platform)
     return unpermute(ys, order, routing.weights), sizes, jnp.zeros((), jnp.int32)

@@ -13,8 +13,8 @@ Layout inside the shard_map (mesh axes by their conventional names, see `shardin
   and backward (see "Why check_vma=False" below).
 Per shard, as small pure functions:
   1. sort_by_destination: the n*K (token, expert) pairs sorted by expert id, hence by the shard
-     owning the expert (shard s owns experts [s*El, (s+1)*El)); send counts per shard [S],
-     all-gathered over `expert` into counts [S (source), S (destination)].
+     owning the expert (shard s owns experts [s*El, (s+1)*El)); rows per expert [E],
+     all-gathered over `expert` ([S, E] int32: the only metadata exchanged).
   2. rounds: receiver j lists the rows bound for it in source order (T_j = sum_i counts[i, j]
      rows); round r moves that list's rows [r*R, (r+1)*R). R = capacity_factor * n*K (the average
      load times the factor, a multiple of 8), so one round suffices unless a shard is overloaded;
@@ -25,8 +25,10 @@ Per shard, as small pure functions:
   3. dispatch: all-to-all over `expert`. RAGGED (jax.lax.ragged_all_to_all; TPU and GPU) moves
      exactly the round's rows into an [R, D] buffer; PADDED (plain all_to_all; any backend,
      XLA:CPU has no ragged-all-to-all) sends S fixed slots of min(R, n*min(K, El)) rows.
-  4. local_experts: received rows re-sorted by local expert, `ffn` (the model's grouped FFN, a
-     grouped matmul; padding rows go to a sentinel group past the last expert).
+  4. local_experts: each received row's local expert id follows from its place in the
+     receiver's row list and the gathered counts (no id exchange); rows re-sorted by local
+     expert, `ffn` (the model's grouped FFN, a grouped matmul; padding rows go to a sentinel
+     group past the last expert).
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
   6. combine: un-sort and sum_k w_k y_k in float32.
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
@@ -57,7 +59,8 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
-           "RoundPlan", "round_plan", "padded_round", "ragged_round", "local_experts", "combine",
+           "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
+           "local_experts", "combine",
            "receive_capacity", "max_rounds", "mesh_platform", "hlo_collectives"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
@@ -146,17 +149,15 @@ def max_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shards: in
   return -(-shards * tokens_per_shard * min(k, experts_per_shard) // capacity)
 
 
-def sort_by_destination(x: jax.Array, experts: jax.Array, experts_per_shard: int, shards: int):
-  """x [n, D], experts [n, K] global ids -> (xs [n*K, D] sorted by expert, local_ids [n*K]
-  (expert id within its shard), dest [n*K] shard of each sorted row, order [n*K] (index of each
-  sorted row in the flattened pair list), send_counts [S] int32)."""
+def sort_by_destination(x: jax.Array, experts: jax.Array, num_experts: int):
+  """x [n, D], experts [n, K] global ids -> (xs [n*K, D] sorted by expert, dest [n*K] expert id
+  of each sorted row, order [n*K] (index of each sorted row in the flattened pair list),
+  expert_counts [E] int32 rows per expert)."""
   K = experts.shape[1]
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
-  e_sorted = flat[order]
-  dest = e_sorted // experts_per_shard
-  send_counts = jnp.bincount(dest, length=shards).astype(jnp.int32)
-  return x[order // K], (e_sorted % experts_per_shard).astype(jnp.int32), dest, order, send_counts
+  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return x[order // K], flat[order], order, counts
 
 
 def _exclusive_cumsum(a, axis=0):
@@ -168,6 +169,7 @@ class RoundPlan:
   """Offsets/sizes of one exchange round for one shard (all int32 [S]). Chunks are laid out in
   source order in each receiver's buffer; sizes are 0 for pairs with nothing in this round."""
 
+  start: jax.Array          # the round's first position in each receiver's row list (r * R)
   send_offsets: jax.Array   # where my chunk for shard j starts in my sorted rows
   send_sizes: jax.Array     # rows I send to shard j this round
   remote_offsets: jax.Array # where my chunk lands in shard j's receive buffer
@@ -185,15 +187,28 @@ def round_plan(counts: jax.Array, me, r, capacity: int) -> RoundPlan:
   counts = counts.astype(jnp.int32)
   into = _exclusive_cumsum(counts, 0)   # [i, j]: offset of i's chunk in j's list
   outof = _exclusive_cumsum(counts, 1)  # [i, j]: offset of i's chunk for j in i's sorted rows
-  start = r * capacity
+  start = jnp.asarray(r, jnp.int32) * capacity
   lo = jnp.clip(start - into, 0, counts)
   hi = jnp.clip(start + capacity - into, 0, counts)
   size = hi - lo
   live = size > 0
   dst = jnp.where(live, into + lo - start, 0)    # offset inside the receiver's round buffer
   src = jnp.where(live, outof + lo, 0)           # offset inside the sender's sorted rows
-  return RoundPlan(send_offsets=src[me], send_sizes=size[me], remote_offsets=dst[me],
+  return RoundPlan(start=start, send_offsets=src[me], send_sizes=size[me], remote_offsets=dst[me],
                    recv_offsets=dst[:, me], recv_sizes=size[:, me], back_offsets=src[:, me])
+
+
+def received_expert_ids(position, valid, local_counts):
+  """Local expert id of received rows, computed by the receiver (no id exchange).
+
+  position [R] int32: each row's place in my full row list (source-major, then by local expert,
+  as the senders sorted them); valid [R] bool; local_counts [S (src), El] rows per (source,
+  local expert) -> ids [R] int32, El (the padding group) where not valid.
+  """
+  El = local_counts.shape[1]
+  ends = jnp.cumsum(local_counts.reshape(-1))  # [S*El] end of each (source, expert) segment
+  seg = jnp.searchsorted(ends, position, side="right").astype(jnp.int32)
+  return jnp.where(valid, seg % El, El)
 
 
 def local_experts(recv_x, recv_ids, num_local: int, ffn: FFN, params):
@@ -204,36 +219,37 @@ def local_experts(recv_x, recv_ids, num_local: int, ffn: FFN, params):
   return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
 
 
-def ragged_round(xs, local_ids, plan: RoundPlan, capacity: int, num_local: int, ffn: FFN,
+def ragged_round(xs, plan: RoundPlan, local_counts, capacity: int, ffn: FFN,
                  params) -> jax.Array:
   """One exact-size exchange round: xs [n*K, D] sorted by destination -> [n*K, D], the expert
-  outputs of this round's rows in place, zeros elsewhere."""
-
-  def send(v, out):
-    return jax.lax.ragged_all_to_all(v, out, plan.send_offsets, plan.send_sizes,
-                                     plan.remote_offsets, plan.recv_sizes, axis_name=EXPERT)
-
-  recv_x = send(xs, jnp.zeros((capacity, xs.shape[1]), xs.dtype))
-  recv_ids = send(local_ids[:, None], jnp.full((capacity, 1), num_local, jnp.int32))[:, 0]
-  ys = local_experts(recv_x, recv_ids, num_local, ffn, params)
+  outputs of this round's rows in place, zeros elsewhere. local_counts [S, El]: rows each
+  source sends me per local expert (over all rounds)."""
+  recv_x = jax.lax.ragged_all_to_all(xs, jnp.zeros((capacity, xs.shape[1]), xs.dtype),
+                                     plan.send_offsets, plan.send_sizes, plan.remote_offsets,
+                                     plan.recv_sizes, axis_name=EXPERT)
+  q = jnp.arange(capacity, dtype=jnp.int32)
+  ids = received_expert_ids(plan.start + q, q < plan.recv_sizes.sum(), local_counts)
+  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
   out = jnp.zeros(xs.shape, ys.dtype)
   return jax.lax.ragged_all_to_all(ys, out, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
                                    plan.send_sizes, axis_name=EXPERT)
 
 
-def padded_round(xs, local_ids, dest, plan: RoundPlan, slot_rows: int, num_local: int, ffn: FFN,
+def padded_round(xs, dest, plan: RoundPlan, local_counts, slot_rows: int, ffn: FFN,
                  params) -> jax.Array:
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
-  rows and result as `ragged_round`."""
+  rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
   pos = jnp.arange(xs.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in this round
   mine = (pos >= 0) & (pos < plan.send_sizes[dest])
   slot = jnp.where(mine, dest * slot_rows + pos, S * slot_rows)       # out of range: dropped
   buf = jnp.zeros((S * slot_rows, xs.shape[1]), xs.dtype).at[slot].set(xs, mode="drop")
-  ids = jnp.full((S * slot_rows,), num_local, jnp.int32).at[slot].set(local_ids, mode="drop")
-  recv_x = jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)
-  recv_ids = jax.lax.all_to_all(ids, EXPERT, 0, 0, tiled=True)
-  ys = local_experts(recv_x, recv_ids, num_local, ffn, params)
+  recv_x = jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+  q = jnp.arange(slot_rows, dtype=jnp.int32)[None, :]
+  position = plan.start + plan.recv_offsets[:, None] + q       # [S, slot] place in my list
+  ids = received_expert_ids(position.reshape(-1), (q < plan.recv_sizes[:, None]).reshape(-1),
+                            local_counts)
+  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
   back = jax.lax.all_to_all(ys, EXPERT, 0, 0, tiled=True)
   got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
   return jnp.where(mine[:, None], got, jnp.zeros_like(got))
@@ -254,19 +270,22 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
   first round)."""
   n, K = experts.shape
   El = jax.tree.leaves(params)[0].shape[0]
-  xs, local_ids, dest, order, send_counts = sort_by_destination(x, experts, El, shards)
-  counts = jax.lax.all_gather(send_counts, EXPERT)  # [S src, S dst]
+  xs, e_sorted, order, expert_counts = sort_by_destination(x, experts, El * shards)
+  by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
   me = jax.lax.axis_index(EXPERT)
+  counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
+  local_counts = jax.lax.dynamic_slice_in_dim(by_expert, me * El, El, axis=1)  # [S src, El]
   cap = receive_capacity(n, K, El, shards, capacity_factor)
   rounds = max_rounds(n, K, El, shards, cap)
   if exchange is Exchange.RAGGED:
     def one_round(r, xs, params):
-      return ragged_round(xs, local_ids, round_plan(counts, me, r, cap), cap, El, ffn, params)
+      return ragged_round(xs, round_plan(counts, me, r, cap), local_counts, cap, ffn, params)
   else:
     slot = min(cap, n * min(K, El))  # one source sends a receiver at most this many per round
+    dest = e_sorted // El
 
     def one_round(r, xs, params):
-      return padded_round(xs, local_ids, dest, round_plan(counts, me, r, cap), slot, El, ffn,
+      return padded_round(xs, dest, round_plan(counts, me, r, cap), local_counts, slot, ffn,
                           params)
 
   ys = one_round(0, xs, params)
@@ -274,11 +293,15 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
   if rounds > 1:
     need = -(-jnp.max(totals) // cap)  # the same on every shard of this expert group
     need = jax.lax.pmax(need, sync_axes) if sync_axes else need  # one branch for all devices
-    extra = jax.checkpoint(one_round)
+
+    # Remat around the cond: the scan then keeps only its loop-invariant inputs as residuals
+    # (a cond's own residuals would be stacked per round).
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def extra(r, xs, params):
+      return jax.lax.cond(r < need, one_round, lambda r, xs, p: jnp.zeros_like(ys), r, xs, params)
 
     def body(acc, r):
-      y_r = jax.lax.cond(r < need, extra, lambda r, xs, p: jnp.zeros_like(acc), r, xs, params)
-      return acc + y_r, None
+      return acc + extra(r, xs, params), None
 
     ys, _ = jax.lax.scan(body, ys, jnp.arange(1, rounds, dtype=jnp.int32))
   overflow = jnp.maximum(totals[me] - cap, 0).astype(jnp.int32)
