@@ -21,7 +21,8 @@ Per shard, as small pure functions:
      the rest (the "overflow", counted) goes in further rounds, statically at most
      ceil(S*n*min(K, El) / R) (the dropless worst case), each under lax.cond (skipped when no
      shard of the step needs it) and jax.checkpoint, so memory stays ~R rows, not the worst case.
-     Nothing is dropped.
+     Nothing is dropped. When the worst case is under LOOP_COST_ROUNDS rounds (few shards), one
+     worst-case round is cheaper than the loop and is used instead (`exchange_rounds`).
   3. dispatch: all-to-all over `expert`. RAGGED (jax.lax.ragged_all_to_all; TPU and GPU) moves
      exactly the round's rows into an [R, D] buffer; PADDED (plain all_to_all; any backend,
      XLA:CPU has no ragged-all-to-all) sends S fixed slots of min(R, n*min(K, El)) rows.
@@ -61,7 +62,7 @@ from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
            "local_experts", "combine",
-           "receive_capacity", "max_rounds", "mesh_platform", "hlo_collectives"]
+           "receive_capacity", "max_rounds", "exchange_rounds", "mesh_platform", "hlo_collectives"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
 _ROW_ALIGN = 8
@@ -147,6 +148,25 @@ def max_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shards: in
                capacity: int) -> int:
   """Static bound on exchange rounds: ceil(worst-case receive rows / capacity)."""
   return -(-shards * tokens_per_shard * min(k, experts_per_shard) // capacity)
+
+
+# The rounds loop keeps about this many rounds' buffers live (the first round's residuals, the
+# loop's forward and its rematerialised backward; measured with XLA:TPU's memory_analysis), so
+# it only saves memory when the worst case needs more rounds than this.
+LOOP_COST_ROUNDS = 4
+
+
+def exchange_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shards: int,
+                    capacity_factor: float | None) -> tuple[int, int, int]:
+  """(nominal, capacity, rounds): `nominal` = receive_capacity(..., capacity_factor), the load
+  beyond which rows count as overflow; `capacity` the receive rows per round and `rounds` the
+  static bound on rounds. When the worst case needs fewer than LOOP_COST_ROUNDS rounds of
+  `nominal` rows, one worst-case round is smaller than the loop: capacity = worst, rounds = 1."""
+  nominal = receive_capacity(tokens_per_shard, k, experts_per_shard, shards, capacity_factor)
+  rounds = max_rounds(tokens_per_shard, k, experts_per_shard, shards, nominal)
+  if rounds < LOOP_COST_ROUNDS:
+    return nominal, receive_capacity(tokens_per_shard, k, experts_per_shard, shards), 1
+  return nominal, nominal, rounds
 
 
 def sort_by_destination(x: jax.Array, experts: jax.Array, num_experts: int):
@@ -275,8 +295,7 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
   me = jax.lax.axis_index(EXPERT)
   counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
   local_counts = jax.lax.dynamic_slice_in_dim(by_expert, me * El, El, axis=1)  # [S src, El]
-  cap = receive_capacity(n, K, El, shards, capacity_factor)
-  rounds = max_rounds(n, K, El, shards, cap)
+  nominal, cap, rounds = exchange_rounds(n, K, El, shards, capacity_factor)
   if exchange is Exchange.RAGGED:
     def one_round(r, xs, params):
       return ragged_round(xs, round_plan(counts, me, r, cap), local_counts, cap, ffn, params)
@@ -303,8 +322,11 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
     def body(acc, r):
       return acc + extra(r, xs, params), None
 
-    ys, _ = jax.lax.scan(body, ys, jnp.arange(1, rounds, dtype=jnp.int32))
-  overflow = jnp.maximum(totals[me] - cap, 0).astype(jnp.int32)
+    # Not carried from the first round: its backward need not wait for the loop's, so the
+    # scheduler can keep the first round's residuals and the loop's buffers apart in time.
+    more, _ = jax.lax.scan(body, jnp.zeros_like(ys), jnp.arange(1, rounds, dtype=jnp.int32))
+    ys = ys + more
+  overflow = jnp.maximum(totals[me] - nominal, 0).astype(jnp.int32)
   return combine(ys, order, weights), overflow[None]
 
 

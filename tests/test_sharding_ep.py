@@ -116,7 +116,7 @@ def test_ep_matches_single_device(shape, n_tokens, skew, cf):
   assert int(overflow) == want
   if skew:  # closed form: each group's 2n tokens send all 2n*K rows to shard 0
     assert want == 4 * max(2 * n * K - cap, 0) > 0
-    assert ep.max_rounds(n, K, E // 2, 2, cap) > 1
+    assert ep.exchange_rounds(n, K, E // 2, 2, cf) == (cap, cap, 4)  # the rounds loop runs
   elif cf is None:
     assert want == 0
 
@@ -136,7 +136,7 @@ def test_all_to_all_carries_only_token_rows():
                   compiler_options=FAST_COMPILE).lower(*args).compile().as_text()
   cap = ep.receive_capacity(n, K, E // S, S, 1.0)
   slot = min(cap, n * min(K, E // S))
-  assert cap == 24 and slot == 24 and ep.max_rounds(n, K, E // S, S, cap) == 8
+  assert cap == 24 and slot == 24 and ep.exchange_rounds(n, K, E // S, S, 1.0) == (24, 24, 8)
   colls = ep.hlo_collectives(hlo)
   # rows out and back per round (the first, and the scan's), forward and backward; the receiver
   # derives the expert ids itself (no int32 exchange)
@@ -213,6 +213,18 @@ def test_ragged_exchange_lowers_and_cpu_refuses_it():
   assert Exchange.AUTO.resolve(mesh.abstract_mesh) is Exchange.PADDED
   with pytest.raises(ValueError, match="ragged-all-to-all"):
     Exchange.RAGGED.resolve(mesh)
+
+
+def test_exchange_rounds_bound_and_fallback():
+  """R = factor x n*K rounded up to 8; rounds = ceil(worst / R); below LOOP_COST_ROUNDS rounds
+  one worst-case round (S*n*min(K, El) rows) replaces the loop; None is always that round."""
+  n, K_ = 4096, 8
+  assert ep.exchange_rounds(n, K_, 16, 16, 1.5) == (49152, 49152, 11)  # DeepSeek-V3, EP 16
+  assert ep.exchange_rounds(n, K_, 64, 4, 1.5) == (49152, 4 * n * K_, 1)  # EP 4: 3 rounds > 1
+  assert ep.exchange_rounds(n, K_, 16, 16, None) == (16 * n * K_, 16 * n * K_, 1)
+  assert ep.receive_capacity(5, 3, 4, 8, 1.0) == 16
+  with pytest.raises(ValueError, match="capacity_factor"):
+    ep.receive_capacity(5, 3, 4, 8, 0.0)
 
 
 def test_ep_needs_divisible_experts():
