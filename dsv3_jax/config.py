@@ -316,8 +316,9 @@ class RuntimeConfig:
   current platform).
   ep_capacity_factor: expert parallelism's receive buffer per exchange round, as a multiple of
   the average load (tokens per shard x K); rows beyond it go in further rounds (counted in the
-  MoE stats as "ep_overflow", never dropped). None: the dropless worst case in one round
-  (S x min(K, E/S) times the average; much more memory).
+  MoE stats as "ep_overflow", never dropped; with few expert shards one worst-case round is
+  smaller and is used instead). None: the dropless worst case in one round (S x min(K, E/S)
+  times the average; much more memory on large expert axes).
   """
 
   param_dtype: Any = jnp.float32

@@ -216,8 +216,9 @@ class Experts(nnx.Module):
 
   def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32,
-    expert-parallel overflow: (token, expert) rows that missed the first exchange round, int32
-    scalar, 0 without expert parallelism)."""
+    expert-parallel overflow: (token, expert) rows beyond `rt.ep_capacity_factor` x the average
+    load of their expert shard, sent in further exchange rounds; int32 scalar, 0 without expert
+    parallelism)."""
     dt = self.rt.dtype
     w = self.weights()
     E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
@@ -257,8 +258,8 @@ class MoE(nnx.Module):
     stats: "load" [E] int32 tokens routed to each expert; "seq_load" [B, E] float32 the same per
     sequence; "seq_prob" [B, E] float32 mean over the sequence of s_i / sum_j s_j (the P_i of the
     sequence-wise balance loss); "ep_overflow" int32 scalar: under expert parallelism the
-    (token, expert) rows that did not fit the first exchange round (`RuntimeConfig.
-    ep_capacity_factor`) and went in further rounds (never dropped); 0 otherwise.
+    (token, expert) rows beyond `RuntimeConfig.ep_capacity_factor` x the average load of their
+    expert shard, which went in further exchange rounds (never dropped); 0 otherwise.
     """
     B, T, D = x.shape
     with jax.named_scope("moe"):

@@ -61,8 +61,8 @@ from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
-           "local_experts", "combine",
-           "receive_capacity", "max_rounds", "exchange_rounds", "mesh_platform", "hlo_collectives"]
+           "local_experts", "combine", "receive_capacity", "max_rounds", "exchange_rounds",
+           "LOOP_COST_ROUNDS", "mesh_platform", "hlo_collectives"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
 _ROW_ALIGN = 8
@@ -286,8 +286,8 @@ def combine(ys_sorted, order, weights):
 def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: Exchange,
               capacity_factor: float | None, sync_axes: tuple[str, ...]):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
-  local experts -> (y [n, D] float32, overflow [1] int32: rows this shard received after the
-  first round)."""
+  local experts -> (y [n, D] float32, overflow [1] int32: rows this shard received beyond the
+  nominal capacity)."""
   n, K = experts.shape
   El = jax.tree.leaves(params)[0].shape[0]
   xs, e_sorted, order, expert_counts = sort_by_destination(x, experts, El * shards)
@@ -317,7 +317,8 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
     # (a cond's own residuals would be stacked per round).
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def extra(r, xs, params):
-      return jax.lax.cond(r < need, one_round, lambda r, xs, p: jnp.zeros_like(ys), r, xs, params)
+      zero = lambda r, xs, p: jnp.zeros(ys.shape, ys.dtype)
+      return jax.lax.cond(r < need, one_round, zero, r, xs, params)
 
     def body(acc, r):
       return acc + extra(r, xs, params), None
@@ -341,8 +342,9 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   `ffn` as they are, e.g. FP8 values + scales); ffn(xs [M, D], group_sizes [El], w_gate, w_up,
   w_down) -> [M, D] is the local grouped SwiGLU. capacity_factor: receive rows per exchange
   round = factor x the average load (None: the dropless worst case, one round); overflow goes in
-  further rounds, never dropped. Returns y [N, D] float32, and with return_overflow also the
-  number of (token, expert) rows that missed the first round (int32 scalar, summed over shards).
+  further rounds, never dropped (see `exchange_rounds`). Returns y [N, D] float32, and with
+  return_overflow also the overflow: (token, expert) rows beyond capacity_factor x the average
+  load of their receiving shard (int32 scalar, summed over shards; 0 when the factor is None).
   N need not divide the shard count (zero-weight padding tokens are appended and dropped).
   Call under jit with the mesh set (`jax.set_mesh`), or pass `layout`.
   """
