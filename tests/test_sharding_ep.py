@@ -92,7 +92,12 @@ def test_ep_matches_single_device(shape, n_tokens, skew, cf):
                             argnums=(0, 2, 3, 4, 5), has_aux=True)
   with jax.set_mesh(mesh):
     assert ep_layout() is not None
-    (_, (y, overflow)), g = jax.jit(grad, compiler_options=FAST_COMPILE)(*args)
+    compiled = jax.jit(grad, compiler_options=FAST_COMPILE).lower(*args).compile()
+    (_, (y, overflow)), g = compiled(*args)
+  # The only all-reduces: expert-weight gradients [El, ., .] over the data-like axes, scalars.
+  for _, shapes, _ in ep.hlo_collectives(compiled.as_text(), ops=("all-reduce",)):
+    for _, dims in shapes:
+      assert (len(dims) == 3 and dims[0] == E // shape["expert"]) or np.prod(dims) <= 64, shapes
 
   from dsv3_jax.moe import permute, unpermute
 
