@@ -94,10 +94,12 @@ def _fp8_experts(moe, seed=1):
   return moe
 
 
-def test_fp8_experts_under_ep_match_single_device():
-  """FP8 routed experts (e4m3 + block scales, inference) under EP equal the no-mesh FP8 layer."""
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_fp8_experts_under_ep_match_single_device(backend):
+  """FP8 routed experts (e4m3 + block scales, inference) under EP equal the no-mesh FP8 layer;
+  "interpret": the TPU `grouped_matmul_fp8` Pallas kernel inside the EP shard_map."""
   x = _x()
-  rt = RuntimeConfig(moe_backend="reference", ep_capacity_factor=1.0)
+  rt = RuntimeConfig(moe_backend=backend, kernel_platform="tpu", ep_capacity_factor=1.0)
   model = _fp8_experts(_moe(rt))
   f = jax.jit(lambda m, x: m(x))
   y0, _ = f(model, x)
@@ -166,3 +168,39 @@ def test_tpu_aot_moe_layer_uses_kernels_and_ragged_exchange():
   for _, shapes, _ in reduces:
     for _, dims in shapes:
       assert tuple(sorted(dims)) in weights or np.prod(dims, dtype=int) <= 64, shapes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu (the test extra) is needed to compile for TPU on CPU")
+def test_tpu_aot_fp8_moe_layer_under_ep():
+  """FP8 routed experts (inference) under EP compile for v5e:2x2 (expert 4) with the Pallas FP8
+  grouped matmul inside the shard_map and the ragged exchange."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  mesh = make_mesh({"expert": 4}, devices=topo.devices)
+  cfg = CFG.replace(hidden_size=256, moe_intermediate_size=256, n_routed_experts=8,
+                    n_group=1, topk_group=1, num_experts_per_tok=2)
+  rt = RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, moe_backend="pallas",
+                     kernel_platform="tpu")
+
+  def build():
+    moe = MoE(cfg, rt, rngs=nnx.Rngs(0))
+    for name in moe.experts.PROJECTIONS:
+      E, n_in, n_out = getattr(moe.experts, name).get_value().shape
+      moe.experts.to_fp8(name, jnp.zeros((E, n_out, n_in), jnp.float8_e4m3fn),
+                         jnp.ones((E, -(-n_out // 128), -(-n_in // 128)), jnp.float32))
+    return moe
+
+  graph, state = nnx.split(nnx.eval_shape(build))
+  rep, by_expert = NamedSharding(mesh, P()), NamedSharding(mesh, P("expert"))
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=by_expert if a.ndim == 3 else rep), state)
+  x = jax.ShapeDtypeStruct((4, 64, cfg.hidden_size), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("expert")))
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    hlo = jax.jit(lambda s, x: nnx.merge(graph, s)(x)[0]).lower(state, x).compile().as_text()
+  kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
+  assert len(kernels) >= 3 and not any("ragged-dot" in l for l in kernels)
+  assert sum("dsv3_grouped_matmul_fp8" in l for l in kernels) >= 3, [l[:200] for l in kernels]
+  assert any(op == "ragged-all-to-all" for op, _, _ in ep.hlo_collectives(hlo))
