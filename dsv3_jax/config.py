@@ -315,6 +315,11 @@ class RuntimeConfig:
   kernel_platform: which Pallas kernel the "interpret" backend runs ("tpu" or "gpu"; default
   "tpu"), or the platform "pallas"/"auto" lower for when it is not the current one (None: the
   current platform).
+  ep_capacity_factor: expert parallelism's receive buffer per exchange round, as a multiple of
+  the average load (tokens per shard x K); rows beyond it go in further rounds (counted in the
+  MoE stats as "ep_overflow", never dropped; with few expert shards one worst-case round is
+  smaller and is used instead). None: the dropless worst case in one round (S x min(K, E/S)
+  times the average; much more memory on large expert axes).
   """
 
   param_dtype: Any = jnp.float32
@@ -323,12 +328,17 @@ class RuntimeConfig:
   moe_backend: str = "reference"
   remat: str = "none"
   kernel_platform: str | None = None
+  ep_capacity_factor: float | None = 1.5
 
   def __post_init__(self):
     if self.remat not in ("none", "full", "dots", "offload"):
       raise ValueError(f"remat must be 'none', 'full', 'dots' or 'offload', got {self.remat!r}")
     if self.kernel_platform not in (None, "tpu", "gpu"):
       raise ValueError(f"kernel_platform must be None, 'tpu' or 'gpu', got {self.kernel_platform!r}")
+    if self.ep_capacity_factor is not None and not (
+        isinstance(self.ep_capacity_factor, (int, float)) and self.ep_capacity_factor > 0):
+      raise ValueError(f"ep_capacity_factor must be None or a number > 0, got "
+                       f"{self.ep_capacity_factor!r}")
 
 
 TINY = ModelConfig(

@@ -216,25 +216,31 @@ class Experts(nnx.Module):
         out.append(getattr(self, name).get_value().astype(self.rt.dtype))
     return out
 
-  def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array]:
-    """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32)."""
+  def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32,
+    expert-parallel overflow: (token, expert) rows beyond `rt.ep_capacity_factor` x the average
+    load of their expert shard, sent in further exchange rounds; int32 scalar, 0 without expert
+    parallelism)."""
     dt = self.rt.dtype
     w = self.weights()
     E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
     backend, platform = self.rt.moe_backend, self.rt.kernel_platform
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
-      if self.fp8:
-        raise NotImplementedError(
-            "FP8 routed experts under expert parallelism (a mesh with an 'expert' axis) are not "
-            "supported yet; load the checkpoint with fp8='dequantize' for expert parallelism")
-      ffn = lambda xs, sizes, *ws: grouped_ffn(xs, sizes, *ws, backend=backend, platform=platform)
-      y = expert_parallel.expert_parallel_ffn(x.astype(dt), routing.experts, routing.weights, *w,
-                                              ffn=ffn, layout=layout)
-      return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
+      # FP8 projections cross the shard_map as (value, scale_inv) pairs, both split over E.
+      packed = [(p.value, p.scale_inv) if isinstance(p, Fp8Experts) else p for p in w]
+
+      def ffn(xs, sizes, *ws):
+        ws = [Fp8Experts(*p) if isinstance(p, tuple) else p for p in ws]
+        return grouped_ffn(xs, sizes, *ws, backend=backend, platform=platform)
+
+      y, overflow = expert_parallel.expert_parallel_ffn(
+          x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
+          capacity_factor=self.rt.ep_capacity_factor, return_overflow=True)
+      return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
     xs, order, sizes = permute(x.astype(dt), routing.experts, E)
     ys = grouped_ffn(xs, sizes, *w, backend, platform)
-    return unpermute(ys, order, routing.weights), sizes
+    return unpermute(ys, order, routing.weights), sizes, jnp.zeros((), jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -253,13 +259,15 @@ class MoE(nnx.Module):
 
     stats: "load" [E] int32 tokens routed to each expert; "seq_load" [B, E] float32 the same per
     sequence; "seq_prob" [B, E] float32 mean over the sequence of s_i / sum_j s_j (the P_i of the
-    sequence-wise balance loss).
+    sequence-wise balance loss); "ep_overflow" int32 scalar: under expert parallelism the
+    (token, expert) rows beyond `RuntimeConfig.ep_capacity_factor` x the average load of their
+    expert shard, which went in further exchange rounds (never dropped); 0 otherwise.
     """
     B, T, D = x.shape
     with jax.named_scope("moe"):
       flat = x.reshape(B * T, D)
       routing = self.gate(flat)
-      y, load = self.experts(flat, routing)
+      y, load, overflow = self.experts(flat, routing)
       y = y.reshape(B, T, D)
       if self.shared_experts is not None:
         y = y + self.shared_experts(x).astype(jnp.float32)
@@ -269,5 +277,6 @@ class MoE(nnx.Module):
       s = routing.scores
       stats = {"load": load,
                "seq_load": seq_load.astype(jnp.float32),
-               "seq_prob": (s / s.sum(-1, keepdims=True)).reshape(B, T, E).mean(1)}
+               "seq_prob": (s / s.sum(-1, keepdims=True)).reshape(B, T, E).mean(1),
+               "ep_overflow": overflow}
       return y.astype(x.dtype), stats
