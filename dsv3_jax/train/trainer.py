@@ -8,7 +8,8 @@ the Params, the other variables (RouterBias), the optax state, step and RNG; it 
   3. applies the optimizer (clip + AdamW) to the Params,
   4. moves every RouterBias by gamma * sign(mean load - load) from this step's loads.
 Metrics per step: loss, ce, mtp_ce, balance, load_ratio (max/mean expert load, mean over MoE
-layers), grad_norm, lr, plus host-side tokens/s and MFU.
+layers), ep_overflow (rows sent in extra expert-parallel exchange rounds), grad_norm, lr, plus
+host-side tokens/s and MFU.
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
                  load_ratio=load_ratio(stats))
   if stats is not None:
     metrics["layer_load"] = stats["load"]  # [MoE layers, E]
+    # (token, expert) rows past the expert-parallel capacity, sent in extra exchange rounds.
+    metrics["ep_overflow"] = jnp.sum(stats["ep_overflow"]).astype(jnp.float32)
   updates, opt = tx.update(grads, state["opt"], params)
   params = optax.apply_updates(params, updates)
   model = nnx.merge(graphdef, params, rest, copy=True)
