@@ -228,7 +228,8 @@ class Experts(nnx.Module):
             "supported yet; load the checkpoint with fp8='dequantize' for expert parallelism")
       ffn = lambda xs, sizes, *ws: grouped_ffn(xs, sizes, *ws, backend=backend, platform=platform)
       y = expert_parallel.expert_parallel_ffn(x.astype(dt), routing.experts, routing.weights, *w,
-                                              ffn=ffn, layout=layout)
+                                              ffn=ffn, layout=layout,
+                                              platform=None if backend == "interpret" else platform)
       return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
     xs, order, sizes = permute(x.astype(dt), routing.experts, E)
     ys = grouped_ffn(xs, sizes, *w, backend, platform)

@@ -51,13 +51,15 @@ class Exchange(enum.Enum):
   PADDED = "padded"
   RAGGED = "ragged"
 
-  def resolve(self) -> "Exchange":
+  def resolve(self, platform: str | None = None) -> "Exchange":
+    """The concrete exchange for `platform` (the one compiled for; default: jax's backend)."""
+    platform = platform or jax.default_backend()
     if self is not Exchange.AUTO:
-      if self is Exchange.RAGGED and jax.default_backend() == "cpu":
+      if self is Exchange.RAGGED and platform == "cpu":
         raise ValueError("Exchange.RAGGED was requested but XLA:CPU does not implement "
                          "ragged-all-to-all; use Exchange.PADDED or AUTO on CPU")
       return self
-    return Exchange.PADDED if jax.default_backend() == "cpu" else Exchange.RAGGED
+    return Exchange.PADDED if platform == "cpu" else Exchange.RAGGED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,15 +217,16 @@ def _ep_shard(x, experts, weights, w_gate, w_up, w_down, *, ffn: FFN, shards: in
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: jax.Array,
                         w_up: jax.Array, w_down: jax.Array, *, ffn: FFN,
-                        layout: EPLayout | None = None, exchange: Exchange = Exchange.AUTO
-                        ) -> jax.Array:
+                        layout: EPLayout | None = None, exchange: Exchange = Exchange.AUTO,
+                        platform: str | None = None) -> jax.Array:
   """Dropless routed-expert output sum_k w_k Expert_{e_k}(x) with experts split over `expert`.
 
   x [N, D] (compute dtype); experts [N, K] int32 global ids; weights [N, K] float32;
   w_gate/w_up [E, D, F], w_down [E, F, D]; ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down)
   -> [M, D] is the local grouped SwiGLU. Returns [N, D] float32. N need not divide the shard
   count (zero-weight padding tokens are appended and dropped). Call under jit with the mesh set
-  (`jax.set_mesh`), or pass `layout`.
+  (`jax.set_mesh`), or pass `layout`. `platform`: the platform compiled for, which AUTO resolves
+  the exchange by (default: jax's backend; "tpu" when compiling for TPU on a CPU host).
   """
   layout = layout or ep_layout()
   if layout is None:
@@ -240,7 +243,8 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
     weights = jnp.pad(weights, ((0, pad), (0, 0)))
   tok, t = P(layout.token_axes), layout.tensor_axis
   body = jax.shard_map(
-      lambda *a: _ep_shard(*a, ffn=ffn, shards=S, exchange=exchange.resolve(), tensor_axis=t),
+      lambda *a: _ep_shard(*a, ffn=ffn, shards=S, exchange=exchange.resolve(platform),
+                         tensor_axis=t),
       mesh=layout.mesh,
       in_specs=(tok, tok, tok, P(EXPERT, None, t), P(EXPERT, None, t), P(EXPERT, t, None)),
       out_specs=tok)
