@@ -18,7 +18,7 @@ Figures are per device. `total = argument + output - alias + temp` (XLA's accoun
 program that does not fit is rejected by the compiler with RESOURCE_EXHAUSTED: `fits` is that
 verdict, and the figures then come from the compiler's message.
 
-Einsum-free module; see `dsv3_jax.plan_cli` for the command line.
+The command line is `dsv3_jax.plan_cli` (`dsv3 plan`).
 """
 from __future__ import annotations
 
@@ -322,13 +322,13 @@ def _param_leaves(params) -> list[tuple[str, tuple[str | None, ...], Any]]:
   return out
 
 
-def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, context: int,
-                         cache_bytes_total: int):
+def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, context: float,
+                         cache_bytes_total: int, absorbed: bool):
   """(flops, bytes) of one serve step over all devices: matmul weights a step touches (routed
   experts: the expected distinct share E(1-(1-k/E)^(B*T)) of each layer; MTP blocks are not run;
   embedding: the looked-up rows) read once, 2 flops per weight per token (per activated expert),
-  plus absorbed attention over `context` rows: 2*H*(2C+R) flops per row per token and layer,
-  and the cache read once."""
+  plus attention over `context` rows per token and layer: 2*H*(2C+R) flops per row absorbed
+  (decode), 2*H*(d_qk+d_v) per row otherwise (prefill); and `cache_bytes_total` once."""
   E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
   touched = 1.0 - (1.0 - k / E) ** (batch * tokens) if E else 1.0
   flops = bytes_ = 0.0
@@ -343,7 +343,8 @@ def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, cont
     flops += 2.0 * n * frac * batch * tokens
     bytes_ += n * (touched if "expert" in axes else 1.0) * isz
   H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-  flops += cfg.num_hidden_layers * batch * tokens * 2.0 * H * (2 * C + R) * context
+  per_row = 2.0 * H * ((2 * C + R) if absorbed else (cfg.qk_head_dim + cfg.v_head_dim))
+  flops += cfg.num_hidden_layers * batch * tokens * per_row * context
   return flops, bytes_ + cache_bytes_total
 
 
@@ -510,16 +511,21 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
   B, S, T = req.decode_batch, req.context, _prompt_len(req)
   cache_abs = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16, mtp_layers=0))
-  kv_sh = activation_sharding(("batch", None, None), rules, mesh, cache_abs.kv[0].shape)
+  # Cache buffers [..., B, S, C + R] split over the batch (any leading dims, e.g. a layer stack,
+  # replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
+  # as the `heads` rule says.
+  def trailing(x, logical):
+    return NamedSharding(mesh, logical_to_spec((None,) * (x.ndim - len(logical)) + logical,
+                                               rules, mesh, x.shape))
+  cache_sh = jax.tree.map(lambda x: trailing(x, ("batch",) if x.ndim == 1 else
+                                             ("batch", None, None)), cache_abs)
   len_sh = activation_sharding(("batch",), rules, mesh, (B,))
-  cache_sh = jax.tree.map(lambda x: kv_sh if x.ndim == 3 else len_sh, cache_abs)
   cache_a = _sds(cache_abs, cache_sh)
   cache_bytes = _shard_bytes(cache_a)
-  # Absorbed W_UK [H, N, C] / W_UV [H, V, C] per layer, heads split as the `heads` rule says.
   absorbed_abs = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)),
                                 params, rest_a)
-  absorbed_a = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      mesh, logical_to_spec(("heads", None, None), rules, mesh, x.shape))), absorbed_abs)
+  absorbed_a = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=trailing(x, ("heads", None, None))), absorbed_abs)
   p_sh = jax.tree.map(lambda x: x.sharding, params_a)
   r_sh = jax.tree.map(lambda x: x.sharding, rest_a)
   a_sh = jax.tree.map(lambda x: x.sharding, absorbed_a)
@@ -549,9 +555,10 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   dec = jax.jit(decode_step, in_shardings=(p_sh, r_sh, a_sh, cache_sh, dtok_sh, dtok_sh),
                 out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
   dec_args = (params_a, rest_a, absorbed_a, cache_a, dtok, dtok)
-  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in cache_abs.kv)
-  pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache)  # causal: T/2 rows on average
-  df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache)
+  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache_abs.kv))
+  # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
+  pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
+  df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)
   return ({"prefill": _compile("prefill", mesh, pre, pre_args, n, pf, pb),
            "decode": _compile("decode", mesh, dec, dec_args, n, df, db)}, 0, cache_bytes)
 
