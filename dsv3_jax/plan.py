@@ -573,7 +573,7 @@ def advice(report: PlanReport, req: PlanRequest) -> list[str]:
   if state > 0.9 * hbm:
     chips = math.ceil(report.devices * state / (0.6 * hbm))
     out.append(f"the {'parameters + optimizer state' if req.mode == 'train' else 'parameters + cache'}"
-               f" alone need {state / GiB:.1f} GiB per device of {hbm / GiB:.1f}: use a topology "
+               f" alone need {state / GiB:.2f} GiB per device of {hbm / GiB:.2f}: use a topology "
                f"with about {chips}+ devices (or shard more of the state)")
   if req.mode == "train":
     if req.remat != "full":

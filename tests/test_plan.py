@@ -120,13 +120,15 @@ def test_cli_json_and_text(tmp_path, capsys):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(small_config(layers=1, dense=1).to_hf_config()))
   args = ["plan", "--topology", "v6e:2x2", "--mode", "train", "--config", str(path), "--seq",
-          "64", "--kernels", "reference", "--mesh", "fsdp=2,expert=2"]
+          "64", "--kernels", "reference", "--mesh", "fsdp=2,expert=2", "--opt-dtype", "bfloat16"]
   assert cli.main(args + ["--json"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   assert len(out) == 1
   j = json.loads(out[0])
   check_consistent(j)
   assert j["mesh"] == {"fsdp": 2, "expert": 2} and j["config"]["global_batch"] == 4
+  # First moment in bf16 (half the float32 parameters), second in float32, plus step counters.
+  assert 0 <= j["optimizer_bytes"] - 1.5 * j["parameter_bytes"] < 1024
   assert set(j["collectives"]) == set(COLLECTIVES)
   assert cli.main(args) == 0
   text = capsys.readouterr().out
