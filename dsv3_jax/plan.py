@@ -10,7 +10,7 @@ What is compiled (never a copy of it):
   sharded by `ShardingRules`; float32 parameters and moments by default.
 - serve: `dsv3_jax.inference.prefill` (prompts into a fresh latent cache) and one
   `decode_forward` step (one new token per sequence, absorbed MLA weights from
-  `absorb_weights`, cache donated); bfloat16 parameters. Both are compiled and reported; the
+  `absorb_weights`, cache donated); bfloat16 parameters, without the MTP blocks (plain decoding). Both are compiled and reported; the
   top-level figures are those of the step with the larger footprint.
 
 Figures are per device. `total = argument + output - alias + temp` (XLA's accounting);
@@ -404,6 +404,8 @@ def plan(req: PlanRequest) -> PlanReport:
   topo = get_topology(req.topology)
   devices = list(topo.devices)
   cfg = req.config
+  if req.mode == "serve":  # plain (non-speculative) serving does not hold the MTP blocks
+    cfg = cfg.replace(num_nextn_predict_layers=0)
   sizes = dict(req.mesh) if req.mesh else default_mesh(len(devices), cfg)
   if math.prod(sizes.values()) != len(devices) and -1 not in sizes.values():
     raise PlanError(f"--mesh {_fmt_mesh(sizes)} has {math.prod(sizes.values())} devices but "
