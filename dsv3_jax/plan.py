@@ -451,13 +451,14 @@ def _prompt_len(req: PlanRequest) -> int:
 
 
 def _kernel_map(req, cfg, steps) -> dict[str, str | None]:
-  """hot path -> "pallas" | "reference" (in the compiled program), None (not part of it)."""
+  """hot path -> "pallas" | "reference" (in the compiled program), None (not part of it). For a
+  step the compiler rejected (out of memory) there is no program to inspect: the request."""
   def state(path, names):
     if not all(steps[n].fits for n in names):
       return "pallas" if req.kernels == "pallas" else "reference"  # not compiled: as requested
     return "pallas" if all(steps[n].kernel_calls[path] > 0 for n in names) else "reference"
-  moe = cfg.n_routed_experts > 0 and any(cfg.is_moe_layer(i) for i in
-                                         range(cfg.num_hidden_layers))
+  blocks = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if req.mode == "train" else 0)
+  moe = any(cfg.is_moe_layer(i) for i in range(blocks))
   if req.mode == "train":
     out = {"attention": state("attention", ["train"]), "decode": None}
     out["moe"] = state("moe", ["train"]) if moe else None
@@ -476,7 +477,7 @@ def _train_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   opt_abs = jax.eval_shape(make_optimizer(optim).init, params)
   # Moments are sharded like their parameters; counts and other scalars are replicated.
   p_sh = jax.tree.map(lambda x: x.sharding, params_a)
-  opt_sh = optax_tree_map_params(optim, opt_abs, p_sh, rep)
+  opt_sh = _opt_shardings(optim, opt_abs, p_sh, rep)
   opt_a = _sds(opt_abs, opt_sh)
   # The state layout of `Trainer.state`.
   state = {"params": params_a, "rest": rest_a, "opt": opt_a,
@@ -500,7 +501,7 @@ def _train_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
           opt_bytes, 0)
 
 
-def optax_tree_map_params(optim, opt_abs, param_shardings, rep):
+def _opt_shardings(optim, opt_abs, param_shardings, rep):
   """Shardings of the optax state: parameter-shaped parts take the parameters' shardings."""
   import optax
   from dsv3_jax.train.optim import make_optimizer
