@@ -250,8 +250,14 @@ def parse_rules(spec: str | None, mesh_sizes: Mapping[str, int]) -> ShardingRule
 
 # HLO inspection ----------------------------------------------------------------------------------
 def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Collective instructions by kind in compiled HLO text (async pairs counted once)."""
-  return {op: len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+  """Collective instructions by kind in compiled HLO text. An async pair counts once: by its
+  `op-start`, or by its `op-done` where the start is a generic async wrapper (newer XLA)."""
+  out = {}
+  for op in COLLECTIVES:
+    started = len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text))
+    done = len(re.findall(rf"= [^=\n]*? {op}-done\(", hlo_text))
+    out[op] = max(started, done)
+  return out
 
 
 def _kernel_path(name: str) -> str:
