@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "export": ("dsv3_jax.convert.export_cli", "Orbax checkpoint -> HF safetensors"),
     "generate": ("dsv3_jax.inference.cli", "generate text from a checkpoint"),
     "train": ("dsv3_jax.train.cli", "train a model"),
+    "plan": ("dsv3_jax.plan_cli", "compile a train/serve step for a TPU topology: memory verdict"),
 }
 
 

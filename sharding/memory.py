@@ -1,4 +1,10 @@
-"""Per-device memory planner: parameters, gradients, AdamW state and activations, on paper.
+"""Per-device memory estimate on paper: parameters, gradients, AdamW state and activations.
+
+Not a verdict: the activation figure misses what XLA keeps live (expert-parallel exchange
+buffers, collectives' buffers, fusion temporaries) and has been an order of magnitude low for the
+671B train step. For whether a run fits, compile it: `dsv3 plan` (dsv3_jax.plan), which reports
+the compiler's memory_analysis for a TPU topology. This module stays for quick shape-only
+parameter/optimizer byte counts.
 
 Nothing is allocated: parameter shapes come from an abstract model (`nnx.eval_shape`), their
 per-device share from the same `ShardingRules` the real run uses, resolved on an AbstractMesh

@@ -41,6 +41,7 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float | None = 1.0
+  mu_dtype: str | None = None  # first Adam moment dtype (None: the parameters' dtype)
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
@@ -77,7 +78,7 @@ def decay_mask(params) -> object:
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with the schedule and the matrices-only decay mask."""
   adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+                      weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=cfg.mu_dtype)
   if cfg.clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

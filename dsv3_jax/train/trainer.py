@@ -33,7 +33,7 @@ from dsv3_jax.train.data import Batch, DataState, TokenDataset
 from dsv3_jax.train.loss import LossConfig, training_loss
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
-__all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "H100_PEAK_FLOPS"]
+__all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "train_step_fn", "H100_PEAK_FLOPS"]
 
 H100_PEAK_FLOPS = 790e12  # dense bf16, as measured on the lent H100 (ARCHITECTURE.md)
 
@@ -129,6 +129,12 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
   _, params, rest = nnx.split(model, nnx.Param, ...)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
   return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1, "rng": rng}, metrics
+
+
+# The pure step (graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *, loss_cfg,
+# document_mask, optim_cfg) -> (state, metrics) that `Trainer` jits; `state` has the layout of
+# `Trainer.state`. Public for ahead-of-time compilation (`dsv3 plan`).
+train_step_fn = _train_step
 
 
 class Trainer:

@@ -1,0 +1,607 @@
+"""`dsv3 plan`: compile the real train step or serve steps for a TPU topology, ahead of time on
+any machine (libtpu, no TPU needed), and report the compiler's memory verdict per device.
+
+    report = plan(PlanRequest(topology="v5p:4x4x16", mode="train", config=DEEPSEEK_V3,
+                              mesh={"fsdp": 16, "expert": 16}))
+
+What is compiled (never a copy of it):
+- train: `dsv3_jax.train.trainer.train_step_fn` (forward with MTP, loss, gradients, clip + AdamW,
+  router-bias update), state donated; parameters and Adam moments abstract (nothing allocated),
+  sharded by `ShardingRules`; float32 parameters and moments by default.
+- serve: `dsv3_jax.inference.prefill` (prompts into a fresh latent cache) and one
+  `decode_forward` step (one new token per sequence, absorbed MLA weights from
+  `absorb_weights`, cache donated); bfloat16 parameters, without the MTP blocks (plain decoding). Both are compiled and reported; the
+  top-level figures are those of the step with the larger footprint.
+
+Figures are per device. `total = argument + output - alias + temp` (XLA's accounting);
+`peak` is XLA's own peak where this jax exposes it (`peak_memory_in_bytes`), else `total`. A
+program that does not fit is rejected by the compiler with RESOURCE_EXHAUSTED: `fits` is that
+verdict, and the figures then come from the compiler's message.
+
+The command line is `dsv3_jax.plan_cli` (`dsv3 plan`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import re
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.pretrained import abstract_model
+from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding,
+                               logical_to_spec, make_mesh, parse_mesh_shape, state_shardings)
+
+__all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
+           "hbm_bytes_per_device", "default_mesh", "parse_rules", "count_collectives",
+           "count_kernels", "TOPOLOGY_FORMS", "HOT_PATHS", "COLLECTIVES"]
+
+GiB = 1024 ** 3
+# Usable HBM per device as libtpu reports it ("exceeds available HBM (95.74G)"; G = GiB), used
+# when the topology's device does not expose its memory (compile-only devices do not).
+HBM_GIB = {"TPU v4": 15.25, "TPU v5 lite": 15.75, "TPU v5": 95.74, "TPU v6 lite": 31.25,
+           "TPU7x": 94.75}
+TOPOLOGY_FORMS = {"v4": "v4:XxYxZ", "v5e": "v5e:RxC", "v5p": "v5p:XxYxZ", "v6e": "v6e:RxC",
+                  "tpu7x": "tpu7x:XxYxZ"}
+HOT_PATHS = ("attention", "decode", "moe", "fp8")
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+# The rules the pod measurements use: dense head / FFN / vocab dims over `expert` too, so a mesh
+# without a `tensor` axis still shards every weight (ZeRO-3 over fsdp x expert).
+POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT)
+
+
+class PlanError(ValueError):
+  """A request `plan` cannot compile (bad topology, mesh, flags, missing libtpu)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+  """What to compile.
+
+  topology: libtpu topology name (`TOPOLOGY_FORMS`, e.g. "v5p:4x4x16"); mode: "train" | "serve";
+  mesh: {axis: size} (None: `default_mesh`); rules: None picks ShardingRules() when the mesh has
+  a tensor axis, else `POD_RULES`. train: batch_per_device x seq tokens per data shard, remat,
+  param_dtype / opt_dtype (opt_dtype: the first Adam moment; the second follows param_dtype).
+  serve: decode_batch sequences, context cache rows, prompt_len prefill tokens per sequence.
+  kernels: "pallas" (the TPU kernels) or "reference" (the jnp references).
+  """
+
+  topology: str
+  mode: str
+  config: ModelConfig
+  mesh: Mapping[str, int] | None = None
+  rules: ShardingRules | None = None
+  batch_per_device: int = 1
+  seq: int = 4096
+  decode_batch: int = 64
+  context: int = 8192
+  prompt_len: int | None = None
+  remat: str = "full"
+  param_dtype: Any = None
+  opt_dtype: Any = None
+  kernels: str = "pallas"
+
+  def __post_init__(self):
+    if self.mode not in ("train", "serve"):
+      raise PlanError(f"--mode must be 'train' or 'serve', got {self.mode!r}")
+    if self.kernels not in ("pallas", "reference"):
+      raise PlanError(f"--kernels must be 'pallas' or 'reference', got {self.kernels!r}")
+    for name in ("batch_per_device", "seq", "decode_batch", "context"):
+      if getattr(self, name) < 1:
+        raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    if self.prompt_len is not None and not 1 <= self.prompt_len <= self.context:
+      raise PlanError(f"--prompt-len {self.prompt_len} must be in [1, --context {self.context}]")
+
+
+@dataclasses.dataclass
+class StepReport:
+  """One compiled program, per device. Byte/flop figures are None where the compiler gave none
+  (e.g. temp_bytes when it rejected the program)."""
+
+  name: str
+  fits: bool
+  compile_seconds: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int | None
+  temp_bytes: int | None
+  total_bytes: int
+  peak_bytes: int
+  compiled_flops: float | None
+  compiled_bytes: float | None
+  model_flops: float
+  model_bytes: float
+  collectives: dict[str, int]
+  kernel_calls: dict[str, int]
+  error: str | None = None
+
+
+@dataclasses.dataclass
+class PlanReport:
+  """The answer of `plan`: see the module docstring; `to_json()` is the CLI's --json object."""
+
+  topology: str
+  mode: str
+  devices: int
+  device_kind: str
+  mesh: dict[str, int]
+  rules: dict[str, Any]
+  config: dict[str, Any]
+  hbm_bytes: int
+  parameter_bytes: int
+  optimizer_bytes: int
+  cache_bytes: int
+  kernels: dict[str, str | None]
+  steps: dict[str, StepReport]
+  main_step: str
+  advice: list[str]
+  jax_version: str = jax.__version__
+
+  @property
+  def fits(self) -> bool:
+    return all(s.fits for s in self.steps.values())
+
+  def to_json(self) -> dict[str, Any]:
+    m = self.steps[self.main_step]
+    out = {k: getattr(self, k) for k in ("topology", "mode", "devices", "device_kind", "mesh",
+                                          "rules", "config", "hbm_bytes", "parameter_bytes",
+                                          "optimizer_bytes", "cache_bytes")}
+    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes",
+              "peak_bytes", "compiled_flops", "compiled_bytes", "model_flops", "model_bytes",
+              "collectives", "kernel_calls", "error"):
+      out[k] = getattr(m, k)
+    out["peak_bytes"] = max(s.peak_bytes for s in self.steps.values())
+    out["fits"] = self.fits
+    out["compile_seconds"] = round(sum(s.compile_seconds for s in self.steps.values()), 2)
+    out["flops_ratio"] = _ratio(m.compiled_flops, m.model_flops)
+    out["bytes_ratio"] = _ratio(m.compiled_bytes, m.model_bytes)
+    out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
+               jax_version=self.jax_version,
+               steps={k: dataclasses.asdict(s) for k, s in self.steps.items()})
+    return out
+
+
+def _ratio(a, b):
+  return None if a is None or not b else round(a / b, 4)
+
+
+# Topology, HBM, mesh ---------------------------------------------------------------------------
+def get_topology(name: str):
+  """libtpu's compile-only description of `name` (e.g. "v5p:4x4x16"); PlanError when the name
+  is malformed or libtpu is missing."""
+  fam, _, dims = name.partition(":")
+  ndims = 3 if fam in ("v4", "v5p", "tpu7x") else 2
+  if fam not in TOPOLOGY_FORMS or not re.fullmatch(r"\d+(x\d+){%d}" % (ndims - 1), dims):
+    raise PlanError(f"--topology {name!r} is not a libtpu topology name; use one of "
+                    f"{', '.join(TOPOLOGY_FORMS.values())} (chips per dimension, e.g. v5p:4x4x16 "
+                    f"= 256 v5p chips, v6e:16x16); 'v5p-256'-style names are not accepted")
+  if importlib.util.find_spec("libtpu") is None:
+    raise PlanError(f"compiling for TPU needs libtpu: pip install \"jax[tpu]=={jax.__version__}\"")
+  from jax.experimental import topologies
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except Exception as e:  # noqa: BLE001  (libtpu raises assorted runtime errors)
+    raise PlanError(f"libtpu rejected --topology {name!r}: {_first_line(e)} (at least 2x2 chips; "
+                    f"forms: {', '.join(TOPOLOGY_FORMS.values())})") from None
+
+
+def hbm_bytes_per_device(device) -> int:
+  """Usable HBM of one device: from the device when it reports it, else `HBM_GIB`."""
+  try:
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit:
+      return int(limit)
+  except Exception:  # noqa: BLE001  compile-only devices have no memory stats
+    pass
+  kind = device.device_kind
+  if kind not in HBM_GIB:
+    raise PlanError(f"unknown HBM size for device kind {kind!r}; known: {sorted(HBM_GIB)}")
+  return int(HBM_GIB[kind] * GiB)
+
+
+def default_mesh(n_devices: int, cfg: ModelConfig) -> dict[str, int]:
+  """Every device used: as many expert shards as divide both the device count and the routed
+  expert count, the rest FSDP."""
+  expert = math.gcd(n_devices, cfg.n_routed_experts) if cfg.n_routed_experts else 1
+  return {"fsdp": n_devices // expert, "expert": expert}
+
+
+def _build_mesh(sizes: Mapping[str, int], devices) -> Mesh:
+  try:
+    return make_mesh(dict(sizes), devices=devices)
+  except ValueError as e:
+    raise PlanError(f"--mesh {_fmt_mesh(sizes)}: {e}") from None
+  except Exception:  # noqa: BLE001  jax's topology-aware placement can fail on some shapes
+    return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), tuple(sizes))
+
+
+def _fmt_mesh(sizes) -> str:
+  return ",".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def parse_rules(spec: str | None, mesh_sizes: Mapping[str, int]) -> ShardingRules:
+  """"default" | "pod" | "name=axis[+axis],..." (over the defaults) | None (pick by mesh)."""
+  if spec is None:
+    return ShardingRules() if mesh_sizes.get(TENSOR, 1) > 1 else POD_RULES
+  if spec in ("default", "pod"):
+    return ShardingRules() if spec == "default" else POD_RULES
+  kw = {}
+  for part in filter(None, spec.split(",")):
+    name, sep, axes = part.partition("=")
+    if not sep:
+      raise PlanError(f"--rules {spec!r}: expected name=axis entries, got {part!r}")
+    ax = tuple(a for a in axes.split("+") if a and a != "none")
+    kw[name.strip()] = None if not ax else ax[0] if len(ax) == 1 else ax
+  try:
+    return ShardingRules(**kw)
+  except (TypeError, ValueError) as e:
+    raise PlanError(f"--rules {spec!r}: {e}") from None
+
+
+# HLO inspection ----------------------------------------------------------------------------------
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Collective instructions by kind in compiled HLO text. An async pair counts once: by its
+  `op-start`, or by its `op-done` where the start is a generic async wrapper (newer XLA)."""
+  out = {}
+  for op in COLLECTIVES:
+    started = len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text))
+    done = len(re.findall(rf"= [^=\n]*? {op}-done\(", hlo_text))
+    out[op] = max(started, done)
+  return out
+
+
+def _kernel_path(name: str) -> str:
+  n = name.lower()
+  if "fp8" in n:
+    return "fp8"
+  if "mla_decode" in n:
+    return "decode"
+  if "attention" in n or "splash" in n or "flash" in n:
+    return "attention"
+  if "gmm" in n or "grouped" in n:
+    return "moe"
+  return "other"
+
+
+def count_kernels(hlo_text: str) -> dict[str, int]:
+  """Mosaic (Pallas TPU) calls in compiled HLO text by hot path, from each call's kernel name
+  (the instruction name, which is the pallas_call's name: mla_attention_fwd, mla_decode, gmm,
+  dsv3_fp8_matmul, ...). A grouped FP8 matmul counts for both moe and fp8."""
+  out = dict.fromkeys(HOT_PATHS + ("other",), 0)
+  for m in re.finditer(r"%([\w.-]+) = [^\n]*custom_call_target=\"tpu_custom_call\"", hlo_text):
+    name = m.group(1)
+    path = _kernel_path(name)
+    out[path] += 1
+    if path == "fp8" and "grouped" in name.lower():
+      out["moe"] += 1
+  return out
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+_SIZE = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+
+
+def _oom_figures(msg: str) -> tuple[int | None, int | None]:
+  """(required, available) bytes from libtpu's RESOURCE_EXHAUSTED message, if it states them."""
+  num = r"([\d.]+)([KMGT]?)"
+  req = re.search(rf"required for [^()]*\({num}\)", msg) or re.search(rf"Used {num} of", msg)
+  avail = re.search(rf"available HBM \({num}\)", msg) or re.search(rf"of {num} hbm", msg)
+  conv = lambda m: int(float(m.group(1)) * _SIZE[m.group(2)]) if m else None
+  return conv(req), conv(avail)
+
+
+# Per-device sizes and model figures --------------------------------------------------------------
+def _shard_bytes(tree) -> int:
+  """Bytes per device of ShapeDtypeStruct leaves (a leaf without a sharding counts whole)."""
+  def one(x):
+    sh = getattr(x, "sharding", None)
+    shape = sh.shard_shape(x.shape) if hasattr(sh, "shard_shape") else x.shape
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+  return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+def _sds(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _param_leaves(params) -> list[tuple[str, tuple[str | None, ...], Any]]:
+  """(path, logical axes, ShapeDtypeStruct) per nnx.Param."""
+  out = []
+  for path, v in nnx.to_flat_state(params):
+    out.append((".".join(str(p) for p in path), tuple(v.get_metadata().get("axes") or ()),
+                v.get_value()))
+  return out
+
+
+def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, context: float,
+                         cache_bytes_total: int, absorbed: bool):
+  """(flops, bytes) of one serve step over all devices: matmul weights a step touches (routed
+  experts: the expected distinct share E(1-(1-k/E)^(B*T)) of each layer; MTP blocks are not run;
+  embedding: the looked-up rows) read once, 2 flops per weight per token (per activated expert),
+  plus attention over `context` rows per token and layer: 2*H*(2C+R) flops per row absorbed
+  (decode), 2*H*(d_qk+d_v) per row otherwise (prefill); and `cache_bytes_total` once."""
+  E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  touched = 1.0 - (1.0 - k / E) ** (batch * tokens) if E else 1.0
+  flops = bytes_ = 0.0
+  for path, axes, x in _param_leaves(params):
+    if path.startswith("mtp") or len(x.shape) < 2:
+      continue
+    n, isz = math.prod(x.shape), np.dtype(x.dtype).itemsize
+    if "embed_tokens" in path:
+      bytes_ += batch * tokens * x.shape[-1] * isz
+      continue
+    frac = (k / E) if "expert" in axes else 1.0
+    flops += 2.0 * n * frac * batch * tokens
+    bytes_ += n * (touched if "expert" in axes else 1.0) * isz
+  H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  per_row = 2.0 * H * ((2 * C + R) if absorbed else (cfg.qk_head_dim + cfg.v_head_dim))
+  flops += cfg.num_hidden_layers * batch * tokens * per_row * context
+  return flops, bytes_ + cache_bytes_total
+
+
+# Compilation -------------------------------------------------------------------------------------
+def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> StepReport:
+  """Lowers and compiles one step under `mesh`; RESOURCE_EXHAUSTED becomes fits=False with the
+  compiler's figures. Other compile errors raise PlanError."""
+  t0 = time.perf_counter()
+  try:
+    with jax.set_mesh(mesh):
+      lowered = jitted.lower(*args)
+      compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001
+    secs = time.perf_counter() - t0
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg:
+      hint = (" (the Pallas kernels cannot yet run in this sharded model: retry with --kernels "
+              "reference)" if "Mosaic kernels cannot be automatically partitioned" in msg
+              or "manual_axis_type" in msg else "")
+      raise PlanError(f"compiling the {name} step failed: {_first_line(e)}{hint}") from e
+    arg_bytes, out_bytes = _shard_bytes(args), _shard_bytes(lowered.out_info)
+    required, _ = _oom_figures(msg)
+    total = required if required is not None else arg_bytes + out_bytes
+    return StepReport(name, False, round(secs, 2), arg_bytes, out_bytes, None, None, total,
+                      total, None, None, model_flops / n_devices, model_bytes / n_devices,
+                      dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(HOT_PATHS + ("other",), 0),
+                      error=_first_line(e))
+  secs = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+           + ma.temp_size_in_bytes)
+  peak = getattr(ma, "peak_memory_in_bytes", None) or total
+  ca = compiled.cost_analysis()
+  ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+  hlo = compiled.as_text()
+  return StepReport(name, True, round(secs, 2), int(ma.argument_size_in_bytes),
+                    int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes),
+                    int(ma.temp_size_in_bytes), int(total), int(peak),
+                    float(ca["flops"]) if "flops" in ca else None,
+                    float(ca["bytes accessed"]) if "bytes accessed" in ca else None,
+                    model_flops / n_devices, model_bytes / n_devices, count_collectives(hlo),
+                    count_kernels(hlo))
+
+
+def _runtime(req: PlanRequest) -> RuntimeConfig:
+  train = req.mode == "train"
+  pdt = req.param_dtype or (jnp.float32 if train else jnp.bfloat16)
+  return RuntimeConfig(param_dtype=pdt, dtype=jnp.bfloat16, remat=req.remat if train else "none",
+                       attention_backend=req.kernels, moe_backend=req.kernels,
+                       kernel_platform="tpu")
+
+
+def plan(req: PlanRequest) -> PlanReport:
+  """Compiles `req` for its topology and returns the per-device report (see module docstring).
+  Raises PlanError for requests that cannot be compiled; a program that does not fit is a
+  report with fits=False, not an error."""
+  topo = get_topology(req.topology)
+  devices = list(topo.devices)
+  cfg = req.config
+  if req.mode == "serve":  # plain (non-speculative) serving does not hold the MTP blocks
+    cfg = cfg.replace(num_nextn_predict_layers=0)
+  sizes = dict(req.mesh) if req.mesh else default_mesh(len(devices), cfg)
+  if math.prod(sizes.values()) != len(devices) and -1 not in sizes.values():
+    raise PlanError(f"--mesh {_fmt_mesh(sizes)} has {math.prod(sizes.values())} devices but "
+                    f"topology {req.topology} has {len(devices)} ({devices[0].device_kind}); "
+                    f"the axis sizes must multiply to {len(devices)}")
+  mesh = _build_mesh(sizes, devices)
+  sizes = dict(zip(mesh.axis_names, map(int, mesh.axis_sizes)))
+  rules = req.rules or parse_rules(None, sizes)
+  rt = _runtime(req)
+  model = abstract_model(cfg, rt)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params_a = _sds(params, state_shardings(params, rules, mesh))
+  rest_a = _sds(rest, state_shardings(rest, rules, mesh))
+  rep = NamedSharding(mesh, P())
+  data_shards = math.prod(sizes.get(a, 1) for a in rules.mesh_axes("batch"))
+  build = _train_steps if req.mode == "train" else _serve_steps
+  steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
+                                        rest_a, rep, data_shards, len(devices))
+  hbm = hbm_bytes_per_device(devices[0])
+  main = max(steps, key=lambda k: steps[k].peak_bytes)
+  report = PlanReport(
+      topology=req.topology, mode=req.mode, devices=len(devices),
+      device_kind=devices[0].device_kind, mesh=sizes,
+      rules={f.name: getattr(rules, f.name) for f in dataclasses.fields(rules)},
+      config={"num_hidden_layers": cfg.num_hidden_layers,
+              "first_k_dense_replace": cfg.first_k_dense_replace,
+              "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+              "hidden_size": cfg.hidden_size, "n_routed_experts": cfg.n_routed_experts,
+              "param_dtype": np.dtype(rt.param_dtype).name, "remat": rt.remat,
+              **({"batch_per_device": req.batch_per_device, "seq": req.seq,
+                  "global_batch": req.batch_per_device * data_shards} if req.mode == "train" else
+                 {"decode_batch": req.decode_batch, "context": req.context,
+                  "prompt_len": _prompt_len(req)})},
+      hbm_bytes=hbm, parameter_bytes=_shard_bytes(params_a), optimizer_bytes=opt_bytes,
+      cache_bytes=cache_bytes, kernels=_kernel_map(req, cfg, steps), steps=steps,
+      main_step=main, advice=[])
+  report.advice = advice(report, req)
+  return report
+
+
+def _prompt_len(req: PlanRequest) -> int:
+  return req.prompt_len or min(req.context, 1024)
+
+
+def _kernel_map(req, cfg, steps) -> dict[str, str | None]:
+  """hot path -> "pallas" | "reference" (in the compiled program), None (not part of it). For a
+  step the compiler rejected (out of memory) there is no program to inspect: the request."""
+  def state(path, names):
+    if not all(steps[n].fits for n in names):
+      return "pallas" if req.kernels == "pallas" else "reference"  # not compiled: as requested
+    return "pallas" if all(steps[n].kernel_calls[path] > 0 for n in names) else "reference"
+  blocks = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if req.mode == "train" else 0)
+  moe = any(cfg.is_moe_layer(i) for i in range(blocks))
+  if req.mode == "train":
+    out = {"attention": state("attention", ["train"]), "decode": None}
+    out["moe"] = state("moe", ["train"]) if moe else None
+  else:
+    out = {"attention": state("attention", ["prefill"]), "decode": state("decode", ["decode"])}
+    out["moe"] = state("moe", ["prefill", "decode"]) if moe else None
+  out["fp8"] = None  # plan compiles dense (bf16/fp32) weights: no FP8 matmul in the program
+  return out
+
+
+def _train_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep, data_shards, n):
+  from dsv3_jax.train.loss import LossConfig
+  from dsv3_jax.train.optim import OptimConfig, make_optimizer
+  from dsv3_jax.train.trainer import train_flops_per_token, train_step_fn
+  optim = OptimConfig(mu_dtype=None if req.opt_dtype is None else np.dtype(req.opt_dtype).name)
+  opt_abs = jax.eval_shape(make_optimizer(optim).init, params)
+  # Moments are sharded like their parameters; counts and other scalars are replicated.
+  p_sh = jax.tree.map(lambda x: x.sharding, params_a)
+  opt_sh = _opt_shardings(optim, opt_abs, p_sh, rep)
+  opt_a = _sds(opt_abs, opt_sh)
+  # The state layout of `Trainer.state`.
+  state = {"params": params_a, "rest": rest_a, "opt": opt_a,
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  gb = req.batch_per_device * data_shards
+  tok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (gb, req.seq))
+  tok = jax.ShapeDtypeStruct((gb, req.seq), jnp.int32, sharding=tok_sh)
+  f32 = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  step = functools.partial(train_step_fn, graphdef, loss_cfg=LossConfig(), document_mask=False,
+                           optim_cfg=optim)
+  jitted = jax.jit(step, in_shardings=(state_sh, tok_sh, tok_sh, tok_sh, rep, rep),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))
+  args = (state, tok, tok, tok, f32, f32)
+  flops = train_flops_per_token(cfg, req.seq) * gb * req.seq
+  # The least a step must move: read and write the parameters and the optimizer state once.
+  opt_bytes = _shard_bytes(opt_a)
+  model_bytes = 2.0 * (_shard_bytes(params_a) + opt_bytes) * n
+  return ({"train": _compile("train", mesh, jitted, args, n, flops, model_bytes)},
+          opt_bytes, 0)
+
+
+def _opt_shardings(optim, opt_abs, param_shardings, rep):
+  """Shardings of the optax state: parameter-shaped parts take the parameters' shardings."""
+  import optax
+  from dsv3_jax.train.optim import make_optimizer
+  return optax.tree_map_params(make_optimizer(optim), lambda _, s: s, opt_abs, param_shardings,
+                               transform_non_params=lambda _: rep,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep, data_shards, n):
+  from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
+  B, S, T = req.decode_batch, req.context, _prompt_len(req)
+  cache_abs = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16, mtp_layers=0))
+  # Cache buffers [..., B, S, C + R] split over the batch (any leading dims, e.g. a layer stack,
+  # replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
+  # as the `heads` rule says.
+  def trailing(x, logical):
+    return NamedSharding(mesh, logical_to_spec((None,) * (x.ndim - len(logical)) + logical,
+                                               rules, mesh, x.shape))
+  cache_sh = jax.tree.map(lambda x: trailing(x, ("batch",) if x.ndim == 1 else
+                                             ("batch", None, None)), cache_abs)
+  len_sh = activation_sharding(("batch",), rules, mesh, (B,))
+  cache_a = _sds(cache_abs, cache_sh)
+  cache_bytes = _shard_bytes(cache_a)
+  absorbed_abs = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)),
+                                params, rest_a)
+  absorbed_a = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=trailing(x, ("heads", None, None))), absorbed_abs)
+  p_sh = jax.tree.map(lambda x: x.sharding, params_a)
+  r_sh = jax.tree.map(lambda x: x.sharding, rest_a)
+  a_sh = jax.tree.map(lambda x: x.sharding, absorbed_a)
+
+  def prefill_step(p, r, tokens, lengths):
+    model = nnx.merge(graphdef, p, r)
+    cache = init_cache(model.config, B, S, jnp.bfloat16, mtp_layers=0)
+    logits, _, cache = prefill(model, cache, tokens, lengths)
+    return logits, cache
+
+  def decode_step(p, r, absorbed, cache, tokens, positions):
+    model = nnx.merge(graphdef, p, r)
+    logits, _, cache = decode_forward(model, absorbed, cache, tokens, positions)
+    return logits, cache
+
+  ptok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (B, T))
+  ptok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=ptok_sh)
+  lens = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=len_sh)
+  logit_sh = activation_sharding(("batch", "act_vocab"), rules, mesh, (B, cfg.vocab_size))
+  pre = jax.jit(prefill_step, in_shardings=(p_sh, r_sh, ptok_sh, len_sh),
+                out_shardings=(logit_sh, cache_sh))
+  pre_args = (params_a, rest_a, ptok, lens)
+  dtok_sh = activation_sharding(("batch", None), rules, mesh, (B, 1))
+  dtok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=dtok_sh)
+  dlogit_sh = activation_sharding(("batch", None, "act_vocab"), rules, mesh,
+                                  (B, 1, cfg.vocab_size))
+  dec = jax.jit(decode_step, in_shardings=(p_sh, r_sh, a_sh, cache_sh, dtok_sh, dtok_sh),
+                out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
+  dec_args = (params_a, rest_a, absorbed_a, cache_a, dtok, dtok)
+  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache_abs.kv))
+  # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
+  pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
+  df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)
+  return ({"prefill": _compile("prefill", mesh, pre, pre_args, n, pf, pb),
+           "decode": _compile("decode", mesh, dec, dec_args, n, df, db)}, 0, cache_bytes)
+
+
+# Advice ------------------------------------------------------------------------------------------
+def advice(report: PlanReport, req: PlanRequest) -> list[str]:
+  """What to change when the plan does not fit (empty when it fits)."""
+  if report.fits:
+    return []
+  hbm, out = report.hbm_bytes, []
+  state = report.parameter_bytes + report.optimizer_bytes + report.cache_bytes
+  if state > 0.9 * hbm:
+    chips = math.ceil(report.devices * state / (0.6 * hbm))
+    out.append(f"the {'parameters + optimizer state' if req.mode == 'train' else 'parameters + cache'}"
+               f" alone need {state / GiB:.2f} GiB per device of {hbm / GiB:.2f}: use a topology "
+               f"with about {chips}+ devices (or shard more of the state)")
+  if req.mode == "train":
+    if req.remat != "full":
+      out.append("--remat full (recompute each block in the backward pass)")
+    if req.kernels == "reference":
+      out.append("--kernels pallas (the reference attention keeps [heads, T, T] float32 "
+                 "probabilities)")
+    if req.opt_dtype is None or np.dtype(req.opt_dtype) == np.float32:
+      out.append("--opt-dtype bfloat16 (first Adam moment in bf16)")
+    if req.param_dtype is None or np.dtype(req.param_dtype) == np.float32:
+      out.append("--param-dtype bfloat16 (bf16 parameters and second moment)")
+    if report.mesh.get(EXPERT, 1) < max(report.config["n_routed_experts"], 1):
+      out.append("a mesh with more expert shards (--mesh fsdp=..,expert=..) to split the routed "
+                 "experts further")
+    out.append("a smaller --batch-per-device or --seq")
+  else:
+    out.append("a smaller --decode-batch or --context (the cache grows with both), or a shorter "
+               "--prompt-len for the prefill")
+    out.append("more devices on the batch axes (the cache is split over the batch)")
+    if req.kernels == "reference":
+      out.append("--kernels pallas (no [heads, T, T] probabilities in the prefill)")
+  return out

@@ -1,0 +1,144 @@
+"""`dsv3 plan --topology v5p:4x4x16 --mode train|serve --config deepseek-v3 [--mesh ...] [--json]`.
+
+Compiles the real train step (or the prefill and decode steps) for a TPU topology on this
+machine (libtpu, no TPU needed; `pip install "jax[tpu]==<jax version>"`) and prints per device
+the parameters, optimizer state, cache, the compiler's temporaries and total against the chip's
+HBM, whether it fits (the compiler's verdict), compile seconds, collectives by kind, which hot
+paths run as Pallas kernels, the compiler's flops / bytes next to the model's, and what to
+change when it does not fit.
+
+Exit status: 0 fits, 1 does not fit (the report says what to change), 2 error (bad topology,
+mesh or flags, missing libtpu, a compile error other than running out of memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["add_arguments", "run", "format_report"]
+
+GiB = 1024 ** 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--topology", required=True,
+                 help="libtpu topology: v5e:RxC, v5p:XxYxZ, v6e:RxC, tpu7x:XxYxZ, v4:XxYxZ "
+                      "(chips per dimension, e.g. v5p:4x4x16 = 256 chips)")
+  p.add_argument("--mode", choices=("train", "serve"), default="train")
+  p.add_argument("--config", default="deepseek-v3",
+                 help="a preset (tiny, deepseek-v3) or a config.json / checkpoint directory")
+  p.add_argument("--mesh", default=None,
+                 help="named axis sizes, e.g. fsdp=16,expert=16 (default: expert shards = "
+                      "gcd(devices, routed experts), the rest fsdp)")
+  p.add_argument("--rules", default=None,
+                 help="sharding rules: 'default', 'pod' (dense head/FFN/vocab dims over expert) "
+                      "or name=axis[+axis],... over the defaults (default: pod unless the mesh "
+                      "has a tensor axis)")
+  p.add_argument("--layers", type=int, default=None,
+                 help="override num_hidden_layers (quick runs); keeps at least one MoE layer")
+  p.add_argument("--dense", type=int, default=None, help="override first_k_dense_replace")
+  p.add_argument("--mtp", type=int, default=None, help="override num_nextn_predict_layers")
+  g = p.add_argument_group("train")
+  g.add_argument("--batch-per-device", type=int, default=1, help="sequences per data shard")
+  g.add_argument("--seq", type=int, default=4096)
+  g.add_argument("--remat", choices=("none", "full", "dots"), default="full")
+  g.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                 help="parameter (and second Adam moment) dtype; default float32 to train, "
+                      "bfloat16 to serve")
+  g.add_argument("--opt-dtype", choices=("float32", "bfloat16"), default=None,
+                 help="first Adam moment dtype (default: --param-dtype)")
+  g = p.add_argument_group("serve")
+  g.add_argument("--decode-batch", type=int, default=64, help="sequences decoded together")
+  g.add_argument("--context", type=int, default=8192, help="cache rows per sequence")
+  g.add_argument("--prompt-len", type=int, default=None,
+                 help="prefill tokens per sequence (default min(context, 1024))")
+  p.add_argument("--kernels", choices=("pallas", "reference"), default="pallas",
+                 help="attention / decode / MoE as TPU Pallas kernels or the jnp references")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _config(args):
+  from dsv3_jax.plan import PlanError
+  from dsv3_jax.train.cli import load_model_config
+  try:
+    cfg = load_model_config(args.config)
+  except (ValueError, FileNotFoundError) as e:
+    raise PlanError(str(e)) from None
+  kw = {}
+  if args.layers is not None:
+    if args.layers < 1:
+      raise PlanError(f"--layers must be >= 1, got {args.layers}")
+    kw["num_hidden_layers"] = args.layers
+    if cfg.n_routed_experts and cfg.first_k_dense_replace >= args.layers:
+      kw["first_k_dense_replace"] = args.layers - 1
+  if args.dense is not None:
+    kw["first_k_dense_replace"] = args.dense
+  if args.mtp is not None:
+    kw["num_nextn_predict_layers"] = args.mtp
+  try:
+    return cfg.replace(**kw) if kw else cfg
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from dsv3_jax.plan import PlanError, PlanRequest, parse_rules, plan
+  from dsv3_jax.sharding import parse_mesh_shape
+  try:
+    mesh = parse_mesh_shape(args.mesh) if args.mesh else None
+    req = PlanRequest(
+        topology=args.topology, mode=args.mode, config=_config(args), mesh=mesh,
+        rules=None if args.rules is None else parse_rules(args.rules, mesh or {}),
+        batch_per_device=args.batch_per_device, seq=args.seq, decode_batch=args.decode_batch,
+        context=args.context, prompt_len=args.prompt_len, remat=args.remat,
+        param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
+    report = plan(req)
+  except (PlanError, ValueError) as e:
+    print(f"dsv3 plan: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(report.to_json(), default=str))
+  else:
+    print(format_report(report))
+  return 0 if report.fits else 1
+
+
+def _gib(b) -> str:
+  return "-" if b is None else f"{b / GiB:,.2f} GiB"
+
+
+def format_report(report) -> str:
+  """Human-readable text of a PlanReport."""
+  j = report.to_json()
+  mesh = ",".join(f"{k}={v}" for k, v in j["mesh"].items())
+  lines = [f"dsv3 plan: {j['mode']} on {j['topology']} ({j['devices']} x {j['device_kind']}, "
+           f"{_gib(j['hbm_bytes'])} HBM each), mesh {mesh}", "",
+           "per device:",
+           f"  parameters        {_gib(j['parameter_bytes'])}",
+           f"  optimizer state   {_gib(j['optimizer_bytes'])}",
+           f"  cache             {_gib(j['cache_bytes'])}"]
+  for name, s in report.steps.items():
+    verdict = "fits" if s.fits else "DOES NOT FIT"
+    lines += ["", f"{name} step ({verdict}, compiled in {s.compile_seconds:.1f} s):",
+              f"  arguments {_gib(s.argument_bytes)}  outputs {_gib(s.output_bytes)}  "
+              f"aliased {_gib(s.alias_bytes)}  temporaries {_gib(s.temp_bytes)}",
+              f"  total {_gib(s.total_bytes)}  peak {_gib(s.peak_bytes)}  of {_gib(j['hbm_bytes'])}"]
+    if s.error:
+      lines.append(f"  compiler: {s.error}")
+    else:
+      lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in s.collectives.items()))
+      fr = "-" if s.compiled_flops is None else f"{s.compiled_flops / max(s.model_flops, 1):.2f}x"
+      br = "-" if s.compiled_bytes is None else f"{s.compiled_bytes / max(s.model_bytes, 1):.2f}x"
+      lines.append(f"  flops: compiled {s.compiled_flops or 0:.3e}, model {s.model_flops:.3e} "
+                   f"({fr}); bytes: compiled {s.compiled_bytes or 0:.3e}, model "
+                   f"{s.model_bytes:.3e} ({br})")
+  lines += ["", "kernels: " + ", ".join(f"{k} {v}" for k, v in j["kernels"].items()
+                                        if v is not None),
+            f"fits: {'yes' if j['fits'] else 'no'} (peak {_gib(j['peak_bytes'])} of "
+            f"{_gib(j['hbm_bytes'])})"]
+  if j["advice"]:
+    lines += ["to make it fit, try:"] + [f"  - {a}" for a in j["advice"]]
+  return "\n".join(lines)

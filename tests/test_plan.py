@@ -1,0 +1,220 @@
+"""`dsv3 plan`: the train step and the serve steps compiled for real TPU topologies by libtpu on
+this CPU machine (no TPU needed), with reduced configs on the smallest slices.
+
+Oracles: the compiler itself (memory_analysis, RESOURCE_EXHAUSTED), the parameter/optimizer/cache
+byte counts from shapes (arguments the compiler reports must hold them), and libtpu's own HBM
+figures (`available HBM (95.74G)` in its out-of-memory message). Exit status of the CLI:
+0 fits, 1 does not fit, 2 error.
+"""
+import json
+import os
+
+import jax
+import pytest
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from dsv3_jax import cli  # noqa: E402
+from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.plan import (COLLECTIVES, HBM_GIB, HOT_PATHS, PlanError, PlanRequest,  # noqa: E402
+                           count_collectives, count_kernels, plan)
+
+pytest.importorskip("libtpu", reason="TPU AOT compile needs libtpu: pip install -e '.[test]'")
+
+GiB = 1024 ** 3
+
+
+@pytest.fixture(autouse=True)
+def tpu_matmul_precision():
+  """Compile with jax's default matmul precision, as a TPU run would: conftest's "highest" (for
+  float32 parity on CPU) asks XLA's TPU ragged-dot kernel for fp32 contraction of bf16 operands,
+  which Mosaic rejects ("Bad lhs type")."""
+  with jax.default_matmul_precision("default"):
+    yield
+
+
+KEYS = ("topology", "mode", "devices", "mesh", "hbm_bytes", "argument_bytes", "output_bytes",
+        "temp_bytes", "total_bytes", "peak_bytes", "fits", "compile_seconds", "kernels",
+        "model_flops", "compiled_flops", "model_bytes", "compiled_bytes", "flops_ratio",
+        "bytes_ratio", "parameter_bytes", "optimizer_bytes", "cache_bytes", "collectives",
+        "advice")
+
+
+def small_config(layers=1, dense=0, mtp=0, **kw) -> ModelConfig:
+  """A reduced DeepSeek-V3 whose head dims suit the TPU kernels' (8, 128) block rules: qk 64+64,
+  v 128, latent 128 + rope 64; 8 routed experts (top-2) and one shared expert."""
+  base = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+              num_hidden_layers=layers, num_attention_heads=2, q_lora_rank=128, kv_lora_rank=128,
+              qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
+              n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+              first_k_dense_replace=dense, num_nextn_predict_layers=mtp,
+              max_position_embeddings=1024)
+  return ModelConfig(**{**base, **kw})
+
+
+def check_consistent(j: dict) -> None:
+  for k in KEYS:
+    assert k in j, k
+  for name, s in j["steps"].items():
+    assert s["fits"], (name, s["error"])
+    assert s["total_bytes"] == (s["argument_bytes"] + s["output_bytes"] - s["alias_bytes"]
+                                + s["temp_bytes"]), name
+    assert s["total_bytes"] <= j["hbm_bytes"]
+    assert s["compiled_flops"] > 0 and s["compiled_bytes"] > 0 and s["model_flops"] > 0
+  assert j["fits"] is True and j["advice"] == []
+  assert j["peak_bytes"] == max(s["peak_bytes"] for s in j["steps"].values())
+  assert j["compile_seconds"] > 0
+  assert set(j["kernels"]) == set(HOT_PATHS)
+  assert j["flops_ratio"] == pytest.approx(j["compiled_flops"] / j["model_flops"], rel=1e-3)
+
+
+# (topology, mode, devices, libtpu's HBM per device in GiB, config)
+CASES = [
+    ("v5e:2x2", "train", 4, 15.75, small_config(layers=1, dense=2, mtp=1)),  # dense + MTP
+    ("v5p:2x2x1", "train", 4, 95.74, small_config()),
+    ("v6e:2x2", "train", 4, 31.25, small_config()),
+    ("tpu7x:2x2x1", "train", 8, 94.75, small_config()),
+    ("v5e:2x2", "serve", 4, 15.75, small_config()),
+    ("v5p:2x2x1", "serve", 4, 95.74, small_config()),
+    ("v6e:2x2", "serve", 4, 31.25, small_config(layers=2, dense=1)),
+    ("tpu7x:2x2x1", "serve", 8, 94.75, small_config()),
+]
+
+
+@pytest.mark.parametrize("topology,mode,devices,hbm_gib,cfg", CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_reference_kernels_compile_and_fit(topology, mode, devices, hbm_gib, cfg):
+  j = plan(PlanRequest(topology=topology, mode=mode, config=cfg, batch_per_device=1, seq=64,
+                       decode_batch=devices, context=64, prompt_len=32,
+                       kernels="reference")).to_json()
+  check_consistent(j)
+  assert (j["topology"], j["mode"], j["devices"]) == (topology, mode, devices)
+  assert j["hbm_bytes"] == int(hbm_gib * GiB)
+  moe = cfg.n_routed_experts and cfg.first_k_dense_replace < cfg.num_hidden_layers
+  # Default mesh: expert shards = gcd(devices, 8 experts), so EP over every device.
+  assert j["mesh"] == {"fsdp": 1, "expert": devices}
+  expect = {"attention": "reference", "decode": "reference" if mode == "serve" else None,
+            "moe": "reference" if moe else None, "fp8": None}
+  assert j["kernels"] == expect
+  if moe:  # the EP exchange is resolved for the TPU target, not for this CPU host
+    assert j["collectives"]["ragged-all-to-all"] > 0
+  if mode == "train":
+    assert set(j["steps"]) == {"train"}
+    # The compiler's arguments hold the sharded parameters and Adam moments (plus tokens etc.).
+    extra = j["argument_bytes"] - j["parameter_bytes"] - j["optimizer_bytes"]
+    assert 0 <= extra < 64 * 1024, extra
+    # m and v in float32 like the parameters, plus optax's step counters.
+    assert 0 <= j["optimizer_bytes"] - 2 * j["parameter_bytes"] < 1024
+    assert j["cache_bytes"] == 0
+  else:
+    assert set(j["steps"]) == {"prefill", "decode"}
+    dec = j["steps"]["decode"]
+    # Decode arguments: bf16 params + absorbed weights + the cache (batch split over devices).
+    rows = cfg.num_hidden_layers * 1 * 64 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert j["cache_bytes"] == rows * 2 + 4  # bf16 rows of one sequence + its int32 length
+    assert dec["argument_bytes"] >= j["parameter_bytes"] + j["cache_bytes"]
+    assert j["optimizer_bytes"] == 0
+
+
+def test_cli_json_and_text(tmp_path, capsys):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(small_config(layers=1, dense=1).to_hf_config()))
+  args = ["plan", "--topology", "v6e:2x2", "--mode", "train", "--config", str(path), "--seq",
+          "64", "--kernels", "reference", "--mesh", "fsdp=2,expert=2", "--opt-dtype", "bfloat16"]
+  assert cli.main(args + ["--json"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1
+  j = json.loads(out[0])
+  check_consistent(j)
+  assert j["mesh"] == {"fsdp": 2, "expert": 2} and j["config"]["global_batch"] == 4
+  # First moment in bf16 (half the float32 parameters), second in float32, plus step counters.
+  assert 0 <= j["optimizer_bytes"] - 1.5 * j["parameter_bytes"] < 1024
+  assert set(j["collectives"]) == set(COLLECTIVES)
+  assert cli.main(args) == 0
+  text = capsys.readouterr().out
+  assert "fits: yes" in text and "temporaries" in text and "collectives:" in text
+
+
+def test_does_not_fit_reports_compiler_verdict_and_advice(tmp_path, capsys):
+  # Dense, 1 layer, but a 524288 x 8192 embedding and head in float32 with Adam moments:
+  # ~24 GiB of state per v5e device (15.75 GiB).
+  cfg = small_config(layers=1, dense=1, n_routed_experts=0, vocab_size=524288, hidden_size=8192)
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(cfg.to_hf_config()))
+  code = cli.main(["plan", "--topology", "v5e:2x2", "--mode", "train", "--config", str(path),
+                   "--seq", "8", "--kernels", "reference", "--json"])
+  assert code == 1
+  j = json.loads(capsys.readouterr().out)
+  assert j["fits"] is False
+  assert "RESOURCE_EXHAUSTED" in j["error"]
+  assert j["total_bytes"] > j["hbm_bytes"] == int(15.75 * GiB)
+  assert j["temp_bytes"] is None  # the compiler gave no analysis of a rejected program
+  assert any("--opt-dtype bfloat16" in a for a in j["advice"])
+  assert any("devices" in a for a in j["advice"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--topology", "v5p-256", "--config", "tiny"], "v5p:XxYxZ"),
+    (["--topology", "v5e:2x2", "--config", "tiny", "--mesh", "fsdp=3"], "multiply to 4"),
+    (["--topology", "v5e:2x2", "--config", "tiny", "--mesh", "fsdp=2,expert=x"], "not an integer"),
+    (["--topology", "v5e:2x2", "--config", "nope"], "neither a preset"),
+])
+def test_errors_are_one_line_with_status_2(argv, needle, capsys):
+  assert cli.main(["plan", *argv]) == 2
+  err = capsys.readouterr().err.strip()
+  assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_libtpu_says_what_to_install(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(PlanError, match=f'pip install "jax\\[tpu\\]=={jax.__version__}"'):
+    plan(PlanRequest(topology="v5e:2x2", mode="train", config=small_config()))
+
+
+def test_hlo_counters_on_hand_written_hlo():
+  hlo = "\n".join([
+      '  %all-gather-start.1 = (bf16[4]{0}, bf16[16]{0}) all-gather-start(bf16[4]{0} %p), dims={0}',
+      '  %all-gather-done.1 = bf16[16]{0} all-gather-done((bf16[4]{0}, bf16[16]{0}) %ag)',
+      '  %ra = bf16[8,4]{1,0} ragged-all-to-all(bf16[8,4]{1,0} %x, bf16[8,4]{1,0} %o, s32[2] %a)',
+      '  %a2a = bf16[8,4]{1,0} all-to-all(bf16[8,4]{1,0} %x), dimensions={0}',
+      '  %ar = f32[] all-reduce(f32[] %s), to_apply=%add',
+      # newer XLA: the start is a generic async wrapper, only the done names the collective
+      '  %cs = ((f32[4]), f32[4]) call-start(f32[4] %v), async_execution_thread="x"',
+      '  %cp = f32[4]{0} collective-permute-done(((f32[4]), f32[4]) %cs)',
+      '  %mla_decode.3 = bf16[8] custom-call(%q), custom_call_target="tpu_custom_call"',
+      '  %mla_attention_dkv.1 = bf16[8] custom-call(%q), custom_call_target="tpu_custom_call"',
+      '  %gmm.2 = bf16[8] custom-call(%x), custom_call_target="tpu_custom_call"',
+      '  %dsv3_grouped_matmul_fp8 = bf16[8] custom-call(%x), custom_call_target="tpu_custom_call"',
+      '  %ragged-dot-none.1 = bf16[8] custom-call(%x), custom_call_target="tpu_custom_call"',
+  ])
+  assert count_collectives(hlo) == {"all-to-all": 1, "ragged-all-to-all": 1, "all-gather": 1,
+                                    "reduce-scatter": 0, "all-reduce": 1,
+                                    "collective-permute": 1}
+  assert count_kernels(hlo) == {"attention": 1, "decode": 1, "moe": 2, "fp8": 1, "other": 1}
+
+
+def test_hbm_table_matches_libtpu():
+  # libtpu's "exceeds available HBM (...)" per device; v4 and tpu7x expose 2 devices per chip.
+  assert HBM_GIB == {"TPU v4": 15.25, "TPU v5 lite": 15.75, "TPU v5": 95.74,
+                     "TPU v6 lite": 31.25, "TPU7x": 94.75}
+
+
+# CI must fail if any hot path falls back to the reference on TPU. Today the Pallas kernels are
+# not yet wrapped in shard_map inside the sharded model ("Mosaic kernels cannot be automatically
+# partitioned"; the grouped matmul under EP trips check_vma), so this fails at compile time.
+@pytest.mark.xfail(strict=True, reason="Pallas kernels do not run inside the sharded model yet "
+                                       "(issue 12 item 1: shard_map wrappers)")
+@pytest.mark.parametrize("mode", ["train", "serve"])
+def test_every_hot_path_is_pallas_on_tpu(mode):
+  j = plan(PlanRequest(topology="v5e:2x2", mode=mode, config=small_config(layers=2, dense=1),
+                       seq=128, decode_batch=4, context=128, prompt_len=128,
+                       kernels="pallas")).to_json()
+  check_consistent(j)
+  used = {k: v for k, v in j["kernels"].items() if v is not None}
+  assert used == dict.fromkeys(used, "pallas") and "attention" in used and "moe" in used
+  if mode == "serve":
+    assert used["decode"] == "pallas"
