@@ -10,7 +10,8 @@ from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sh
                                      variable_spec)
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
 from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, check_fits,
-                                     default_mesh, global_batch, mesh_from_args, resolve_mesh,
+                                     default_mesh, global_batch, mesh_from_args, process_rows,
+                                     resolve_mesh,
                                      sharded_nbytes, to_host, tree_shardings, variable_sharding)
 
 __all__ = [
@@ -18,7 +19,7 @@ __all__ = [
     "add_distributed_arguments", "initialize_distributed", "ShardingRules", "logical_to_spec",
     "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",
-    "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch",
+    "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
     "mesh_from_args",
 ]

@@ -8,7 +8,9 @@ One program, any mesh: an entry point takes `mesh=None, rules=None`; None means 
   tree_shardings      NamedShardings for a pytree of nnx Variables (by their logical axes) and
                       plain leaves (replicated): parameters, optimizer state, router bias
   variable_sharding   the (path, abstract Variable) -> Sharding callable `from_pretrained` takes
+  shardings_arg       a loader's (shardings, mesh, rules) arguments -> that callable (or None)
   global_batch        a process-local host batch -> one global jax.Array (multi-host input)
+  process_rows        which rows of the global batch this process feeds
   to_host             a (possibly not fully addressable) jax.Array -> numpy on every process
   check_fits          parameter + optimizer bytes per device against the device's memory
   add_mesh_arguments / mesh_from_args   the CLI flags (--mesh and the multi-host flags)
@@ -30,7 +32,8 @@ from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, add_distributed_
 from dsv3_jax.sharding.rules import ShardingRules, variable_spec
 
 __all__ = ["KNOWN_AXES", "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding",
-           "replicated", "global_batch", "to_host", "sharded_nbytes", "device_memory_bytes",
+           "shardings_arg", "replicated", "global_batch", "process_rows",
+           "to_host", "sharded_nbytes", "device_memory_bytes",
            "MemoryBudgetError", "check_fits", "add_mesh_arguments", "mesh_from_args"]
 
 KNOWN_AXES = (DATA, FSDP, EXPERT, TENSOR)
@@ -91,6 +94,18 @@ def variable_sharding(mesh: Mesh, rules: ShardingRules | None = None):
   return fn
 
 
+def shardings_arg(shardings: Any, mesh: Mesh | Mapping[str, int] | str | None,
+                  rules: ShardingRules | None):
+  """The `shardings=` of a loader from its (shardings, mesh, rules) arguments: `shardings` as
+  given, or `variable_sharding(mesh, rules)` when a mesh (or rules: then the default mesh) is
+  given; None when neither is (the default device). Raises if both shardings and mesh/rules are."""
+  if mesh is None and rules is None:
+    return shardings
+  if shardings is not None:
+    raise ValueError("pass either shardings= or mesh=/rules=, not both")
+  return variable_sharding(resolve_mesh(mesh), rules)
+
+
 def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]
                  ) -> jax.Array:
   """One global array of `global_shape` from each process's rows.
@@ -104,6 +119,21 @@ def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple
   if tuple(local.shape) == tuple(global_shape):
     return jax.make_array_from_callback(tuple(global_shape), sharding, lambda idx: local[idx])
   return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+  """(shard_index, num_shards) of the rows (dim 0) this process must feed for a batch of
+  `global_shape` placed with `sharding`: its devices hold rows [shard_index * n, (shard_index + 1)
+  * n) with n = global_shape[0] / num_shards (num_shards 1 when the batch is replicated across
+  processes). The `TokenDataset(shard_index=, num_shards=)` arguments of a multi-process run."""
+  B = global_shape[0]
+  idx = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+  lo = min((i[0].start or 0) for i in idx)
+  hi = max((B if i[0].stop is None else i[0].stop) for i in idx)
+  n = hi - lo
+  if B % n or lo % n:
+    raise ValueError(f"this process's batch rows {lo}..{hi} of {B} are not one of equal shards")
+  return lo // n, B // n
 
 
 def to_host(x: jax.Array) -> np.ndarray:
