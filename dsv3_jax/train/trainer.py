@@ -123,6 +123,43 @@ def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cf
   return _STEPS[key]
 
 
+# Jitted initialisers, cached like the step (a resumed run in the same process reuses them).
+_INITS: dict = {}
+
+
+def _cached(key, make):
+  if key not in _INITS:
+    if len(_INITS) >= 16:
+      _INITS.pop(next(iter(_INITS)))
+    _INITS[key] = make()
+  return _INITS[key]
+
+
+def _model_init(cfg: ModelConfig, runtime: RuntimeConfig, seed: int, mesh: Mesh,
+                rules: ShardingRules, shardings, compiler_options: tuple):
+  """() -> (Params, rest) of a fresh DeepseekV3(cfg, runtime, Rngs(seed)), each variable made
+  directly in its sharding (jit with out_shardings: no device holds the whole model)."""
+  def init():
+    _, p, r = nnx.split(DeepseekV3(cfg, runtime, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    return p, r
+  return _cached(("model", cfg, runtime, seed, mesh, rules, compiler_options),
+                 lambda: jax.jit(init, out_shardings=shardings,
+                                 compiler_options=dict(compiler_options) or None))
+
+
+def _state_init(graphdef, optim_cfg: OptimConfig, seed: int, mesh: Mesh, rules: ShardingRules,
+                state_sh, compiler_options: tuple):
+  """(Params, rest) -> the run state: the optimizer state made in its parameters' shardings, the
+  step count and the RNG key data. The inputs are donated (they become the state's own)."""
+  def init(p, r):
+    return {"params": p, "rest": r, "opt": make_optimizer(optim_cfg).init(p),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed + 1))}
+  return _cached(("state", graphdef, optim_cfg, seed, mesh, rules, compiler_options),
+                 lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=(0, 1),
+                                 compiler_options=dict(compiler_options) or None))
+
+
 def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *,
                 loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig):
   tx = make_optimizer(optim_cfg)
@@ -168,10 +205,11 @@ class Trainer:
     `jax.set_mesh(mesh)` (the MoE's expert parallelism reads that ambient mesh).
   compiler_options: XLA options for the compiled init and step (the tests turn CPU optimisations
     off, where compile time dominates); None: defaults.
-  Multi-process: each process's `data` yields its own rows (TokenDataset(num_shards=
-  jax.process_count(), shard_index=jax.process_index())), which become one global batch; or every
-  process yields the whole batch (num_shards=1). Checkpoints are written and restored per shard
-  by Orbax into the same shardings.
+  Multi-process: each process's `data` yields the rows of the global batch its devices hold
+  (`TokenDataset(shard_index=, num_shards=)` from `dsv3_jax.sharding.process_rows(
+  trainer.batch_sharding, (batch, seq))`, as `dsv3 train` does), which become one global batch;
+  or every process yields the whole batch (num_shards=1). Checkpoints are written and restored
+  per shard by Orbax into the same shardings.
   Raises `dsv3_jax.sharding.MemoryBudgetError` when parameters + optimizer state alone exceed a
   device's memory on this mesh.
   `model` (a DeepseekV3 view of the current state) and `history` (host metrics per step) are
@@ -188,14 +226,12 @@ class Trainer:
       raise ValueError("the given model's config differs from `cfg`")
     self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
     self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
-    tx = make_optimizer(train.optim)
+    tx = make_optimizer(train.optim)  # for the shapes of its state (each run jits its own)
     self.schedule = make_schedule(train.optim)
-
-    def build():
-      return DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed))
-
-    self.graphdef, params, rest = nnx.split(nnx.eval_shape(build) if model is None else model,
-                                            nnx.Param, ...)
+    fresh = model is None
+    if fresh:
+      model = nnx.eval_shape(lambda: DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed)))
+    self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt = jax.eval_shape(tx.init, params)
     repl = replicated(self.mesh)
     sh = {"params": tree_shardings(params, self.rules, self.mesh),
@@ -210,18 +246,14 @@ class Trainer:
                     "`dsv3 plan`")
     # state: Params (fp32 master copy), the other variables (RouterBias), the optax state, the
     # step count and the RNG key data (carried for stochastic extensions; the model uses none).
-    step0 = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-    rng0 = lambda: jax.random.key_data(jax.random.key(train.seed + 1))  # noqa: E731
-    if model is None:
-      def init():
-        _, p, r = nnx.split(build(), nnx.Param, ...)
-        return {"params": p, "rest": r, "opt": tx.init(p), "step": step0(), "rng": rng0()}
-      self.state = jax.jit(init, out_shardings=sh, compiler_options=compiler_options)()
+    copts = tuple(sorted((compiler_options or {}).items()))
+    if fresh:
+      params, rest = _model_init(cfg, runtime, train.seed, self.mesh, self.rules,
+                                 (sh["params"], sh["rest"]), copts)()
     else:
       params, rest = jax.device_put((params, rest), (sh["params"], sh["rest"]))
-      self.state = jax.jit(lambda p, r: {"params": p, "rest": r, "opt": tx.init(p),
-                                         "step": step0(), "rng": rng0()},
-                           out_shardings=sh, compiler_options=compiler_options)(params, rest)
+    self.state = _state_init(self.graphdef, train.optim, train.seed, self.mesh, self.rules, sh,
+                             copts)(params, rest)
     self.step = 0
     self.history: list[dict[str, Any]] = []
     self.checkpointer = (RunCheckpointer(f"{out_dir}/checkpoints", save_every=train.save_every,
@@ -230,8 +262,7 @@ class Trainer:
     self.batch_sharding = activation_sharding(("batch", "sequence"), self.rules, self.mesh,
                                               self.batch_shape)
     self._step_fn = _compiled_step(self.graphdef, train.loss, train.document_mask, train.optim,
-                                   self.mesh, self.rules, sh, self.batch_sharding,
-                                   tuple(sorted((compiler_options or {}).items())))
+                                   self.mesh, self.rules, sh, self.batch_sharding, copts)
     self.flops_per_token = train_flops_per_token(cfg, data.seq_len)
 
   @property
