@@ -10,6 +10,7 @@ lr 1e-2) and would hide real errors behind a loose bound. Generation is greedy: 
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -172,25 +173,74 @@ def _cli(*argv, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_train_and_generate_with_mesh(single, checkpoint, single_tokens, tmp_path):
+def _train_argv(tmp_path, out):
   cfg_path = tmp_path / "config.json"
   cfg_path.write_text(json.dumps(CFG.to_hf_config()))
-  out = tmp_path / "run"
-  r = _cli("train", "--config", str(cfg_path), "--mesh", "fsdp=4,expert=2", "--steps", "2",
-           "--batch", str(BATCH), "--seq", str(SEQ), "--out", str(out), "--save-every", "2")
+  return ["train", "--config", str(cfg_path), "--mesh", "fsdp=4,expert=2", "--steps", "2",
+          "--batch", str(BATCH), "--seq", str(SEQ), "--out", str(out), "--save-every", "2"]
+
+
+def _metrics(out):
+  return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cli_train(tmp_path_factory):
+  """`dsv3 train --mesh fsdp=4,expert=2` in one process with 8 CPU devices: its metrics rows."""
+  tmp = tmp_path_factory.mktemp("cli_train")
+  r = _cli(*_train_argv(tmp, tmp / "run"))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "mesh fsdp=4,expert=2 (8 cpu devices" in r.stdout
-  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-  assert [row["step"] for row in rows] == [1, 2]
+  assert "mesh fsdp=4,expert=2 (8 cpu devices, 1 process(es))" in r.stdout
+  return _metrics(tmp / "run")
+
+
+def test_cli_train_and_generate_with_mesh(single, cli_train, checkpoint, single_tokens):
+  assert [row["step"] for row in cli_train] == [1, 2]
   # Step 1's loss depends only on the init (seed 0, made in its shardings) and the batch.
-  assert_close(rows[0]["loss"], single[0][0], atol=0, rtol=1e-5, what="CLI step-1 loss")
-  assert np.isfinite(rows[1]["loss"])
+  assert_close(cli_train[0]["loss"], single[0][0], atol=0, rtol=1e-5, what="CLI step-1 loss")
+  assert np.isfinite(cli_train[1]["loss"])
 
   ids = PROMPTS[1]
   r = _cli("generate", "--checkpoint", str(checkpoint), "--prompt-ids", ",".join(map(str, ids)),
            "--max-new-tokens", "8", "--dtype", "float32", "--speculative", "--mesh", "expert=2,fsdp=-1")
   assert r.returncode == 0, r.stderr[-3000:]
   assert [int(t) for t in r.stdout.split()] == single_tokens[True][1]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_cli_train_two_processes_matches_one(cli_train, tmp_path):
+  """The same run as 2 processes x 4 CPU devices (gloo collectives): each process feeds its own
+  rows of every batch (`process_rows`), experts are exchanged across the process boundary, and
+  both write one Orbax checkpoint. Losses equal the 1-process run's."""
+  out, port = tmp_path / "run", _free_port()
+  env = _cli_env()
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+  argv = _train_argv(tmp_path, out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                       "2", "--cpu-collectives", "gloo"]
+  procs = [subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", *argv, "--process-id", str(i)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{logs[i][-3000:]}"
+  assert "mesh fsdp=4,expert=2 (8 cpu devices, 2 process(es))" in logs[0]
+  rows = _metrics(out)
+  assert [row["step"] for row in rows] == [1, 2]
+  assert_close([r["loss"] for r in rows], [r["loss"] for r in cli_train], atol=0, rtol=1e-5,
+               what="2-process losses")
+  assert (out / "checkpoints" / "2").is_dir()
 
 
 @pytest.mark.parametrize("cmd", ["train", "generate"])

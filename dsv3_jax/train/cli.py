@@ -170,13 +170,13 @@ def run(args: argparse.Namespace) -> int:
   except MemoryBudgetError as e:
     return _fail(str(e))
   main = jax.process_index() == 0
+  say = print if main else (lambda *a, **k: None)  # every process trains; process 0 reports
   mesh_str = ",".join(f"{n}={s}" for n, s in zip(mesh.axis_names, mesh.axis_sizes))
-  print(f"mesh {mesh_str} ({jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{jax.process_count()} process(es))")
+  say(f"mesh {mesh_str} ({jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"{jax.process_count()} process(es))")
   if trainer.restore():
-    print(f"resumed from step {trainer.step} in {args.out}/checkpoints")
+    say(f"resumed from step {trainer.step} in {args.out}/checkpoints")
   log_path = os.path.join(args.out, "metrics.jsonl")
-  # Every process trains and checkpoints; process 0 alone logs, plots and prints progress.
   bar = tqdm(total=args.steps, initial=trainer.step, desc="train", unit="step", disable=not main)
   with open(log_path if main else os.devnull, "a") as log:
     for m in trainer.run():
@@ -192,14 +192,12 @@ def run(args: argparse.Namespace) -> int:
   trainer.close()
   if trainer.history:
     h0, h1 = trainer.history[0], trainer.history[-1]
-    print(f"steps {h0['step']}..{h1['step']}: loss {h0['loss']:.3f} -> {h1['loss']:.3f}, "
-          f"expert load max/mean {h0['load_ratio']:.2f} -> {h1['load_ratio']:.2f}")
+    say(f"steps {h0['step']}..{h1['step']}: loss {h0['loss']:.3f} -> {h1['loss']:.3f}, "
+        f"expert load max/mean {h0['load_ratio']:.2f} -> {h1['load_ratio']:.2f}")
   plot = os.path.join(args.out, "train_curves.png")
-  if not main:
-    pass
-  elif trainer.history and write_plot(read_metrics(log_path), plot):
-    print(f"plot: {plot}")
+  if main and trainer.history and write_plot(read_metrics(log_path), plot):
+    say(f"plot: {plot}")
   elif trainer.history:
-    print("matplotlib could not be imported: no plot (metrics are in metrics.jsonl)")
-  print(f"checkpoints: {args.out}/checkpoints (latest step {trainer.checkpointer.latest_step()})")
+    say("matplotlib could not be imported: no plot (metrics are in metrics.jsonl)")
+  say(f"checkpoints: {args.out}/checkpoints (latest step {trainer.checkpointer.latest_step()})")
   return 0
