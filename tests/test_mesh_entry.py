@@ -138,13 +138,17 @@ def single_tokens(checkpoint):
           for spec in (False, True)}
 
 
-def test_sharded_generate_matches_single_device(checkpoint, single_tokens):
+@pytest.mark.parametrize("source", ["hf", "orbax"])
+def test_sharded_generate_matches_single_device(source, checkpoint, single_tokens, tmp_path):
+  from dsv3_jax.convert import convert
   mesh = make_mesh(MESH)
-  model = dsv3_jax.from_pretrained(checkpoint, mesh=mesh)  # loaded straight into the shardings
+  path = checkpoint if source == "hf" else convert(checkpoint, tmp_path / "orbax",
+                                                   dtype="float32", progress=False)
+  model = dsv3_jax.from_pretrained(path, mesh=mesh)  # loaded straight into the shardings
   w = flat_variables(model)[EXPERTS].get_value()
   assert w.sharding.spec == P("expert", "fsdp", "tensor") and w.sharding.mesh == mesh
   g = Generator(model, mesh=mesh, compiler_options=FAST)
-  for spec in (False, True):
+  for spec in (False, True) if source == "hf" else (True,):
     got = g.run(PROMPTS, max_new_tokens=8, eos_token_id=(), speculative=spec)
     assert got.tokens == single_tokens[spec], spec
     assert all(len(t) == 8 for t in got.tokens)
