@@ -11,7 +11,7 @@ from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sh
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
 from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, check_fits,
                                      default_mesh, global_batch, mesh_from_args, process_rows,
-                                     resolve_mesh,
+                                     resolve_mesh, start_distributed,
                                      sharded_nbytes, to_host, tree_shardings, variable_sharding)
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
-    "mesh_from_args",
+    "mesh_from_args", "start_distributed",
 ]

@@ -13,7 +13,7 @@ One program, any mesh: an entry point takes `mesh=None, rules=None`; None means 
   process_rows        which rows of the global batch this process feeds
   to_host             a (possibly not fully addressable) jax.Array -> numpy on every process
   check_fits          parameter + optimizer bytes per device against the device's memory
-  add_mesh_arguments / mesh_from_args   the CLI flags (--mesh and the multi-host flags)
+  add_mesh_arguments / mesh_from_args / start_distributed   the CLI flags (--mesh, multi-host)
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, add_distributed_arguments,
-                                    make_mesh, parse_mesh_shape)
+                                    initialize_distributed, make_mesh, parse_mesh_shape)
 from dsv3_jax.sharding.rules import ShardingRules, variable_spec
 
 __all__ = ["KNOWN_AXES", "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding",
            "shardings_arg", "replicated", "global_batch", "process_rows",
            "to_host", "sharded_nbytes", "device_memory_bytes",
-           "MemoryBudgetError", "check_fits", "add_mesh_arguments", "mesh_from_args"]
+           "MemoryBudgetError", "check_fits", "add_mesh_arguments", "mesh_from_args",
+           "multi_host_environment", "start_distributed"]
 
 KNOWN_AXES = (DATA, FSDP, EXPERT, TENSOR)
 MESH_HELP = ("device mesh as name=size pairs over the axes data, fsdp, expert, tensor, e.g. "
@@ -216,6 +217,29 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
   --cpu-collectives) to a CLI parser."""
   parser.add_argument("--mesh", default=None, metavar="NAME=SIZE,...", help=MESH_HELP)
   add_distributed_arguments(parser)
+
+
+def multi_host_environment(env: Mapping[str, str] | None = None) -> bool:
+  """Whether the environment describes a job of several processes that JAX's own cluster
+  detection can join without flags: a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several
+  hosts), or a SLURM / Open MPI job of more than one task."""
+  env = os.environ if env is None else env
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+
+  def count(name):
+    try:
+      return int(env.get(name, "1") or "1")
+    except ValueError:
+      return 1
+
+  return len(hosts) > 1 or count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1
+
+
+def start_distributed(args: argparse.Namespace) -> bool:
+  """`initialize_distributed` from the CLI flags / DSV3_* variables, or from the cluster's own
+  variables when `multi_host_environment()`; call before anything touches a device. Raises
+  ValueError (one line) for incomplete flags. Returns whether JAX was initialised."""
+  return initialize_distributed(args, force=multi_host_environment())
 
 
 def mesh_from_args(spec: str | None) -> Mesh:

@@ -275,3 +275,13 @@ def test_train_too_big_for_the_mesh_is_a_one_line_error(tmp_path, capsys):
   assert rc == 2
   assert len(err.splitlines()) == 1, err
   assert "GiB per device on mesh fsdp=8" in err and "dsv3 plan" in err and "--mesh" in err
+
+
+def test_multi_host_environment_hand_cases():
+  from dsv3_jax.sharding.entry import multi_host_environment
+  assert not multi_host_environment({})
+  assert not multi_host_environment({"TPU_WORKER_HOSTNAMES": "localhost"})  # one TPU VM
+  assert multi_host_environment({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+  assert not multi_host_environment({"SLURM_NTASKS": "1"})
+  assert multi_host_environment({"SLURM_NTASKS": "4"})
+  assert multi_host_environment({"OMPI_COMM_WORLD_SIZE": "2"})

@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
   from dsv3_jax.inference.sampling import SamplingParams
   from dsv3_jax.inference.tokenizer import Tokenizer
   from dsv3_jax.pretrained import from_pretrained
-  from dsv3_jax.sharding import initialize_distributed, mesh_from_args
+  from dsv3_jax.sharding import mesh_from_args, start_distributed
 
   try:  # before anything touches a device
-    initialize_distributed(args)
+    start_distributed(args)
   except ValueError as e:
     return _fail(f"--coordinator/--num-processes/--process-id: {e}")
   try:
