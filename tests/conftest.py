@@ -2,6 +2,8 @@
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Several test processes (pytest-xdist workers) load libtpu for TPU AOT compilation at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

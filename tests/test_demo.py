@@ -6,7 +6,9 @@ from dsv3_jax.cli import main as dsv3_main
 
 def test_demo_runs_trains_saves_and_generates(tmp_path, capsys):
   out = tmp_path / "tiny"
-  assert dsv3_main(["demo", "--skip-671b", "--train-steps", "8", "--out", str(out)]) == 0
+  # A time budget far past 8 steps: the test checks the 8 steps, not this host's speed.
+  assert dsv3_main(["demo", "--skip-671b", "--train-steps", "8", "--train-seconds", "1200",
+                    "--out", str(out)]) == 0
   text = capsys.readouterr().out
   # the saved tiny checkpoint loads back to the same logits (eager vs jitted fp32)
   diff = float(re.search(r"vs the original \(eager\): max abs diff (\S+)", text).group(1))

@@ -40,7 +40,7 @@ MESH = {"fsdp": 2, "expert": 2, "tensor": 2}
 TC = TrainConfig(steps=3, optim=OptimConfig(lr=1e-2, warmup_steps=0, total_steps=3, eps=1e-3),
                  bias_gamma=1e-2)
 BATCH, SEQ = 8, 16
-EXPERTS = "layers.0.mlp.experts.gate_proj"
+EXPERTS = "stacks.0.block.mlp.experts.gate_proj"  # [layers, E, D, F]
 
 
 def one_device():
@@ -48,7 +48,7 @@ def one_device():
 
 
 def flat(tree) -> dict:
-  """{"layers.0.mlp.experts.gate_proj": array, ...} (Variable boxes dropped from the paths)."""
+  """{"stacks.0.block.mlp.experts.gate_proj": array, ...} (Variable boxes dropped from paths)."""
   names = lambda path: (str(getattr(k, "key", getattr(k, "name", k))) for k in path)  # noqa: E731
   return {".".join(n for n in names(path) if n not in ("", "value")): v
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -79,14 +79,14 @@ def test_sharded_trainer_matches_single_device(single, corpus, tmp_path):
   tr = _trainer(corpus, mesh, out_dir=str(tmp_path))
   # Created in its shardings: experts over expert x fsdp x tensor, their Adam moments alike.
   params = flat(tr.state["params"])
-  assert params[EXPERTS].sharding.spec == P("expert", "fsdp", "tensor")
+  assert params[EXPERTS].sharding.spec == P(None, "expert", "fsdp", "tensor")
   assert params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
   shard = params[EXPERTS].addressable_shards[0].data
-  assert shard.shape == (CFG.n_routed_experts // 2, CFG.hidden_size // 2,
+  assert shard.shape == (CFG.num_hidden_layers, CFG.n_routed_experts // 2, CFG.hidden_size // 2,
                          CFG.moe_intermediate_size // 2)
   mu = {k: v for k, v in flat(tr.state["opt"]).items() if ".mu." in k}
   assert [v.sharding.spec for k, v in mu.items() if k.endswith(EXPERTS)] == \
-      [P("expert", "fsdp", "tensor")]
+      [P(None, "expert", "fsdp", "tensor")]
   losses = [m["loss"] for m in tr.run()]
   assert_close(losses, ref_losses, atol=0, rtol=1e-5, what="losses")
   assert ref_losses[-1] < ref_losses[0] - 0.1  # the steps really train
@@ -157,10 +157,11 @@ def test_sharded_generate_matches_single_device(source, checkpoint, single_token
   prefill = [c for k, c in _COMPILED.items() if k[0] == "prefill" and k[2] == mesh]
   assert prefill
   gs = prefill[-1].output_shardings
-  for buf in jax.tree.leaves(gs.cache):
-    assert buf.spec[0] == ("fsdp", "expert"), buf.spec
+  for buf in jax.tree.leaves(gs.cache):  # kv [layers, B, S, 576], lengths [B]
+    assert buf.spec[1 if len(buf.spec) > 1 else 0] == ("fsdp", "expert"), buf.spec
   assert gs.out.spec[0] == ("fsdp", "expert")
-  assert all(a.sharding.spec[0] == "tensor" for a in jax.tree.leaves(g.absorbed))  # heads
+  # heads: [layers, H, ...] per layer stack, [H, ...] per MTP block
+  assert all(a.sharding.spec[a.ndim - 3] == "tensor" for a in jax.tree.leaves(g.absorbed))
 
 
 # CLIs ---------------------------------------------------------------------------------------------
