@@ -10,6 +10,7 @@ compile).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import jax
@@ -19,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["num_sms", "grid_size", "interpret_context", "interpret_params",
-           "warpgroup_compiler_params", "loop_index", "snake", "wgmma_t", "wgmma_iota",
+           "warpgroup_compiler_params", "loop_index", "load_ref", "snake", "wgmma_t", "wgmma_iota",
            "store_rows", "producer_ring"]
 
 _H100_SMS = 132
@@ -73,6 +74,15 @@ def interpret_context(interpret: bool):
 def warpgroup_compiler_params():
   """Compiler params of kernels written with warpgroup (not per-thread) semantics."""
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+
+
+def load_ref(ref, *, layout=None):
+  """`plgpu.load` of all of `ref` (index it with `ref.at[...]` first) into registers with
+  `layout`: jax 0.10 takes a positional index argument, jax 0.12 none."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
 def loop_index(info):

@@ -46,8 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, cdiv
-from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, snake,
-                                                   store_rows, warpgroup_compiler_params, wgmma_t)
+from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, load_ref,
+                                                   loop_index, snake, store_rows,
+                                                   warpgroup_compiler_params, wgmma_t)
 
 __all__ = ["fp8_matmul", "unsupported_reason", "pick_block_n", "DEFAULT_CONFIG", "K_STEP"]
 
@@ -145,7 +146,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
     if interpret:  # layouts are a hardware notion; the interpreter has plain arrays
       s = as_smem[j, :]
     else:
-      s = plgpu.load(as_smem.at[j], (), layout=row_layout)
+      s = load_ref(as_smem.at[j], layout=row_layout)
     return s * bscale
 
   def promote(total, part, scale):

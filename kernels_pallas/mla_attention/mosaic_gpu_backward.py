@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
                                                              may_mask, q_block_range)
 
@@ -114,7 +114,7 @@ class _Ops:
     """Row i of a 2-d smem ref as a 1-d value in the register layout `name`."""
     if self.interpret:
       return ref[i, :]
-    return plgpu.load(ref, (i, slice(None)), layout=_LAYOUTS[name])
+    return load_ref(ref.at[i], layout=_LAYOUTS[name])
 
   def dot_nt(self, pairs, shape):
     """sum over (a, b) in pairs of a @ b.T, a/b smem refs -> f32 [shape]."""
