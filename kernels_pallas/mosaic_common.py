@@ -99,14 +99,14 @@ def snake(lin, shape, tile_width):
 
 def wgmma_t(acc_ref, a_smem, b_smem, *, transpose_a: bool = False, transpose_b: bool = False,
             interpret: bool = False) -> None:
-  """acc += op(a) @ op(b) on SMEM tiles, op = transpose when asked (`plgpu.transpose_ref`).
+  """acc += op(a) @ op(b) on SMEM tiles, op = transpose when asked (`ref.transpose`).
 
   In interpret mode a transposed operand is first copied, transposed, into a scratch SMEM tile
   (numerically the same product).
   """
   if not interpret or not (transpose_a or transpose_b):
-    a = plgpu.transpose_ref(a_smem, (1, 0)) if transpose_a else a_smem
-    b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+    a = a_smem.transpose((1, 0)) if transpose_a else a_smem
+    b = b_smem.transpose((1, 0)) if transpose_b else b_smem
     plgpu.wgmma(acc_ref, a, b)
     return
 

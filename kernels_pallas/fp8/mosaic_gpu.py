@@ -6,7 +6,7 @@ A persistent kernel: one CTA (one warpgroup) per SM loops (`plgpu.nd_loop`, L2-f
 order) over (M tile, N tile) pairs. For each pair a TMA pipeline (`plgpu.emit_pipeline`,
 `max_concurrent_steps` stages) streams PAIRS of 128-wide K blocks: per step the even block and
 the odd block of a [bm, 128] and b [bn, 128] (both K-major; b reaches wgmma through
-`plgpu.transpose_ref`), plus the two activation-scale rows of the pair (a_scale is passed
+`ref.transpose`), plus the two activation-scale rows of the pair (a_scale is passed
 transposed, [Kb, M], so a block's row scales are one contiguous TMA box).
 
 Per-128-K promotion, overlapped with the tensor cores (two float32 wgmma accumulators P0, P1 and a

@@ -195,7 +195,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
 
       def qk(acc_ref):
         for q_smem, k_smem in zip(q_smems, k_smems):
-          plgpu.wgmma(acc_ref, q_smem.at[wg], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
         schedule_barrier()
         return acc_ref[...]
 

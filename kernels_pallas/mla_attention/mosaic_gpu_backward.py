@@ -127,7 +127,7 @@ class _Ops:
 
     def body(acc_ref):
       for a, b in pairs:
-        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
       return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
@@ -149,7 +149,7 @@ class _Ops:
       for acc_ref, r in zip(refs[:n], rhs_refs):
         plgpu.wgmma(acc_ref, lhs, r)
       if extra_nt is not None:
-        plgpu.wgmma(refs[n], extra_nt[0], plgpu.transpose_ref(extra_nt[1], (1, 0)))
+        plgpu.wgmma(refs[n], extra_nt[0], extra_nt[1].transpose((1, 0)))
 
     init = [plgpu.ACC.init(a) for a in accs]
     if extra_nt is not None:

@@ -190,7 +190,7 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
       else:
         def qk(acc_ref):
           for q_smem, k_smem in zip(q_smems, k_smems):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((nh, bk), jnp.float32))
       s = s * c
