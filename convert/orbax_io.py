@@ -323,14 +323,18 @@ def restore_numpy(path: str | os.PathLike, param: str, manifest: dict | None = N
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp: bool | None = None,
-               shardings: ShardingsArg = None, keep_fp8: bool = False):
-  """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`.
+               shardings: ShardingsArg = None, keep_fp8: bool = False, mesh=None, rules=None):
+  """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`
+  (or, with mesh / rules, where the `ShardingRules` put each parameter on that mesh; each
+  process reads only its own shards).
 
   keep_fp8: FP8 entries (`--dtype float8`) stay e4m3 + block scales in the model
   (`from_pretrained(..., fp8="keep")`); otherwise they are dequantised on device.
   """
   from dsv3_jax.config import ModelConfig, RuntimeConfig
   from dsv3_jax.pretrained import abstract_model, flat_variables, model_from_arrays
+  from dsv3_jax.sharding.entry import shardings_arg
+  shardings = shardings_arg(shardings, mesh, rules)
   path = os.fspath(path)
   manifest = read_manifest(path)
   cfg = ModelConfig.from_hf_config(path)

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("train")
   g.add_argument("--batch-per-device", type=int, default=1, help="sequences per data shard")
   g.add_argument("--seq", type=int, default=4096)
-  g.add_argument("--remat", choices=("none", "full", "dots"), default="full")
+  g.add_argument("--remat", choices=("none", "full", "dots", "offload"), default="full")
   g.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
                  help="parameter (and second Adam moment) dtype; default float32 to train, "
                       "bfloat16 to serve")

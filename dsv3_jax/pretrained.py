@@ -37,6 +37,7 @@ from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.moe import Experts
+from dsv3_jax.sharding.entry import shardings_arg
 
 __all__ = ["abstract_model", "flat_variables", "stacked_variables", "stacked_location",
            "param_shapes", "param_dtypes", "model_from_arrays",
@@ -251,7 +252,7 @@ def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
-                    shardings=None, fp8: str = "dequantize") -> DeepseekV3:
+                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None) -> DeepseekV3:
   """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
@@ -260,6 +261,10 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   shardings: where each parameter goes: {path: jax.sharding.Sharding} or a callable
     (path, abstract nnx.Variable) -> Sharding (e.g. from the variable's logical axes and a mesh);
     None = the default device. From an Orbax directory each process reads only its own shards.
+  mesh / rules: the convenient form of `shardings`: every parameter goes where
+    `dsv3_jax.sharding.ShardingRules` (None: the defaults) put its logical axes on `mesh` (a
+    `jax.sharding.Mesh`, "fsdp=4,expert=2" or {name: size}; None with rules: every device on
+    `fsdp`). Pass the same mesh to `Trainer`/`Generator`. Not together with `shardings`.
   dtype: parameter and compute dtype (overridden by `runtime` when given).
   mtp: True requires the MTP layers named by `num_nextn_predict_layers`; False skips them;
     None (default) loads them when present (transformers' save_pretrained drops them) and
@@ -277,6 +282,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   path = os.fspath(path)
   if fp8 not in FP8_MODES:
     raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
+  shardings = shardings_arg(shardings, mesh, rules)
   from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
   if orbax_io.is_converted(path):
     return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings,

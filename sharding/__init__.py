@@ -11,6 +11,10 @@ from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sh
                                      variable_spec)
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
 from dsv3_jax.sharding.kernel_map import Dim, KernelShardingError, kernel_map, kernel_specs
+from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, check_fits,
+                                     default_mesh, global_batch, mesh_from_args, process_rows,
+                                     resolve_mesh, start_distributed,
+                                     sharded_nbytes, to_host, tree_shardings, variable_sharding)
 
 __all__ = [
     "DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape", "DistributedConfig",
@@ -18,4 +22,7 @@ __all__ = [
     "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
+    "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
+    "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
+    "mesh_from_args", "start_distributed",
 ]

@@ -112,7 +112,7 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
     assert set(j["steps"]) == {"prefill", "decode"}
     dec = j["steps"]["decode"]
     # Decode arguments: bf16 params + absorbed weights + the cache (batch split over devices).
-    rows = cfg.num_hidden_layers * 1 * 64 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    rows = cfg.num_hidden_layers * 1 * 128 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # context 128
     assert j["cache_bytes"] == rows * 2 + 4  # bf16 rows of one sequence + its int32 length
     assert dec["argument_bytes"] >= j["parameter_bytes"] + j["cache_bytes"]
     assert j["optimizer_bytes"] == 0

@@ -1,4 +1,9 @@
-"""`dsv3 generate`: stream a continuation of one prompt from a checkpoint directory."""
+"""`dsv3 generate`: stream a continuation of one prompt from a checkpoint directory.
+
+The weights load straight into their shardings on `--mesh` (default: every device on fsdp) and
+generation runs there; multi-host runs start with the --coordinator/--num-processes/--process-id
+flags (every process runs the same prompt; process 0 prints).
+"""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--kernels", choices=("reference", "auto", "pallas"), default="reference",
                  help="attention/MoE/FP8 kernels: the jnp reference, or the Pallas kernels of this "
                       "platform (auto falls back to the reference where there are none)")
+  from dsv3_jax.sharding.entry import add_mesh_arguments
+  add_mesh_arguments(p)
 
 
 def _fail(msg: str) -> int:
@@ -40,12 +47,23 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+  import jax
   import jax.numpy as jnp
 
   from dsv3_jax.inference.generate import Generator
   from dsv3_jax.inference.sampling import SamplingParams
   from dsv3_jax.inference.tokenizer import Tokenizer
   from dsv3_jax.pretrained import from_pretrained
+  from dsv3_jax.sharding import mesh_from_args, start_distributed
+
+  try:  # before anything touches a device
+    start_distributed(args)
+  except ValueError as e:
+    return _fail(f"--coordinator/--num-processes/--process-id: {e}")
+  try:
+    mesh = mesh_from_args(args.mesh)
+  except ValueError as e:
+    return _fail(str(e))
 
   if not os.path.isdir(args.checkpoint):
     return _fail(f"--checkpoint {args.checkpoint!r} is not a directory")
@@ -75,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
   from dsv3_jax.config import RuntimeConfig
   rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
                      moe_backend=args.kernels)
-  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8)
+  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh)
   vocab = model.config.vocab_size
   if max(ids) >= vocab or min(ids) < 0:
     return _fail(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
@@ -84,33 +102,36 @@ def run(args: argparse.Namespace) -> int:
     eos = tokenizer.eos_token_id
   generated: list[int] = []
   printed = [""]
+  main = jax.process_index() == 0  # every process generates; process 0 prints
+  stdout = sys.stdout if main else open(os.devnull, "w")
 
   def on_step(new: list[list[int]]) -> None:
     generated.extend(new[0])
     if tokenizer is None:
-      sys.stdout.write("".join(f"{t} " for t in new[0]))
+      stdout.write("".join(f"{t} " for t in new[0]))
     else:
       text = tokenizer.decode(generated)
       if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
         return
-      sys.stdout.write(text[len(printed[0]):])
+      stdout.write(text[len(printed[0]):])
       printed[0] = text
-    sys.stdout.flush()
+    stdout.flush()
 
   try:
-    res = Generator(model).run([ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               seed=args.seed, eos_token_id=eos, speculative=args.speculative,
-                               on_step=on_step)
+    res = Generator(model, mesh=mesh).run([ids], max_new_tokens=args.max_new_tokens,
+                                          sampling=sampling, seed=args.seed, eos_token_id=eos,
+                                          speculative=args.speculative, on_step=on_step)
   except ValueError as e:
     return _fail(str(e))
   if tokenizer is not None:  # anything held back waiting for more bytes
-    sys.stdout.write(tokenizer.decode(generated)[len(printed[0]):])
-  sys.stdout.write("\n")
+    stdout.write(tokenizer.decode(generated)[len(printed[0]):])
+  stdout.write("\n")
   n = res.num_generated
   msg = (f"{n} tokens in {res.prefill_seconds + res.decode_seconds:.2f} s: "
          f"{res.tokens_per_second:.1f} tokens/s (prefill {res.prefill_seconds:.3f} s, decode "
          f"{res.decode_seconds:.2f} s; compile {res.compile_seconds:.1f} s not counted)")
   if res.acceptance_rate is not None:
     msg += f"; MTP acceptance {res.acceptance_rate:.1%}"
-  print(msg, file=sys.stderr)
+  if main:
+    print(msg, file=sys.stderr)
   return 0

@@ -1,4 +1,10 @@
-"""`dsv3 train --config FILE|preset [--steps --batch --seq --lr --out --data ...]`.
+"""`dsv3 train --config FILE|preset [--mesh fsdp=4,expert=2] [--steps --batch --seq --lr --out --data ...]`.
+
+The run is sharded over `--mesh` (default: every device on fsdp; see `dsv3_jax.sharding`);
+multi-host runs start with the --coordinator/--num-processes/--process-id flags (or their
+DSV3_* environment variables; auto-detected on TPU pods), each process reading its own rows of
+every batch. A model whose parameters + optimizer state do not fit the mesh's devices stops at
+once with a one-line error.
 
 Without --data the run uses the bundled synthetic corpus (byte-level tokens, see
 `dsv3_jax.train.corpus`). Resumes from the latest checkpoint in --out when there is one. Writes
@@ -39,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="accelerator peak for MFU (default: 790 on H100, else MFU not shown)")
   p.add_argument("--seed", type=int, default=0)
+  from dsv3_jax.sharding.entry import add_mesh_arguments
+  add_mesh_arguments(p)
 
 
 def load_model_config(spec: str):
@@ -106,29 +114,49 @@ def write_plot(history: list[dict], path: str) -> bool:
   return True
 
 
+def _fail(msg: str) -> int:
+  print(f"dsv3 train: error: {msg}", file=sys.stderr)
+  return 2
+
+
 def run(args: argparse.Namespace) -> int:
+  import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
+  from dsv3_jax.sharding import (MemoryBudgetError, ShardingRules, activation_sharding,
+                                 mesh_from_args, process_rows, start_distributed)
   from dsv3_jax.train.data import TokenDataset
   from dsv3_jax.train.loss import LossConfig
   from dsv3_jax.train.optim import OptimConfig, training_runtime
   from dsv3_jax.train.trainer import TrainConfig, Trainer
 
+  try:  # before anything touches a device
+    start_distributed(args)
+  except ValueError as e:
+    return _fail(f"--coordinator/--num-processes/--process-id: {e}")
+  try:
+    mesh = mesh_from_args(args.mesh)
+  except ValueError as e:
+    return _fail(str(e))
   try:
     cfg = load_model_config(args.config)
   except (ValueError, FileNotFoundError) as e:
-    print(f"dsv3 train: {e}", file=sys.stderr)
-    return 2
+    return _fail(str(e))
+  rules = ShardingRules()
   os.makedirs(args.out, exist_ok=True)
   paths = args.data or [bundled_token_file(args.out)]
   eos = 0 if not args.data else args.eos_id
   try:
+    if args.batch < 1 or args.seq < 2:
+      raise ValueError(f"need --batch >= 1 and --seq >= 2, got {args.batch}, {args.seq}")
+    # Each process reads the rows of the global batch its devices hold.
+    shard, shards = process_rows(activation_sharding(("batch", "sequence"), rules, mesh,
+                                                     (args.batch, args.seq)), (args.batch, args.seq))
     data = TokenDataset(paths, seq_len=args.seq, batch_size=args.batch, eos_id=eos, seed=args.seed,
-                        vocab_size=cfg.vocab_size)
+                        vocab_size=cfg.vocab_size, shard_index=shard, num_shards=shards)
   except (ValueError, FileNotFoundError) as e:
-    print(f"dsv3 train: {e}", file=sys.stderr)
-    return 2
+    return _fail(str(e))
   warmup = args.warmup if args.warmup is not None else max(args.steps // 20, 1)
   train = TrainConfig(
       steps=args.steps, seed=args.seed,
@@ -137,12 +165,20 @@ def run(args: argparse.Namespace) -> int:
       bias_gamma=args.bias_gamma, document_mask=args.document_mask, save_every=args.save_every,
       keep=args.keep, peak_flops=_peak_flops(args.peak_tflops))
   rt = training_runtime(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, args.remat)
-  trainer = Trainer(cfg, rt, train, data, out_dir=args.out)
+  try:
+    trainer = Trainer(cfg, rt, train, data, out_dir=args.out, mesh=mesh, rules=rules)
+  except MemoryBudgetError as e:
+    return _fail(str(e))
+  main = jax.process_index() == 0
+  say = print if main else (lambda *a, **k: None)  # every process trains; process 0 reports
+  mesh_str = ",".join(f"{n}={s}" for n, s in zip(mesh.axis_names, mesh.axis_sizes))
+  say(f"mesh {mesh_str} ({jax.device_count()} {jax.devices()[0].platform} devices, "
+      f"{jax.process_count()} process(es))")
   if trainer.restore():
-    print(f"resumed from step {trainer.step} in {args.out}/checkpoints")
+    say(f"resumed from step {trainer.step} in {args.out}/checkpoints")
   log_path = os.path.join(args.out, "metrics.jsonl")
-  bar = tqdm(total=args.steps, initial=trainer.step, desc="train", unit="step")
-  with open(log_path, "a") as log:
+  bar = tqdm(total=args.steps, initial=trainer.step, desc="train", unit="step", disable=not main)
+  with open(log_path if main else os.devnull, "a") as log:
     for m in trainer.run():
       row = {k: v for k, v in m.items() if k != "layer_load"}
       log.write(json.dumps(row) + "\n")
@@ -156,12 +192,12 @@ def run(args: argparse.Namespace) -> int:
   trainer.close()
   if trainer.history:
     h0, h1 = trainer.history[0], trainer.history[-1]
-    print(f"steps {h0['step']}..{h1['step']}: loss {h0['loss']:.3f} -> {h1['loss']:.3f}, "
-          f"expert load max/mean {h0['load_ratio']:.2f} -> {h1['load_ratio']:.2f}")
+    say(f"steps {h0['step']}..{h1['step']}: loss {h0['loss']:.3f} -> {h1['loss']:.3f}, "
+        f"expert load max/mean {h0['load_ratio']:.2f} -> {h1['load_ratio']:.2f}")
   plot = os.path.join(args.out, "train_curves.png")
-  if trainer.history and write_plot(read_metrics(log_path), plot):
-    print(f"plot: {plot}")
+  if main and trainer.history and write_plot(read_metrics(log_path), plot):
+    say(f"plot: {plot}")
   elif trainer.history:
-    print("matplotlib could not be imported: no plot (metrics are in metrics.jsonl)")
-  print(f"checkpoints: {args.out}/checkpoints (latest step {trainer.checkpointer.latest_step()})")
+    say("matplotlib could not be imported: no plot (metrics are in metrics.jsonl)")
+  say(f"checkpoints: {args.out}/checkpoints (latest step {trainer.checkpointer.latest_step()})")
   return 0

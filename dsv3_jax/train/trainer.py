@@ -10,23 +10,32 @@ the Params, the other variables (RouterBias), the optax state, step and RNG; it 
 Metrics per step: loss, ce, mtp_ce, balance, load_ratio (max/mean expert load, mean over MoE
 layers), ep_overflow (rows sent in extra expert-parallel exchange rounds), grad_norm, lr, plus
 host-side tokens/s and MFU.
+
+Every run is on a device mesh (one device: a mesh of one): the state lives in the shardings the
+`ShardingRules` give each variable's logical axes, the step is jitted with those in/out shardings
+and runs under `jax.set_mesh(mesh)`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.pretrained import count_params
+from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch,
+                               resolve_mesh, sharded_nbytes, tree_shardings)
+from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.balance import load_ratio, update_router_bias
 from dsv3_jax.train.checkpointing import RunCheckpointer
 from dsv3_jax.train.data import Batch, DataState, TokenDataset
@@ -91,13 +100,65 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + attn
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig):
-  """One jitted step per (model structure, configs): Trainers of the same shapes and configs
-  share it, so a resumed run in the same process does not compile again."""
-  return jax.jit(functools.partial(_train_step, graphdef, loss_cfg=loss_cfg,
-                                   document_mask=document_mask, optim_cfg=optim_cfg),
-                 donate_argnums=(0,))
+# Jitted steps, shared by Trainers of the same model structure, configs, mesh and rules, so a
+# resumed run in the same process does not compile again.
+_STEPS: dict = {}
+
+
+def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig,
+                   mesh: Mesh, rules: ShardingRules, state_sh, batch_sh: NamedSharding,
+                   compiler_options: tuple = ()):
+  """The jitted step with its in/out shardings: the state (donated) stays in `state_sh`, the
+  batch arrives in `batch_sh`, the metrics come back replicated."""
+  key = (graphdef, loss_cfg, document_mask, optim_cfg, mesh, rules, batch_sh, compiler_options)
+  if key not in _STEPS:
+    if len(_STEPS) >= 16:
+      _STEPS.pop(next(iter(_STEPS)))
+    repl = replicated(mesh)
+    _STEPS[key] = jax.jit(
+        functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, document_mask=document_mask,
+                          optim_cfg=optim_cfg),
+        in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, repl, repl),
+        out_shardings=(state_sh, repl), donate_argnums=(0,),
+        compiler_options=dict(compiler_options) or None)
+  return _STEPS[key]
+
+
+# Jitted initialisers, cached like the step (a resumed run in the same process reuses them).
+_INITS: dict = {}
+
+
+def _cached(key, make):
+  if key not in _INITS:
+    if len(_INITS) >= 16:
+      _INITS.pop(next(iter(_INITS)))
+    _INITS[key] = make()
+  return _INITS[key]
+
+
+def _model_init(cfg: ModelConfig, runtime: RuntimeConfig, seed: int, mesh: Mesh,
+                rules: ShardingRules, shardings, compiler_options: tuple):
+  """() -> (Params, rest) of a fresh DeepseekV3(cfg, runtime, Rngs(seed)), each variable made
+  directly in its sharding (jit with out_shardings: no device holds the whole model)."""
+  def init():
+    _, p, r = nnx.split(DeepseekV3(cfg, runtime, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    return p, r
+  return _cached(("model", cfg, runtime, seed, mesh, rules, compiler_options),
+                 lambda: jax.jit(init, out_shardings=shardings,
+                                 compiler_options=dict(compiler_options) or None))
+
+
+def _state_init(graphdef, optim_cfg: OptimConfig, seed: int, mesh: Mesh, rules: ShardingRules,
+                state_sh, compiler_options: tuple):
+  """(Params, rest) -> the run state: the optimizer state made in its parameters' shardings, the
+  step count and the RNG key data. The inputs are donated (they become the state's own)."""
+  def init(p, r):
+    return {"params": p, "rest": r, "opt": make_optimizer(optim_cfg).init(p),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed + 1))}
+  return _cached(("state", graphdef, optim_cfg, seed, mesh, rules, compiler_options),
+                 lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=(0, 1),
+                                 compiler_options=dict(compiler_options) or None))
 
 
 def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *,
@@ -138,36 +199,79 @@ train_step_fn = _train_step
 
 
 class Trainer:
-  """Owns the model, optimizer, data reader and (optionally) a checkpointer.
+  """Owns the model, optimizer, data reader and (optionally) a checkpointer, on a device mesh.
 
   cfg / runtime: the model; train: the run; data: a TokenDataset (its batch_size and seq_len are
-  the batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints);
-  model: start from this model (e.g. `from_pretrained`) instead of a fresh init from train.seed.
+  the global batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints);
+  model: start from this model (e.g. `from_pretrained(..., mesh=mesh)`) instead of a fresh init
+  from train.seed.
+  mesh: a `jax.sharding.Mesh`, a "fsdp=4,expert=2" string or {name: size} (None: every device on
+    `fsdp`, see `dsv3_jax.sharding.default_mesh`; one device is a mesh of one). rules: the
+    `ShardingRules` (None: the defaults). Parameters, the router bias and the optimizer state
+    (each moment sharded like its parameter) are created directly in their shardings (a jitted
+    init with out_shardings: no host or device holds the whole model); a given `model` is moved
+    there. Batches are split per rules ("batch", "sequence"); the step runs under
+    `jax.set_mesh(mesh)` (the MoE's expert parallelism reads that ambient mesh).
+  compiler_options: XLA options for the compiled init and step (the tests turn CPU optimisations
+    off, where compile time dominates); None: defaults.
+  Multi-process: each process's `data` yields the rows of the global batch its devices hold
+  (`TokenDataset(shard_index=, num_shards=)` from `dsv3_jax.sharding.process_rows(
+  trainer.batch_sharding, (batch, seq))`, as `dsv3 train` does), which become one global batch;
+  or every process yields the whole batch (num_shards=1). Checkpoints are written and restored
+  per shard by Orbax into the same shardings.
+  Raises `dsv3_jax.sharding.MemoryBudgetError` when parameters + optimizer state alone exceed a
+  device's memory on this mesh.
   `model` (a DeepseekV3 view of the current state) and `history` (host metrics per step) are
   available at any time.
   """
 
   def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig, train: TrainConfig,
-               data: TokenDataset, out_dir: str | None = None, model: DeepseekV3 | None = None):
+               data: TokenDataset, out_dir: str | None = None, model: DeepseekV3 | None = None,
+               *, mesh: Mesh | Mapping[str, int] | str | None = None,
+               rules: ShardingRules | None = None, compiler_options: dict | None = None):
     if data.vocab_size is not None and data.vocab_size > cfg.vocab_size:
       raise ValueError(f"data vocab_size {data.vocab_size} exceeds model vocab_size {cfg.vocab_size}")
-    self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
-    if model is None:
-      model = DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed))
-    elif model.config != cfg:
+    if model is not None and model.config != cfg:
       raise ValueError("the given model's config differs from `cfg`")
+    self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
+    self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
+    tx = make_optimizer(train.optim)  # for the shapes of its state (each run jits its own)
     self.schedule = make_schedule(train.optim)
+    fresh = model is None
+    if fresh:
+      model = nnx.eval_shape(lambda: DeepseekV3(cfg, runtime, rngs=nnx.Rngs(train.seed)))
     self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt = jax.eval_shape(tx.init, params)
+    repl = replicated(self.mesh)
+    sh = {"params": tree_shardings(params, self.rules, self.mesh),
+          "rest": tree_shardings(rest, self.rules, self.mesh),
+          "opt": tree_shardings(opt, self.rules, self.mesh), "step": repl, "rng": repl}
+    self.state_shardings = sh
+    need = sum(sharded_nbytes(a, sh[k]) for k, a in (("params", params), ("rest", rest), ("opt", opt)))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    check_fits(need, self.mesh, f"training this model ({n_params / 1e9:.3g}B parameters): "
+               "parameters + optimizer state",
+               hint="use more devices / a bigger mesh (--mesh), or check a TPU topology with "
+                    "`dsv3 plan`")
     # state: Params (fp32 master copy), the other variables (RouterBias), the optax state, the
     # step count and the RNG key data (carried for stochastic extensions; the model uses none).
-    self.state = {"params": params, "rest": rest, "opt": make_optimizer(train.optim).init(params),
-                  "step": jnp.zeros((), jnp.int32),
-                  "rng": jax.random.key_data(jax.random.key(train.seed + 1))}
+    copts = tuple(sorted((compiler_options or {}).items()))
+    if fresh:
+      params, rest = _model_init(cfg, runtime, train.seed, self.mesh, self.rules,
+                                 (sh["params"], sh["rest"]), copts)()
+    else:
+      params, rest = jax.device_put((params, rest), (sh["params"], sh["rest"]))
+    self.state = _state_init(self.graphdef, train.optim, train.seed, self.mesh, self.rules, sh,
+                             copts)(params, rest)
     self.step = 0
     self.history: list[dict[str, Any]] = []
     self.checkpointer = (RunCheckpointer(f"{out_dir}/checkpoints", save_every=train.save_every,
                                          keep=train.keep) if out_dir else None)
-    self._step_fn = _compiled_step(self.graphdef, train.loss, train.document_mask, train.optim)
+    self.batch_shape = (data.batch_size, data.seq_len)
+    self.batch_sharding = activation_sharding(("batch", "sequence"), self.rules, self.mesh,
+                                              self.batch_shape)
+    self._step_fn = _compiled_step(self.graphdef, train.loss, train.document_mask, train.optim,
+                                   self.mesh, self.rules, sh, self.batch_sharding, copts)
     self.flops_per_token = train_flops_per_token(cfg, data.seq_len)
 
   @property
@@ -202,17 +306,20 @@ class Trainer:
 
   # Training ----------------------------------------------------------------------------------
   def train_step(self, batch: Batch) -> dict[str, Any]:
-    """One optimizer step on `batch`; returns host metrics (floats, layer_load as numpy)."""
+    """One optimizer step on `batch` (int32 [B, T] host arrays: the global batch, or this
+    process's rows of it); returns host metrics (floats, layer_load as numpy)."""
     t0 = time.perf_counter()
-    lam = jnp.float32(self.train.mtp_lambda(self.step))
-    self.state, m = self._step_fn(self.state, jnp.asarray(batch.tokens),
-                                  jnp.asarray(batch.segment_ids), jnp.asarray(batch.positions), lam,
-                                  jnp.float32(self.train.bias_gamma))
+    tokens, seg, pos = (global_batch(x, self.batch_sharding, self.batch_shape)
+                        for x in (batch.tokens, batch.segment_ids, batch.positions))
+    lam = np.float32(self.train.mtp_lambda(self.step))
+    with jax.set_mesh(self.mesh):
+      self.state, m = self._step_fn(self.state, tokens, seg, pos, lam,
+                                    np.float32(self.train.bias_gamma))
     m = jax.device_get(m)
     dt = time.perf_counter() - t0
     self.step += 1
     out = {k: (np.asarray(v) if k == "layer_load" else float(v)) for k, v in m.items()}
-    ntok = batch.tokens.size * max(jax.process_count(), 1)
+    ntok = math.prod(self.batch_shape)
     out.update(step=self.step, step_time=dt, tokens_per_s=ntok / dt)
     if self.train.peak_flops:
       out["mfu"] = self.flops_per_token * ntok / dt / (self.train.peak_flops * jax.device_count())
