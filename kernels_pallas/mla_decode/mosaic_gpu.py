@@ -46,7 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_context, load_ref, num_sms, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, num_sms,
+                                                   producer_ring)
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
