@@ -177,7 +177,9 @@ def lower_for_cuda(fn: Callable, *args) -> str:
   """StableHLO text of jit(fn) lowered for CUDA (works on a CPU-only jaxlib); args may be
   jax.ShapeDtypeStruct, so nothing is allocated."""
   import jax
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+  with gpu_lowering_target("cuda"):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def check_cuda_lowering(name: str, fn: Callable, *args, marker: str = "triton") -> int:

@@ -19,12 +19,13 @@ Nothing here is decided at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 
 import jax
 
-__all__ = ["Backend", "Impl", "select", "gpu_flavor", "GPU_FLAVORS"]
+__all__ = ["Backend", "Impl", "select", "gpu_flavor", "GPU_FLAVORS", "gpu_lowering_target"]
 
 
 class Backend(enum.Enum):
@@ -113,3 +114,25 @@ def _is_hopper() -> bool:
   if cc is not None:
     return str(cc).split(".")[0] == "9"
   return any(name in dev.device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))
+
+
+@contextlib.contextmanager
+def gpu_lowering_target(lowering_platform: str = "cuda", device_kind: str = "NVIDIA H100"):
+  """Context in which GPU Pallas kernels lower for CUDA on a machine without a GPU.
+
+  `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` of a Triton-lowered Pallas kernel
+  needs the target GPU's compute capability. jax 0.10 falls back to sm_90 when no GPU is
+  attached; jax 0.12 reads it from the ambient abstract mesh's `AbstractDevice` and raises
+  "No supported GPU devices found" without one. This sets that device (`device_kind`, as
+  `jax.Device.device_kind` spells it, e.g. "NVIDIA H100"), keeping the ambient mesh's axes, so
+  the same code lowers on both. A no-op unless `lowering_platform` is "cuda" (so a caller may pass
+  any platform it lowers for), and when the default backend is a GPU (its own device wins).
+  """
+  if lowering_platform != "cuda" or jax.default_backend() in ("gpu", "cuda", "rocm"):
+    yield
+    return
+  mesh = jax.sharding.get_abstract_mesh()
+  target = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types, abstract_device=target)):
+    yield

@@ -10,6 +10,7 @@ compile).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import jax
@@ -19,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["num_sms", "grid_size", "interpret_context", "interpret_params",
-           "warpgroup_compiler_params", "loop_index", "snake", "wgmma_t", "wgmma_iota",
+           "warpgroup_compiler_params", "loop_index", "load_ref", "snake", "wgmma_t", "wgmma_iota",
            "store_rows", "producer_ring"]
 
 _H100_SMS = 132
@@ -75,6 +76,15 @@ def warpgroup_compiler_params():
   return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+
+
+def load_ref(ref, *, layout=None):
+  """`plgpu.load` of all of `ref` (index it with `ref.at[...]` first) into registers with
+  `layout`: jax 0.10 takes a positional index argument, jax 0.12 none."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
+
+
 def loop_index(info):
   """`plgpu.nd_loop` passes an NDLoopInfo (jax >= 0.8) or the index tuple (older)."""
   return tuple(info.index) if hasattr(info, "index") else tuple(info)
@@ -89,14 +99,14 @@ def snake(lin, shape, tile_width):
 
 def wgmma_t(acc_ref, a_smem, b_smem, *, transpose_a: bool = False, transpose_b: bool = False,
             interpret: bool = False) -> None:
-  """acc += op(a) @ op(b) on SMEM tiles, op = transpose when asked (`plgpu.transpose_ref`).
+  """acc += op(a) @ op(b) on SMEM tiles, op = transpose when asked (`ref.transpose`).
 
   In interpret mode a transposed operand is first copied, transposed, into a scratch SMEM tile
   (numerically the same product).
   """
   if not interpret or not (transpose_a or transpose_b):
-    a = plgpu.transpose_ref(a_smem, (1, 0)) if transpose_a else a_smem
-    b = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+    a = a_smem.transpose((1, 0)) if transpose_a else a_smem
+    b = b_smem.transpose((1, 0)) if transpose_b else b_smem
     plgpu.wgmma(acc_ref, a, b)
     return
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 import dsv3_jax
 from dsv3_jax.inference import Generator, absorb_weights, decode_forward, init_cache, prefill
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.pretrained import param_shapes
 from tests.utils import assert_close
 
@@ -274,8 +275,9 @@ def test_decode_steps_lower_at_v3_dims(platform, lowering, T, capacity):
   sds = jax.ShapeDtypeStruct
   f = lambda q, c, p: decode_attention_steps(q, c, p, 0.07, kv_lora_rank=512, backend="pallas",
                                              platform=platform)
-  text = jax.jit(f).trace(sds((4, T, 128, 576), jnp.bfloat16),
-                          sds((4, capacity, 576), jnp.bfloat16),
-                          sds((4, T), jnp.int32)).lower(lowering_platforms=(lowering,)).as_text()
+  with gpu_lowering_target(lowering):
+    text = jax.jit(f).trace(sds((4, T, 128, 576), jnp.bfloat16),
+                            sds((4, capacity, 576), jnp.bfloat16),
+                            sds((4, T), jnp.int32)).lower(lowering_platforms=(lowering,)).as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   assert text.count(marker) == 1  # one kernel launch, also for T=2

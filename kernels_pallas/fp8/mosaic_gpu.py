@@ -6,7 +6,7 @@ A persistent kernel: one CTA (one warpgroup) per SM loops (`plgpu.nd_loop`, L2-f
 order) over (M tile, N tile) pairs. For each pair a TMA pipeline (`plgpu.emit_pipeline`,
 `max_concurrent_steps` stages) streams PAIRS of 128-wide K blocks: per step the even block and
 the odd block of a [bm, 128] and b [bn, 128] (both K-major; b reaches wgmma through
-`plgpu.transpose_ref`), plus the two activation-scale rows of the pair (a_scale is passed
+`ref.transpose`), plus the two activation-scale rows of the pair (a_scale is passed
 transposed, [Kb, M], so a block's row scales are one contiguous TMA box).
 
 Per-128-K promotion, overlapped with the tensor cores (two float32 wgmma accumulators P0, P1 and a
@@ -46,8 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, cdiv
-from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, snake,
-                                                   store_rows, warpgroup_compiler_params, wgmma_t)
+from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, load_ref,
+                                                   loop_index, snake, store_rows,
+                                                   warpgroup_compiler_params, wgmma_t)
 
 __all__ = ["fp8_matmul", "unsupported_reason", "pick_block_n", "DEFAULT_CONFIG", "K_STEP"]
 
@@ -145,7 +146,7 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
     if interpret:  # layouts are a hardware notion; the interpreter has plain arrays
       s = as_smem[j, :]
     else:
-      s = plgpu.load(as_smem.at[j], (), layout=row_layout)
+      s = load_ref(as_smem.at[j], layout=row_layout)
     return s * bscale
 
   def promote(total, part, scale):

@@ -7,7 +7,7 @@ from small int32 arrays in global memory). Each pair runs a TMA + wgmma pipeline
 then stores only the item's rows [lo, hi) through a ladder of power-of-two-row TMA stores (a TMA
 descriptor needs a static box; any row count is a sum of powers of two). The virtual group of rows
 past sum(group_sizes) skips the pipeline and stores zeros, so no extra pass over the output.
-With transpose_rhs the [G, D, C] weight tile is fed to wgmma through `plgpu.transpose_ref`
+With transpose_rhs the [G, D, C] weight tile is fed to wgmma through `ref.transpose`
 (never materialised): the dlhs product of the backward pass.
 
 `tgmm`: out[g] = lhs_g^T . dout_g, a persistent loop over (group, K tile, N tile); each step of

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
@@ -144,7 +144,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
   def load(ref, i, name):  # row i of a 2-d int32 smem ref, in the register layout `name`
     if cfg.interpret:
       return ref[i, :]
-    return plgpu.load(ref, (i, slice(None)), layout=lay(name))
+    return load_ref(ref.at[i], layout=lay(name))
 
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -195,7 +195,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
 
       def qk(acc_ref):
         for q_smem, k_smem in zip(q_smems, k_smems):
-          plgpu.wgmma(acc_ref, q_smem.at[wg], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
         schedule_barrier()
         return acc_ref[...]
 

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
                                                              may_mask, q_block_range)
 
@@ -114,7 +114,7 @@ class _Ops:
     """Row i of a 2-d smem ref as a 1-d value in the register layout `name`."""
     if self.interpret:
       return ref[i, :]
-    return plgpu.load(ref, (i, slice(None)), layout=_LAYOUTS[name])
+    return load_ref(ref.at[i], layout=_LAYOUTS[name])
 
   def dot_nt(self, pairs, shape):
     """sum over (a, b) in pairs of a @ b.T, a/b smem refs -> f32 [shape]."""
@@ -127,7 +127,7 @@ class _Ops:
 
     def body(acc_ref):
       for a, b in pairs:
-        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
       return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
@@ -149,7 +149,7 @@ class _Ops:
       for acc_ref, r in zip(refs[:n], rhs_refs):
         plgpu.wgmma(acc_ref, lhs, r)
       if extra_nt is not None:
-        plgpu.wgmma(refs[n], extra_nt[0], plgpu.transpose_ref(extra_nt[1], (1, 0)))
+        plgpu.wgmma(refs[n], extra_nt[0], extra_nt[1].transpose((1, 0)))
 
     init = [plgpu.ACC.init(a) for a in accs]
     if extra_nt is not None:

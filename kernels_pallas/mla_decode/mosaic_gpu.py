@@ -46,7 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_context, num_sms, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, num_sms,
+                                                   producer_ring)
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
@@ -162,7 +163,7 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
   def load_vec(i):
     if interpret:
       return vec_smem[i, :]
-    return plgpu.load(vec_smem, (i, slice(None)), layout=lay("row"))
+    return load_ref(vec_smem.at[i], layout=lay("row"))
 
   def store_out(acc, inv, o_smem, col0):
     o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
@@ -190,7 +191,7 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
       else:
         def qk(acc_ref):
           for q_smem, k_smem in zip(q_smems, k_smems):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((nh, bk), jnp.float32))
       s = s * c

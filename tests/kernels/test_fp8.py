@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import Backend, fp8
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.fp8 import gpu, reference, tpu
 from tests.utils import assert_close
 
@@ -248,7 +249,8 @@ def test_dispatch_and_validation():
 # Lowering for the real platforms (no accelerator needed): DeepSeek-V3 shapes.
 
 def _lower(f, platform, *args) -> str:
-  return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  with gpu_lowering_target(platform):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 _SD = jax.ShapeDtypeStruct

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.fp8 import reference as fp8_reference
 from dsv3_jax.kernels_pallas.grouped_matmul import (gpu, grouped_matmul, grouped_matmul_fp8,
                                                     reference, schedule, tpu,
@@ -218,7 +219,8 @@ _SD = jax.ShapeDtypeStruct
 
 
 def _lower(f, platform, *args) -> str:
-  return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  with gpu_lowering_target(platform):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -17,6 +17,7 @@ import pytest
 
 from dsv3_jax.kernels_pallas import mla_attention
 from dsv3_jax.kernels_pallas.mla_attention import gpu, reference, tpu
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from tests.utils import assert_close
 
 
@@ -154,7 +155,8 @@ def _lower_fwd_bwd(platform, lowering_platform, *, heads, kv_heads, seq, segment
     o, vjp = jax.vjp(attn, q, k, v)
     return o, vjp(o)
 
-  return jax.jit(f).trace(q, k, v, seg).lower(lowering_platforms=(lowering_platform,)).as_text()
+  with gpu_lowering_target(lowering_platform):
+    return jax.jit(f).trace(q, k, v, seg).lower(lowering_platforms=(lowering_platform,)).as_text()
 
 
 @pytest.mark.parametrize("segments", [False, True])

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import mla_attention
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
 from tests.utils import assert_close
 
@@ -166,7 +167,8 @@ def test_lowers_for_cuda_at_deepseek_shape(segments, backward_impl):
     return jnp.sum(o.astype(jnp.float32) ** 2)
 
   grad = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
-  text = grad.trace(q, k, v, seg).lower(lowering_platforms=("cuda",)).as_text()
+  with gpu_lowering_target("cuda"):  # the Triton backward needs a target GPU on jax 0.12
+    text = grad.trace(q, k, v, seg).lower(lowering_platforms=("cuda",)).as_text()
   n_mosaic = text.count("custom_call @mosaic_gpu")
   if backward_impl == "mosaic":
     assert n_mosaic == 3 and "triton" not in text  # forward, dq, dk/dv

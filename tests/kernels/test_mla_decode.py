@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import mla_decode
+from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, reference, tpu
 from tests.utils import assert_close
 
@@ -175,8 +176,9 @@ def _lower(platform, lowering_platform, *, batch, capacity, paged, tokens=None):
     cache, tables = sds((batch, capacity, 576), jnp.bfloat16), None
   f = lambda q, c, l, t: mla_decode(q, c, l, scale=0.07, block_tables=t, backend="pallas",
                                     platform=platform)
-  return jax.jit(f).trace(q, cache, lengths, tables).lower(
-      lowering_platforms=(lowering_platform,)).as_text()
+  with gpu_lowering_target(lowering_platform):
+    return jax.jit(f).trace(q, cache, lengths, tables).lower(
+        lowering_platforms=(lowering_platform,)).as_text()
 
 
 @pytest.mark.parametrize("batch,capacity,paged", [(8, 1000, False), (1, 8192, False),
