@@ -13,7 +13,7 @@ from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, exp
 from dsv3_jax.sharding.kernel_map import Dim, KernelShardingError, kernel_map, kernel_specs
 from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, check_fits,
                                      default_mesh, global_batch, mesh_from_args, process_rows,
-                                     resolve_mesh, start_distributed,
+                                     resolve_mesh, start_distributed, cli_mesh,
                                      sharded_nbytes, to_host, tree_shardings, variable_sharding)
 
 __all__ = [
@@ -24,5 +24,5 @@ __all__ = [
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
-    "mesh_from_args", "start_distributed",
+    "mesh_from_args", "start_distributed", "cli_mesh",
 ]

@@ -258,3 +258,14 @@ def mesh_from_args(spec: str | None) -> Mesh:
     return make_mesh(sizes)
   except ValueError as e:
     raise ValueError(f"--mesh {spec!r}: {e}") from None
+
+
+def cli_mesh(args: argparse.Namespace) -> Mesh:
+  """What a CLI does before anything else: multi-host start-up (`start_distributed`), then the
+  mesh of its `--mesh` flag (`mesh_from_args`). Raises ValueError with a one-line message naming
+  the flags at fault."""
+  try:
+    start_distributed(args)
+  except ValueError as e:
+    raise ValueError(f"--coordinator/--num-processes/--process-id: {e}") from None
+  return mesh_from_args(args.mesh)

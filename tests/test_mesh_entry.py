@@ -24,7 +24,7 @@ import dsv3_jax
 from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.inference import Generator
 from dsv3_jax.inference.generate import _COMPILED
-from dsv3_jax.pretrained import flat_variables, param_shapes
+from dsv3_jax.pretrained import stacked_variables, param_shapes
 from dsv3_jax.sharding import make_mesh
 from dsv3_jax.train.cli import bundled_token_file
 from dsv3_jax.train.data import TokenDataset
@@ -96,7 +96,7 @@ def test_sharded_trainer_matches_single_device(single, corpus, tmp_path):
     assert_close(np.asarray(v), ref_state[k], atol=1e-6, rtol=1e-5, what=k)
   bias = [k for k in got if k.endswith("e_score_correction_bias")]
   assert bias and np.abs(ref_state[bias[0]]).max() > 1e-3  # the router bias moved
-  assert got[EXPERTS].sharding.spec == P("expert", "fsdp", "tensor")
+  assert got[EXPERTS].sharding.spec == P(None, "expert", "fsdp", "tensor")
   # A checkpoint restores into the same shardings and values.
   before = {k: np.asarray(v) for k, v in flat(tr.state).items()}
   specs = {k: v.sharding.spec for k, v in flat(tr.state).items()}
@@ -145,8 +145,8 @@ def test_sharded_generate_matches_single_device(source, checkpoint, single_token
   path = checkpoint if source == "hf" else convert(checkpoint, tmp_path / "orbax",
                                                    dtype="float32", progress=False)
   model = dsv3_jax.from_pretrained(path, mesh=mesh)  # loaded straight into the shardings
-  w = flat_variables(model)[EXPERTS].get_value()
-  assert w.sharding.spec == P("expert", "fsdp", "tensor") and w.sharding.mesh == mesh
+  w = stacked_variables(model)[EXPERTS].get_value()
+  assert w.sharding.spec == P(None, "expert", "fsdp", "tensor") and w.sharding.mesh == mesh
   g = Generator(model, mesh=mesh, compiler_options=FAST)
   for spec in (False, True) if source == "hf" else (True,):
     got = g.run(PROMPTS, max_new_tokens=8, eos_token_id=(), speculative=spec)

@@ -54,14 +54,10 @@ def run(args: argparse.Namespace) -> int:
   from dsv3_jax.inference.sampling import SamplingParams
   from dsv3_jax.inference.tokenizer import Tokenizer
   from dsv3_jax.pretrained import from_pretrained
-  from dsv3_jax.sharding import mesh_from_args, start_distributed
+  from dsv3_jax.sharding import cli_mesh
 
   try:  # before anything touches a device
-    start_distributed(args)
-  except ValueError as e:
-    return _fail(f"--coordinator/--num-processes/--process-id: {e}")
-  try:
-    mesh = mesh_from_args(args.mesh)
+    mesh = cli_mesh(args)
   except ValueError as e:
     return _fail(str(e))
 

@@ -125,18 +125,14 @@ def run(args: argparse.Namespace) -> int:
   from tqdm import tqdm
 
   from dsv3_jax.sharding import (MemoryBudgetError, ShardingRules, activation_sharding,
-                                 mesh_from_args, process_rows, start_distributed)
+                                 cli_mesh, process_rows)
   from dsv3_jax.train.data import TokenDataset
   from dsv3_jax.train.loss import LossConfig
   from dsv3_jax.train.optim import OptimConfig, training_runtime
   from dsv3_jax.train.trainer import TrainConfig, Trainer
 
   try:  # before anything touches a device
-    start_distributed(args)
-  except ValueError as e:
-    return _fail(f"--coordinator/--num-processes/--process-id: {e}")
-  try:
-    mesh = mesh_from_args(args.mesh)
+    mesh = cli_mesh(args)
   except ValueError as e:
     return _fail(str(e))
   try:

@@ -36,7 +36,11 @@ def train_demo(out_dir: str, *, steps: int = 300, max_seconds: float = 150.0, ba
                       seed=seed, vocab_size=TINY.vocab_size)
   train = TrainConfig(steps=steps, seed=seed, save_every=max(steps // 2, 1), keep=2,
                       optim=OptimConfig(lr=3e-3, warmup_steps=max(steps // 20, 1), total_steps=steps))
-  trainer = Trainer(TINY, training_runtime(jnp.float32), train, data, out_dir=out_dir)
+  # The tiny model on one device: sharding a 0.3M-parameter model over a host's (simulated)
+  # devices only adds collectives. `dsv3 train --mesh` shows the sharded path.
+  from dsv3_jax.sharding import make_mesh
+  one = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+  trainer = Trainer(TINY, training_runtime(jnp.float32), train, data, out_dir=out_dir, mesh=one)
   print(f"training the tiny preset on the bundled synthetic corpus ({data.num_windows} windows of "
         f"{seq} byte tokens, batch {batch}), up to {steps} steps or {max_seconds:.0f} s on "
         f"{_device()}; the first step compiles")
@@ -67,7 +71,8 @@ def train_demo(out_dir: str, *, steps: int = 300, max_seconds: float = 150.0, ba
   if generate_text:
     # Generate from the checkpoint on disk, not from the model in memory: a fresh Trainer
     # restores the saved step (and is checked to hold exactly the trained weights).
-    restored = Trainer(TINY, training_runtime(jnp.float32), train, data, out_dir=out_dir)
+    restored = Trainer(TINY, training_runtime(jnp.float32), train, data, out_dir=out_dir,
+                       mesh=one)
     if not restored.restore():
       raise RuntimeError(f"no checkpoint found in {ckpt} right after saving one")
     restored.close()
@@ -75,7 +80,7 @@ def train_demo(out_dir: str, *, steps: int = 300, max_seconds: float = 150.0, ba
         jax.tree.leaves(restored.state["params"]), jax.tree.leaves(trainer.state["params"])))
     print(f"restored step {restored.step} from {ckpt} (max abs diff to the trained weights "
           f"{diff:.1e}); generating from it:")
-    _generate(restored.model, tok)
+    _generate(restored.model, tok, one)
   return {"first": first, "last": last, "checkpoint": ckpt}
 
 
@@ -84,7 +89,7 @@ def _device() -> str:
   return jax.devices()[0].platform.upper()
 
 
-def _generate(model, tok) -> None:
+def _generate(model, tok, mesh) -> None:
   try:
     from dsv3_jax.inference import generate
   except ImportError:
@@ -94,7 +99,7 @@ def _generate(model, tok) -> None:
   ids = [tok.encode(prompt)]
   for spec in (False, True):
     out = generate(model, ids, max_new_tokens=80, temperature=0.0, eos_token_id=tok.eos_id,
-                   speculative=spec)
+                   speculative=spec, mesh=mesh)
     extra = f", MTP acceptance {out.acceptance_rate:.0%}" if spec and out.acceptance_rate is not None else ""
     print(f"{'speculative' if spec else 'plain'} greedy ({out.tokens_per_second:.0f} tok/s{extra}): "
           f"{prompt}{tok.decode(out.tokens[0])!r}")
