@@ -76,12 +76,19 @@ def pallas_calls(jaxpr, inside=False):
   return out
 
 
+def _traced_in_shard_map(f, mesh, *args):
+  """jit(f).trace(*args) (call under `mesh`); asserts that kernels were traced, all inside a
+  shard_map. Returns (traced, [(kernel name, inside)])."""
+  traced = jax.jit(f).trace(*args)
+  calls = pallas_calls(traced.jaxpr)
+  assert calls and all(inside for _, inside in calls), calls
+  return traced, calls
+
+
 def run_sharded(f, mesh, *args):
-  """jit(f)(*args) under `mesh`; asserts that kernels were traced, all inside a shard_map."""
+  """jit(f)(*args) under `mesh`, its kernels all inside a shard_map."""
   with jax.set_mesh(mesh):
-    traced = jax.jit(f).trace(*args)
-    calls = pallas_calls(traced.jaxpr)
-    assert calls and all(inside for _, inside in calls), calls
+    traced, _ = _traced_in_shard_map(f, mesh, *args)
     return traced.lower().compile(compiler_options=OPTS)(*args)
 
 
@@ -311,9 +318,7 @@ def _compile_tpu(f, mesh, *args):
   # conftest sets matmul precision "highest": the kernels' bf16 dots must not inherit it
   # (Mosaic rejects an fp32 contract precision on bf16 operands; see kernels_pallas.cost.mxu_dot).
   with jax.set_mesh(mesh):
-    traced = jax.jit(f).trace(*args)
-    calls = pallas_calls(traced.jaxpr)
-    assert calls and all(inside for _, inside in calls), calls
+    traced, calls = _traced_in_shard_map(f, mesh, *args)
     return traced.lower().compile().as_text(), calls
 
 
