@@ -130,7 +130,7 @@ def _owner(model: nnx.Module, path: str) -> tuple[nnx.Module, str]:
   return obj, attr
 
 
-def _stack(values: list, what: str):
+def _stack(values: list):
   """Stacks per-layer values on a new leading axis: numpy on the host; jax arrays on device,
   NamedSharding-ed slices giving the stacked array the same sharding with the layer axis whole."""
   if len(values) == 1 and not isinstance(values[0], jax.Array):
@@ -168,12 +168,12 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
     values = [by_slot[i] for i in range(count)]
     fp8 = [isinstance(v, Fp8Weight) for v in values]
     if all(fp8):
-      out[target] = Fp8Weight(_stack([v.value for v in values], target),
-                              _stack([v.scale_inv for v in values], target), values[0].block)
+      out[target] = Fp8Weight(_stack([v.value for v in values]),
+                              _stack([v.scale_inv for v in values]), values[0].block)
       continue
     if any(fp8):
       values = [_dequant_ours(v) if isinstance(v, Fp8Weight) else v for v in values]
-    out[target] = _stack(values, target)
+    out[target] = _stack(values)
   return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 
 __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_per_token",
-           "write_rows", "write_layer_rows", "cache_shardings"]
+           "write_layer_rows", "cache_shardings"]
 
 
 @jax.tree_util.register_dataclass
@@ -92,16 +92,6 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16, *, mtp: bool = F
   """Bytes cached per token over all main layers (and the MTP blocks when `mtp`)."""
   layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
   return layers * cache_values_per_token(cfg) * np.dtype(dtype).itemsize
-
-
-def write_rows(buf: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
-  """buf [B, S, X], new [B, T, X], offsets int [B] -> buf with rows offsets[b]..+T-1 replaced.
-
-  The caller guarantees offsets[b] + T <= S (dynamic_update_slice would otherwise clamp the
-  start and overwrite valid rows); `Generator` sizes the cache so this holds.
-  """
-  return jax.vmap(lambda b, n, o: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (o, 0)))(
-      buf, new, offsets)
 
 
 def write_layer_rows(kv: jax.Array, layer, new: jax.Array, positions: jax.Array) -> jax.Array:
