@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding,
+from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding, use_rules,
                                logical_to_spec, make_mesh, parse_mesh_shape, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
@@ -428,8 +428,9 @@ def plan(req: PlanRequest) -> PlanReport:
   rep = NamedSharding(mesh, P())
   data_shards = math.prod(sizes.get(a, 1) for a in rules.mesh_axes("batch"))
   build = _train_steps if req.mode == "train" else _serve_steps
-  steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
-                                        rest_a, rep, data_shards, len(devices))
+  with use_rules(rules):  # the model's explicit collectives assume the parameters' rules
+    steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
+                                          rest_a, rep, data_shards, len(devices))
   hbm = hbm_bytes_per_device(devices[0])
   main = max(steps, key=lambda k: steps[k].peak_bytes)
   report = PlanReport(

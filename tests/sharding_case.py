@@ -17,7 +17,8 @@ from dsv3_jax.sharding import ShardingRules, activation_sharding, state_sharding
 # One MoE layer, no MTP (keeps XLA:CPU compile time small); 8 experts over up to 8 shards.
 CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 LR = 0.1
-BATCH, SEQ = 8, 8
+# BATCH * SEQ >= vocab: the embedding and head take the gathered-table path (`sharding.gathered`).
+BATCH, SEQ = 8, 32
 
 
 def tokens() -> np.ndarray:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.sharding import ShardingRules, make_mesh
+from dsv3_jax.sharding import ShardingRules, make_mesh, use_rules
+from tests.sharding_case import CFG
 from tests.sharding_case import build, flat
 from tests.utils import assert_close
 
@@ -56,11 +57,20 @@ def test_sharded_step_matches_single_device(name, reference):
   mesh = make_mesh(MESHES[name])
   rules = POD_RULES if name.endswith("pod_rules") else ShardingRules()
   step, params, rest, tok = build(mesh, rules)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), use_rules(rules):
     compiled = step.lower(params, rest, tok).compile()
     new, loss, logits, grads = compiled(params, rest, tok)
   hlo = compiled.as_text()
   assert "all-to-all" in hlo, "the MoE did not take the expert-parallel (shard_map) path"
+  # Vocab tables sharded over every batch axis (the pod rules): their gradients leave as
+  # reduce-scatters into the shards; no device all-reduces a full-size [vocab, hidden] partial
+  # gradient (GSPMD's own partitioning of the lookup and the head did, 7 GiB at 671B).
+  if rules is POD_RULES:
+    V, D = CFG.vocab_size, CFG.hidden_size
+    full = [l[:120] for l in hlo.splitlines() if " all-reduce(" in l and any(
+        f"[{a},{b}]" in l.split(" all-reduce(")[0] for a, b in ((V, D), (D, V)))]
+    assert not full, full
+    assert "reduce-scatter" in hlo
 
   # Parameters are sharded before and after the step, as the rules say.
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))

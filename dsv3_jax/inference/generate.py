@@ -31,7 +31,7 @@ from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
 from dsv3_jax.inference.sampling import SamplingParams, sample
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
-from dsv3_jax.sharding import (ShardingRules, global_batch, logical_to_spec, resolve_mesh, to_host,
+from dsv3_jax.sharding import (ShardingRules, global_batch, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
 __all__ = ["Generator", "GenerationOutput", "generate"]
@@ -167,7 +167,7 @@ class Generator:
         lambda x: NamedSharding(self.mesh, logical_to_spec(
             (None,) * (x.ndim - 3) + ("heads", None, None), self.rules, self.mesh, x.shape)),
         jax.eval_shape(absorb, self.state))
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
       self.absorbed = jax.jit(absorb, in_shardings=(self.state_shardings,),
                               out_shardings=self.absorbed_shardings)(self.state)
     self.cache_dtype = cache_dtype or model.runtime.dtype
@@ -185,7 +185,7 @@ class Generator:
                        in_shardings=in_shardings, out_shardings=out_shardings,
                        donate_argnums=() if kind == "prefill" else (2,))
       t = time.perf_counter()
-      with jax.set_mesh(self.mesh):
+      with jax.set_mesh(self.mesh), use_rules(self.rules):
         _COMPILED[key] = jitted.lower(*args).compile(
             compiler_options=self.compiler_options or None)
       return _COMPILED[key], time.perf_counter() - t

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.pretrained import count_params
-from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch,
+from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
 from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.balance import load_ratio, update_router_bias
@@ -312,7 +312,7 @@ class Trainer:
     tokens, seg, pos = (global_batch(x, self.batch_sharding, self.batch_shape)
                         for x in (batch.tokens, batch.segment_ids, batch.positions))
     lam = np.float32(self.train.mtp_lambda(self.step))
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
       self.state, m = self._step_fn(self.state, tokens, seg, pos, lam,
                                     np.float32(self.train.bias_gamma))
     m = jax.device_get(m)
