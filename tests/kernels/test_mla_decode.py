@@ -310,3 +310,40 @@ def test_multi_token_lowers_at_v3_dims(platform, lowering):
     assert text.count("tpu_custom_call") == 1
   else:
     assert "triton" in text
+
+
+# (capacity, tokens): one window of the whole capacity (<= 256 lanes), 128-lane windows (T=1),
+# 256-lane windows (T=2, straddling a tile boundary at 127/128 and ending at the capacity).
+ROPE_WRITES = [(64, 2), (200, 1), (384, 1), (384, 2), (512, 2)]
+
+
+@pytest.mark.parametrize("capacity,tokens", ROPE_WRITES)
+def test_write_rope_matches_numpy(capacity, tokens):
+  """`write_rope` (TPU kernel, interpret mode; and the scatter) vs numpy on a stacked rope cache
+  [L, B, R, S]: new columns at the first row, across a 128-lane tile boundary and at the end;
+  every other value (other layers, other columns) unchanged."""
+  from dsv3_jax.kernels_pallas.mla_decode import write_rope
+  rng = np.random.default_rng(capacity + tokens)
+  L, B, R = 3, 5, 16
+  rope = jnp.asarray(rng.standard_normal((L, B, R, capacity)), jnp.float32)
+  new = jnp.asarray(rng.standard_normal((B, tokens, R)), jnp.float32)
+  starts = np.array([0, 127, capacity - tokens, 40, capacity // 2]) % (capacity - tokens + 1)
+  positions = jnp.asarray(starts[:, None] + np.arange(tokens)[None, :], jnp.int32)
+  want = np.array(rope)
+  for b in range(B):
+    want[1, b][:, starts[b]:starts[b] + tokens] = np.asarray(new[b]).T
+  for backend in ("interpret", "reference"):
+    got = jax.jit(lambda r, n, p: write_rope(r, n, p, layer=jnp.int32(1), backend=backend,
+                                             platform="tpu"))(rope, new, positions)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=backend)
+  got = write_rope(rope[1], new, positions, backend="interpret", platform="tpu")  # no layers
+  np.testing.assert_array_equal(np.asarray(got), want[1])
+
+
+def test_write_rope_rejects_what_the_tpu_kernel_cannot_take():
+  from dsv3_jax.kernels_pallas.mla_decode import write_rope
+  rope, new = jnp.zeros((2, 16, 300)), jnp.zeros((2, 1, 16))
+  with pytest.raises(ValueError, match="capacity .* multiple of 128.*300"):
+    write_rope(rope, new, jnp.zeros((2, 1), jnp.int32), backend="interpret", platform="tpu")
+  with pytest.raises(ValueError, match="k_pe"):
+    write_rope(rope, jnp.zeros((2, 1, 8)), jnp.zeros((2, 1), jnp.int32))
