@@ -521,8 +521,8 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
   B, S, T = req.decode_batch, req.context, _prompt_len(req)
   cache_abs = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16, mtp_layers=0))
-  # Cache buffers [..., B, S, C + R] split over the batch (any leading dims, e.g. a layer stack,
-  # replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
+  # Cache buffers latent [L, B, S, C] and rope [L, B, R, S] split over the batch (the layer
+  # stack replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
   # as the `heads` rule says.
   def trailing(x, logical):
     return NamedSharding(mesh, logical_to_spec((None,) * (x.ndim - len(logical)) + logical,
@@ -565,7 +565,8 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   dec = jax.jit(decode_step, in_shardings=(p_sh, r_sh, a_sh, cache_sh, dtok_sh, dtok_sh),
                 out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
   dec_args = (params_a, rest_a, absorbed_a, cache_a, dtok, dtok)
-  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache_abs.kv))
+  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize
+                    for x in (cache_abs.latent, cache_abs.rope))
   # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
   pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
   df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)

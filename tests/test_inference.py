@@ -59,11 +59,11 @@ PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250]]
 
 def test_cache_is_576_values_per_token_for_671b():
   cache = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16))
-  # main layers + the MTP block; per layer latent c in [..., :512], rotated k_pe in [..., 512:]
-  assert cache.kv.shape == (61 + 1, 2, 16, 576)
-  c, k = jax.eval_shape(lambda: (lambda c: (c.c, c.k_pe))(
-      init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16)))
-  assert c.shape == (62, 2, 16, 512) and k.shape == (62, 2, 16, 64)
+  # main layers + the MTP block; per layer the latent c [.., rows, 512] and the rotated k_pe
+  # transposed [.., 64, rows] (lane-aligned parts, see cache.py)
+  assert cache.latent.shape == (61 + 1, 2, 16, 512) and cache.rope.shape == (62, 2, 64, 16)
+  k = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16).k_pe)
+  assert k.shape == (62, 2, 16, 64) and cache.kv_lora_rank == 512
   assert cache_values_per_token(dsv3_jax.DEEPSEEK_V3) == 576
   mla = cache_bytes_per_token(dsv3_jax.DEEPSEEK_V3, jnp.bfloat16)
   assert mla == 61 * 576 * 2

@@ -273,11 +273,12 @@ def test_decode_steps_lower_at_v3_dims(platform, lowering, T, capacity):
   Interpret mode does not check TPU block-shape rules; lowering does."""
   from dsv3_jax.inference import decode_attention_steps
   sds = jax.ShapeDtypeStruct
-  f = lambda q, c, p: decode_attention_steps(q, c, p, 0.07, kv_lora_rank=512, backend="pallas",
-                                             platform=platform)
+  f = lambda q, c, r, p: decode_attention_steps(q, c, r, p, 0.07, backend="pallas",
+                                                platform=platform)
   with gpu_lowering_target(lowering):
     text = jax.jit(f).trace(sds((4, T, 128, 576), jnp.bfloat16),
-                            sds((4, capacity, 576), jnp.bfloat16),
+                            sds((4, capacity, 512), jnp.bfloat16),
+                            sds((4, 64, capacity), jnp.bfloat16),
                             sds((4, T), jnp.int32)).lower(lowering_platforms=(lowering,)).as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   assert text.count(marker) == 1  # one kernel launch, also for T=2

@@ -345,8 +345,9 @@ def test_tpu_aot_sharded_train_step_uses_kernels(tpu_mesh):
 
 
 def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
-  """A cached decode step (cache [B, S, 192] split on batch; FP8 q_b_proj / o_proj) on v5e 2x2
-  compiles for TPU with the mla_decode and fp8_weight_matmul kernels per shard."""
+  """A cached decode step (cache latent [B, S, 128] + rope [B, 64, S] split on batch; FP8
+  q_b_proj / o_proj) on v5e 2x2 compiles for TPU with the mla_decode, rope-write and
+  fp8_weight_matmul kernels per shard."""
   rules = ShardingRules()
   model = _tpu_model(fp8=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -369,8 +370,9 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
 
   hlo, calls = _compile_tpu(step, tpu_mesh, pa, ra, absorbed, cache, tok, tok)
   names = sorted(n for n, _ in calls)
-  assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode"], names
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 3
+  # mla_rope_write: the new rows' rope keys into the transposed rope cache (in place).
+  assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode", "mla_rope_write"], names
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 4
 
 
 def test_kernel_map_inside_an_enclosing_shard_map():

@@ -2,7 +2,7 @@
 
 Shapes are fixed per call: the prompt batch is right padded to a power-of-two bucket (>= 16) and
 the cache capacity is that bucket + max_new_tokens + 1, rounded up to a multiple of 64 (whole
-kernel blocks), so one compiled prefill and one compiled step serve every step and every prompt
+kernel blocks; of 128 above 256 rows, whole TPU lane tiles of the transposed rope cache), so one compiled prefill and one compiled step serve every step and every prompt
 length in the bucket. The attention backend is the model's RuntimeConfig's; speculative
 verification passes all its tokens to one `mla_decode` call, which reads the cache once.
 Without a streaming callback the whole decode loop runs on device (`lax.while_loop`, one call);
@@ -217,7 +217,9 @@ class Generator:
     lens = np.array([len(p) for p in prompts], np.int32)
     T = _bucket(int(lens.max()))
     limit = self.config.max_position_embeddings
-    capacity = -(-(T + max_new_tokens + 1) // 64) * 64
+    rows = T + max_new_tokens + 1
+    step = 64 if rows <= 256 else 128  # the TPU rope-cache write: see mla_decode.tpu_write
+    capacity = -(-rows // step) * step
     if int(lens.max()) + max_new_tokens > limit:
       raise ValueError(f"prompt ({int(lens.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_position_embeddings={limit}")
