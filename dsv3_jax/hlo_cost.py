@@ -37,6 +37,8 @@ import json
 import math
 import re
 
+import numpy as np
+
 __all__ = ["HloCost", "hlo_cost", "parse_hlo", "shape_bytes"]
 
 _DTYPE_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
@@ -84,6 +86,46 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
+def _window_pairs(size: int, window: int, stride: int, lo: int, lhs_dilate: int,
+                  rhs_dilate: int, out: int) -> int:
+  """(output position, window position) pairs of one spatial dimension that land on a real
+  input element (not padding, not a dilation hole)."""
+  o = np.arange(out)
+  span = (size - 1) * lhs_dilate
+  total = 0
+  for w in range(window):
+    p = o * stride + w * rhs_dilate - lo
+    total += int(np.count_nonzero((p >= 0) & (p <= span) & (p % lhs_dilate == 0)))
+  return total
+
+
+def _conv_flops(i: "Instr", lhs: list[int], rhs: list[int], out: list[int]) -> float:
+  """2 x multiply-adds of a convolution, counting only window positions over real input (XLA
+  writes some batched matmuls as convolutions whose padded window covers one input row)."""
+  labels = i.attr("dim_labels") or ""
+  m = re.fullmatch(r"(\w+)_(\w+)->(\w+)", labels)
+  if not m or len(m.group(1)) != len(lhs) or len(m.group(2)) != len(rhs):
+    return 2.0 * math.prod(out) * math.prod(rhs) / max(rhs[-1] if rhs else 1, 1)
+  ll, kl, ol = m.groups()
+  win = re.search(r"window=\{([^}]*)\}", i.attrs)
+  fields = dict(kv.split("=", 1) for kv in win.group(1).split()) if win else {}
+  nsp = len([c for c in kl if c.isdigit()])
+  def per_dim(key, default):
+    v = fields.get(key)
+    return [default] * nsp if v is None else v.split("x")
+  sizes = [int(v) for v in per_dim("size", 1)]
+  strides = [int(v) for v in per_dim("stride", 1)]
+  pads = [int(v.split("_")[0]) for v in per_dim("pad", "0_0")]
+  ldil = [int(v) for v in per_dim("lhs_dilate", 1)]
+  rdil = [int(v) for v in per_dim("rhs_dilate", 1)]
+  pairs = 1
+  for k in range(nsp):
+    d = str(k)
+    pairs *= _window_pairs(lhs[ll.index(d)], sizes[k], strides[k], pads[k], ldil[k], rdil[k],
+                           out[ol.index(d)])
+  return 2.0 * out[ol.index("b")] * out[ol.index("f")] * rhs[kl.index("i")] * pairs
+
+
 @dataclasses.dataclass
 class Instr:
   name: str
@@ -94,7 +136,7 @@ class Instr:
   root: bool = False
 
   def attr(self, key: str) -> str | None:
-    m = re.search(rf"\b{key}=(%?[\w.\-]+|\{{[^}}]*\}})", self.attrs)
+    m = re.search(rf"\b{key}=(\{{[^}}]*\}}|[^,\s{{}}]+)", self.attrs)
     return m.group(1).lstrip("%") if m else None
 
   def called(self, key: str) -> list[str]:
@@ -453,11 +495,8 @@ class _Analyzer:
       k = math.prod(lhs[int(c)] for c in contract if int(c) < len(lhs)) if lhs else 1
       return 2.0 * out * k, 0.0, io
     if op == "convolution":
-      kdims = _dims(self.operand_shape(comp, i.operands[1]))
-      labels = i.attr("dim_labels") or ""
-      kl = labels.split("_")[1].split("->")[0] if "_" in labels else ""
-      macs = math.prod(d for d, l in zip(kdims, kl) if l != "o") if kl else 1
-      return 2.0 * out * macs, 0.0, io
+      return _conv_flops(i, _dims(self.operand_shape(comp, i.operands[0])),
+                         _dims(self.operand_shape(comp, i.operands[1])), _dims(i.shape)), 0.0, io
     if op in _REDUCING:
       src = self.operand_shape(comp, i.operands[0]) if i.operands else i.shape
       per = self._apply_flops(i)
