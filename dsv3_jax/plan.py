@@ -16,7 +16,9 @@ What is compiled (never a copy of it):
 Figures are per device. `total = argument + output - alias + temp` (XLA's accounting);
 `peak` is XLA's own peak where this jax exposes it (`peak_memory_in_bytes`), else `total`. A
 program that does not fit is rejected by the compiler with RESOURCE_EXHAUSTED: `fits` is that
-verdict, and the figures then come from the compiler's message.
+verdict, and the figures then come from the compiler's message. `compiled_flops` /
+`compiled_bytes` count each loop body x its trip count (`dsv3_jax.hlo_cost`; XLA's
+`cost_analysis()`, which visits a loop body once, is kept as `xla_flops` / `xla_bytes`).
 
 The command line is `dsv3_jax.plan_cli` (`dsv3 plan`).
 """
