@@ -90,10 +90,17 @@ def _window_pairs(size: int, window: int, stride: int, lo: int, lhs_dilate: int,
                   rhs_dilate: int, out: int) -> int:
   """(output position, window position) pairs of one spatial dimension that land on a real
   input element (not padding, not a dilation hole)."""
-  o = np.arange(out)
   span = (size - 1) * lhs_dilate
+  if lhs_dilate == 1:  # per window position: the output range whose input index is real
+    base = np.arange(window, dtype=np.int64) * rhs_dilate - lo
+    first = np.maximum(-(base // stride), 0)            # ceil(-base / stride)
+    last = np.minimum((span - base) // stride, out - 1)
+    return int(np.maximum(last - first + 1, 0).sum())
+  a, b = (np.arange(out), np.arange(window)) if out <= window else (np.arange(window),
+                                                                     np.arange(out))
   total = 0
-  for w in range(window):
+  for v in a:  # the shorter axis in Python, the longer one vectorized
+    o, w = (v, b) if out <= window else (b, v)
     p = o * stride + w * rhs_dilate - lo
     total += int(np.count_nonzero((p >= 0) & (p <= span) & (p % lhs_dilate == 0)))
   return total
