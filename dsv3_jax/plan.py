@@ -182,7 +182,10 @@ class PlanReport:
     out["cost_counting"] = COST_COUNTING
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
-               steps={k: dataclasses.asdict(s) for k, s in self.steps.items()})
+               steps={k: {**dataclasses.asdict(s),
+                          "flops_ratio": _ratio(s.compiled_flops, s.model_flops),
+                          "bytes_ratio": _ratio(s.compiled_bytes, s.model_bytes)}
+                      for k, s in self.steps.items()})
     return out
 
 

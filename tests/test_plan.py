@@ -67,6 +67,9 @@ def check_consistent(j: dict) -> None:
   assert j["compile_seconds"] > 0
   assert set(j["kernels"]) == set(HOT_PATHS)
   assert j["flops_ratio"] == pytest.approx(j["compiled_flops"] / j["model_flops"], rel=1e-3)
+  for s in j["steps"].values():
+    assert s["bytes_ratio"] == pytest.approx(s["compiled_bytes"] / s["model_bytes"], rel=1e-3)
+    assert s["compiled_flops_worst"] >= s["compiled_flops"] and s["xla_flops"] > 0
 
 
 # (topology, mode, devices, libtpu's HBM per device in GiB, config)
