@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding,
                                logical_to_spec, make_mesh, parse_mesh_shape, state_shardings)
@@ -60,7 +61,7 @@ COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter"
 POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT)
 
 
-class PlanError(ValueError):
+class PlanError(ValueError, UserError):
   """A request `plan` cannot compile (bad topology, mesh, flags, missing libtpu)."""
 
 

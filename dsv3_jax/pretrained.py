@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import SCALE_SUFFIX, HFCheckpoint, name_table, read_targets, to_hf
+from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, HFCheckpoint, name_table, read_targets, to_hf
 from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
@@ -163,7 +163,7 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
     count = next(c for pfx, c in counts.items() if target.startswith(pfx))
     if sorted(by_slot) != list(range(count)):
       missing = sorted(set(range(count)) - set(by_slot))
-      raise ValueError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
+      raise CheckpointError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
                        f"{missing[:5]})")
     values = [by_slot[i] for i in range(count)]
     fp8 = [isinstance(v, Fp8Weight) for v in values]
@@ -195,7 +195,7 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     if not isinstance(w, Fp8Weight):
       continue
     if tuple(w.block) != FP8_BLOCK:
-      raise ValueError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
+      raise CheckpointError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
                        f"FP8 kernels' layout), the checkpoint has {tuple(w.block)}; load it with "
                        f"fp8='dequantize'")
     owner, attr = _owner(abstract, path)
@@ -231,12 +231,12 @@ def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, 
   flat = nnx.to_flat_state(state)
   missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
   if missing:
-    raise ValueError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
+    raise CheckpointError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
   for p, v in flat:
     a = arrays[_path(p)]
     want = v.get_value()
     if tuple(a.shape) != tuple(want.shape):
-      raise ValueError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
+      raise CheckpointError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
     v.set_value(jnp.asarray(a, dtype=want.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -297,7 +297,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
       cfg = cfg.replace(num_nextn_predict_layers=0)
     elif present < cfg.num_nextn_predict_layers:
       if mtp:
-        raise ValueError(f"{path}: config.json has num_nextn_predict_layers="
+        raise CheckpointError(f"{path}: config.json has num_nextn_predict_layers="
                          f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} MTP layer(s)")
       log.warning("%s: no MTP tensors for depth %d..%d (transformers drops them); loading without",
                   path, present + 1, cfg.num_nextn_predict_layers)
