@@ -298,8 +298,12 @@ def generate(model, prompts, *, tokenizer=None, max_new_tokens: int = 64, temper
   tokenizer: a `dsv3_jax.inference.Tokenizer` (needed for string prompts and for `text`);
   chat: wrap each string prompt in the tokenizer's chat template as a user turn.
   temperature 0 is greedy; top_k 0 / top_p 1 are off; eos_token_id defaults to the tokenizer's,
-  else the config's. speculative: MTP self-speculative decoding (greedy output identical to
-  plain). generator: reuse compiled functions across calls (it brings its own mesh). mesh /
+  else the config's. speculative: MTP self-speculative decoding. Greedy guarantee: each token is the argmax of
+  the model's logits as the verification pass computes them; in float32 the output equals plain
+  greedy decoding, in bfloat16 it can differ from the first near-tie (top-2 logits within bf16
+  rounding) on, because the two-token verification call rounds differently from the one-token
+  plain step (measured: tests/test_speculative_bf16.py). Sampling follows the standard
+  rejection rule, so each token is distributed as plain sampling. generator: reuse compiled functions across calls (it brings its own mesh). mesh /
   rules: see `Generator` (None: every device on `fsdp`, the default rules). Returns a GenerationOutput with
   token ids per prompt and, with a tokenizer, their text.
   """
