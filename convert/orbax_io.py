@@ -291,8 +291,8 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
   out: dict[str, Any] = {}
   items = abstract_vars.items()
   if progress:
-    from tqdm import tqdm
-    items = tqdm(items, desc="restore", unit="param")
+    from dsv3_jax.ui import iterate
+    items = iterate(items, len(abstract_vars), "restore", unit="param")
   for p, var in items:
     want = var.get_value() if hasattr(var, "get_value") else var
     entry = params[p]
@@ -332,7 +332,8 @@ def restore_numpy(path: str | os.PathLike, param: str, manifest: dict | None = N
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp: bool | None = None,
-               shardings: ShardingsArg = None, keep_fp8: bool = False, mesh=None, rules=None):
+               shardings: ShardingsArg = None, keep_fp8: bool = False, mesh=None, rules=None,
+               progress: bool = False):
   """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`
   (or, with mesh / rules, where the `ShardingRules` put each parameter on that mesh; each
   process reads only its own shards).
@@ -359,5 +360,6 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp:
                 present, cfg.num_nextn_predict_layers)
     cfg = cfg.replace(num_nextn_predict_layers=present)
   abstract = flat_variables(abstract_model(cfg, rt))
-  arrays = restore_arrays(path, abstract, shardings=shardings, keep_fp8=keep_fp8)
+  arrays = restore_arrays(path, abstract, shardings=shardings, keep_fp8=keep_fp8,
+                          progress=progress)
   return model_from_arrays(cfg, rt, arrays)

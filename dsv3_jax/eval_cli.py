@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   ui.status(f"loading {args.checkpoint} ...")
   t0 = time.perf_counter()
-  model = from_pretrained(args.checkpoint, dtype, mesh=mesh)
+  model = from_pretrained(args.checkpoint, dtype, mesh=mesh, progress=jax.process_index() == 0)
   if args.seq > model.config.max_position_embeddings:
     raise UserError(f"--seq {args.seq} exceeds max_position_embeddings="
                     f"{model.config.max_position_embeddings}")

@@ -252,7 +252,8 @@ def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
-                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None) -> DeepseekV3:
+                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None,
+                    progress: bool = False) -> DeepseekV3:
   """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
@@ -276,6 +277,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     kernel. Everything else loads as with "dequantize" (in `dtype`). The model is then
     inference-only: taking gradients through it raises `dsv3_jax.layers.Fp8TrainingError`;
     `save_pretrained` and expert parallelism are not supported for it.
+  progress: report reading progress on stderr (per `dsv3_jax.ui`: a bar, plain lines or nothing).
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
@@ -286,7 +288,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
   if orbax_io.is_converted(path):
     return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
-                               keep_fp8=fp8 == "keep")
+                               keep_fp8=fp8 == "keep", progress=progress)
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
@@ -314,8 +316,12 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     if fp8 == "keep":
       arrays = _read_keep_fp8(ckpt, table, shapes, dtypes, tuple(block), ignore_unexpected)
     else:
-      arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
-                                 ignore_unexpected=ignore_unexpected))
+      targets = read_targets(ckpt, table, shapes, dtypes, block=block,
+                             ignore_unexpected=ignore_unexpected)
+      if progress:
+        from dsv3_jax.ui import iterate
+        targets = iterate(targets, len(shapes), "load", unit="param")
+      arrays = dict(targets)
   finally:
     ckpt.close()
   if shardings is not None:

@@ -2,8 +2,8 @@
 
 `configure(args)` (called by `dsv3_jax.cli.main`) resolves the mode once per command:
   * "rich": live tqdm bars on stderr (the default when stderr is a terminal);
-  * "plain": no bars or carriage returns; a progress line every ~10% (the default when stderr is
-    not a terminal: logs, CI, pipes);
+  * "plain": no bars or carriage returns; a progress line every 10 s and at the end (the default
+    when stderr is not a terminal: logs, CI, pipes);
   * quiet: neither status lines nor progress (results and errors only).
 The mode is kept on this module (set per `dsv3` invocation; library code never reads it).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["configure", "status", "progress", "mode", "progress_enabled"]
+__all__ = ["configure", "status", "progress", "iterate", "mode", "progress_enabled"]
 
 _mode = {"format": "rich" if sys.stderr.isatty() else "plain", "quiet": False}
 
@@ -41,17 +41,21 @@ def status(msg: str) -> None:
 
 
 class _PlainProgress:
-  """tqdm's update/set_postfix/close subset, printing one line per ~10% of `total`."""
+  """tqdm's update/set_postfix/close subset, printing a line at most every `every_s` seconds
+  (and at the end), no carriage returns: for logs and pipes."""
+
+  every_s = 10.0
 
   def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0):
     self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-    self.every = max((total or 0) // 10, 1)
     self.postfix = ""
-    self.t0 = time.perf_counter()
+    self.t0 = self.last = time.perf_counter()
 
   def update(self, k: int = 1) -> None:
     self.n += k
-    if self.n % self.every == 0 or (self.total and self.n >= self.total):
+    now = time.perf_counter()
+    if now - self.last >= self.every_s or (self.total and self.n >= self.total):
+      self.last = now
       of = f"/{self.total}" if self.total else ""
       print(f"{self.desc}: {self.n}{of} {self.unit}s ({time.perf_counter() - self.t0:.1f} s)"
             + (f" {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
@@ -77,3 +81,14 @@ def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0, d
     return _PlainProgress(total, desc, unit, initial)
   from tqdm import tqdm
   return tqdm(total=total, initial=initial, desc=desc, unit=unit)
+
+
+def iterate(items, total: int | None, desc: str, unit: str = "it"):
+  """Yields `items`, reporting progress as `progress` does."""
+  bar = progress(total, desc, unit)
+  try:
+    for x in items:
+      yield x
+      bar.update(1)
+  finally:
+    bar.close()

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
   say = ui.status if main else (lambda msg: None)
   say(f"loading {args.checkpoint} ...")
   t0 = time.perf_counter()
-  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh)
+  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh,
+                          progress=main)
   say(f"loaded in {time.perf_counter() - t0:.1f} s; compiling prefill and decode (once per "
       f"prompt-length bucket) ...")
   vocab = model.config.vocab_size
