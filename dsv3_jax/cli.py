@@ -67,6 +67,19 @@ def _quiet_libraries() -> None:
     logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+  """Appends "(default: X)" to an option's help unless the help already speaks of its default or
+  the default is None / False (a flag or an optional value)."""
+
+  def _get_help_string(self, action):
+    h = action.help or ""
+    d = action.default
+    if ("default" in h.lower() or d is None or d is False or d is argparse.SUPPRESS
+        or not action.option_strings):
+      return h
+    return f"{h} (default: {d})"
+
+
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
   """The parser, with the arguments of subcommand `chosen` only (the others are not imported)."""
   parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in JAX")
@@ -75,7 +88,7 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, (module, help_text) in SUBCOMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     if name == chosen:
       mod = importlib.import_module(module)
       mod.add_arguments(p)

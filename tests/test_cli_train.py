@@ -109,3 +109,15 @@ def test_ctrl_c_saves_then_resume_checks_config_and_schedule(capsys, tmp_path, m
   # another schedule length: refused unless asked for
   res = train(capsys, out, "--steps", "6", "--save-every", "100")
   assert_user_error(res, "train", "--steps 4 -> 6", "--allow-schedule-change")
+
+
+def test_every_train_option_has_help_and_shows_its_default():
+  from dsv3_jax.cli import build_parser
+  parser = build_parser("train")
+  sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+  text = sub.format_help()
+  for action in sub._actions:
+    if action.option_strings:
+      assert action.help, action.option_strings
+  assert "--steps STEPS         total optimizer steps of the run (default: 200)" in text
+  assert "(default: None)" not in text
