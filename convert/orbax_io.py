@@ -114,13 +114,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
   """The manifest of a converted checkpoint; ValueError naming the file if it is not one."""
   file = os.path.join(os.fspath(path), MANIFEST)
   if not os.path.isfile(file):
-    raise CheckpointError(f"{path}: not a converted dsv3 checkpoint (no {MANIFEST}; an interrupted "
-                     f"conversion never writes it)")
+    raise CheckpointError(f"{path}: not a converted dsv3 checkpoint (no {MANIFEST}; an "
+                          f"interrupted conversion never writes it)")
   with open(file) as f:
     m = json.load(f)
   if m.get("format") != FORMAT or m.get("version") != VERSION:
-    raise CheckpointError(f"{file}: format {m.get('format')!r} version {m.get('version')!r} is not "
-                     f"{FORMAT!r} version {VERSION}")
+    raise CheckpointError(f"{file}: format {m.get('format')!r} version {m.get('version')!r} "
+                          f"is not {FORMAT!r} version {VERSION}")
   return m
 
 
@@ -286,7 +286,7 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
   missing = [p for p in abstract_vars if p not in params]
   if missing:
     raise CheckpointError(f"{path}: {len(missing)} parameter(s) the model needs are not in the "
-                     f"checkpoint, e.g. {missing[:5]}")
+                          f"checkpoint, e.g. {missing[:5]}")
   block = tuple((manifest.get("fp8") or {}).get("weight_block_size", (128, 128)))
   out: dict[str, Any] = {}
   items = abstract_vars.items()
@@ -300,13 +300,14 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
     s = sharding_for(shardings, p, var)
     if not entry["quantized"]:
       if tuple(entry["shape"]) != tuple(want.shape):
-        raise CheckpointError(f"{directory}: shape {tuple(entry['shape'])} != model {tuple(want.shape)}")
+        raise CheckpointError(f"{directory}: shape {tuple(entry['shape'])} != model "
+                              f"{tuple(want.shape)}")
       out[p] = _restore(directory, {"value": (want.shape, want.dtype, s)})["value"]
       continue
     qshape = tuple(want.shape[:-2]) + (want.shape[-1], want.shape[-2])
     if tuple(entry["shape"]) != qshape:
       raise CheckpointError(f"{directory}: FP8 shape {tuple(entry['shape'])} != model {qshape} "
-                       f"(checkpoint layout [..., out, in])")
+                            f"(checkpoint layout [..., out, in])")
     qs = _swap_last2(s, len(qshape))
     r = _restore(directory, {"value": (qshape, jnp.float8_e4m3fn, qs),
                              "scale_inv": (tuple(entry["scale_shape"]), jnp.float32, _replicated(s))})

@@ -163,8 +163,8 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
     count = next(c for pfx, c in counts.items() if target.startswith(pfx))
     if sorted(by_slot) != list(range(count)):
       missing = sorted(set(range(count)) - set(by_slot))
-      raise CheckpointError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
-                       f"{missing[:5]})")
+      raise CheckpointError(f"{target}: no value for {len(missing)} layer(s) of its stack "
+                            f"(slots {missing[:5]})")
     values = [by_slot[i] for i in range(count)]
     fp8 = [isinstance(v, Fp8Weight) for v in values]
     if all(fp8):
@@ -195,9 +195,9 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     if not isinstance(w, Fp8Weight):
       continue
     if tuple(w.block) != FP8_BLOCK:
-      raise CheckpointError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
-                       f"FP8 kernels' layout), the checkpoint has {tuple(w.block)}; load it with "
-                       f"fp8='dequantize'")
+      raise CheckpointError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight "
+                            f"blocks (the FP8 kernels' layout), the checkpoint has "
+                            f"{tuple(w.block)}; load it with fp8='dequantize'")
     owner, attr = _owner(abstract, path)
     del out[path]
     value = jax.ShapeDtypeStruct(w.value.shape, jnp.float8_e4m3fn)
@@ -300,7 +300,8 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     elif present < cfg.num_nextn_predict_layers:
       if mtp:
         raise CheckpointError(f"{path}: config.json has num_nextn_predict_layers="
-                         f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} MTP layer(s)")
+                              f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} "
+                              f"MTP layer(s)")
       log.warning("%s: no MTP tensors for depth %d..%d (transformers drops them); loading without",
                   path, present + 1, cfg.num_nextn_predict_layers)
       cfg = cfg.replace(num_nextn_predict_layers=present)
