@@ -4,7 +4,8 @@
 Errors (one handler for every command):
   * `dsv3_jax.errors.UserError` (a bad flag, file, config field, tensor): one line
     `dsv3 CMD: error: MESSAGE` on stderr, exit status 2;
-  * `OSError` (missing path, read-only destination, full disk): one line naming the path, status 2;
+  * `OSError` (missing path, read-only destination, full disk; also when Orbax reports one as
+    a tensorstore error): one line naming the path, status 2;
   * Ctrl-C: one line `dsv3 CMD: interrupted` (plus what was saved / how to resume, when the
     command says), status 130;
   * anything else is a bug and keeps its traceback. `--debug` shows tracebacks for all of them and
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.debug:
     _quiet_libraries()
   prefix = f"dsv3 {args.command}"
-  from dsv3_jax.errors import UserError, describe_os_error
+  from dsv3_jax.errors import UserError, as_os_error, describe_os_error
   try:
     return int(args._run(args) or 0)
   except KeyboardInterrupt:
@@ -121,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"{prefix}: error: {_one_line(str(e))}", file=sys.stderr)
     return EXIT_USER_ERROR
-  except OSError as e:
-    if args.debug:
+  except Exception as e:  # a filesystem error (also as Orbax/tensorstore reports one), else a bug
+    os_error = as_os_error(e)
+    if args.debug or os_error is None:
       raise
-    print(f"{prefix}: error: {_one_line(describe_os_error(e))}", file=sys.stderr)
+    print(f"{prefix}: error: {_one_line(describe_os_error(os_error))}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 

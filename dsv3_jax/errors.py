@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
-__all__ = ["UserError", "ConfigError", "describe_os_error", "check_free_space"]
+__all__ = ["UserError", "ConfigError", "describe_os_error", "check_free_space", "as_os_error"]
 
 
 class UserError(Exception):
@@ -42,6 +43,25 @@ def describe_os_error(e: OSError) -> str:
           errno.EROFS: "choose a writable destination",
           errno.EACCES: "check the permissions or choose another destination"}.get(e.errno)
   return f"{msg}; {hint}" if hint else msg
+
+
+_OS_CODE = re.compile(r"os_error_code='(\d+)'")
+_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+  """The filesystem error inside a library exception, or None. Orbax writes through tensorstore,
+  which reports a full disk or a read-only file system as a ValueError whose message carries
+  `[os_error_code='28']` and the quoted file path; that becomes OSError(errno, reason, path)."""
+  if isinstance(e, OSError):
+    return e
+  msg = str(e)
+  m = _OS_CODE.search(msg)
+  if not isinstance(e, (ValueError, RuntimeError)) or m is None:
+    return None
+  code = int(m.group(1))
+  paths = _PATH.findall(msg[:m.start()])
+  return OSError(code, os.strerror(code), paths[-1] if paths else None)
 
 
 def check_free_space(directory: str | os.PathLike, need_bytes: int, what: str) -> None:

@@ -132,3 +132,29 @@ def test_version(capsys):
     run_cli(capsys, "--version")
   assert e.value.code == 0
   assert re.fullmatch(r"dsv3 \S+\n", capsys.readouterr().out)
+
+
+# What tensorstore (under Orbax) raised when `dsv3 convert` filled a 300 KiB tmpfs (shortened).
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error opening "zarr3" driver: Error writing "value/zarr.json" in OCDBT '
+    'database at local file "/mnt/small/.out.partial-24111/params/layers.0.kernel/ocdbt.process_0/": '
+    'Failed writing: "/mnt/small/.out.partial-24111/params/layers.0.kernel/ocdbt.process_0/'
+    'manifest.ocdbt.__lock": Failed to write 113 bytes to file 15: No space left on device '
+    "[os_error_code='28'] [tensorstore_spec='{\"driver\":\"zarr3\",\"path\":\"/x/\"}']")
+
+
+def test_full_disk_reported_by_orbax_is_one_line(capsys, hf, tmp_path, monkeypatch):
+  conv = importlib.import_module("dsv3_jax.convert.convert")
+
+  def full_disk(*a, **k):
+    raise ValueError(TENSORSTORE_ENOSPC)
+  monkeypatch.setattr(conv, "convert", full_disk)
+  res = run_cli(capsys, "convert", hf, tmp_path / "out")
+  assert_user_error(res, "convert", "/mnt/small/.out.partial-24111/params/layers.0.kernel/"
+                    "ocdbt.process_0/manifest.ocdbt.__lock: No space left on device", "free some space")
+
+  def other(*a, **k):  # a ValueError without an OS error code is a bug: traceback
+    raise ValueError("RESOURCE_EXHAUSTED: out of memory")
+  monkeypatch.setattr(conv, "convert", other)
+  with pytest.raises(ValueError, match="out of memory"):
+    run_cli(capsys, "convert", hf, tmp_path / "out")
