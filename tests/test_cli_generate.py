@@ -134,14 +134,18 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys, ckpt):
   assert_user_error(gen(capsys, ckpt), "generate", status=130)
 
 
-def test_batched_prompt_file_matches_single_prompts(capsys, ckpt, tmp_path):
-  """Oracle: each prompt alone, greedy by argmax of the full forward (no cache), fp32."""
+def test_batched_prompt_file_matches_single_prompts(capsys, tmp_path):
+  """Oracle: each prompt alone, greedy by argmax of the full forward (no cache), fp32. One
+  dense layer, no MTP: the least to compile."""
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
   from dsv3_jax.inference import Tokenizer
   from dsv3_jax.pretrained import from_pretrained
+  small = CFG.replace(num_hidden_layers=1, num_nextn_predict_layers=0)
+  ckpt = write_checkpoint(tiny_model(0, small), str(tmp_path / "small"), shards=False)
+  write_word_tokenizer(ckpt, small.vocab_size)
   prompts = ["w5 w6 w7", "w9 w10 w11 w12 w13 w14", "w40"]
   pf = tmp_path / "prompts.txt"
   pf.write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")

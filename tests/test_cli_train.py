@@ -10,6 +10,7 @@ from dsv3_jax.train.data import DataError, check_token_files, write_tokens
 from tests.cli_helpers import assert_user_error, run_cli
 
 COMMON = ["--config", "tiny", "--batch", "2", "--seq", "32", "--quiet"]
+SMALL = dsv3_jax.TINY.replace(num_hidden_layers=1, num_nextn_predict_layers=0)
 
 
 def train(capsys, out, *extra):
@@ -94,7 +95,11 @@ def test_ctrl_c_saves_then_resume_checks_config_and_schedule(capsys, tmp_path, m
       raise KeyboardInterrupt
     return real_step(self, batch)
   monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-  res = train(capsys, out, "--steps", "4", "--save-every", "100")
+  # one dense layer, no MTP: the least to compile
+  small = tmp_path / "small.json"
+  small.write_text(json.dumps(SMALL.to_hf_config()))
+  args = ["--config", small, "--batch", "2", "--seq", "32", "--quiet", "--out", out]
+  res = run_cli(capsys, "train", *args, "--steps", "4", "--save-every", "100")
   msg = assert_user_error(res, "train", "saved step 1", "rerun the same command", status=130)
   assert str(out / "checkpoints") in msg
   assert (out / "checkpoints" / "1").is_dir()
@@ -102,12 +107,12 @@ def test_ctrl_c_saves_then_resume_checks_config_and_schedule(capsys, tmp_path, m
   monkeypatch.undo()
   # another config: refused before the checkpoint is touched
   other = tmp_path / "other.json"
-  other.write_text(json.dumps(dsv3_jax.TINY.replace(hidden_size=32).to_hf_config()))
+  other.write_text(json.dumps(SMALL.replace(hidden_size=32).to_hf_config()))
   res = run_cli(capsys, "train", "--config", other, "--batch", "2", "--seq", "32", "--out", out,
                 "--steps", "4")
   assert_user_error(res, "train", "--config differs", "hidden_size: 64 there, 32 now")
   # another schedule length: refused unless asked for
-  res = train(capsys, out, "--steps", "6", "--save-every", "100")
+  res = run_cli(capsys, "train", *args, "--steps", "6", "--save-every", "100")
   assert_user_error(res, "train", "--steps 4 -> 6", "--allow-schedule-change")
 
 
