@@ -29,6 +29,7 @@ from dsv3_jax.checkpoint import (SCALE_SUFFIX, CheckpointError, Entry, HFCheckpo
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.orbax_io import OrbaxWriter
 from dsv3_jax.pretrained import abstract_model, param_dtypes, param_shapes
+from dsv3_jax.errors import UserError
 from dsv3_jax.safetensors_io import SafetensorsError
 
 __all__ = ["DTYPES", "convert", "read_targets_fp8", "check_checkpoint", "TOKENIZER_FILES",
@@ -205,10 +206,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
   at DST; DST appears only when complete.
   """
   if dtype not in DTYPES:
-    raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
   if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-    raise ValueError(f"DST {dst} must not be SRC {src} or contain it or lie inside it")
+    raise UserError(f"DST {dst} must not be SRC {src} or contain it or lie inside it")
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
   cfg = ModelConfig.from_hf_config(src)

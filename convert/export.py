@@ -24,8 +24,9 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from dsv3_jax.checkpoint import SCALE_SUFFIX, Entry, hf_shape, name_table, to_hf
+from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, Entry, hf_shape, name_table, to_hf
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.convert.convert import TOKENIZER_FILES
 from dsv3_jax.convert.orbax_io import read_manifest, restore_numpy, staging_dir
 from dsv3_jax.pretrained import abstract_model, param_shapes
@@ -169,7 +170,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
   appears only when complete (written in a temporary sibling, then renamed).
   """
   if dtype not in EXPORT_DTYPES:
-    raise ValueError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    raise UserError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
   if os.path.lexists(out) and not overwrite:
     raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
@@ -189,7 +190,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
     by_target.setdefault(e.target, []).append((n, e))
   missing = [t for t in by_target if t not in manifest["params"]]
   if missing:
-    raise ValueError(f"{src}: parameters missing from the manifest, e.g. {missing[:5]}")
+    raise CheckpointError(f"{src}: parameters missing from the manifest, e.g. {missing[:5]}")
   targets = []
   for t in manifest["params"]:  # write order = conversion order
     if t in by_target:

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.checkpoint import CheckpointError
+
 __all__ = ["MANIFEST", "FORMAT", "CHUNK_BYTES", "Fp8Weight", "OrbaxWriter", "is_converted",
            "staging_dir",
            "read_manifest", "restore_arrays", "restore_numpy", "load_model", "ShardingsArg",
@@ -112,13 +114,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
   """The manifest of a converted checkpoint; ValueError naming the file if it is not one."""
   file = os.path.join(os.fspath(path), MANIFEST)
   if not os.path.isfile(file):
-    raise ValueError(f"{path}: not a converted dsv3 checkpoint (no {MANIFEST}; an interrupted "
-                     f"conversion never writes it)")
+    raise CheckpointError(f"{path}: not a converted dsv3 checkpoint (no {MANIFEST}; an "
+                          f"interrupted conversion never writes it)")
   with open(file) as f:
     m = json.load(f)
   if m.get("format") != FORMAT or m.get("version") != VERSION:
-    raise ValueError(f"{file}: format {m.get('format')!r} version {m.get('version')!r} is not "
-                     f"{FORMAT!r} version {VERSION}")
+    raise CheckpointError(f"{file}: format {m.get('format')!r} version {m.get('version')!r} "
+                          f"is not {FORMAT!r} version {VERSION}")
   return m
 
 
@@ -243,8 +245,15 @@ def _restore(directory: str, items: Mapping[str, tuple[tuple, Any, Any]]) -> dic
   target = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for k, (shape, dtype, s) in items.items()}
   args = {k: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype, global_shape=tuple(shape))
           for k, (shape, dtype, s) in items.items()}
-  return _checkpointer().restore(directory, args=ocp.args.PyTreeRestore(item=target,
-                                                                        restore_args=args))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{directory}: parameter listed in the manifest is missing from the "
+                          f"checkpoint (deleted or incompletely copied)")
+  try:
+    return _checkpointer().restore(directory, args=ocp.args.PyTreeRestore(item=target,
+                                                                          restore_args=args))
+  except (ValueError, FileNotFoundError, KeyError) as e:  # Orbax: missing/corrupt files
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise CheckpointError(f"{directory}: cannot restore this parameter ({first[:200]})") from e
 
 
 @functools.lru_cache(maxsize=64)  # one compiled function per (block, dtype, sharding), not per parameter
@@ -276,14 +285,14 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
   params = manifest["params"]
   missing = [p for p in abstract_vars if p not in params]
   if missing:
-    raise ValueError(f"{path}: {len(missing)} parameter(s) the model needs are not in the "
-                     f"checkpoint, e.g. {missing[:5]}")
+    raise CheckpointError(f"{path}: {len(missing)} parameter(s) the model needs are not in the "
+                          f"checkpoint, e.g. {missing[:5]}")
   block = tuple((manifest.get("fp8") or {}).get("weight_block_size", (128, 128)))
   out: dict[str, Any] = {}
   items = abstract_vars.items()
   if progress:
-    from tqdm import tqdm
-    items = tqdm(items, desc="restore", unit="param")
+    from dsv3_jax.ui import iterate
+    items = iterate(items, len(abstract_vars), "restore", unit="param")
   for p, var in items:
     want = var.get_value() if hasattr(var, "get_value") else var
     entry = params[p]
@@ -291,13 +300,14 @@ def restore_arrays(path: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
     s = sharding_for(shardings, p, var)
     if not entry["quantized"]:
       if tuple(entry["shape"]) != tuple(want.shape):
-        raise ValueError(f"{directory}: shape {tuple(entry['shape'])} != model {tuple(want.shape)}")
+        raise CheckpointError(f"{directory}: shape {tuple(entry['shape'])} != model "
+                              f"{tuple(want.shape)}")
       out[p] = _restore(directory, {"value": (want.shape, want.dtype, s)})["value"]
       continue
     qshape = tuple(want.shape[:-2]) + (want.shape[-1], want.shape[-2])
     if tuple(entry["shape"]) != qshape:
-      raise ValueError(f"{directory}: FP8 shape {tuple(entry['shape'])} != model {qshape} "
-                       f"(checkpoint layout [..., out, in])")
+      raise CheckpointError(f"{directory}: FP8 shape {tuple(entry['shape'])} != model {qshape} "
+                            f"(checkpoint layout [..., out, in])")
     qs = _swap_last2(s, len(qshape))
     r = _restore(directory, {"value": (qshape, jnp.float8_e4m3fn, qs),
                              "scale_inv": (tuple(entry["scale_shape"]), jnp.float32, _replicated(s))})
@@ -323,7 +333,8 @@ def restore_numpy(path: str | os.PathLike, param: str, manifest: dict | None = N
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp: bool | None = None,
-               shardings: ShardingsArg = None, keep_fp8: bool = False, mesh=None, rules=None):
+               shardings: ShardingsArg = None, keep_fp8: bool = False, mesh=None, rules=None,
+               progress: bool = False):
   """`from_pretrained` for a converted directory: a `DeepseekV3` restored into `shardings`
   (or, with mesh / rules, where the `ShardingRules` put each parameter on that mesh; each
   process reads only its own shards).
@@ -344,11 +355,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, runtime=None, mtp:
     cfg = cfg.replace(num_nextn_predict_layers=0)
   elif present < cfg.num_nextn_predict_layers:
     if mtp:
-      raise ValueError(f"{path}: config.json has num_nextn_predict_layers="
-                       f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present}")
+      raise CheckpointError(f"{path}: config.json has num_nextn_predict_layers="
+                            f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present}")
     log.warning("%s: checkpoint holds %d of %d MTP layer(s); loading without the rest", path,
                 present, cfg.num_nextn_predict_layers)
     cfg = cfg.replace(num_nextn_predict_layers=present)
   abstract = flat_variables(abstract_model(cfg, rt))
-  arrays = restore_arrays(path, abstract, shardings=shardings, keep_fp8=keep_fp8)
+  arrays = restore_arrays(path, abstract, shardings=shardings, keep_fp8=keep_fp8,
+                          progress=progress)
   return model_from_arrays(cfg, rt, arrays)

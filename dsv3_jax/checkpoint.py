@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.safetensors_io import SafetensorsFile
 
 __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
@@ -29,7 +30,7 @@ __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table
 SCALE_SUFFIX = "_scale_inv"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
   """A checkpoint does not match the model (the message names the tensor and the file)."""
 
 

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.hlo_cost import HloCost, hlo_cost
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding, use_rules,
@@ -65,7 +66,7 @@ COST_COUNTING = ("compiled_flops/compiled_bytes: optimized HLO per device, " + H
                  + "; xla_flops/xla_bytes: XLA cost_analysis(), each loop body once")
 
 
-class PlanError(ValueError):
+class PlanError(ValueError, UserError):
   """A request `plan` cannot compile (bad topology, mesh, flags, missing libtpu)."""
 
 

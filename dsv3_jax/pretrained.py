@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import SCALE_SUFFIX, HFCheckpoint, name_table, read_targets, to_hf
+from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, HFCheckpoint, name_table, read_targets, to_hf
 from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
@@ -163,8 +163,8 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
     count = next(c for pfx, c in counts.items() if target.startswith(pfx))
     if sorted(by_slot) != list(range(count)):
       missing = sorted(set(range(count)) - set(by_slot))
-      raise ValueError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
-                       f"{missing[:5]})")
+      raise CheckpointError(f"{target}: no value for {len(missing)} layer(s) of its stack "
+                            f"(slots {missing[:5]})")
     values = [by_slot[i] for i in range(count)]
     fp8 = [isinstance(v, Fp8Weight) for v in values]
     if all(fp8):
@@ -195,9 +195,9 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     if not isinstance(w, Fp8Weight):
       continue
     if tuple(w.block) != FP8_BLOCK:
-      raise ValueError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
-                       f"FP8 kernels' layout), the checkpoint has {tuple(w.block)}; load it with "
-                       f"fp8='dequantize'")
+      raise CheckpointError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight "
+                            f"blocks (the FP8 kernels' layout), the checkpoint has "
+                            f"{tuple(w.block)}; load it with fp8='dequantize'")
     owner, attr = _owner(abstract, path)
     del out[path]
     value = jax.ShapeDtypeStruct(w.value.shape, jnp.float8_e4m3fn)
@@ -231,12 +231,12 @@ def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, 
   flat = nnx.to_flat_state(state)
   missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
   if missing:
-    raise ValueError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
+    raise CheckpointError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
   for p, v in flat:
     a = arrays[_path(p)]
     want = v.get_value()
     if tuple(a.shape) != tuple(want.shape):
-      raise ValueError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
+      raise CheckpointError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
     v.set_value(jnp.asarray(a, dtype=want.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -252,7 +252,8 @@ def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
-                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None) -> DeepseekV3:
+                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None,
+                    progress: bool = False) -> DeepseekV3:
   """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
@@ -276,6 +277,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     kernel. Everything else loads as with "dequantize" (in `dtype`). The model is then
     inference-only: taking gradients through it raises `dsv3_jax.layers.Fp8TrainingError`;
     `save_pretrained` and expert parallelism are not supported for it.
+  progress: report reading progress on stderr (per `dsv3_jax.ui`: a bar, plain lines or nothing).
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
@@ -286,7 +288,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
   if orbax_io.is_converted(path):
     return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
-                               keep_fp8=fp8 == "keep")
+                               keep_fp8=fp8 == "keep", progress=progress)
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
@@ -297,8 +299,9 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
       cfg = cfg.replace(num_nextn_predict_layers=0)
     elif present < cfg.num_nextn_predict_layers:
       if mtp:
-        raise ValueError(f"{path}: config.json has num_nextn_predict_layers="
-                         f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} MTP layer(s)")
+        raise CheckpointError(f"{path}: config.json has num_nextn_predict_layers="
+                              f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} "
+                              f"MTP layer(s)")
       log.warning("%s: no MTP tensors for depth %d..%d (transformers drops them); loading without",
                   path, present + 1, cfg.num_nextn_predict_layers)
       cfg = cfg.replace(num_nextn_predict_layers=present)
@@ -314,8 +317,12 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     if fp8 == "keep":
       arrays = _read_keep_fp8(ckpt, table, shapes, dtypes, tuple(block), ignore_unexpected)
     else:
-      arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
-                                 ignore_unexpected=ignore_unexpected))
+      targets = read_targets(ckpt, table, shapes, dtypes, block=block,
+                             ignore_unexpected=ignore_unexpected)
+      if progress:
+        from dsv3_jax.ui import iterate
+        targets = iterate(targets, len(shapes), "load", unit="param")
+      arrays = dict(targets)
   finally:
     ckpt.close()
   if shardings is not None:

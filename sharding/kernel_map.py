@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
+from dsv3_jax.errors import UserError
 from dsv3_jax.sharding.rules import ShardingRules, current_rules
 
 __all__ = ["Dim", "KernelShardingError", "kernel_map", "kernel_specs"]
@@ -45,7 +46,7 @@ AxisName = str | Dim | None
 Axes = tuple[AxisName, ...]
 
 
-class KernelShardingError(ValueError):
+class KernelShardingError(ValueError, UserError):
   """A kernel cannot run on the sharding at hand (names the kernel, operand, specs, shapes)."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from dsv3_jax.errors import UserError
 from dsv3_jax.inference.cache import init_cache
 from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
 from dsv3_jax.inference.sampling import SamplingParams, sample
@@ -34,7 +35,12 @@ from dsv3_jax.inference.state import GenState
 from dsv3_jax.sharding import (ShardingRules, global_batch, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
-__all__ = ["Generator", "GenerationOutput", "generate"]
+__all__ = ["Generator", "GenerationOutput", "generate", "GenerationError"]
+
+
+class GenerationError(ValueError, UserError):
+  """A request the model cannot serve (empty prompt, too long for max_position_embeddings, no MTP
+  layer for speculative decoding, ...); the message names the argument."""
 
 
 @dataclasses.dataclass
@@ -203,11 +209,11 @@ class Generator:
     Returns a GenerationOutput (text None; see `generate` for text).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-      raise ValueError("generate: every prompt needs at least one token")
+      raise GenerationError("generate: every prompt needs at least one token")
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+      raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if speculative and self.config.num_nextn_predict_layers < 1:
-      raise ValueError("speculative decoding needs an MTP layer: the model has "
+      raise GenerationError("speculative decoding needs an MTP layer: the model has "
                        "num_nextn_predict_layers=0 (was the checkpoint saved without layer "
                        f"{self.config.num_hidden_layers}?)")
     eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -221,7 +227,7 @@ class Generator:
     step = 64 if rows <= 256 else 128  # the TPU rope-cache write: see mla_decode.tpu_write
     capacity = -(-rows // step) * step
     if int(lens.max()) + max_new_tokens > limit:
-      raise ValueError(f"prompt ({int(lens.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
+      raise GenerationError(f"prompt ({int(lens.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_position_embeddings={limit}")
     toks = np.zeros((B, T), np.int32)
     for b, p in enumerate(prompts):
@@ -294,8 +300,12 @@ def generate(model, prompts, *, tokenizer=None, max_new_tokens: int = 64, temper
   tokenizer: a `dsv3_jax.inference.Tokenizer` (needed for string prompts and for `text`);
   chat: wrap each string prompt in the tokenizer's chat template as a user turn.
   temperature 0 is greedy; top_k 0 / top_p 1 are off; eos_token_id defaults to the tokenizer's,
-  else the config's. speculative: MTP self-speculative decoding (greedy output identical to
-  plain). generator: reuse compiled functions across calls (it brings its own mesh). mesh /
+  else the config's. speculative: MTP self-speculative decoding. Greedy guarantee: each token is the argmax of
+  the model's logits as the verification pass computes them; in float32 the output equals plain
+  greedy decoding, in bfloat16 it can differ from the first near-tie (top-2 logits within bf16
+  rounding) on, because the two-token verification call rounds differently from the one-token
+  plain step (measured: tests/test_speculative_bf16.py). Sampling follows the standard
+  rejection rule, so each token is distributed as plain sampling. generator: reuse compiled functions across calls (it brings its own mesh). mesh /
   rules: see `Generator` (None: every device on `fsdp`, the default rules). Returns a GenerationOutput with
   token ids per prompt and, with a tokenizer, their text.
   """
@@ -305,7 +315,7 @@ def generate(model, prompts, *, tokenizer=None, max_new_tokens: int = 64, temper
   for p in prompts:
     if isinstance(p, str):
       if tokenizer is None:
-        raise ValueError("generate: string prompts need a tokenizer")
+        raise GenerationError("generate: string prompts need a tokenizer")
       ids.append(tokenizer.encode_chat(p) if chat else tokenizer.encode(p))
     else:
       ids.append([int(t) for t in p])

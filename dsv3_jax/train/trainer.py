@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.pretrained import count_params
 from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
@@ -42,7 +43,12 @@ from dsv3_jax.train.data import Batch, DataState, TokenDataset
 from dsv3_jax.train.loss import LossConfig, training_loss
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
-__all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "train_step_fn", "H100_PEAK_FLOPS"]
+__all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "train_step_fn", "H100_PEAK_FLOPS",
+           "ResumeError"]
+
+
+class ResumeError(ValueError, UserError):
+  """A checkpoint that this run cannot continue from (other batch/sequence shape)."""
 
 H100_PEAK_FLOPS = 790e12  # dense bf16, as measured on the lent H100 (ARCHITECTURE.md)
 
@@ -296,9 +302,9 @@ class Trainer:
       return False
     pure, meta, step = self.checkpointer.restore(self._pure(), step)
     if (meta["seq_len"], meta["batch_size"]) != (self.data.seq_len, self.data.batch_size):
-      raise ValueError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
-                       f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
-                       f"{self.data.seq_len} batch={self.data.batch_size}")
+      raise ResumeError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
+                        f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
+                        f"{self.data.seq_len} batch={self.data.batch_size}")
     self.state = pure
     self.step = int(meta["step"])
     self.data.state = DataState.from_dict(meta["data"])
