@@ -4,9 +4,11 @@ Einsum letters: N tokens (batch*seq flattened), D hidden, E routed experts, K ex
 F expert FFN width, G expert groups.
 
 The expert computation is a chain of small pure functions (route -> permute -> grouped FFN ->
-unpermute/combine) so expert parallelism (dsv3_jax.sharding) can wrap the same pieces in
-shard_map. Nothing is dropped: each token reaches all of its K experts.
-See docs in the README ("MoE and MTP design").
+unpermute/combine) so expert parallelism (dsv3_jax.sharding.expert_parallel) wraps the same
+pieces in shard_map: `permute` and `unpermute` are its `sort_by_destination` and `combine` (which
+live there because sharding imports nothing from the model), and `grouped_ffn` is passed to it.
+Nothing is dropped: each token reaches all of its K experts. Design: README "Design notes"
+(MoE) and the module docstring of `dsv3_jax.sharding.expert_parallel`.
 
 Kernels: `RuntimeConfig.moe_backend` picks the grouped-matmul implementation ("reference" is
 jax.lax.ragged_dot; "auto" / "pallas" / "interpret" go to `dsv3_jax.kernels_pallas`, with
@@ -109,16 +111,14 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax
 
 
 def permute(x: jax.Array, experts: jax.Array, num_experts: int):
-  """Sorts the N*K (token, expert) pairs by expert.
+  """Sorts the N*K (token, expert) pairs by expert (expert parallelism's `sort_by_destination`,
+  the one implementation, without its destination ids).
 
   x [N, D], experts [N, K] -> (xs [N*K, D] rows grouped by expert, order [N*K] (position of each
   sorted row in the flattened [N*K] pair list), group_sizes [E] int32).
   """
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  K = experts.shape[1]
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return x[order // K], order, group_sizes
+  xs, _, order, group_sizes = expert_parallel.sort_by_destination(x, experts, num_experts)
+  return xs, order, group_sizes
 
 
 def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference",
@@ -133,14 +133,13 @@ def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference
 
 
 def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
-  """Inverse of `permute` plus the weighted combine.
+  """Inverse of `permute` plus the weighted combine (expert parallelism's `combine`, the one
+  implementation).
 
   ys [N*K, D] expert-sorted outputs, order [N*K], weights [N, K] -> [N, D] = sum_k w_k * y_k,
   accumulated in float32.
   """
-  N, K = weights.shape
-  y = jnp.zeros(ys.shape, jnp.float32).at[order].set(ys.astype(jnp.float32))
-  return jnp.einsum("nkd,nk->nd", y.reshape(N, K, -1), weights.astype(jnp.float32))
+  return expert_parallel.combine(ys, order, weights)
 
 
 class Router(nnx.Module):

@@ -1,5 +1,13 @@
 """Shared test helpers."""
+import os
+import sys
+
 import numpy as np
+
+# bench/common.py (bench/ is not a package) owns the HLO collective parser the EP tests use.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+from common import hlo_collectives  # noqa: E402,F401
 
 
 def max_abs_err(actual, expected) -> float:

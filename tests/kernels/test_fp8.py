@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import Backend, fp8
-from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.fp8 import gpu, reference, tpu
 from tests.utils import assert_close
 
@@ -235,7 +235,7 @@ def test_dispatch_and_validation():
   # AUTO on a CPU host: no Pallas kernel for CPU, so the reference runs.
   np.testing.assert_array_equal(np.asarray(fp8.fp8_matmul(a, a_scale, b, b_scale)),
                                 np.asarray(ref))
-  with pytest.raises(RuntimeError, match="no Pallas implementation"):
+  with pytest.raises(KernelRequestError, match="no Pallas implementation"):
     fp8.fp8_weight_matmul(x, b, b_scale, backend="pallas")
   with pytest.raises(ValueError, match="b_scale must be"):
     fp8.fp8_matmul(a, a_scale, b, b_scale[:, :2])

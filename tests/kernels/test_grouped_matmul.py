@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.fp8 import reference as fp8_reference
 from dsv3_jax.kernels_pallas.grouped_matmul import (gpu, grouped_matmul, grouped_matmul_fp8,
                                                     reference, schedule, tpu,
@@ -199,7 +199,7 @@ def test_dispatch_and_validation():
   lhs, rhs, gs = _operands(jnp.float32)
   ref = reference.grouped_matmul_ref(lhs, rhs, gs)
   np.testing.assert_array_equal(np.asarray(grouped_matmul(lhs, rhs, gs)), np.asarray(ref))
-  with pytest.raises(RuntimeError, match="no Pallas implementation"):
+  with pytest.raises(KernelRequestError, match="no Pallas implementation"):
     grouped_matmul(lhs, rhs, gs, backend="pallas")
   with pytest.raises(ValueError, match="group_sizes"):
     grouped_matmul(lhs, rhs, gs[:3])

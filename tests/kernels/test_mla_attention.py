@@ -17,7 +17,7 @@ import pytest
 
 from dsv3_jax.kernels_pallas import mla_attention
 from dsv3_jax.kernels_pallas.mla_attention import gpu, reference, tpu
-from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from tests.utils import assert_close
 
 
@@ -129,7 +129,7 @@ def test_dispatch():
   q, k, v, _ = _inputs(2, 1, 8, 8, 2, 2, 64, 64, jnp.float32)
   ref = reference.mla_attention_reference(q, k, v, scale=0.1)
   assert_close(mla_attention(q, k, v, scale=0.1, backend="auto"), ref, atol=0, what="auto on cpu")
-  with pytest.raises(RuntimeError):
+  with pytest.raises(KernelRequestError, match="backend='pallas'"):
     mla_attention(q, k, v, scale=0.1, backend="pallas")
   with pytest.raises(TypeError):
     mla_attention(q, k, v, scale=0.1, backend="interpret", platform="gpu",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import mla_decode
-from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, reference, tpu
 from tests.utils import assert_close
 
@@ -153,7 +153,7 @@ def test_dispatch():
   ref = reference.mla_decode_reference(q, cache, lengths, scale=0.1, kv_lora_rank=64)
   assert_close(mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64), ref, atol=0,
                what="auto on cpu")
-  with pytest.raises(RuntimeError):
+  with pytest.raises(KernelRequestError, match="backend='pallas'"):
     mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64, backend="pallas")
   with pytest.raises(TypeError):
     mla_decode(q, cache, lengths, scale=0.1, kv_lora_rank=64, backend="interpret",

@@ -135,8 +135,9 @@ def test_two_tokens_lower_for_cuda_at_v3_shapes():
   assert "mosaic_gpu" in text and "triton" not in text
 
 
-def test_unsupported_shapes_fall_back_to_triton():
-  """16 heads (not a multiple of 64) and 16-row pages (below block_k): Triton, with a reason."""
+def test_unsupported_shapes_raise_when_forced_and_run_triton_under_auto(monkeypatch):
+  """16 heads (not a multiple of 64) and 16-row pages (below block_k): gpu_impl="mosaic" (or a
+  mosaic_gpu.BlockSizes) raises naming the reason; auto (on a Hopper GPU) runs Triton."""
   sds = jax.ShapeDtypeStruct
   q16 = sds((2, 16, 576), jnp.bfloat16)
   cache = sds((2, 256, 576), jnp.bfloat16)
@@ -146,8 +147,14 @@ def test_unsupported_shapes_fall_back_to_triton():
   assert "page size 16" in mosaic_gpu.unsupported_reason(q, pool, 512, tables)
   assert mosaic_gpu.unsupported_reason(q, cache, 512, None) is None
   n = sds((2,), jnp.int32)
-  for args in ((q16, cache, n, None), (q, pool, n, tables)):
-    text = _lower_cuda(*args, gpu_impl="mosaic")
+  import dsv3_jax.kernels_pallas.backend as backend
+  monkeypatch.setattr(backend, "_is_hopper", lambda: True)  # auto would pick Mosaic GPU
+  for args, why in (((q16, cache, n, None), "heads=16"), ((q, pool, n, tables), "page size 16")):
+    with pytest.raises(backend.KernelRequestError, match=f"gpu_impl='mosaic'.*{why}"):
+      _lower_cuda(*args, gpu_impl="mosaic")
+    with pytest.raises(backend.KernelRequestError, match=why):
+      _lower_cuda(*args, block_sizes=mosaic_gpu.BlockSizes())
+    text = _lower_cuda(*args)
     assert "triton" in text and "mosaic_gpu" not in text
   with pytest.raises(TypeError, match="mosaic_gpu.BlockSizes"):
     _lower_cuda(q, cache, n, None, gpu_impl="mosaic", block_sizes=gpu.BlockSizes())
