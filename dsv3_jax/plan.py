@@ -400,7 +400,7 @@ def _runtime(req: PlanRequest) -> RuntimeConfig:
   pdt = req.param_dtype or (jnp.float32 if train else jnp.bfloat16)
   return RuntimeConfig(param_dtype=pdt, dtype=jnp.bfloat16, remat=req.remat if train else "none",
                        attention_backend=req.kernels, moe_backend=req.kernels,
-                       kernel_platform="tpu")
+                       linear_backend=req.kernels, kernel_platform="tpu")
 
 
 def plan(req: PlanRequest) -> PlanReport:

@@ -36,3 +36,23 @@ def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what: str 
     raise AssertionError(f"{what}: max abs err {worst:.3e} exceeds atol={atol:g} rtol={rtol:g} "
                          f"(worst excess at flat index {i}: |{a[fin][i]:.6g} - {e[fin][i]:.6g}|)")
   return worst
+
+
+
+
+def count_pallas_calls(jaxpr) -> int:
+  """The `pallas_call`s in a (Closed)Jaxpr, nested jaxprs included (jit, scan, shard_map,
+  custom_vjp, cond): once per call site as traced (a scan body counts once)."""
+  from jax.extend import core
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+
+  def subs(v):
+    if isinstance(v, (core.Jaxpr, core.ClosedJaxpr)):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      for x in v:
+        yield from subs(x)
+
+  return sum((eqn.primitive.name == "pallas_call")
+             + sum(count_pallas_calls(sub) for v in eqn.params.values() for sub in subs(v))
+             for eqn in jaxpr.eqns)

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
   print(f"loading {args.checkpoint} ...", file=sys.stderr)
   from dsv3_jax.config import RuntimeConfig
   rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
-                     moe_backend=args.kernels)
+                     moe_backend=args.kernels, linear_backend=args.kernels)
   model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh)
   vocab = model.config.vocab_size
   if max(ids) >= vocab or min(ids) < 0:
