@@ -215,3 +215,16 @@ def test_cli_generate_streams_greedy_text(model, tmp_path, capsys):
                  on_step=lambda new: None)
   assert res.tokens == [expect]
   assert res.text == [" ".join(f"w{t}" for t in expect if t > 1)]
+
+
+def test_compiled_cache_is_bounded_lru():
+  """The compiled-function cache shared by Generators keeps at most max_entries, evicting the
+  least recently used (a hit refreshes an entry)."""
+  from dsv3_jax.inference.generate import CompiledCache
+  c = CompiledCache(max_entries=2)
+  c.put("a", 1)
+  c.put("b", 2)
+  assert c.get("a") == 1  # "b" is now the least recently used
+  c.put("c", 3)
+  assert c.get("b") is None and (c.get("a"), c.get("c"), len(c)) == (1, 3, 2)
+  assert [k for k, _ in c.items()] == ["a", "c"]

@@ -244,7 +244,7 @@ def test_greedy_generate_matches_reference(gen_arrays, reference_tokens, platfor
   MTP-speculative greedy output equal the reference backend's token for token."""
   decode_module = importlib.import_module("dsv3_jax.inference.decode")
   generate_module = importlib.import_module("dsv3_jax.inference.generate")  # not the function
-  monkeypatch.setattr(generate_module, "_COMPILED", {})  # trace afresh, whatever ran before
+  monkeypatch.setattr(generate_module, "COMPILED", generate_module.CompiledCache())  # trace afresh
   calls = []  # traced mla_decode calls (tokens per call): the compiled steps use the kernel
   kernel = decode_module.mla_decode
 

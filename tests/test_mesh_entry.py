@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import dsv3_jax
 from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.inference import Generator
-from dsv3_jax.inference.generate import _COMPILED
+from dsv3_jax.inference.generate import COMPILED
 from dsv3_jax.pretrained import stacked_variables, param_shapes
 from dsv3_jax.sharding import make_mesh
 from dsv3_jax.train.cli import bundled_token_file
@@ -154,7 +154,7 @@ def test_sharded_generate_matches_single_device(source, checkpoint, single_token
     assert all(len(t) == 8 for t in got.tokens)
   # The latent cache (and every per-sequence field) is split on the batch: 4 prompts over the
   # batch axes fsdp x expert.
-  prefill = [c for k, c in _COMPILED.items() if k[0] == "prefill" and k[2] == mesh]
+  prefill = [c for k, c in COMPILED.items() if k[0] == "prefill" and k[2] == mesh]
   assert prefill
   gs = prefill[-1].output_shardings
   for buf in jax.tree.leaves(gs.cache):  # kv [layers, B, S, 576], lengths [B]
