@@ -39,10 +39,10 @@ def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "refere
   ("tpu", "gpu" or None) is the kernel variant to interpret, or to lower for off-device, and
   `gpu_impl` the GPU flavour (see `dsv3_jax.kernels_pallas.mla_attention`). "reference" is the
   kernels' own oracle, `mla_attention_reference` (float32 scores, softmax and value product):
-  the model and the kernel tests share one definition of the causal and segment masks. The Pallas kernels need K and V to be multiples of
-  64: other head dims are zero-padded up to the next multiple here (exact: zero q/k dims add
-  nothing to q.k, zero v dims are sliced off; gradients flow through the pad), at the cost of
-  the padded work. DeepSeek-V3's 192 / 128 need no padding. Under a mesh (`jax.set_mesh`) the
+  the model and the kernel tests share one definition of the causal and segment masks. The
+  Pallas kernels need K and V to be multiples of 64: other head dims are zero-padded up to the
+  next multiple here (exact: zero q/k dims add nothing to q.k, zero v dims are sliced off;
+  gradients flow through the pad), at the cost of the padded work. DeepSeek-V3's 192 / 128 need no padding. Under a mesh (`jax.set_mesh`) the
   kernel runs inside `shard_map` (`dsv3_jax.sharding.kernel_map`): batch split over the
   `ShardingRules().batch` axes, heads over `act_heads`, T whole.
   """

@@ -10,6 +10,7 @@ from dsv3_jax.kernels_pallas.grouped_matmul import (grouped_matmul, grouped_matm
 from dsv3_jax.kernels_pallas.mla_attention import mla_attention, mla_attention_reference
 from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference
 
-__all__ = ["Backend", "Impl", "KernelRequestError", "select", "mla_attention", "mla_attention_reference", "mla_decode",
+__all__ = ["Backend", "Impl", "KernelRequestError", "select", "mla_attention",
+           "mla_attention_reference", "mla_decode",
            "mla_decode_reference", "quantize_activations", "fp8_matmul", "fp8_weight_matmul",
            "grouped_matmul", "grouped_matmul_fp8", "transposed_grouped_matmul"]

@@ -62,5 +62,6 @@ def test_model_does_not_import_convert():
 def test_the_guard_sees_lazy_imports(tmp_path):
   """A function-level import counts (the form the pretrained -> convert edge took)."""
   f = tmp_path / "m.py"
-  f.write_text("def g():\n  from dsv3_jax.convert.orbax_io import x\n  from dsv3_jax import convert\n")
+  f.write_text("def g():\n  from dsv3_jax.convert.orbax_io import x\n"
+               "  from dsv3_jax import convert\n")
   assert list(_imports(f)) == ["dsv3_jax.convert.orbax_io", "dsv3_jax", "dsv3_jax.convert"]

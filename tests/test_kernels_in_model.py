@@ -31,24 +31,16 @@ from flax import nnx
 import dsv3_jax
 from dsv3_jax.inference import Generator, absorb_weights, decode_forward, init_cache, prefill
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
-from dsv3_jax.pretrained import param_shapes
-from tests.utils import assert_close
+from tests.utils import FAST_COMPILE, assert_close, random_arrays
 
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=2, qk_nope_head_dim=32, qk_rope_head_dim=32,
                             v_head_dim=64, kv_lora_rank=64, first_k_dense_replace=3)
 PLATFORMS = ("tpu", "gpu")
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _arrays(cfg, seed: int, std: float = 0.08):
   """Random weights with std `std` (norms ~1, router bias std 0.3): logits O(1)."""
-  rng = np.random.RandomState(seed)
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(cfg, dsv3_jax.RuntimeConfig())).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (std, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return arrays
+  return random_arrays(cfg, seed, std=std)
 
 
 def _model(arrays, platform=None, cfg=CFG):
@@ -64,7 +56,7 @@ def compile_fast(f, *args, kernels: bool = False):
   so a kernel test cannot pass by silently running the reference."""
   traced = jax.jit(f).trace(*args)
   assert ("pallas_call" in str(traced.jaxpr)) == kernels
-  return traced.lower().compile(compiler_options=OPTS)
+  return traced.lower().compile(compiler_options=FAST_COMPILE)
 
 
 def run_fast(f, *args, kernels: bool = False):

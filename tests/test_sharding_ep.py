@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax.moe import grouped_ffn
 from dsv3_jax.sharding import Exchange, ep_layout, expert_parallel_ffn, make_mesh
 from dsv3_jax.sharding import expert_parallel as ep
-from tests.sharding_case import FAST_COMPILE
-from tests.utils import assert_close, hlo_collectives
+from tests.utils import FAST_COMPILE, assert_close, hlo_collectives
 
 E, K, D, F = 32, 2, 40, 24   # E/K = 16 > 8 shards: the padded buffer is smaller than [n, E, D]
 FFN = functools.partial(grouped_ffn, backend="reference")

@@ -22,8 +22,7 @@ from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.moe import MoE
 from dsv3_jax.sharding import Exchange, ep_layout, make_mesh
 from dsv3_jax.sharding import expert_parallel as ep
-from tests.sharding_case import FAST_COMPILE
-from tests.utils import assert_close, hlo_collectives
+from tests.utils import FAST_COMPILE, assert_close, hlo_collectives
 
 CFG = TINY.replace(n_routed_experts=16, n_group=4, topk_group=4, num_experts_per_tok=4)
 B, T = 4, 16  # 64 tokens: 8 per shard on 8 devices

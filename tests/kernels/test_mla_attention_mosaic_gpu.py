@@ -23,7 +23,7 @@ import pytest
 from dsv3_jax.kernels_pallas import mla_attention
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
-from tests.utils import assert_close
+from tests.utils import assert_close, run_fast
 
 BLOCKS = mosaic_gpu.BlockSizes(
     block_q=64, block_k=64, max_concurrent_steps=2, backward_impl="mosaic",
@@ -32,12 +32,6 @@ BLOCKS = mosaic_gpu.BlockSizes(
     backward=gpu.BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2, block_q_dkv=32,
                             block_k_dkv=64, block_q_dq=64, block_k_dq=32))
 TOL = dict(atol=1e-2, rtol=1e-2)
-
-
-def run_fast(f, *args):
-  """jit + run with XLA's CPU optimisations off (interpret-mode kernels compile to big loops)."""
-  opts = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-  return jax.jit(f).lower(*args).compile(compiler_options=opts)(*args)
 
 
 def _inputs(seed, b, sq, sk, h, hk, dqk, dv):

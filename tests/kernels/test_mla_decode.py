@@ -18,14 +18,7 @@ import pytest
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, reference, tpu
-from tests.utils import assert_close
-
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def run_fast(f, *args):
-  """jit + run with XLA's CPU optimisations off: compile time dominates interpret-mode tests."""
-  return jax.jit(f).lower(*args).compile(compiler_options=OPTS)(*args)
+from tests.utils import assert_close, run_fast
 
 
 def _numpy_decode(q, cache, lengths, scale, rank):

@@ -22,16 +22,10 @@ import pytest
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, mosaic_gpu, reference
-from tests.utils import assert_close
+from tests.utils import assert_close, run_fast
 
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 H, RANK, ROPE, SCALE = 64, 128, 64, 0.1
 TOL = dict(atol=2e-2, rtol=2e-2)
-
-
-def run_fast(f, *args):
-  """jit + run with XLA's CPU optimisations off: compile time dominates interpret-mode tests."""
-  return jax.jit(f).lower(*args).compile(compiler_options=OPTS)(*args)
 
 
 def _poison(cache, lengths):
