@@ -139,3 +139,15 @@ def run_processes(argvs: list[list[str]], env: dict, *, timeout: float) -> list[
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{logs[i][-4000:]}"
   return logs
+
+
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom-call target of a Pallas Triton kernel
+TPU_CALL = "tpu_custom_call"          # ... of a Pallas Mosaic (TPU) kernel
+MOSAIC_GPU_CALL = "mosaic_gpu"        # ... of a Mosaic GPU kernel (a version suffix may follow)
+
+
+def custom_calls(lowered_text: str, target: str) -> int:
+  """How many kernel calls `stablehlo.custom_call @<target>[suffix](` a lowered module's text
+  holds (a kernel's serialized IR may itself mention "triton": this counts calls only)."""
+  import re
+  return len(re.findall(rf"stablehlo\.custom_call @{re.escape(target)}\w*\(", lowered_text))

@@ -18,7 +18,7 @@ import pytest
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, reference, tpu
-from tests.utils import assert_close, run_fast
+from tests.utils import TPU_CALL, TRITON_CALL, assert_close, custom_calls, run_fast
 
 
 def _numpy_decode(q, cache, lengths, scale, rank):
@@ -177,14 +177,15 @@ def _lower(platform, lowering_platform, *, batch, capacity, paged, tokens=None):
 @pytest.mark.parametrize("batch,capacity,paged", [(8, 1000, False), (1, 8192, False),
                                                   (4, 2048, True)])
 def test_lowers_for_tpu(batch, capacity, paged):
-  assert _lower("tpu", "tpu", batch=batch, capacity=capacity, paged=paged).count(
-      "tpu_custom_call") == 1
+  text = _lower("tpu", "tpu", batch=batch, capacity=capacity, paged=paged)
+  assert custom_calls(text, TPU_CALL) == 1
 
 
 @pytest.mark.parametrize("batch,capacity,paged", [(8, 1000, False), (1, 8192, False),
                                                   (4, 2048, True)])
 def test_lowers_for_gpu_triton(batch, capacity, paged):
-  assert "triton" in _lower("gpu", "cuda", batch=batch, capacity=capacity, paged=paged)
+  text = _lower("gpu", "cuda", batch=batch, capacity=capacity, paged=paged)
+  assert custom_calls(text, TRITON_CALL) == 1
 
 
 def test_reference_multi_token_matches_numpy():
@@ -271,7 +272,4 @@ def test_multi_token_dispatch():
 def test_multi_token_lowers_at_v3_dims(platform, lowering):
   """T = 2 at DeepSeek-V3 serving shapes (B=64, 128 heads, 512 + 64, bf16, capacity 8192)."""
   text = _lower(platform, lowering, batch=64, capacity=8192, paged=False, tokens=2)
-  if platform == "tpu":
-    assert text.count("tpu_custom_call") == 1
-  else:
-    assert "triton" in text
+  assert custom_calls(text, TPU_CALL if platform == "tpu" else TRITON_CALL) == 1

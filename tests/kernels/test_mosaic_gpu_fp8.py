@@ -17,7 +17,7 @@ import pytest
 
 from dsv3_jax.kernels_pallas import fp8
 from dsv3_jax.kernels_pallas.fp8 import mosaic_gpu
-from tests.utils import assert_close
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 MOSAIC = dict(backend="interpret", platform="gpu", gpu_impl="mosaic")
 
@@ -116,4 +116,4 @@ def test_lowers_for_cuda_at_deepseek_v3_shapes(n, k):
           s((n, k), jnp.float8_e4m3fn), s((-(-n // 128), k // 128), jnp.float32))
   text = jax.jit(mosaic_gpu.fp8_matmul).trace(*args).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text.lower()
+  assert custom_calls(text, MOSAIC_GPU_CALL) == 1

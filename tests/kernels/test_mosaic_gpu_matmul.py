@@ -18,7 +18,7 @@ from dsv3_jax.kernels_pallas.grouped_matmul import (grouped_matmul, mosaic_gpu,
                                                     transposed_grouped_matmul)
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
-from tests.utils import assert_close
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 RTOL, ATOL = 2.0 ** -7, 2e-2
 # T = 104: not a multiple of the 128-row tile; sum = 77 < T (trailing rows must be zero); an empty
@@ -118,4 +118,4 @@ def test_lowers_for_cuda_at_deepseek_v3_shapes(which):
     fn, args = (lambda a, b, c: mosaic_gpu.tgmm(a, b, c)), (s((t, d), jnp.bfloat16),
                                                             s((t, f), jnp.bfloat16), gs)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text.lower()
+  assert custom_calls(text, MOSAIC_GPU_CALL) == 1
