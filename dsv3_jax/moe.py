@@ -13,8 +13,9 @@ Nothing is dropped: each token reaches all of its K experts. Design: README "Des
 Kernels: `RuntimeConfig.moe_backend` picks the grouped-matmul implementation ("reference" is
 jax.lax.ragged_dot; "auto" / "pallas" / "interpret" go to `dsv3_jax.kernels_pallas`, with
 `RuntimeConfig.kernel_platform` naming the kernel to interpret or lower for and
-`RuntimeConfig.gpu_kernels` the GPU flavour). The same backend serves FP8 weights: `Experts.to_fp8` keeps a projection as e4m3 [E, out, in] + block scales and
-it runs through `grouped_matmul_fp8` (inference only).
+`RuntimeConfig.gpu_kernels` the GPU flavour). The same backend serves FP8 weights:
+`Experts.to_fp8` keeps a projection as e4m3 [E, out, in] + block scales and it runs through
+`grouped_matmul_fp8` (inference only).
 """
 from __future__ import annotations
 
