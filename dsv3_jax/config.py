@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from dsv3_jax.errors import ConfigError, UserError
+from dsv3_jax.kernels_pallas.backend import GPU_FLAVORS, Backend, KernelRequestError
 
 __all__ = ["YarnScaling", "Fp8Quantization", "ModelConfig", "RuntimeConfig", "PRESETS", "TINY",
            "DEEPSEEK_V3", "get_preset", "ConfigError", "ConfigNotFoundError"]
@@ -366,8 +367,13 @@ class RuntimeConfig:
   """How to run the model (not what it is).
 
   param_dtype: storage dtype of the parameters. dtype: compute dtype of activations and matmuls
-  (softmax, norms and the router always run in float32). attention_backend / moe_backend: kernel
-  choice ("auto", "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
+  (softmax, norms and the router always run in float32). attention_backend (MLA attention and
+  decode), moe_backend (routed experts' grouped matmuls, FP8 included), linear_backend (FP8
+  dense linears, `fp8_weight_matmul`; other linears are XLA einsums): kernel choice ("auto",
+  "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
+  gpu_kernels: the GPU kernel flavour, "auto" (Mosaic GPU on Hopper, else Triton), "triton" or
+  "mosaic" (then inputs Mosaic GPU cannot take raise); default: the DSV3_GPU_KERNELS environment
+  variable, read once when the config is built, else "auto".
   remat: activation rematerialisation policy per decoder block ("none", "full", "dots",
   "offload": full remat with the saved block inputs in pinned host memory, TPU/GPU only).
   kernel_platform: which Pallas kernel the "interpret" backend runs ("tpu" or "gpu"; default
@@ -384,11 +390,22 @@ class RuntimeConfig:
   dtype: Any = jnp.float32
   attention_backend: str = "reference"
   moe_backend: str = "reference"
+  linear_backend: str = "reference"
   remat: str = "none"
   kernel_platform: str | None = None
   ep_capacity_factor: float | None = 1.5
+  gpu_kernels: str = dataclasses.field(
+      default_factory=lambda: os.environ.get("DSV3_GPU_KERNELS") or "auto")
 
   def __post_init__(self):
+    backends = [b.value for b in Backend]
+    for name in ("attention_backend", "moe_backend", "linear_backend"):
+      value = getattr(self, name)
+      if (value.value if isinstance(value, Backend) else value) not in backends:
+        raise KernelRequestError(f"RuntimeConfig.{name} must be one of {backends}, got {value!r}")
+    if self.gpu_kernels not in ("auto",) + GPU_FLAVORS:
+      raise KernelRequestError(f"RuntimeConfig.gpu_kernels (default: env DSV3_GPU_KERNELS) must "
+                               f"be one of {['auto', *GPU_FLAVORS]}, got {self.gpu_kernels!r}")
     if self.remat not in ("none", "full", "dots", "offload"):
       raise ValueError(f"remat must be 'none', 'full', 'dots' or 'offload', got {self.remat!r}")
     if self.kernel_platform not in (None, "tpu", "gpu"):

@@ -432,7 +432,7 @@ def _runtime(req: PlanRequest) -> RuntimeConfig:
   pdt = req.param_dtype or (jnp.float32 if train else jnp.bfloat16)
   return RuntimeConfig(param_dtype=pdt, dtype=jnp.bfloat16, remat=req.remat if train else "none",
                        attention_backend=req.kernels, moe_backend=req.kernels,
-                       kernel_platform="tpu")
+                       linear_backend=req.kernels, kernel_platform="tpu")
 
 
 def plan(req: PlanRequest) -> PlanReport:
@@ -520,8 +520,7 @@ def _train_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   opt_a = _sds(opt_abs, opt_sh)
   # The state layout of `Trainer.state`.
   state = {"params": params_a, "rest": rest_a, "opt": opt_a,
-           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   gb = req.batch_per_device * data_shards
   tok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (gb, req.seq))

@@ -14,9 +14,9 @@ FP8 inference: `from_pretrained(path, fp8="keep")` keeps the tensors that are fl
 the checkpoint (HF directory with `weight_scale_inv`, or `dsv3 convert --dtype float8`) as e4m3
 weights with their 128 x 128 block scales: linears become FP8 `Linear`s (`weight` [out, in] +
 `weight_scale_inv`, see `dsv3_jax.layers`), routed experts FP8 `Experts` projections. Everything
-else loads as with the default `fp8="dequantize"`. The FP8 matmuls use `runtime.moe_backend`
-(and `runtime.kernel_platform`); such a model is inference-only (gradients raise
-`Fp8TrainingError`).
+else loads as with the default `fp8="dequantize"`. The FP8 matmuls use `runtime.linear_backend`
+(dense linears) and `runtime.moe_backend` (experts), with `runtime.kernel_platform`; such a
+model is inference-only (gradients raise `Fp8TrainingError`).
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     scale = jax.ShapeDtypeStruct(w.scale_inv.shape, jnp.float32)
     prefix = path[:-len(attr)]
     if isinstance(owner, Linear) and attr == "kernel":
-      owner.to_fp8(value, scale, backend=rt.moe_backend, platform=rt.kernel_platform)
+      owner.to_fp8(value, scale, backend=rt.linear_backend, platform=rt.kernel_platform)
       names = ("weight", "weight_scale_inv")
     elif isinstance(owner, Experts) and attr in Experts.PROJECTIONS:
       names = owner.to_fp8(attr, value, scale)
@@ -273,10 +273,11 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   fp8: "dequantize" (default): FP8 weights become `dtype` parameters. "keep": the weights that
     are float8_e4m3fn in the checkpoint stay e4m3 with their 128 x 128 block scales (needs
     weight_block_size [128, 128]); dense layers then run `fp8_weight_matmul` and routed experts
-    `grouped_matmul_fp8`, with `runtime.moe_backend` / `runtime.kernel_platform` choosing the
-    kernel. Everything else loads as with "dequantize" (in `dtype`). The model is then
-    inference-only: taking gradients through it raises `dsv3_jax.layers.Fp8TrainingError`;
-    `save_pretrained` and expert parallelism are not supported for it.
+    `grouped_matmul_fp8`, with `runtime.linear_backend` / `runtime.moe_backend` (and
+    `runtime.kernel_platform`) choosing the kernels. Everything else loads as with "dequantize"
+    (in `dtype`). The model is then inference-only: taking gradients through it raises
+    `dsv3_jax.layers.Fp8TrainingError`; `save_pretrained` and expert parallelism are not
+    supported for it.
   progress: report reading progress on stderr (per `dsv3_jax.ui`: a bar, plain lines or nothing).
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.

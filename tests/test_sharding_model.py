@@ -6,9 +6,6 @@ Sharding only reorders float32 sums (psum over tensor/fsdp partial products), ob
 ~2e-7 on logits and ~1e-9 on gradients; a routing or permutation bug gives O(1e-2) errors.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,9 +15,8 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax.sharding import ShardingRules, make_mesh, use_rules
 from tests.sharding_case import CFG
 from tests.sharding_case import build, flat
-from tests.utils import assert_close
+from tests.utils import ROOT, assert_close, free_port, run_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {
     "ep8": {"expert": 8},
     "ep4_data2": {"data": 2, "expert": 4},
@@ -93,30 +89,13 @@ def test_sharded_step_matches_single_device(name, reference):
            {k: np.asarray(v) for k, v in flat(new).items()}, name)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_expert_parallel_matches_single_process(reference, tmp_path):
   out = tmp_path / "mh.npz"
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port),
-                             str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=240)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"worker {i} failed (rc={p.returncode}):\n{logs[i][-4000:]}"
+  run_processes([["-m", "tests.multihost_worker", str(i), str(port), str(out)] for i in range(2)],
+                env, timeout=240)
   got = dict(np.load(out))
   grads = {k[5:]: v for k, v in got.items() if k.startswith("grad.")}
   new = {k[4:]: v for k, v in got.items() if k.startswith("new.")}

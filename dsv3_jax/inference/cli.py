@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   from dsv3_jax.config import RuntimeConfig
   rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
-                     moe_backend=args.kernels)
+                     moe_backend=args.kernels, linear_backend=args.kernels)
   main = jax.process_index() == 0  # every process generates; process 0 prints
   say = ui.status if main else (lambda msg: None)
   say(f"loading {args.checkpoint} ...")

@@ -32,6 +32,7 @@ from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
 from dsv3_jax.inference.sampling import SamplingParams, sample
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
+from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.sharding import (ShardingRules, global_batch, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
@@ -111,9 +112,10 @@ def _loop_fn(graphdef, state, absorbed, gs, *, params, speculative):
   return jax.lax.while_loop(cond, body, gs)
 
 
-# Compiled functions, shared by Generators of models with the same structure (graphdef), mesh
-# and rules.
-_COMPILED: dict = {}
+# Compiled prefill/step/loop functions shared by Generators (`generate()` builds one per call)
+# whose key matches: kind, model structure (graphdef), mesh, rules, statics, argument
+# shapes/dtypes, in/out shardings and compiler options. Bounded (least recently used evicted).
+COMPILED = CompiledCache()
 
 
 def _batch_sharding(shape, dim: int, rules: ShardingRules, mesh: Mesh) -> NamedSharding:
@@ -179,23 +181,27 @@ class Generator:
     self.cache_dtype = cache_dtype or model.runtime.dtype
 
   def _compile(self, kind, fn, statics, in_shardings, out_shardings, *args):
-    """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics/mesh;
-    returns (compiled, seconds spent compiling now). Step and loop donate the carry (args[2])."""
+    """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics/mesh/
+    shardings (see `CompiledCache`); returns (compiled, seconds spent compiling now). Step and
+    loop donate the carry (args[2])."""
     key = (kind, self.graphdef, self.mesh, self.rules,
            tuple(sorted(((k, v) for k, v in statics.items() if k != "cache_sharding"),
                         key=lambda kv: kv[0])),
+           sharding_key(statics.get("cache_sharding")),
            str(jax.tree.map(lambda a: (a.shape, a.dtype), args)),
+           sharding_key(in_shardings), sharding_key(out_shardings),
            tuple(sorted(self.compiler_options.items())))
-    if key not in _COMPILED:
-      jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
-                       in_shardings=in_shardings, out_shardings=out_shardings,
-                       donate_argnums=() if kind == "prefill" else (2,))
-      t = time.perf_counter()
-      with jax.set_mesh(self.mesh), use_rules(self.rules):
-        _COMPILED[key] = jitted.lower(*args).compile(
-            compiler_options=self.compiler_options or None)
-      return _COMPILED[key], time.perf_counter() - t
-    return _COMPILED[key], 0.0
+    compiled = COMPILED.get(key)
+    if compiled is not None:
+      return compiled, 0.0
+    jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
+                     in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=() if kind == "prefill" else (2,))
+    t = time.perf_counter()
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
+      compiled = jitted.lower(*args).compile(compiler_options=self.compiler_options or None)
+    COMPILED.put(key, compiled)
+    return compiled, time.perf_counter() - t
 
   def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
           sampling: SamplingParams = SamplingParams(), seed: int = 0,

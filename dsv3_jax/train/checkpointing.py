@@ -2,8 +2,9 @@
 
 A checkpoint at step s holds, as one Orbax composite:
   "state": the model's variables (fp32 master params and the RouterBias state), the optimizer
-           state (step count, Adam moments) and the run's RNG key data, as a pure-array pytree;
-  "meta":  JSON with the step, the data reader's position (`DataState`) and the configs' names.
+           state (step count, Adam moments) and the step, as a pure-array pytree;
+  "meta":  JSON the trainer writes: the step, the data reader's position (`DataState`), its
+           seed, seq_len and batch_size (checked on restore).
 Restoring all of it continues the run with the same loss sequence as an uninterrupted one.
 """
 from __future__ import annotations

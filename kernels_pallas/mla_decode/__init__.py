@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
+from dsv3_jax.kernels_pallas.backend import Backend, KernelRequestError, gpu_flavor, select
 from dsv3_jax.kernels_pallas.mla_decode.reference import (check_inputs, mla_decode_reference,
                                                           split_cache)
 
@@ -65,9 +65,10 @@ def mla_decode(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: jax.Ar
       kernel (block_k, and the split-K factor num_splits; None picks one from the batch size and
       capacity). A Triton `gpu.BlockSizes` with gpu_impl=None selects the Triton kernel.
     gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper, see
-      `backend.gpu_flavor`). Mosaic GPU falls back to Triton (with its default blocks) for inputs
-      it does not take (`mosaic_gpu.unsupported_reason`: heads not a multiple of 64, paged
-      caches with pages smaller than its block_k, non-bf16/f16, ...).
+      `backend.gpu_flavor`). Auto runs Triton for inputs Mosaic GPU does not take
+      (`mosaic_gpu.unsupported_reason`: heads not a multiple of 64, paged caches with pages
+      smaller than its block_k, non-bf16/f16, ...); gpu_impl="mosaic" or a
+      `mosaic_gpu.BlockSizes` raises `KernelRequestError` for them instead.
 
   Returns:
     [batch, heads, C] (or [batch, T, heads, C]) in q.dtype (float32 accumulation and softmax
@@ -96,10 +97,14 @@ def mla_decode(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: jax.Ar
       if block_sizes is not None and not isinstance(block_sizes, mosaic_gpu.BlockSizes):
         raise TypeError(f"block_sizes for the Mosaic GPU kernel must be mosaic_gpu.BlockSizes, "
                         f"got {type(block_sizes).__name__}")
-      if mosaic_gpu.unsupported_reason(q, latent, rope, block_tables, block_sizes) is None:
+      reason = mosaic_gpu.unsupported_reason(q, latent, rope, block_tables, block_sizes)
+      if reason is None:
         return mosaic_gpu.mla_decode(q, latent, rope, lengths, layer, block_tables, scale=scale,
                                      block_sizes=block_sizes, interpret=impl.interpret)
-      block_sizes = None  # Triton, with its own default blocks
+      if gpu_impl == "mosaic" or block_sizes is not None:
+        raise KernelRequestError(f"gpu_impl='mosaic' / mosaic_gpu.BlockSizes cannot take these "
+                                 f"inputs: {reason} (use gpu_impl='triton' or 'auto')")
+      # auto: Triton for the inputs Mosaic GPU does not take
   if block_sizes is not None and not isinstance(block_sizes, kernel.BlockSizes):
     raise TypeError(f"block_sizes for the {impl.kind} kernel must be {kernel.__name__}.BlockSizes, "
                     f"got {type(block_sizes).__name__}")

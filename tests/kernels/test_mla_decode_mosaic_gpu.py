@@ -26,16 +26,11 @@ from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, mosaic_gpu, reference
 from dsv3_jax.kernels_pallas.mla_decode.reference import split_cache
-from tests.utils import assert_close
+from tests.utils import (MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls,
+                         run_fast)
 
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 H, RANK, ROPE, SCALE = 64, 128, 64, 0.1
 TOL = dict(atol=2e-2, rtol=2e-2)
-
-
-def run_fast(f, *args):
-  """jit + run with XLA's CPU optimisations off: compile time dominates interpret-mode tests."""
-  return jax.jit(f).lower(*args).compile(compiler_options=OPTS)(*args)
 
 
 def _poison(cache, lengths):
@@ -142,7 +137,7 @@ def test_lowers_for_cuda_at_v3_shapes(paged):
   else:
     cache, tables = _sds_parts((b,), cap), None
   text = _lower_cuda(q, cache, n, tables, gpu_impl="mosaic")
-  assert "mosaic_gpu" in text and "triton" not in text
+  assert (custom_calls(text, MOSAIC_GPU_CALL), custom_calls(text, TRITON_CALL)) == (1, 0)
 
 
 def test_two_tokens_lower_for_cuda_at_v3_shapes():
@@ -152,11 +147,12 @@ def test_two_tokens_lower_for_cuda_at_v3_shapes():
   q, cache = sds((64, 2, 128, 576), jnp.bfloat16), _sds_parts((64,), 8192)
   assert mosaic_gpu.unsupported_reason(q, *cache, None) is None
   text = _lower_cuda(q, cache, sds((64,), jnp.int32), None, gpu_impl="mosaic")
-  assert "mosaic_gpu" in text and "triton" not in text
+  assert (custom_calls(text, MOSAIC_GPU_CALL), custom_calls(text, TRITON_CALL)) == (1, 0)
 
 
-def test_unsupported_shapes_fall_back_to_triton():
-  """16 heads (not a multiple of 64) and 16-row pages (below block_k): Triton, with a reason."""
+def test_unsupported_shapes_raise_when_forced_and_run_triton_under_auto(monkeypatch):
+  """16 heads (not a multiple of 64) and 16-row pages (below block_k): gpu_impl="mosaic" (or a
+  mosaic_gpu.BlockSizes) raises naming the reason; auto (on a Hopper GPU) runs Triton."""
   sds = jax.ShapeDtypeStruct
   q16 = sds((2, 16, 576), jnp.bfloat16)
   cache = _sds_parts((2,), 256)
@@ -166,8 +162,14 @@ def test_unsupported_shapes_fall_back_to_triton():
   assert "page size 16" in mosaic_gpu.unsupported_reason(q, *pool, tables)
   assert mosaic_gpu.unsupported_reason(q, *cache, None) is None
   n = sds((2,), jnp.int32)
-  for args in ((q16, cache, n, None), (q, pool, n, tables)):
-    text = _lower_cuda(*args, gpu_impl="mosaic")
-    assert "triton" in text and "mosaic_gpu" not in text
+  import dsv3_jax.kernels_pallas.backend as backend
+  monkeypatch.setattr(backend, "_is_hopper", lambda: True)  # auto would pick Mosaic GPU
+  for args, why in (((q16, cache, n, None), "heads=16"), ((q, pool, n, tables), "page size 16")):
+    with pytest.raises(backend.KernelRequestError, match=f"gpu_impl='mosaic'.*{why}"):
+      _lower_cuda(*args, gpu_impl="mosaic")
+    with pytest.raises(backend.KernelRequestError, match=why):
+      _lower_cuda(*args, block_sizes=mosaic_gpu.BlockSizes())
+    text = _lower_cuda(*args)
+    assert (custom_calls(text, MOSAIC_GPU_CALL), custom_calls(text, TRITON_CALL)) == (0, 1)
   with pytest.raises(TypeError, match="mosaic_gpu.BlockSizes"):
     _lower_cuda(q, cache, n, None, gpu_impl="mosaic", block_sizes=gpu.BlockSizes())
