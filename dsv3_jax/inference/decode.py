@@ -61,20 +61,20 @@ def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
 
 def decode_attention(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: jax.Array,
                      scale: float, *, layer=None, backend: str = "reference",
-                     platform: str | None = None) -> jax.Array:
+                     platform: str | None = None, gpu_impl: str | None = None) -> jax.Array:
   """One query token per sequence against its latent cache.
 
   q [B, H, C + R]: q_latent (q_nope . W_UK) then the rotated q_pe; latent [B, S, C] and rope
   [B, R, S] (one layer of a `LatentCache`), or the stacked [L, ...] parts with `layer` (int,
   may be traced); lengths int [B]: rows s < lengths[b] are visible.
   backend "reference" runs the jnp einsum below; any other value runs
-  `kernels_pallas.mla_decode` with that backend and `platform` (see `RuntimeConfig`).
-  Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
+  `kernels_pallas.mla_decode` with that backend, `platform` and GPU flavour `gpu_impl` (see
+  `RuntimeConfig`). Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
   row).
   """
   if backend != "reference":
     return _sharded_mla_decode(q, latent, rope, lengths, layer, scale, backend=backend,
-                               platform=platform)
+                               platform=platform, gpu_impl=gpu_impl)
   latent, rope = select_layer(latent, rope, layer)
   C = latent.shape[-1]
   s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], latent, preferred_element_type=jnp.float32)
@@ -88,7 +88,7 @@ def decode_attention(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: 
 
 def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, positions: jax.Array,
                            scale: float, *, layer=None, backend: str = "reference",
-                           platform: str | None = None) -> jax.Array:
+                           platform: str | None = None, gpu_impl: str | None = None) -> jax.Array:
   """T new query tokens per sequence (causal among themselves) against the latent cache.
 
   q [B, T, H, C + R]; latent [B, S, C], rope [B, R, S] (or stacked [L, ...] with `layer`)
@@ -103,7 +103,7 @@ def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, pos
   positions[b, 0] + t, as `decode_forward` requires.
   """
   lengths = positions + 1
-  kw = dict(backend=backend, platform=platform)
+  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl)
   if backend == "reference":
     latent, rope = select_layer(latent, rope, layer)
     return jax.vmap(lambda qt, lt: decode_attention(qt, latent, rope, lt, scale, **kw),
@@ -112,7 +112,8 @@ def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, pos
                              **kw)
 
 
-def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, platform):
+def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, platform,
+                        gpu_impl=None):
   """`mla_decode` run per shard under the ambient mesh (`dsv3_jax.sharding.kernel_map`): q
   [B, (T,) H, C + R] split on batch and heads (act_heads), latent [(L,) B, S, C], rope
   [(L,) B, R, S] and lengths [B] on batch, the layer index replicated; each shard reads only its
@@ -124,7 +125,7 @@ def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, plat
 
   def kernel(q, latent, rope, lengths, layer):
     return mla_decode(q, latent, rope, lengths, scale=scale, layer=layer, backend=backend,
-                      platform=platform).astype(jnp.float32)
+                      platform=platform, gpu_impl=gpu_impl).astype(jnp.float32)
 
   return kernel_map(kernel, (heads, cache_axes, cache_axes, ("batch",), None), heads,
                     name="mla_decode")(q, latent, rope, lengths, layer)
@@ -148,8 +149,8 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions):
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
     q = jnp.concatenate([q_lat.astype(dt), q_pe.astype(dt)], -1)  # [B, T, H, C + R]
     o = decode_attention_steps(q, latent, rope, positions, cfg.softmax_scale, layer=index,
-                               backend=rt.attention_backend,
-                               platform=rt.kernel_platform)  # [B, T, H, C] f32
+                               backend=rt.attention_backend, platform=rt.kernel_platform,
+                               gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
     x = x + attn.o_proj(o.reshape(B, T, -1))
   y = layer.mlp(layer.post_attention_layernorm(x))
