@@ -109,10 +109,10 @@ def few_token_logits(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None], d
   step with few tokens (fewer than the vocabulary): the activations are all-gathered over the
   batch axes from the first one the weight is also split on (B x T x D values, tiny next to the
   weight), each device multiplies them by its local [D/e, V/v] shard of w, and the partial sums
-  are psum-ed over the axes w's hidden dim is split on. No weight-sized collective. Returns
-  [B, T, V] in `dtype`, split over vocab on w's vocab axes and over batch on the remaining
-  (major) batch axes, replicated over the gathered ones. Without a mesh or a sharded w: `x @ w`
-  in `dtype`."""
+  are psum-ed (in float32) over the axes w's hidden dim is split on. No weight-sized collective.
+  Returns [B, T, V] in `dtype`, split over vocab on w's vocab axes and over batch on the
+  remaining (major) batch axes, replicated over the gathered ones. Without a mesh or a sharded
+  w: `x @ w` in `dtype`."""
   plan = _gather_plan(x, w, w_axes, 1, rules, mesh)
   if plan is None:
     return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
@@ -125,8 +125,11 @@ def few_token_logits(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None], d
     if embed:
       d = wl.shape[0]
       xl = jax.lax.dynamic_slice_in_dim(xl, _axis_index(embed) * d, d, axis=-1)
-    y = jnp.einsum("...i,io->...o", xl, wl.astype(dtype))
-    return jax.lax.psum(y, embed) if embed else y
+    if not embed:
+      return jnp.einsum("...i,io->...o", xl, wl.astype(dtype))
+    # Partial sums over a slice of the hidden dim: added in float32, rounded once.
+    y = jnp.einsum("...i,io->...o", xl, wl.astype(dtype), preferred_element_type=jnp.float32)
+    return jax.lax.psum(y, embed).astype(dtype)
 
   out = _spec(rest, (), vocab)
   # check_vma=False: the gathered/psum-ed values are replicated over the axes out_spec omits.
