@@ -202,7 +202,7 @@ class DeepseekV3(nnx.Module):
     collective, the logits come out vocab-sharded)."""
     value = var.get_value()
     axes = var.get_metadata().get("axes") or (None,) * value.ndim
-    n_tokens = x.size if x.ndim == 2 else x.size // x.shape[-1]
+    n_tokens = x.size if jnp.issubdtype(x.dtype, jnp.integer) else x.size // x.shape[-1]
     if n_tokens < self.config.vocab_size:
       return few(x, value, axes, self.runtime.dtype)
     return with_whole_weight(fn, x, value, axes, self.runtime.dtype)

@@ -105,12 +105,12 @@ def _spec(*parts: tuple[str, ...]) -> P:
 
 def few_token_logits(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None], dtype, *,
                      rules: ShardingRules | None = None, mesh=None) -> jax.Array:
-  """x [B, T, D] @ w [D, V] (logical axes `w_axes`, e.g. ("embed", "vocab")) in `dtype`, for a
+  """x [B, ..., D] @ w [D, V] (logical axes `w_axes`, e.g. ("embed", "vocab")) in `dtype`, for a
   step with few tokens (fewer than the vocabulary): the activations are all-gathered over the
   batch axes from the first one the weight is also split on (B x T x D values, tiny next to the
   weight), each device multiplies them by its local [D/e, V/v] shard of w, and the partial sums
   are psum-ed (in float32) over the axes w's hidden dim is split on. No weight-sized collective.
-  Returns [B, T, V] in `dtype`, split over vocab on w's vocab axes and over batch on the
+  Returns [B, ..., V] in `dtype`, split over vocab on w's vocab axes and over batch on the
   remaining (major) batch axes, replicated over the gathered ones. Without a mesh or a sharded
   w: `x @ w` in `dtype`."""
   plan = _gather_plan(x, w, w_axes, 1, rules, mesh)
@@ -131,7 +131,7 @@ def few_token_logits(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None], d
     y = jnp.einsum("...i,io->...o", xl, wl.astype(dtype), preferred_element_type=jnp.float32)
     return jax.lax.psum(y, embed).astype(dtype)
 
-  out = _spec(rest, (), vocab)
+  out = _spec(rest, *[()] * (x.ndim - 2), vocab)
   # check_vma=False: the gathered/psum-ed values are replicated over the axes out_spec omits.
   return jax.shard_map(body, mesh=m, in_specs=(x_spec, w_spec), out_specs=out,
                        check_vma=False)(x, w)

@@ -51,6 +51,9 @@ def test_few_token_vocab_ops_match_numpy(shape, rules):
             for f, a in ((head, (xs, ws)), (look, (ts, tbs)))]
   ref = x.astype(np.float64) @ w
   assert_close(logits, ref, atol=1e-5, what="logits")
+  with jax.set_mesh(mesh), use_rules(rules), jax.default_matmul_precision("highest"):
+    last = jax.jit(head)(_put(x[:, -1], ("batch",), mesh, rules), ws)  # [B, D]: a prefill's
+  assert_close(last, ref[:, -1], atol=1e-5, what="logits of [B, D]")
   assert_close(gx, np.cos(ref) @ w.T, atol=1e-5, what="d logits / dx")
   assert_close(gw, np.einsum("btd,btv->dv", x, np.cos(ref)), atol=1e-5, what="d logits / dw")
   assert_close(rows, table[tok], atol=0, what="lookup")
