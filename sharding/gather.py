@@ -122,11 +122,10 @@ def few_token_logits(x: jax.Array, w: jax.Array, w_axes: Sequence[str | None], d
     xl = xl.astype(dtype)
     if gather:
       xl = jax.lax.all_gather(xl, gather, axis=0, tiled=True)
-    if embed:
-      d = wl.shape[0]
-      xl = jax.lax.dynamic_slice_in_dim(xl, _axis_index(embed) * d, d, axis=-1)
     if not embed:
       return jnp.einsum("...i,io->...o", xl, wl.astype(dtype))
+    d = wl.shape[0]
+    xl = jax.lax.dynamic_slice_in_dim(xl, _axis_index(embed) * d, d, axis=-1)
     # Partial sums over a slice of the hidden dim: added in float32, rounded once.
     y = jnp.einsum("...i,io->...o", xl, wl.astype(dtype), preferred_element_type=jnp.float32)
     return jax.lax.psum(y, embed).astype(dtype)
@@ -157,7 +156,7 @@ def few_token_lookup(tokens: jax.Array, table: jax.Array, table_axes: Sequence[s
     rows = wl.shape[0]
     local = tl - (_axis_index(vocab) * rows if vocab else 0)
     hit = (local >= 0) & (local < rows)
-    y = jnp.take(wl.astype(dtype), jnp.clip(local, 0, rows - 1), axis=0)
+    y = jnp.take(wl, jnp.clip(local, 0, rows - 1), axis=0).astype(dtype)  # cast the rows only
     y = jnp.where(hit[..., None], y, jnp.zeros((), dtype))
     if vocab:
       y = jax.lax.psum(y, vocab)
