@@ -316,13 +316,17 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
 
     # Remat around the cond: the scan then keeps only its loop-invariant inputs as residuals
     # (a cond's own residuals would be stacked per round).
+    # The accumulator goes through the cond, so a skipped round returns it as it is: no zero
+    # buffer written and added (a skipped round moves nothing). Its backward needs no copy of
+    # the accumulator (the round's output is added linearly), so the scan saves none per round.
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def extra(r, xs, params):
-      zero = lambda r, xs, p: jnp.zeros(ys.shape, ys.dtype)
-      return jax.lax.cond(r < need, one_round, zero, r, xs, params)
+    def extra(acc, r, xs, params):
+      add = lambda acc, r, xs, p: acc + one_round(r, xs, p)
+      keep = lambda acc, r, xs, p: acc
+      return jax.lax.cond(r < need, add, keep, acc, r, xs, params)
 
     def body(acc, r):
-      return acc + extra(r, xs, params), None
+      return extra(acc, r, xs, params), None
 
     # Not carried from the first round: its backward need not wait for the loop's, so the
     # scheduler can keep the first round's residuals and the loop's buffers apart in time.

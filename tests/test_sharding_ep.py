@@ -238,3 +238,27 @@ def test_ep_needs_divisible_experts():
   args[1] = args[1] % 6
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="not divisible by the expert axis"):
     jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=FFN)).lower(*args)
+
+
+def test_skipped_overflow_round_costs_nothing():
+  """A balanced step on EP=8 with capacity factor 1 has 7 possible overflow rounds after the
+  first; when no shard overflows they are skipped, and a skipped round must touch no token
+  buffer: the rounds loop, counted at its cheap branch (`hlo_cost`'s typical), does only its
+  predicate's scalar work (it used to write a zero [n*K, D] buffer and add it to the
+  accumulator: n*K*D flops and 3 buffers of bytes per round). Forward output checked against the
+  numpy oracle."""
+  from dsv3_jax.hlo_cost import hlo_cost
+  N, S = 768, 8
+  n = N // S
+  args = _case(N)
+  assert ep.exchange_rounds(n, K, E // S, S, 1.0) == (2 * n, 2 * n, 8)
+  with jax.set_mesh(make_mesh({"expert": S})):
+    f = jax.jit(lambda *a: expert_parallel_ffn(*a, ffn=FFN, capacity_factor=1.0),
+                compiler_options=FAST_COMPILE)
+    compiled = f.lower(*args).compile()
+    y = compiled(*args)
+  assert_close(y, _oracle(*args), atol=1e-5, what="EP forward")
+  cost = hlo_cost(compiled.as_text())
+  rounds = [flops for _, trips, flops in cost.loops if trips == 7]
+  assert rounds, cost.loops
+  assert max(rounds) < 64, (rounds, n * K * D)
