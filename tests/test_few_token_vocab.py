@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.sharding import ShardingRules, logical_to_spec, make_mesh, use_rules
-from dsv3_jax.sharding import expert_parallel as ep
+from tests.utils import hlo_collectives
 from dsv3_jax.sharding.gather import few_token_logits, few_token_lookup
 from tests.utils import assert_close
 
@@ -61,7 +61,7 @@ def test_few_token_vocab_ops_match_numpy(shape, rules):
   np.add.at(g_table, tok.reshape(-1), np.cos(table[tok]).reshape(-1, D))
   assert_close(gt, g_table, atol=1e-5, what="d lookup / d table")
   for hlo in hlos:
-    colls = ep.hlo_collectives(hlo, ops=("all-gather", "all-reduce", "all-to-all"))
+    colls = hlo_collectives(hlo, ops=("all-gather", "all-reduce", "all-to-all"))
     assert colls, "expected the activations' gather"
     for op, shapes, _ in colls:
       for _, dims in shapes:
@@ -120,7 +120,7 @@ def test_tpu_decode_step_moves_no_vocab_table():
   vocab, hidden, batch = VOCAB_HIDDEN_BATCH
   hlo = decode_step_hlo(vocab, hidden, batch)
   shard = hidden * vocab // 4
-  colls = ep.hlo_collectives(hlo, ops=("all-gather", "all-reduce", "all-to-all",
+  colls = hlo_collectives(hlo, ops=("all-gather", "all-reduce", "all-to-all",
                                        "collective-permute", "reduce-scatter"))
   assert colls
   big = [(op, shapes) for op, shapes, _ in colls for _, dims in shapes
