@@ -28,13 +28,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from dsv3_jax.convert.convert import convert
+  from dsv3_jax.convert.orbax_io import ConversionBusy, staging_dir
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
   try:
     out = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                   ignore_unexpected=args.ignore_unexpected, workers=args.workers,
                   progress=not args.no_progress)
-  except (CheckpointError, SafetensorsError, FileExistsError, FileNotFoundError, ValueError) as e:
+  except (CheckpointError, SafetensorsError, FileExistsError, FileNotFoundError, ValueError,
+          ConversionBusy) as e:
     print(f"dsv3 convert: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"\ndsv3 convert: interrupted; run the same command again to resume (written so far: "
+          f"{staging_dir(args.dst)})", file=sys.stderr)
+    return 130
   print(f"wrote {out}")
   return 0
