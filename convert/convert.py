@@ -49,8 +49,8 @@ def _config_json(src: str, dtype: str) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16",
-            overwrite: bool = False, ignore_unexpected: bool = False, workers: int = 1,
-            progress: bool = True, group_bytes: int = GROUP_BYTES) -> str:
+            overwrite: bool = False, ignore_unexpected: bool = False, progress: bool = True,
+            group_bytes: int = GROUP_BYTES) -> str:
   """Converts an HF DeepSeek-V2/V3 directory into DST (the layout of `orbax_io`: one Orbax
   PyTree checkpoint of the parameter tree, `dsv3_jax.param_tree`); returns DST.
 
@@ -58,7 +58,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
     fp32 or FP8 e4m3 with `weight_scale_inv`). The MTP layers present are converted.
   dtype: "bfloat16" | "float32" (FP8 dequantised) | "float8" (e4m3 + block scales kept).
   group_bytes: parameters are saved in groups of about this many bytes (one Orbax partial save
-    each; the unit of resumption). Peak memory ~ (workers + 1) groups + one parameter.
+    each, written in the background while the next group is read; the unit of resumption).
+    Peak memory ~ two groups + one parameter.
   Raises CheckpointError (names file and tensor) or FileExistsError before anything is written.
   DST appears only when complete; an interrupted conversion resumes when run again with the
   same arguments (the parameters already written are not read or written again).
@@ -94,7 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
       sources.setdefault(e.target, []).append(n)
     job = {"source": src, "dtype": dtype, "ignore_unexpected": ignore_unexpected,
            "num_nextn_predict_layers": depth}
-    writer = TreeWriter(dst, job, overwrite=overwrite, workers=workers)
+    writer = TreeWriter(dst, job, overwrite=overwrite)
     try:
       skip = frozenset(t for t in sources if t in writer.done or set(fp8_paths(t)) <= writer.done)
       if skip:

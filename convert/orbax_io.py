@@ -13,7 +13,9 @@ A converted checkpoint directory DST holds
 
 Streaming: each `write` is one `orbax.checkpoint.experimental.v1.partial.save` of a few leaves
 (Orbax writes each call atomically into a pending directory), `finish` calls `partial.finalize`,
-which merges them into one checkpoint. Memory: the leaves of the calls in flight (`workers`).
+which merges them into one checkpoint. One call is in flight (in the background) while the caller
+reads the next group; Orbax's partial saves of one checkpoint must not overlap. Memory: about two
+groups of leaves.
 
 Resuming and finished-ness: everything is written into the hidden sibling `.<name>.partial`
 (job.json: the arguments; writer.pid: the process writing) and renamed to DST only when complete,
@@ -24,6 +26,7 @@ start over.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -67,26 +70,34 @@ def _alive(pid: int) -> bool:
 
 def _context():
   from orbax.checkpoint.experimental import v1
-  opts = v1.options.ArrayOptions
+  ctx = v1.Context()
   # Weights are near-incompressible (random-looking bf16/e4m3 bits): no zstd.
-  return v1.Context(array_options=opts(saving=opts.Saving(
-      use_compression=False, storage_options=opts.Saving.StorageOptions(chunk_byte_size=CHUNK_BYTES))))
+  ctx.array.saving.use_compression = False
+  ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+  return ctx
 
 
 def _committed_leaves(partial: str) -> set[str]:
-  """Leaf paths Orbax committed in earlier partial saves under `partial` (each call renames a
-  complete snapshot into a `*.pending_*` directory); anything else there is an unfinished call's
-  leftover and is removed."""
-  import orbax.checkpoint as ocp
+  """Leaf paths Orbax committed in earlier partial saves under `partial`: each call renames a
+  complete snapshot into a `*.pending_*` directory whose state/_METADATA lists its leaves (the
+  file Orbax's own `finalize` merges). Anything else there is an unfinished call's leftover and
+  is removed; an unreadable pending directory discards them all (the conversion starts over)."""
   done: set[str] = set()
   if not os.path.isdir(partial):
     return done
   for entry in sorted(os.listdir(partial)):
     full = os.path.join(partial, entry)
-    if ".pending" in entry and os.path.isfile(os.path.join(full, "state", "_METADATA")):
-      tree = ocp.PyTreeCheckpointer().metadata(os.path.join(full, "state")).item_metadata.tree
-      done.update(flatten(tree))
-    else:
+    try:
+      if ".pending" not in entry:
+        raise ValueError("not a committed save")
+      with open(os.path.join(full, "state", "_METADATA")) as f:
+        keys = json.load(f)["tree_metadata"]
+      done.update(".".join(ast.literal_eval(k)) for k in keys)
+    except (OSError, ValueError, KeyError, SyntaxError, TypeError):
+      if ".pending" in entry:
+        log.warning("%s: unreadable; converting from the start", full)
+        shutil.rmtree(partial)
+        return set()
       log.info("removing %s, left by an interrupted write", full)
       shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
   return done
@@ -97,19 +108,15 @@ class TreeWriter:
 
   job: the conversion's arguments (JSON-able); a staging directory left by an interrupted run
   with the same job is resumed (`done` lists the leaves it already holds), one with another job
-  is discarded. `workers`: partial saves in flight while the caller reads the next target.
-  Raises FileExistsError if `dst` exists and not `overwrite`, ConversionBusy if a live process
+  is discarded. Raises FileExistsError if `dst` exists and not `overwrite`, ConversionBusy if a live process
   is writing `dst`.
   """
 
-  def __init__(self, dst: str | os.PathLike, job: Mapping[str, Any], *, overwrite: bool = False,
-               workers: int = 1):
+  def __init__(self, dst: str | os.PathLike, job: Mapping[str, Any], *, overwrite: bool = False):
     self.dst = os.path.abspath(os.fspath(dst))
     if os.path.lexists(self.dst) and not overwrite:
       raise FileExistsError(f"{self.dst} already exists (pass --overwrite / overwrite=True to "
                             f"replace it)")
-    if workers < 1:
-      raise ValueError(f"workers must be >= 1, got {workers}")
     self.tmp = staging_dir(self.dst)
     self.job = json.loads(json.dumps(dict(job)))
     self.resumed = False
@@ -130,7 +137,6 @@ class TreeWriter:
         json.dump(self.job, f, indent=1)
     self.done = frozenset(_committed_leaves(os.path.join(self.tmp, _PARTIAL)))
     self._params = os.path.join(self.tmp, PARAMS)
-    self._workers = workers
     self._pending: list = []
     self._ctx = _context()
 
@@ -152,13 +158,13 @@ class TreeWriter:
 
   def write(self, leaves: Mapping[str, np.ndarray]) -> None:
     """Queues a partial save of `leaves` ({tree path: array}); paths already committed are
-    skipped. Blocks while `workers` saves are in flight."""
+    skipped. Waits for the previous save first (partial saves of one checkpoint must not
+    overlap)."""
     todo = {k: v for k, v in leaves.items() if k not in self.done}
     if not todo:
       return
     from orbax.checkpoint.experimental.v1 import partial
-    while len(self._pending) >= self._workers:
-      self._pending.pop(0).result()
+    self.flush()
     with self._ctx:
       self._pending.append(partial.save_async(self._params, nest(todo)))
 

@@ -126,9 +126,12 @@ def _checkpointer():
 def stored_params(params_dir: str | os.PathLike) -> dict[str, dict]:
   """{dense parameter path: {"dtype", "shape", "quantized"[, "scale_shape"]}} from the Orbax
   metadata alone (no tensor read); FP8 pairs are reported under their dense path."""
+  import orbax.checkpoint as ocp
+  from etils import epath
   d = pytree_dir(params_dir)
-  tree = _checkpointer().metadata(d).item_metadata.tree
-  leaves = flatten(tree)
+  if not os.path.isfile(os.path.join(d, "_METADATA")):
+    raise CheckpointNotFound(f"{params_dir}: not an Orbax PyTree checkpoint (no _METADATA)")
+  leaves = flatten(ocp.PyTreeCheckpointHandler().metadata(epath.Path(d)).tree)
   out: dict[str, dict] = {}
   for path, m in leaves.items():
     if path.endswith("weight_scale_inv"):
