@@ -22,8 +22,9 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.checkpoint import (SCALE_SUFFIX, HFCheckpoint, _dequant_ours, check_checkpoint,
-                                 mtp_depth_present, name_table, read_targets, read_targets_fp8)
+from dsv3_jax.checkpoint import (SCALE_SUFFIX, TOKENIZER_FILES, HFCheckpoint, _dequant_ours,
+                                 check_checkpoint, mtp_depth_present, name_table, read_targets,
+                                 read_targets_fp8)
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.orbax_io import TreeWriter
 from dsv3_jax.param_tree import fp8_paths
@@ -34,9 +35,6 @@ __all__ = ["DTYPES", "convert", "TOKENIZER_FILES", "GROUP_BYTES"]
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float8": jnp.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "added_tokens.json")
 GROUP_BYTES = 512 << 20
 
 

@@ -25,9 +25,14 @@ from dsv3_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
 __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
            "CheckpointError", "dequantize_fp8", "read_targets", "read_targets_fp8", "hf_shape",
-           "to_hf", "SCALE_SUFFIX", "check_checkpoint", "mtp_depth_present"]
+           "to_hf", "SCALE_SUFFIX", "check_checkpoint", "mtp_depth_present",
+           "TOKENIZER_FILES"]
 
 SCALE_SUFFIX = "_scale_inv"
+# Files beside the weights that travel with a checkpoint (convert, export, train --init).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "added_tokens.json")
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 _FP8 = (_E4M3, np.dtype(ml_dtypes.float8_e5m2))
 

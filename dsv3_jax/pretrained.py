@@ -45,7 +45,7 @@ from dsv3_jax.sharding.entry import shardings_arg
 __all__ = ["abstract_model", "flat_variables", "stacked_variables", "stacked_location",
            "param_shapes", "param_dtypes", "model_from_arrays",
            "from_pretrained", "save_pretrained", "ParamCount", "count_params", "FP8_MODES",
-           "fp8_variables", "has_fp8_form", "load_params"]
+           "fp8_variables", "has_fp8_form", "load_params", "checkpoint_config"]
 
 FP8_MODES = ("dequantize", "keep")
 
@@ -325,6 +325,26 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     arrays = {k: _place(a, sharding_for(shardings, k, variables[k]))
               for k, a in arrays.items()}
   return model_from_arrays(cfg, rt, arrays)
+
+
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig `from_pretrained(path)` builds (config.json, MTP depth limited to the MTP
+  layers the checkpoint holds), read without loading any weight. path: as for from_pretrained."""
+  located = locate(path)
+  if located is not None:
+    cfg = ModelConfig.from_hf_config(located.config_dir)
+    stored = stored_params(located.params_dir)
+    present = 0
+    while f"mtp.{present}.enorm.weight" in stored:
+      present += 1
+  else:
+    cfg = ModelConfig.from_hf_config(path)
+    ckpt = HFCheckpoint(path)
+    try:
+      present = mtp_depth_present(ckpt, cfg)
+    finally:
+      ckpt.close()
+  return cfg.replace(num_nextn_predict_layers=min(present, cfg.num_nextn_predict_layers))
 
 
 def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,

@@ -1,4 +1,4 @@
-"""`dsv3 train --config FILE|preset [--mesh fsdp=4,expert=2] [--steps --batch --seq --lr --out --data ...]`.
+"""`dsv3 train [--config FILE|preset | --init CKPT] [--mesh fsdp=4,expert=2] [--steps --batch --seq --lr --out --data ...]`.
 
 The run is sharded over `--mesh` (default: every device on fsdp; see `dsv3_jax.sharding`);
 multi-host runs start with the --coordinator/--num-processes/--process-id flags (or their
@@ -7,8 +7,11 @@ every batch. A model whose parameters + optimizer state do not fit the mesh's de
 once with a one-line error.
 
 Without --data the run uses the bundled synthetic corpus (byte-level tokens, see
-`dsv3_jax.train.corpus`). Resumes from the latest checkpoint in --out when there is one. Writes
-metrics.jsonl and a loss/expert-load plot (train_curves.png) to --out.
+`dsv3_jax.train.corpus`). --init starts from pretrained weights (an HF safetensors directory, a
+`dsv3 convert` output, or another run): the model config is the checkpoint's. Resumes from the
+latest checkpoint in --out when there is one. Writes config.json (so `dsv3 generate` /
+`dsv3 export` take the run directory or a step), metrics.jsonl (each step once, also after an
+interruption and resume) and a loss/expert-load plot (train_curves.png) to --out.
 """
 from __future__ import annotations
 
@@ -18,11 +21,17 @@ import os
 import sys
 
 __all__ = ["add_arguments", "run", "load_model_config", "read_metrics", "write_plot",
-           "bundled_token_file"]
+           "bundled_token_file", "run_config", "trim_metrics"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="tiny", help="a preset name (tiny, deepseek-v3) or a config.json")
+  p.add_argument("--config", default=None,
+                 help="a preset name (tiny, deepseek-v3) or a config.json (default: tiny; with "
+                      "--init the checkpoint's; when resuming the run's)")
+  p.add_argument("--init", default=None, metavar="CKPT",
+                 help="fine-tune from these weights: an HF safetensors directory, a `dsv3 convert` "
+                      "output, or a training run / step directory (the model config is the "
+                      "checkpoint's; --config, if given, must agree)")
   p.add_argument("--data", nargs="*", default=None,
                  help="token files (.bin uint16 or .npy); default: the bundled synthetic corpus")
   p.add_argument("--eos-id", type=int, default=0, help="end-of-document token id in --data")
@@ -57,6 +66,76 @@ def load_model_config(spec: str):
   if os.path.exists(spec):
     return ModelConfig.from_hf_config(spec)
   raise ValueError(f"--config {spec!r} is neither a preset ({sorted(PRESETS)}) nor an existing file")
+
+
+def _differing(a, b) -> list[str]:
+  import dataclasses
+  return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)
+          and f.name != "quantization_config"]  # dequantised for training either way
+
+
+def run_config(config: str | None, init: str | None, out: str):
+  """The run's ModelConfig from --config / --init / the run directory's config.json.
+
+  --init: the checkpoint's config (--config must agree); else --config (default tiny). A run
+  directory that already holds a config.json (a resumed run) must agree too; with neither flag
+  its config is taken. Raises UserError naming the flag and the differing fields."""
+  from dsv3_jax.config import ModelConfig, PRESETS
+  from dsv3_jax.errors import UserError
+  from dsv3_jax.pretrained import checkpoint_config
+  requested = load_model_config(config) if config else None
+  if init is not None:
+    if not os.path.isdir(init):
+      raise UserError(f"--init {init!r} is not a directory")
+    cfg = checkpoint_config(init)
+    if requested is not None and _differing(requested, cfg):
+      raise UserError(f"--config {config} disagrees with the config of --init {init} in "
+                      f"{', '.join(_differing(requested, cfg))} (leave --config out to use the "
+                      f"checkpoint's)")
+  else:
+    cfg = requested
+  saved = os.path.join(out, "config.json")
+  if os.path.isfile(saved):
+    run_cfg = ModelConfig.from_hf_config(saved)
+    if cfg is None:
+      return run_cfg
+    if _differing(cfg, run_cfg):
+      raise UserError(f"--out {out} holds a run of another model ({saved} differs in "
+                      f"{', '.join(_differing(cfg, run_cfg))}); use a new --out, or the run's "
+                      f"own config")
+  return cfg if cfg is not None else PRESETS["tiny"]
+
+
+def _copy_tokenizer(out: str, init: str) -> None:
+  """The tokenizer files of --init into the run directory (the Trainer writes config.json), so
+  that `dsv3 generate --checkpoint RUN --prompt ...` finds them."""
+  import shutil
+  from dsv3_jax.checkpoint import TOKENIZER_FILES
+  from dsv3_jax.param_tree import locate
+  located = locate(init)
+  src = located.config_dir if located is not None else os.path.abspath(init)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(out, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+
+
+def trim_metrics(path: str, step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to `step` (the step training continues from), one per
+  step (the last written); rows of steps after the restored checkpoint, written before an
+  interruption, are dropped, since those steps are trained again."""
+  rows = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by a kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+          rows[row["step"]] = line.rstrip("\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(rows[k] + "\n" for k in sorted(rows))
+  os.replace(path + ".tmp", path)
 
 
 def bundled_token_file(out_dir: str) -> str:
@@ -135,9 +214,11 @@ def run(args: argparse.Namespace) -> int:
     mesh = cli_mesh(args)
   except ValueError as e:
     return _fail(str(e))
+  from dsv3_jax.errors import UserError
+  from dsv3_jax.param_tree import latest_step
   try:
-    cfg = load_model_config(args.config)
-  except (ValueError, FileNotFoundError) as e:
+    cfg = run_config(args.config, args.init, args.out)
+  except (UserError, ValueError, FileNotFoundError) as e:
     return _fail(str(e))
   rules = ShardingRules()
   os.makedirs(args.out, exist_ok=True)
@@ -161,29 +242,51 @@ def run(args: argparse.Namespace) -> int:
       bias_gamma=args.bias_gamma, document_mask=args.document_mask, save_every=args.save_every,
       keep=args.keep, peak_flops=_peak_flops(args.peak_tflops))
   rt = training_runtime(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, args.remat)
+  main = jax.process_index() == 0
+  init_model = None
+  if args.init is not None and latest_step(os.path.join(args.out, "checkpoints")) is None:
+    from dsv3_jax.pretrained import from_pretrained
+    init_model = from_pretrained(args.init, runtime=rt, mesh=mesh, rules=rules)
+    cfg = init_model.config
+  if main and args.init is not None:
+    _copy_tokenizer(args.out, args.init)
   try:
-    trainer = Trainer(cfg, rt, train, data, out_dir=args.out, mesh=mesh, rules=rules)
+    trainer = Trainer(cfg, rt, train, data, out_dir=args.out, model=init_model, mesh=mesh,
+                      rules=rules)
   except MemoryBudgetError as e:
     return _fail(str(e))
-  main = jax.process_index() == 0
+  del init_model
   say = print if main else (lambda *a, **k: None)  # every process trains; process 0 reports
   mesh_str = ",".join(f"{n}={s}" for n, s in zip(mesh.axis_names, mesh.axis_sizes))
   say(f"mesh {mesh_str} ({jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es))")
   if trainer.restore():
     say(f"resumed from step {trainer.step} in {args.out}/checkpoints")
+  elif args.init is not None:
+    say(f"initialised from {args.init}")
   log_path = os.path.join(args.out, "metrics.jsonl")
+  if main:
+    trim_metrics(log_path, trainer.step)
   bar = tqdm(total=args.steps, initial=trainer.step, desc="train", unit="step", disable=not main)
-  with open(log_path if main else os.devnull, "a") as log:
-    for m in trainer.run():
-      row = {k: v for k, v in m.items() if k != "layer_load"}
-      log.write(json.dumps(row) + "\n")
-      post = dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_ce']:.3f}", bal=f"{m['balance']:.3f}",
-                  load=f"{m['load_ratio']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
-      if "mfu" in m:
-        post["mfu"] = f"{100 * m['mfu']:.1f}%"
-      bar.set_postfix(post)
-      bar.update(1)
+  try:
+    with open(log_path if main else os.devnull, "a") as log:
+      for m in trainer.run():
+        row = {k: v for k, v in m.items() if k != "layer_load"}
+        log.write(json.dumps(row) + "\n")
+        log.flush()  # a killed run keeps every step it logged (resuming drops the unsaved ones)
+        post = dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_ce']:.3f}", bal=f"{m['balance']:.3f}",
+                    load=f"{m['load_ratio']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        if "mfu" in m:
+          post["mfu"] = f"{100 * m['mfu']:.1f}%"
+        bar.set_postfix(post)
+        bar.update(1)
+  except KeyboardInterrupt:
+    bar.close()
+    last = trainer.checkpointer.latest_step()
+    print(f"\ndsv3 train: interrupted at step {trainer.step}; the same command resumes from "
+          f"step {last or 0} ({args.out}/checkpoints)", file=sys.stderr)
+    trainer.close()
+    return 130
   bar.close()
   trainer.close()
   if trainer.history:
