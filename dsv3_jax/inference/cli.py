@@ -16,7 +16,9 @@ DTYPES = ("bfloat16", "float32")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint", required=True, help="HF or converted (Orbax) checkpoint directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="HF or converted (Orbax) checkpoint directory, or a `dsv3 train` run "
+                      "directory (its latest step) or step directory (RUN/checkpoints/STEP)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
   src.add_argument("--prompt-ids", help="comma-separated prompt token ids (no tokenizer needed)")
@@ -69,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
     return _fail(str(e))
   if args.max_new_tokens < 1:
     return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  tok_dir = args.tokenizer or args.checkpoint
+  from dsv3_jax.param_tree import CheckpointNotFound, locate
+  try:  # a training run or step keeps config.json and the tokenizer in the run directory
+    located = locate(args.checkpoint)
+  except CheckpointNotFound as e:
+    return _fail(str(e))
+  tok_dir = args.tokenizer or (located.config_dir if located is not None else args.checkpoint)
   tokenizer = None
   if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
     tokenizer = Tokenizer.from_dir(tok_dir)
