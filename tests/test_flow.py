@@ -136,3 +136,35 @@ def test_convert_generate_train_kill_resume_generate_export(work):
   np.testing.assert_array_equal(bits(bf16(run["head"].T)), bits(ex["lm_head.weight"]))
   np.testing.assert_array_equal(bits(bf16(run["up"][3].T)), bits(ex["model.layers.1.mlp.experts.3.up_proj.weight"]))
   assert sorted(ex) == sorted(hf)  # the same official names (MTP layer included) come back
+
+
+def test_relative_paths_in_process(work, monkeypatch):
+  """from_pretrained / convert / export with paths relative to the working directory (Orbax
+  itself requires absolute ones)."""
+  import dsv3_jax
+  from dsv3_jax.convert import convert, export
+  from tests.test_convert import _assert_same_params
+  monkeypatch.chdir(work)
+  assert convert("hf", "rel", dtype="float32", progress=False) == str(work / "rel")
+  _assert_same_params(dsv3_jax.from_pretrained("rel"), dsv3_jax.from_pretrained("hf"))
+  export("rel", "rel_ex", dtype="float32", progress=False)
+  hf, ex = all_tensors("hf"), all_tensors("rel_ex")
+  assert sorted(hf) == sorted(ex)
+  for name in hf:
+    np.testing.assert_array_equal(bits(ex[name]), bits(hf[name]), err_msg=name)
+
+
+def test_train_config_from_init_and_run(work, tmp_path):
+  """--init takes the checkpoint's config; a disagreeing --config, or a run directory of another
+  model, is a one-line error naming the fields."""
+  from dsv3_jax.errors import UserError
+  from dsv3_jax.train.cli import run_config
+  from dsv3_jax.train.trainer import write_run_config
+  hf, out = str(work / "hf"), str(tmp_path / "run")
+  assert run_config(None, hf, out) == CFG
+  with pytest.raises(UserError, match=r"--config tiny disagrees .* num_hidden_layers"):
+    run_config("tiny", hf, out)
+  write_run_config(out, CFG)
+  assert run_config(None, None, out) == CFG  # resuming: the run's own config
+  with pytest.raises(UserError, match=r"holds a run of another model .*num_hidden_layers"):
+    run_config("tiny", None, out)
