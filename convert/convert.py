@@ -1,10 +1,11 @@
-"""HF safetensors directory -> converted Orbax directory, streaming one parameter at a time.
+"""HF safetensors directory -> converted Orbax directory, streaming groups of parameters.
 
 The parameter list comes from the abstract model (`name_table(cfg, param_shapes(abstract))`), so
-the converter, the loader and the exporter share one table. Memory: each target (one parameter,
-routed experts stacked into [E, ...]) is read, written and dropped before the next; the source
-shards are memory-mapped and unmapped after every target, so peak RSS is a small multiple of the
-largest parameter, not the model size.
+the converter, the loader and the exporter share one table and one reading engine
+(`dsv3_jax.checkpoint.read_targets`). Memory: targets (one parameter of one layer, routed experts
+stacked into [E, ...]) are read into a group of about `group_bytes`, saved with one Orbax partial
+save and dropped; the source shards are memory-mapped and unmapped after every target, so peak
+RSS is about two groups plus the largest parameter, not the model size.
 
 dtype "bfloat16" / "float32": FP8 blocks are dequantised (weight * scale_inv per block, partial
 edge blocks, float32 or power-of-two ue8m0 scales alike) and cast. dtype "float8": e4m3 weights
@@ -23,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.checkpoint import (SCALE_SUFFIX, TOKENIZER_FILES, HFCheckpoint, _dequant_ours,
-                                 check_checkpoint, mtp_depth_present, name_table, read_targets,
-                                 read_targets_fp8)
+                                 check_checkpoint, mtp_depth_present, name_table, read_targets)
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.orbax_io import TreeWriter
 from dsv3_jax.param_tree import fp8_paths
@@ -81,10 +81,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
     abstract = abstract_model(cfg, rt)
     shapes, dtypes = param_shapes(abstract), param_dtypes(abstract)
     table = name_table(cfg, shapes)
-    if ignore_unexpected:
-      for n in [n for n in ckpt.names() if n not in table and not n.endswith(SCALE_SUFFIX)]:
-        ckpt.location.pop(n)
-        ckpt.location.pop(n + SCALE_SUFFIX, None)
     total = check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
     q = cfg.quantization_config
     block = tuple(q.weight_block_size) if q else (128, 128)
@@ -99,18 +95,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
       if skip:
         log.warning("%s: resuming an interrupted conversion (%d of %d parameters already written)",
                     dst, len(skip), len(sources))
-      if dtype == "float8":
-        stream = read_targets_fp8(ckpt, table, shapes, dtypes, block=block, skip=skip)
-        if q is None:
-          log.warning("%s has no FP8 quantization_config: --dtype float8 stores its weights in bf16", src)
-      else:
-        stream = ((t, v, None, None) for t, v in read_targets(ckpt, table, shapes, dtypes,
-                                                              block=block, skip=skip))
+      if dtype == "float8" and q is None:
+        log.warning("%s has no FP8 quantization_config: --dtype float8 stores its weights in bf16", src)
+      stream = read_targets(ckpt, table, shapes, dtypes, block=block, keep_fp8=dtype == "float8",
+                            skip=skip)
       bar = _progress(total, progress)
       bar.update(sum(_nbytes(ckpt, n) for t in skip for n in sources[t]))
       group: dict[str, np.ndarray] = {}
       size = 0
-      for target, value, scale, _ in stream:
+      for target, value, scale in stream:
         if scale is None:
           group[target] = value
         elif has_fp8_form(abstract, target):

@@ -28,7 +28,8 @@ from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, Entry, hf_shape, 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.convert import TOKENIZER_FILES
 from dsv3_jax.convert.orbax_io import staging_dir
-from dsv3_jax.param_tree import CheckpointNotFound, locate, restore_numpy, stored_params
+from dsv3_jax.param_tree import (CheckpointNotFound, locate, mtp_depth_stored, restore_numpy,
+                                 stored_params)
 from dsv3_jax.pretrained import abstract_model, param_shapes
 from dsv3_jax.safetensors_io import DTYPES as ST_DTYPES
 
@@ -185,10 +186,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
   stored = stored_params(located.params_dir)
   with open(os.path.join(located.config_dir, "config.json")) as f:
     raw_cfg = json.load(f)
-  depth = 0
-  while f"mtp.{depth}.enorm.weight" in stored:
-    depth += 1
-  cfg = ModelConfig.from_hf_config(raw_cfg).replace(num_nextn_predict_layers=depth)
+  cfg = ModelConfig.from_hf_config(raw_cfg).replace(num_nextn_predict_layers=mtp_depth_stored(stored))
   shapes = param_shapes(abstract_model(cfg, RuntimeConfig()))
   table = name_table(cfg, shapes)
   fp8_info = manifest.get("fp8") or {}

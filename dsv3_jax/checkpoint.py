@@ -24,7 +24,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
 __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
-           "CheckpointError", "dequantize_fp8", "read_targets", "read_targets_fp8", "hf_shape",
+           "CheckpointError", "dequantize_fp8", "read_targets", "hf_shape",
            "to_hf", "SCALE_SUFFIX", "check_checkpoint", "mtp_depth_present",
            "TOKENIZER_FILES"]
 
@@ -233,76 +233,6 @@ class HFCheckpoint:
     self._files.clear()
 
 
-def _cast(x: np.ndarray, dtype) -> np.ndarray:
-  dtype = np.dtype(dtype)
-  return x if x.dtype == dtype else x.astype(dtype)
-
-
-def read_targets(ckpt: HFCheckpoint, table: Mapping[str, Entry],
-                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
-                 block: tuple[int, int] = (128, 128), ignore_unexpected: bool = False,
-                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (parameter path, array of the abstract shape and dtype), one target at a time.
-
-  Checks first that the checkpoint's tensor names match the table exactly (scale companions
-  aside); raises CheckpointError naming the tensor and file on any mismatch. Targets in `skip`
-  (already written by a resumed conversion) are not yielded (nor read, unless a stored copy is
-  checked against them).
-  """
-  names = set(ckpt.names())
-  scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
-  unexpected = sorted(n for n in names - scales - set(table))
-  if unexpected and not ignore_unexpected:
-    raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {ckpt.path}, e.g. "
-                          + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5]))
-  for s in sorted(scales):
-    if s[:-len(SCALE_SUFFIX)] not in names:
-      raise CheckpointError(f"{ckpt.file_of(s)}: scale {s!r} has no weight "
-                            f"{s[:-len(SCALE_SUFFIX)]!r}")
-  missing = sorted(n for n in table if n not in names)
-  if missing:
-    raise CheckpointError(f"{len(missing)} tensor(s) missing from {ckpt.path}, e.g. "
-                          + ", ".join(repr(n) for n in missing[:5]))
-  by_target: dict[str, list[tuple[str, Entry]]] = {}
-  copies = [(n, e) for n, e in table.items() if e.kind.startswith("tied")]
-  for name, e in table.items():
-    if not e.kind.startswith("tied"):
-      by_target.setdefault(e.target, []).append((name, e))
-  keep = {e.target: None for _, e in copies}  # main values that stored copies are checked against
-  for target, sources in by_target.items():
-    if target in skip and target not in keep:
-      continue
-    shape, dtype = tuple(shapes[target]), dtypes[target]
-    if sources[0][1].kind == "expert":
-      out = np.empty(shape, dtype)
-      for name, e in sources:
-        out[e.expert] = _cast(_read_checked(ckpt, name, e, shape, block), dtype)
-      if len(sources) != shape[0]:
-        raise CheckpointError(f"{target}: {len(sources)} expert tensors for {shape[0]} experts")
-    else:
-      (name, e), = sources
-      out = _cast(np.asarray(_read_checked(ckpt, name, e, shape, block)), dtype)
-    if target in keep:
-      keep[target] = out
-    if target not in skip:
-      yield target, out
-  for name, e in copies:
-    x = _cast(_read_checked(ckpt, name, e, tuple(shapes[e.target]), block), dtypes[e.target])
-    if not np.array_equal(x, keep[e.target]):
-      raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} should be a copy of the main model's "
-                            f"{e.target!r} (shared in this implementation) but differs")
-
-
-def _read_checked(ckpt: HFCheckpoint, name: str, e: Entry, shape, block) -> np.ndarray:
-  """Reads one source tensor, checks its checkpoint shape, returns it in our layout."""
-  x = ckpt.read(name, block)
-  want = hf_shape(e, shape)
-  if tuple(x.shape) != want:
-    raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(x.shape)}, "
-                          f"config.json implies {want}")
-  return x.T if e.kind in ("linear", "tied_linear", "expert") else x
-
-
 def mtp_depth_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
   """How many of the config's MTP layers (checkpoint index num_hidden_layers + k) are stored."""
   prefixes = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)]
@@ -318,10 +248,11 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
                      ) -> int:
   """Checks names, shapes and FP8 scales from the shard headers alone (no tensor data read).
 
-  Opens every shard (a missing, truncated or corrupt file fails here), and raises
-  CheckpointError naming the tensor and file for: an unexpected name (unless
-  `ignore_unexpected`), a tensor missing from the index or from its shard, a shape that
-  contradicts config.json, an FP8 weight without `_scale_inv`. Returns the bytes to be read.
+  Opens every shard (a missing, truncated or corrupt file fails here: SafetensorsError naming
+  it), and raises CheckpointError naming the tensor and file for: an unexpected name (unless
+  `ignore_unexpected`: then it is dropped from `ckpt`), a scale without its weight, a tensor
+  missing from the checkpoint or from its shard, a shape that contradicts config.json, an FP8
+  weight without `_scale_inv`. Returns the bytes to be read.
   """
   names = set(ckpt.names())
   scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
@@ -329,18 +260,25 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
   if unexpected and not ignore_unexpected:
     raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {ckpt.path}, e.g. "
                           + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5])
-                          + " (pass --ignore-unexpected to skip them)")
+                          + " (pass --ignore-unexpected / ignore_unexpected=True to skip them)")
+  for n in unexpected:
+    ckpt.location.pop(n)
+    ckpt.location.pop(n + SCALE_SUFFIX, None)
+  names = set(ckpt.names())
+  for s in sorted(n for n in names if n.endswith(SCALE_SUFFIX)):
+    if s[:-len(SCALE_SUFFIX)] not in names:
+      raise CheckpointError(f"{ckpt.file_of(s)}: scale {s!r} has no weight "
+                            f"{s[:-len(SCALE_SUFFIX)]!r}")
   missing = sorted(n for n in table if n not in names)
   if missing:
     raise CheckpointError(f"{len(missing)} tensor(s) the model needs are missing from "
-                          f"{ckpt.path} (not in the index), e.g. "
-                          + ", ".join(repr(n) for n in missing[:5]))
+                          f"{ckpt.path}, e.g. " + ", ".join(repr(n) for n in missing[:5]))
   total = 0
   for name, e in table.items():
     try:
       f = ckpt.shard(name)
     except SafetensorsError as err:
-      raise CheckpointError(f"{err} (while reading {name!r})") from None
+      raise SafetensorsError(f"{err} (while reading {name!r})") from None
     got, want = tuple(f.shape(name)), hf_shape(e, tuple(shapes[e.target]))
     if got != want:
       raise CheckpointError(f"{f.path}: tensor {name!r} has shape {got}, config.json implies {want}")
@@ -355,19 +293,21 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
   return total
 
 
-def read_targets_fp8(ckpt: HFCheckpoint, table: Mapping[str, Entry],
-                     shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
-                     block: tuple[int, int] = (128, 128), skip: frozenset[str] = frozenset(),
-                     ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None, list[str]]]:
-  """Like `read_targets`, but keeps FP8 e4m3 weights quantised.
-
-  Yields (parameter path, value, scale_inv, source names), one target at a time:
-    - a target whose source tensors are float8_e4m3fn with scales (linear and routed-expert
-      weights): value [..., out, in] e4m3 (the checkpoint layout, experts stacked),
+def read_targets(ckpt: HFCheckpoint, table: Mapping[str, Entry],
+                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
+                 block: tuple[int, int] = (128, 128), keep_fp8: bool = False,
+                 skip: frozenset[str] = frozenset(),
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+  """The one reading engine (loader and converter): yields (parameter path, value, scale_inv),
+  one target at a time (routed experts stacked), after `check_checkpoint` passed:
+    - keep_fp8 and a target whose source tensors are float8_e4m3fn with scales (linear and
+      routed-expert weights): value [..., out, in] e4m3 (the checkpoint layout),
       scale_inv [..., ceil(out/bm), ceil(in/bn)] float32;
-    - any other target: value in our layout and abstract dtype (`dtypes`), scale_inv None.
-  Names are assumed checked (`check_checkpoint`); stored MTP copies ("tied") are compared with
-  the main tensors at the end. Targets in `skip` are not yielded (as in `read_targets`).
+    - otherwise: value in our layout and abstract dtype (`dtypes`), FP8 blocks dequantised,
+      scale_inv None.
+  Stored MTP copies ("tied") are compared with the main tensors at the end (CheckpointError
+  naming the file when they differ). Targets in `skip` (already written by a resumed
+  conversion) are not yielded, nor read unless a stored copy is checked against them.
   """
   by_target: dict[str, list[tuple[str, Entry]]] = {}
   copies = [(n, e) for n, e in table.items() if e.kind.startswith("tied")]
@@ -379,14 +319,14 @@ def read_targets_fp8(ckpt: HFCheckpoint, table: Mapping[str, Entry],
     if target in skip and target not in keep:
       continue
     shape, dtype = tuple(shapes[target]), np.dtype(dtypes[target])
-    quantized = [ckpt.raw(n).dtype == _E4M3 and sources[0][1].kind in ("linear", "expert")
+    quantized = [keep_fp8 and ckpt.raw(n).dtype == _E4M3 and sources[0][1].kind in ("linear", "expert")
                  for n, _ in sources]
     if all(quantized):
       value, scale = _read_quantized(ckpt, sources, shape, block)
       if target in keep:
         keep[target] = _dequant_ours(value, scale, block).astype(dtype)
       if target not in skip:
-        yield target, value, scale, [n for n, _ in sources]
+        yield target, value, scale
       continue
     if any(quantized):
       raise CheckpointError(f"{target}: some of its source tensors are FP8 and some are not "
@@ -395,7 +335,7 @@ def read_targets_fp8(ckpt: HFCheckpoint, table: Mapping[str, Entry],
     if target in keep:
       keep[target] = out
     if target not in skip:
-      yield target, out, None, [n for n, _ in sources]
+      yield target, out, None
   for name, e in copies:
     x = ckpt.read(name, block)
     x = (x.T if e.kind == "tied_linear" else x).astype(dtypes[e.target])

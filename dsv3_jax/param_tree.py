@@ -44,7 +44,7 @@ import numpy as np
 from dsv3_jax.errors import UserError
 
 __all__ = ["PARAMS", "MANIFEST", "FORMAT", "VERSION", "Fp8Weight", "nest", "flatten",
-           "fp8_paths", "pytree_dir", "stored_params", "restore_arrays", "restore_numpy",
+           "fp8_paths", "pytree_dir", "stored_params", "mtp_depth_stored", "restore_arrays", "restore_numpy",
            "sharding_for", "swap_last2", "replicated_like", "Located", "locate", "is_converted",
            "read_manifest", "latest_step", "ShardingsArg", "CheckpointNotFound"]
 
@@ -145,6 +145,15 @@ def stored_params(params_dir: str | os.PathLike) -> dict[str, dict]:
     else:
       out[path] = entry
   return out
+
+
+def mtp_depth_stored(stored: Mapping[str, Any]) -> int:
+  """How many MTP depths a parameter tree holds (`stored`: `stored_params` or any dict keyed by
+  parameter path)."""
+  depth = 0
+  while f"mtp.{depth}.enorm.weight" in stored:
+    depth += 1
+  return depth
 
 
 # Restoring ----------------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.checkpoint import (SCALE_SUFFIX, HFCheckpoint, check_checkpoint, mtp_depth_present,
-                                 name_table, read_targets, read_targets_fp8, to_hf)
-from dsv3_jax.param_tree import (Fp8Weight, locate, replicated_like, restore_arrays, sharding_for,
-                                 stored_params, swap_last2)
+                                 name_table, read_targets, to_hf)
+from dsv3_jax.param_tree import (Fp8Weight, locate, mtp_depth_stored, replicated_like,
+                                 restore_arrays, sharding_for, stored_params, swap_last2)
 from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
@@ -312,12 +312,11 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
       for n in ckpt.names():
         if any(n.startswith(pfx) for pfx in ignore):
           ckpt.location.pop(n)
-    block = cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128)
-    if fp8 == "keep":
-      arrays = _read_keep_fp8(ckpt, table, shapes, dtypes, tuple(block), ignore_unexpected)
-    else:
-      arrays = dict(read_targets(ckpt, table, shapes, dtypes, block=block,
-                                 ignore_unexpected=ignore_unexpected))
+    block = tuple(cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128))
+    check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
+    arrays = {t: (v if s is None else Fp8Weight(v, s, block))
+              for t, v, s in read_targets(ckpt, table, shapes, dtypes, block=block,
+                                          keep_fp8=fp8 == "keep")}
   finally:
     ckpt.close()
   if shardings is not None:
@@ -334,9 +333,7 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
   if located is not None:
     cfg = ModelConfig.from_hf_config(located.config_dir)
     stored = stored_params(located.params_dir)
-    present = 0
-    while f"mtp.{present}.enorm.weight" in stored:
-      present += 1
+    present = mtp_depth_stored(stored)
   else:
     cfg = ModelConfig.from_hf_config(path)
     ckpt = HFCheckpoint(path)
@@ -356,9 +353,7 @@ def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = N
   cfg = ModelConfig.from_hf_config(located.config_dir)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   stored = stored_params(located.params_dir)
-  present = 0
-  while f"mtp.{present}.enorm.weight" in stored:
-    present += 1
+  present = mtp_depth_stored(stored)
   if mtp is False:
     cfg = cfg.replace(num_nextn_predict_layers=0)
   elif present < cfg.num_nextn_predict_layers:
@@ -374,17 +369,6 @@ def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = N
   arrays = restore_arrays(located.params_dir, abstract, shardings=shardings, keep_fp8=keep_fp8,
                           block=block)
   return model_from_arrays(cfg, rt, arrays)
-
-
-def _read_keep_fp8(ckpt, table, shapes, dtypes, block, ignore_unexpected):
-  """{target: array | Fp8Weight} from an HF directory, e4m3 weights kept with their scales."""
-  if ignore_unexpected:
-    for n in [n for n in ckpt.names() if n not in table and not n.endswith(SCALE_SUFFIX)]:
-      ckpt.location.pop(n)
-      ckpt.location.pop(n + SCALE_SUFFIX, None)
-  check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
-  return {t: (v if s is None else Fp8Weight(v, s, block))
-          for t, v, s, _ in read_targets_fp8(ckpt, table, shapes, dtypes, block=block)}
 
 
 def _place(a, sharding):
