@@ -57,7 +57,7 @@ def write_tokens(path: str | os.PathLike, tokens, dtype=np.uint16) -> None:
   if arr.size and (arr.min() < 0 or arr.max() > info.max):
     raise ValueError(f"{path}: token ids span [{arr.min()}, {arr.max()}], outside {np.dtype(dtype).name}")
   path = os.fspath(path)
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"  # several processes of one run may write the same file
   arr.astype(dtype).tofile(tmp)
   os.replace(tmp, path)
 
