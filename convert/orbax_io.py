@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dsv3_jax.param_tree import FORMAT, MANIFEST, PARAMS, VERSION, flatten, nest
+from dsv3_jax.param_tree import FORMAT, MANIFEST, PARAMS, VERSION, nest
 
 __all__ = ["TreeWriter", "staging_dir", "CHUNK_BYTES", "ConversionBusy"]
 

@@ -137,7 +137,6 @@ def stored_params(params_dir: str | os.PathLike) -> dict[str, dict]:
     if path.endswith("weight_scale_inv"):
       continue
     entry = {"dtype": str(np.dtype(m.dtype)), "shape": list(m.shape), "quantized": False}
-    prefix, _, last = path.rpartition(".")
     scale = path + "_scale_inv"
     if scale in leaves:
       entry.update(quantized=True, scale_shape=list(leaves[scale].shape))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import (SCALE_SUFFIX, HFCheckpoint, check_checkpoint, mtp_depth_present,
+from dsv3_jax.checkpoint import (HFCheckpoint, check_checkpoint, mtp_depth_present,
                                  name_table, read_targets, to_hf)
 from dsv3_jax.param_tree import (Fp8Weight, locate, mtp_depth_stored, replicated_like,
                                  restore_arrays, sharding_for, stored_params, swap_last2)
