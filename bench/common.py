@@ -3,7 +3,8 @@ device header, CUDA lowering checks for --smoke runs, and bench/RESULTS.md secti
 
 The scripts import it as a sibling module (`from common import ...`): `python bench/X.py` puts
 bench/ first on sys.path, and each script also inserts its own folder there so that importing
-the script from elsewhere (tests) works too. bench/ is deliberately not a package.
+the script from elsewhere (tests) works too; tests/utils.py imports it the same way. bench/ is
+deliberately not a package.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = [
     "H100_BF16_TFLOPS", "H100_HBM_TBS", "time_call", "median_call", "Table", "fmt", "ratio",
     "peak_fraction", "attempt", "device_header", "print_header", "add_timing_args",
     "kernel_options", "lower_for_cuda", "check_cuda_lowering", "update_results",
-    "transformers_config", "torch_sync", "save_table", "resolve_platform",
+    "transformers_config", "torch_sync", "save_table", "resolve_platform", "hlo_collectives",
 ]
 
 # Dense bf16 matmul rate and device-to-device copy rate measured on the H100 (ARCHITECTURE.md).
@@ -252,3 +253,29 @@ def resolve_platform(args: argparse.Namespace, script: str) -> str:
   if platform not in ("gpu", "tpu"):
     raise SystemExit(f"{script} needs a GPU or TPU (jax backend is {backend!r}); use --smoke")
   return platform
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
+
+
+def hlo_collectives(hlo_text: str, ops=("all-to-all", "ragged-all-to-all")):
+  """Collectives of a compiled module's HLO text (`jit(f).lower(...).compile().as_text()`), for
+  bench/moe_ep.py and the expert-parallel tests (`tests.utils` re-exports it); `dsv3 plan`
+  counts collectives by kind with `dsv3_jax.plan.count_collectives`.
+
+  Returns [(op, [(dtype, dims), ...] result shapes, bytes)] per instruction; for all-to-all the
+  result shapes equal the operand shapes (XLA may split one tiled all-to-all into S operands).
+  `ops` names the HLO opcodes to collect (e.g. add "all-reduce", "all-gather").
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    for op in ops:
+      m = re.match(rf"\s*(?:ROOT )?%[\w.-]+ = (.*?) {re.escape(op)}(?:-start)?\(", line)
+      if m:
+        shapes = [(t, tuple(int(d) for d in dims.split(",") if d))
+                  for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+        nbytes = sum(math.prod(d) * _DTYPE_BYTES.get(t, 4) for t, d in shapes)
+        out.append((op, shapes, nbytes))
+        break
+  return out

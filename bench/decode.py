@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                f"{n.mtp / 1e6:.0f}M, bf16; prompt {PROMPT}, {NEW} new tokens, greedy; ours "
                f"with attention/MoE backend {args.backend}", args)
   rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-                              attention_backend=args.backend, moe_backend=args.backend)
+                              attention_backend=args.backend, moe_backend=args.backend,
+                              linear_backend=args.backend)
   model = dsv3_jax.DeepseekV3(CFG, rt, rngs=nnx.Rngs(0))
   rng = np.random.RandomState(0)
   prompts = {b: rng.randint(2, CFG.vocab_size, (b, PROMPT)).tolist() for b in batches}

@@ -1,7 +1,8 @@
 """MLA decode bandwidth: our Pallas kernel vs the XLA reference, latent cache in bf16.
 
-One absorbed query token per sequence, 128 heads, cache rows of 576 (512 latent + 64 rope), every
-sequence filled to the context length. The figure of merit is effective HBM bandwidth: cache
+One absorbed query token per sequence, 128 heads, 576 cached values per row (the latent part
+[.., rows, 512] and the transposed rope part [.., 64, rows]), every sequence filled to the
+context length. The figure of merit is effective HBM bandwidth: cache
 bytes read (batch * context * 576 * 2) divided by the time of one decode call, reported against
 3.0 TB/s (the device-to-device copy rate measured on the H100, ARCHITECTURE.md). Split-K is
 chosen by the kernel's default heuristic unless --splits is given. With --paged the cache is a
@@ -39,7 +40,8 @@ from common import (H100_HBM_TBS, Table, add_timing_args, attempt,  # noqa: E402
                     save_table, time_call)
 
 from dsv3_jax.kernels_pallas.backend import gpu_flavor  # noqa: E402
-from dsv3_jax.kernels_pallas.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
+from dsv3_jax.kernels_pallas.mla_decode import (mla_decode, mla_decode_reference,  # noqa: E402
+                                                 split_cache)
 
 __all__ = ["make_inputs", "main"]
 
@@ -49,9 +51,10 @@ SCALE = (128 + ROPE) ** -0.5
 
 def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, rng,
                 tokens: int = 1):
-  """q [batch, heads, 576] (tokens > 1: [batch, tokens, heads, 576]), cache (contiguous
-  [batch, ctx, 576] or a shuffled page pool [pages, page_size, 576]), lengths int32 [batch]
-  (= ctx, including the new tokens), block tables int32 or None."""
+  """q [batch, heads, 576] (tokens > 1: [batch, tokens, heads, 576]), the cache parts latent,
+  rope (contiguous [batch, ctx, 512] and [batch, 64, ctx], or a shuffled page pool [pages,
+  page_size, 512] and [pages, 64, page_size]), lengths int32 [batch] (= ctx, including the new
+  tokens), block tables int32 or None."""
   kq, kc = jax.random.split(jax.random.key(batch * 100003 + ctx))
   q = jax.random.normal(kq, (batch,) + ((tokens,) if tokens > 1 else ()) + (heads, RANK + ROPE),
                         jnp.bfloat16)
@@ -66,7 +69,7 @@ def make_inputs(batch: int, ctx: int, heads: int, paged: bool, page_size: int, r
   else:
     cache = jax.random.normal(kc, (batch, ctx, RANK + ROPE), jnp.bfloat16)
     tables = None
-  return q, cache, lengths, tables
+  return (q, *split_cache(cache, RANK), lengths, tables)
 
 
 def _block_sizes(splits: int | None, platform: str | None, gpu_impl: str | None = None):
@@ -91,23 +94,22 @@ def lowering_checks(batch: int, ctx: int, heads: int, page_size: int, splits,
   bs = _block_sizes(splits, "gpu")
   q = sds((batch,) + ((tokens,) if tokens > 1 else ()) + (heads, RANK + ROPE), jnp.bfloat16)
   lengths = sds((batch,), jnp.int32)
-  f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
-                                    backend="pallas", platform="gpu", block_sizes=bs)
-  check_cuda_lowering(f"mla_decode batch {batch} ctx {ctx}", f, q,
-                      sds((batch, ctx, RANK + ROPE), jnp.bfloat16), lengths, None)
-  check_cuda_lowering(f"mla_decode paged batch {batch} ctx {ctx}", f, q,
-                      sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
-                      lengths, sds((batch, ctx // page_size), jnp.int32))
+  parts = lambda n, rows: (sds((n, rows, RANK), jnp.bfloat16),  # noqa: E731
+                           sds((n, ROPE, rows), jnp.bfloat16))
+  contiguous, pool = parts(batch, ctx), parts(batch * ctx // page_size, page_size)
+  tables = sds((batch, ctx // page_size), jnp.int32)
+  f = lambda q, c, r, n, t: mla_decode(q, c, r, n, scale=SCALE, block_tables=t,
+                                       backend="pallas", platform="gpu", block_sizes=bs)
+  check_cuda_lowering(f"mla_decode batch {batch} ctx {ctx}", f, q, *contiguous, lengths, None)
+  check_cuda_lowering(f"mla_decode paged batch {batch} ctx {ctx}", f, q, *pool, lengths, tables)
   bs = _block_sizes(splits, "gpu", "mosaic")
-  f = lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t,
-                                    backend="pallas", platform="gpu", block_sizes=bs,
-                                    gpu_impl="mosaic")
-  check_cuda_lowering(f"mla_decode mosaic batch {batch} ctx {ctx}", f, q,
-                      sds((batch, ctx, RANK + ROPE), jnp.bfloat16), lengths, None,
-                      marker="mosaic_gpu")
-  check_cuda_lowering(f"mla_decode mosaic paged batch {batch} ctx {ctx}", f, q,
-                      sds((batch * ctx // page_size, page_size, RANK + ROPE), jnp.bfloat16),
-                      lengths, sds((batch, ctx // page_size), jnp.int32), marker="mosaic_gpu")
+  f = lambda q, c, r, n, t: mla_decode(q, c, r, n, scale=SCALE, block_tables=t,
+                                       backend="pallas", platform="gpu", block_sizes=bs,
+                                       gpu_impl="mosaic")
+  check_cuda_lowering(f"mla_decode mosaic batch {batch} ctx {ctx}", f, q, *contiguous, lengths,
+                      None, marker="mosaic_gpu")
+  check_cuda_lowering(f"mla_decode mosaic paged batch {batch} ctx {ctx}", f, q, *pool, lengths,
+                      tables, marker="mosaic_gpu")
 
 
 def main(argv=None) -> int:
@@ -146,14 +148,14 @@ def main(argv=None) -> int:
                  ("peak", "ours % peak", "s"), ("err", "err", ".1e")])
   timing = dict(warmup=a.warmup, iters=a.iters, repeats=a.repeats)
   rng = np.random.default_rng(0)
-  ours = jax.jit(lambda q, c, n, t: mla_decode(q, c, n, scale=SCALE, kv_lora_rank=RANK,
-                                               block_tables=t, block_sizes=block_sizes, **kw))
+  ours = jax.jit(lambda q, c, r, n, t: mla_decode(q, c, r, n, scale=SCALE, block_tables=t,
+                                                  block_sizes=block_sizes, **kw))
   on_gpu = jax.default_backend() == "gpu" and not a.smoke
-  flavours = {impl: jax.jit(lambda q, c, n, t, impl=impl: mla_decode(
-      q, c, n, scale=SCALE, kv_lora_rank=RANK, block_tables=t, gpu_impl=impl,
+  flavours = {impl: jax.jit(lambda q, c, r, n, t, impl=impl: mla_decode(
+      q, c, r, n, scale=SCALE, block_tables=t, gpu_impl=impl,
       block_sizes=_block_sizes(a.splits, "gpu", impl), **kw)) for impl in ("triton", "mosaic")}
-  ref = jax.jit(lambda q, c, n, t: mla_decode_reference(q, c, n, scale=SCALE, kv_lora_rank=RANK,
-                                                        block_tables=t))
+  ref = jax.jit(lambda q, c, r, n, t: mla_decode_reference(q, c, r, n, scale=SCALE,
+                                                           block_tables=t))
   for paged in layouts:
     for batch in a.batches:
       for ctx in a.contexts:

@@ -28,7 +28,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from dsv3_jax.moe import grouped_ffn  # noqa: E402
 from dsv3_jax.sharding import Exchange, ep_layout, expert_parallel_ffn, make_mesh  # noqa: E402
-from dsv3_jax.sharding.expert_parallel import hlo_collectives  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import hlo_collectives  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

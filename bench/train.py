@@ -26,11 +26,10 @@ synchronize). Random tokens (the throughput does not depend on the text); the ro
 runs in ours as in real training.
 
   python bench/train.py [--batch 2] [--seq 4096] [--remat full] [--skip-torch] [--quick]
-  python bench/train.py --smoke   (CPU: tiny model, seq 64, every case but "jax (no MTP)", torch
-                                   on CPU;
-                                   torch.compile with backend "eager" there, so dynamo traces the
-                                   model but no inductor code is generated; jax kernels "auto",
-                                   i.e. the jnp references on CPU)
+  python bench/train.py --smoke   (CPU: tiny model, seq 64, the cases "jax" and "transformers
+                                   eager" (torch on CPU; no torch.compile, whose tracing cost
+                                   is most of a CPU run and whose code path is torch's); jax
+                                   kernels "auto", i.e. the jnp references on CPU)
 """
 from __future__ import annotations
 
@@ -214,10 +213,10 @@ def main(argv=None) -> int:
   if jax.default_backend() == "cpu" and not args.smoke:
     raise SystemExit("bench/train.py needs a GPU; use --smoke on CPU")
   tokens = args.batch * args.seq
-  # --smoke leaves out "jax (no MTP)": the same code as "jax" with another config, and a CPU
-  # compile of the train step is the slowest part of the smoke run.
+  # --smoke leaves out "jax (no MTP)" (the same code as "jax" with another config; a CPU compile
+  # of the train step is the slowest part of the smoke run) and torch.compile (torch's code).
   cases = ["jax"] + ([] if args.smoke else ["jax-nomtp"])
-  cases += [] if args.skip_torch else ["torch", "torch-compile"]
+  cases += [] if args.skip_torch else ["torch"] + ([] if args.smoke else ["torch-compile"])
   results = []
   for case in cases:
     c = model_config(size, mtp=case == "jax")

@@ -6,8 +6,6 @@ import argparse
 import logging
 import sys
 
-from dsv3_jax.checkpoint import CheckpointError
-from dsv3_jax.safetensors_io import SafetensorsError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,21 +25,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-  from dsv3_jax.convert.convert import convert
-  from dsv3_jax.convert.orbax_io import ConversionBusy, staging_dir
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+def estimate_output_bytes(src: str, dtype: str) -> int:
+  """What `dsv3 convert SRC --dtype` writes, from the safetensors headers (no tensor read):
+  every weight at the target dtype's width (float8: e4m3 weights stay 1 byte + their scales,
+  others 2), plus 2% for Orbax metadata. 0 when SRC cannot be read (convert reports why)."""
+  import math
+
+  from dsv3_jax.checkpoint import SCALE_SUFFIX, HFCheckpoint
   try:
-    out = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                  ignore_unexpected=args.ignore_unexpected, group_bytes=int(args.group_mb * (1 << 20)),
-                  progress=not args.no_progress)
-  except (CheckpointError, SafetensorsError, FileExistsError, FileNotFoundError, ValueError,
-          ConversionBusy) as e:
-    print(f"dsv3 convert: error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"\ndsv3 convert: interrupted; run the same command again to resume (written so far: "
-          f"{staging_dir(args.dst)})", file=sys.stderr)
-    return 130
+    ckpt = HFCheckpoint(src)
+  except Exception:  # the conversion's own checks name the problem
+    return 0
+  width = {"bfloat16": 2, "float32": 4}.get(dtype)
+  total = 0
+  try:
+    for name in ckpt.names():
+      f = ckpt.shard(name)
+      n = math.prod(f.shape(name))
+      if name.endswith(SCALE_SUFFIX):
+        total += f.nbytes(name) if width is None else 0
+      else:
+        total += n * (width or (1 if f.dtype(name).itemsize == 1 else 2))
+  except Exception:
+    return 0
+  finally:
+    ckpt.close()
+  return int(total * 1.02)
+
+
+def run(args: argparse.Namespace) -> int:
+  import os
+
+  from dsv3_jax import ui
+  from dsv3_jax.convert.convert import convert
+  from dsv3_jax.errors import check_free_space
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+  if os.path.isdir(args.src) and not (os.path.lexists(args.dst) and not args.overwrite):
+    check_free_space(os.path.dirname(os.path.abspath(args.dst)),
+                     estimate_output_bytes(args.src, args.dtype), f"DST {args.dst}")
+  from dsv3_jax.convert.orbax_io import staging_dir
+  args.on_interrupt = (f"{args.dst} is not complete; the same command resumes (written so far: "
+                       f"{staging_dir(args.dst)})")
+  out = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                ignore_unexpected=args.ignore_unexpected, group_bytes=int(args.group_mb * (1 << 20)),
+                progress=not args.no_progress and ui.progress_enabled())
   print(f"wrote {out}")
   return 0

@@ -27,6 +27,7 @@ from dsv3_jax.checkpoint import (SCALE_SUFFIX, TOKENIZER_FILES, HFCheckpoint, _d
                                  check_checkpoint, mtp_depth_present, name_table, read_targets)
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.convert.orbax_io import TreeWriter
+from dsv3_jax.errors import UserError
 from dsv3_jax.param_tree import fp8_paths
 from dsv3_jax.pretrained import abstract_model, has_fp8_form, param_dtypes, param_shapes
 
@@ -63,10 +64,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
   same arguments (the parameters already written are not read or written again).
   """
   if dtype not in DTYPES:
-    raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
   if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-    raise ValueError(f"DST {dst} must not be SRC {src} or contain it or lie inside it")
+    raise UserError(f"DST {dst} must not be SRC {src} or contain it or lie inside it")
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
   cfg = ModelConfig.from_hf_config(src)

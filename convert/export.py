@@ -26,6 +26,7 @@ import numpy as np
 
 from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, Entry, hf_shape, name_table, to_hf
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.convert.convert import TOKENIZER_FILES
 from dsv3_jax.convert.orbax_io import staging_dir
 from dsv3_jax.param_tree import (CheckpointNotFound, locate, mtp_depth_stored, restore_numpy,
@@ -174,7 +175,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
   always gives the same bytes.
   """
   if dtype not in EXPORT_DTYPES:
-    raise ValueError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    raise UserError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
   if os.path.lexists(out) and not overwrite:
     raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")

@@ -4,7 +4,6 @@ in the official names."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,12 +18,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  import os
+
+  from dsv3_jax import ui
   from dsv3_jax.convert.export import export
-  try:
-    out = export(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)), progress=not args.no_progress)
-  except (FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"dsv3 export: error: {e}", file=sys.stderr)
-    return 2
+  from dsv3_jax.errors import check_free_space
+  if os.path.isdir(args.src) and not (os.path.lexists(args.out) and not args.overwrite):
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.src) for f in fs)
+    # bf16/float8 exports are about the stored size (bf16 or e4m3 + scales), float32 twice it
+    check_free_space(os.path.dirname(os.path.abspath(args.out)),
+                     stored * (2 if args.dtype == "float32" else 1), f"OUT {args.out}")
+  args.on_interrupt = f"{args.out} is not complete; rerun the same command"
+  out = export(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite,
+               max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+               progress=not args.no_progress and ui.progress_enabled())
   print(f"wrote {out}")
   return 0

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dsv3_jax.errors import UserError
 from dsv3_jax.param_tree import FORMAT, MANIFEST, PARAMS, VERSION, nest
 
 __all__ = ["TreeWriter", "staging_dir", "CHUNK_BYTES", "ConversionBusy"]
@@ -46,7 +47,7 @@ _PARTIAL = PARAMS + ".partial_save"  # where Orbax's partial save stages DST/par
 _JOB, _PID = "job.json", "writer.pid"
 
 
-class ConversionBusy(RuntimeError):
+class ConversionBusy(UserError, RuntimeError):
   """Another live process is writing the same destination."""
 
 

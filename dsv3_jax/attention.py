@@ -15,29 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.kernels_pallas import mla_attention, mla_attention_reference, select
 from dsv3_jax.layers import Linear, RMSNorm, apply_rope, rope_frequencies
 
-__all__ = ["MLA", "attention", "reference_attention"]
-
-
-def reference_attention(q, k, v, *, scale: float, q_segment_ids=None, kv_segment_ids=None,
-                        q_offset=0):
-  """Causal attention in plain jnp with float32 softmax.
-
-  q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] -> [B, T, H, V] in q.dtype.
-  Key s is visible from query t when s <= t + q_offset and (with segment ids) both share a segment.
-  """
-  scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
-  t = jnp.arange(q.shape[1])[:, None] + q_offset
-  s = jnp.arange(k.shape[1])[None, :]
-  mask = (s <= t)[None, None]
-  if q_segment_ids is not None:
-    mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-  scores = jnp.where(mask, scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1)
-  # A fully masked row (no visible key) gives NaN from softmax; define it as zero output.
-  probs = jnp.where(mask, probs, 0.0)
-  return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v).astype(q.dtype)
+__all__ = ["MLA", "attention"]
 
 
 def _pad_last(x, multiple: int):
@@ -49,21 +30,22 @@ def _pad_last(x, multiple: int):
 
 
 def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "reference",
-              platform: str | None = None):
+              platform: str | None = None, gpu_impl: str | None = None):
   """The model's single attention entry point (training/prefill, causal).
 
   q: [B, T, H, K]; k: [B, T, H, K]; v: [B, T, H, V]; segment_ids: optional [B, T] int
   (packed sequences attend within their segment). Returns [B, T, H, V] in q.dtype.
   `backend` selects the kernel ("reference", "auto", "pallas", "interpret"); `platform`
-  ("tpu", "gpu" or None) is the kernel variant to interpret, or to lower for off-device (see
-  `dsv3_jax.kernels_pallas.mla_attention`). The Pallas kernels need K and V to be multiples of
-  64: other head dims are zero-padded up to the next multiple here (exact: zero q/k dims add
-  nothing to q.k, zero v dims are sliced off; gradients flow through the pad), at the cost of
-  the padded work. DeepSeek-V3's 192 / 128 need no padding. Under a mesh (`jax.set_mesh`) the
+  ("tpu", "gpu" or None) is the kernel variant to interpret, or to lower for off-device, and
+  `gpu_impl` the GPU flavour (see `dsv3_jax.kernels_pallas.mla_attention`). "reference" is the
+  kernels' own oracle, `mla_attention_reference` (float32 scores, softmax and value product):
+  the model and the kernel tests share one definition of the causal and segment masks. The
+  Pallas kernels need K and V to be multiples of 64: other head dims are zero-padded up to the
+  next multiple here (exact: zero q/k dims add nothing to q.k, zero v dims are sliced off;
+  gradients flow through the pad), at the cost of the padded work. DeepSeek-V3's 192 / 128 need no padding. Under a mesh (`jax.set_mesh`) the
   kernel runs inside `shard_map` (`dsv3_jax.sharding.kernel_map`): batch split over the
   `ShardingRules().batch` axes, heads over `act_heads`, T whole.
   """
-  from dsv3_jax.kernels_pallas import mla_attention, select  # the Pallas path, when requested
   from dsv3_jax.sharding import kernel_map
   # "auto" on a platform without a kernel resolves to the reference: skip the padding then.
   if backend != "reference" and select(backend, platform=platform).kind != "reference":
@@ -72,7 +54,8 @@ def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "refere
     def kernel(q, k, v, segment_ids):
       seg = None if segment_ids is None else (segment_ids, segment_ids)
       o = mla_attention(_pad_last(q, 64), _pad_last(k, 64), _pad_last(v, 64), scale=scale,
-                        causal=True, segment_ids=seg, backend=backend, platform=platform)
+                        causal=True, segment_ids=seg, backend=backend, platform=platform,
+                        gpu_impl=gpu_impl)
       return o[..., :dv]
 
     # One kernel call per shard: batch over the batch axes, heads over act_heads; the sequence
@@ -80,8 +63,8 @@ def attention(q, k, v, *, scale: float, segment_ids=None, backend: str = "refere
     bthd = ("batch", None, "act_heads", None)
     return kernel_map(kernel, (bthd, bthd, bthd, ("batch", None)), bthd,
                       name="mla_attention")(q, k, v, segment_ids)
-  return reference_attention(q, k, v, scale=scale, q_segment_ids=segment_ids,
-                             kv_segment_ids=segment_ids)
+  seg = None if segment_ids is None else (segment_ids, segment_ids)
+  return mla_attention_reference(q, k, v, scale=scale, causal=True, segment_ids=seg)
 
 
 class MLA(nnx.Module):
@@ -142,6 +125,7 @@ class MLA(nnx.Module):
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H,
                                                                           cfg.qk_rope_head_dim))], -1)
       o = attention(q, k, v, scale=cfg.softmax_scale, segment_ids=segment_ids,
-                    backend=self.rt.attention_backend, platform=self.rt.kernel_platform)
+                    backend=self.rt.attention_backend, platform=self.rt.kernel_platform,
+                    gpu_impl=self.rt.gpu_kernels)
       out = self.o_proj(o.reshape(*x.shape[:2], H * cfg.v_head_dim))
       return (out, (c, k_pe)) if return_latent else out

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
 __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
@@ -37,7 +38,7 @@ _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 _FP8 = (_E4M3, np.dtype(ml_dtypes.float8_e5m2))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
   """A checkpoint does not match the model (the message names the tensor and the file)."""
 
 

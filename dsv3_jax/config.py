@@ -15,13 +15,59 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dsv3_jax.errors import ConfigError, UserError
+from dsv3_jax.kernels_pallas.backend import GPU_FLAVORS, Backend, KernelRequestError
+
 __all__ = ["YarnScaling", "Fp8Quantization", "ModelConfig", "RuntimeConfig", "PRESETS", "TINY",
-           "DEEPSEEK_V3", "get_preset"]
+           "DEEPSEEK_V3", "get_preset", "ConfigError", "ConfigNotFoundError"]
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 # greedy: plain top-k; group_limited_greedy: V2 groups scored by their max;
 # noaux_tc: V3 groups scored by the sum of their top-2, with the selection bias.
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+# Field types checked before any comparison, so a config.json with "hidden_size": "7168" says so
+# instead of failing inside a comparison. (None is allowed where the field is Optional.)
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+               "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+               "num_experts_per_tok", "n_group", "topk_group", "first_k_dense_replace",
+               "moe_layer_freq", "max_position_embeddings", "num_nextn_predict_layers")
+_OPTIONAL_INT_FIELDS = ("q_lora_rank", "bos_token_id")
+_FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
+_STR_FIELDS = ("scoring_func", "topk_method", "model_type", "hidden_act")
+_BOOL_FIELDS = ("norm_topk_prob", "tie_word_embeddings", "attention_bias")
+
+
+class ConfigNotFoundError(UserError, FileNotFoundError):
+  """No config.json where one was expected (a FileNotFoundError too, for existing callers)."""
+
+
+def _type_name(v) -> str:
+  return "null" if v is None else type(v).__name__
+
+
+def _check_types(values: dict[str, Any]) -> None:
+  """Raises ConfigError naming the field, the expected type and the value found."""
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  for name, v in values.items():
+    if name in _INT_FIELDS or name in _OPTIONAL_INT_FIELDS:
+      ok, want = is_int(v) or (v is None and name in _OPTIONAL_INT_FIELDS), "an integer"
+    elif name in _FLOAT_FIELDS:
+      ok, want = is_int(v) or isinstance(v, float), "a number"
+    elif name in _STR_FIELDS:
+      ok, want = isinstance(v, str), "a string"
+    elif name in _BOOL_FIELDS:
+      ok, want = isinstance(v, bool), "true or false"
+    elif name == "eos_token_id":
+      ok, want = (v is None or is_int(v) or (isinstance(v, (list, tuple)) and all(map(is_int, v))),
+                  "an integer or a list of integers")
+    else:
+      continue
+    if not ok:
+      raise ConfigError(f"field {name!r} must be {want}, got {v!r} ({_type_name(v)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +141,9 @@ class ModelConfig:
   def __post_init__(self):
     def need(cond, msg):
       if not cond:
-        raise ValueError(f"invalid ModelConfig: {msg}")
+        raise ConfigError(f"invalid ModelConfig: {msg}")
+
+    _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -128,7 +176,7 @@ class ModelConfig:
         if self.topk_method == "noaux_tc":
           need(per_group >= 2, "noaux_tc scores a group by its top-2 experts: need >= 2 per group")
     if self.tie_word_embeddings:
-      raise ValueError("tie_word_embeddings=true is not supported: DeepSeek-V3 has an untied "
+      raise ConfigError("tie_word_embeddings=true is not supported: DeepSeek-V3 has an untied "
                        "lm_head (the architecture reads lm_head.weight)")
 
   # Derived quantities -------------------------------------------------------------------------
@@ -169,17 +217,28 @@ class ModelConfig:
       if os.path.isdir(path):
         path = os.path.join(path, "config.json")
       if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json at {path}")
+        raise ConfigNotFoundError(f"no config.json at {path}")
       with open(path) as f:
-        raw = json.load(f)
+        text = f.read()
+      try:
+        raw = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: "
+                          f"{e.msg}") from None
+      if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {_type_name(raw)}")
       where = path
     try:
       return cls._from_dict(raw)
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{where}: {e}") from e
+    except KeyError as e:
+      raise ConfigError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+      msg = str(e).removeprefix("invalid ModelConfig: ")
+      raise ConfigError(f"{where}: {msg}") from e
 
   @classmethod
   def _from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    _check_types({k: v for k, v in raw.items() if v is not None})  # null: see __post_init__
     model_type = raw.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "deepseek_v2", "deepseek_v32", "kimi_k2"):
       raise ValueError(f"model_type {model_type!r} is not a DeepSeek-V2/V3-architecture model")
@@ -308,8 +367,13 @@ class RuntimeConfig:
   """How to run the model (not what it is).
 
   param_dtype: storage dtype of the parameters. dtype: compute dtype of activations and matmuls
-  (softmax, norms and the router always run in float32). attention_backend / moe_backend: kernel
-  choice ("auto", "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
+  (softmax, norms and the router always run in float32). attention_backend (MLA attention and
+  decode), moe_backend (routed experts' grouped matmuls, FP8 included), linear_backend (FP8
+  dense linears, `fp8_weight_matmul`; other linears are XLA einsums): kernel choice ("auto",
+  "reference", "pallas", "interpret"), see `dsv3_jax.kernels_pallas.Backend`.
+  gpu_kernels: the GPU kernel flavour, "auto" (Mosaic GPU on Hopper, else Triton), "triton" or
+  "mosaic" (then inputs Mosaic GPU cannot take raise); default: the DSV3_GPU_KERNELS environment
+  variable, read once when the config is built, else "auto".
   remat: activation rematerialisation policy per decoder block ("none", "full", "dots",
   "offload": full remat with the saved block inputs in pinned host memory, TPU/GPU only).
   kernel_platform: which Pallas kernel the "interpret" backend runs ("tpu" or "gpu"; default
@@ -326,11 +390,22 @@ class RuntimeConfig:
   dtype: Any = jnp.float32
   attention_backend: str = "reference"
   moe_backend: str = "reference"
+  linear_backend: str = "reference"
   remat: str = "none"
   kernel_platform: str | None = None
   ep_capacity_factor: float | None = 1.5
+  gpu_kernels: str = dataclasses.field(
+      default_factory=lambda: os.environ.get("DSV3_GPU_KERNELS") or "auto")
 
   def __post_init__(self):
+    backends = [b.value for b in Backend]
+    for name in ("attention_backend", "moe_backend", "linear_backend"):
+      value = getattr(self, name)
+      if (value.value if isinstance(value, Backend) else value) not in backends:
+        raise KernelRequestError(f"RuntimeConfig.{name} must be one of {backends}, got {value!r}")
+    if self.gpu_kernels not in ("auto",) + GPU_FLAVORS:
+      raise KernelRequestError(f"RuntimeConfig.gpu_kernels (default: env DSV3_GPU_KERNELS) must "
+                               f"be one of {['auto', *GPU_FLAVORS]}, got {self.gpu_kernels!r}")
     if self.remat not in ("none", "full", "dots", "offload"):
       raise ValueError(f"remat must be 'none', 'full', 'dots' or 'offload', got {self.remat!r}")
     if self.kernel_platform not in (None, "tpu", "gpu"):
@@ -369,4 +444,4 @@ def get_preset(name: str) -> ModelConfig:
   try:
     return PRESETS[name]
   except KeyError:
-    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+    raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None

@@ -3,19 +3,31 @@
 Needs no download: a randomly initialised tiny model is written in the official HF layout
 (safetensors + config.json), loaded through the same `from_pretrained` path as a real
 checkpoint, and run on a batch of tokens.
+
+Everything goes under one folder: `--out D` writes D/tiny-deepseek-v3 (the checkpoint) and D/train
+(the training part); a D holding an earlier demo needs `--overwrite`. Without --out a temporary
+folder is used, named at the start and removed at the end (`--keep` keeps it).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
+
+from dsv3_jax.errors import UserError
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--out", default=None, help="where to write the tiny checkpoint (default: a temp dir)")
+  p.add_argument("--out", default=None,
+                 help="folder for everything the demo writes (default: a temporary folder, "
+                      "removed at the end)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace the files of an earlier demo in --out")
+  p.add_argument("--keep", action="store_true", help="keep the temporary folder (without --out)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-671b", action="store_true", help="skip the 671B parameter count (~20 s)")
   p.add_argument("--train-steps", type=int, default=300,
@@ -28,6 +40,31 @@ def _fmt(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+  root = args.out
+  parts = ("tiny-deepseek-v3", "train")
+  if root is not None:
+    existing = [p for p in parts if os.path.lexists(os.path.join(root, p))]
+    if existing and not args.overwrite:
+      raise UserError(f"--out {root} already holds a demo ({', '.join(existing)}); pass "
+                      f"--overwrite to replace it, or another --out")
+    for p in existing:
+      shutil.rmtree(os.path.join(root, p))
+    os.makedirs(root, exist_ok=True)
+  else:
+    root = tempfile.mkdtemp(prefix="dsv3-demo-")
+    print(f"writing to the temporary folder {root} ({'kept' if args.keep else 'removed'} at the "
+          f"end; --out DIR keeps the files)")
+  args.on_interrupt = (f"the partial demo stays in {root}" if args.out or args.keep else
+                       "the temporary folder is removed")
+  try:
+    return _run(args, root)
+  finally:
+    if args.out is None and not args.keep:
+      shutil.rmtree(root, ignore_errors=True)
+      print(f"removed {root}")
+
+
+def _run(args: argparse.Namespace, root: str) -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -36,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
   import dsv3_jax
 
   cfg = dsv3_jax.TINY
-  out = args.out or os.path.join(tempfile.mkdtemp(prefix="dsv3-demo-"), "tiny-deepseek-v3")
+  out = os.path.join(root, "tiny-deepseek-v3")
   t0 = time.perf_counter()
   model = dsv3_jax.DeepseekV3(cfg, rngs=nnx.Rngs(args.seed))
   dsv3_jax.save_pretrained(model, out)
@@ -63,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
           f"{_fmt(c.activated)} activated per token, MTP layer {_fmt(c.mtp)}")
   if args.train_steps > 0:
     from dsv3_jax.train.demo import train_demo
-    train_demo(os.path.join(os.path.dirname(out), "train"), steps=args.train_steps,
+    train_demo(os.path.join(root, "train"), steps=args.train_steps,
                max_seconds=args.train_seconds, seq=64, seed=args.seed)
   print(f"done in {time.perf_counter() - t0:.1f} s")
   return 0

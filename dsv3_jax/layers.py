@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import UserError
 
 __all__ = ["Linear", "RMSNorm", "MLP", "rope_frequencies", "apply_rope", "INIT_STD", "FP8_BLOCK",
            "Fp8Variable", "Fp8Value", "Fp8Scale", "Fp8TrainingError", "fp8_inference_only",
@@ -47,7 +48,7 @@ class Fp8Scale(Fp8Variable):
   dequantised w[..., i, j] = value[..., i, j] * scale_inv[..., i // 128, j // 128]."""
 
 
-class Fp8TrainingError(TypeError):
+class Fp8TrainingError(TypeError, UserError):
   """Raised when gradients are taken through a layer that holds FP8 weights."""
 
 

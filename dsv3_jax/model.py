@@ -35,6 +35,7 @@ from dsv3_jax.attention import MLA
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import INIT_STD, MLP, Linear, RMSNorm
 from dsv3_jax.moe import MoE
+from dsv3_jax.sharding.gather import with_whole_weight
 
 __all__ = ["DecoderLayer", "LayerStack", "MTPLayer", "DeepseekV3", "ModelOutput", "layer_groups",
            "REMAT_POLICIES"]
@@ -190,11 +191,32 @@ class DeepseekV3(nnx.Module):
   def cfg(self) -> ModelConfig:
     return self.config
 
+  def _vocab_op(self, fn, x, var: nnx.Variable) -> jax.Array:
+    """fn(x, table) for the vocab-sized `var` (embedding or head). When x [B, ...] holds at least
+    as many tokens as the vocabulary (training, long prefills), the table is gathered whole in the
+    compute dtype inside a shard_map over the batch (`sharding.with_whole_weight`: its gradient is
+    a reduce-scatter into its shards, where GSPMD would all-reduce full-size partial gradients);
+    otherwise GSPMD partitions fn itself (a decode step's lookup and logits stay vocab-sharded)."""
+    value = var.get_value()
+    n_tokens = x.size if x.ndim == 2 else x.size // x.shape[-1]
+    if n_tokens < self.config.vocab_size:
+      return fn(x, value)
+    return with_whole_weight(fn, x, value, var.get_metadata().get("axes") or (None,) * value.ndim,
+                             self.runtime.dtype)
+
   def embed(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed_tokens.get_value(), tokens, axis=0).astype(self.runtime.dtype)
+    """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+    rows = self._vocab_op(lambda t, table: jnp.take(table, t, axis=0), tokens, self.embed_tokens)
+    return rows.astype(self.runtime.dtype)
 
   def head(self, h: jax.Array) -> jax.Array:
-    return self.lm_head(h).astype(jnp.float32)
+    """h [B, T, D] -> float32 logits [B, T, vocab]."""
+    if self.lm_head.is_fp8:
+      return self.lm_head(h).astype(jnp.float32)
+    dt = self.runtime.dtype
+    logits = self._vocab_op(
+        lambda x, k: jnp.einsum("...i,io->...o", x.astype(dt), k.astype(dt)), h, self.lm_head.kernel)
+    return logits.astype(jnp.float32)
 
   def forward(self, tokens, *, positions=None, segment_ids=None, mtp: bool = False) -> ModelOutput:
     """Full forward.

@@ -4,15 +4,18 @@ Einsum letters: N tokens (batch*seq flattened), D hidden, E routed experts, K ex
 F expert FFN width, G expert groups.
 
 The expert computation is a chain of small pure functions (route -> permute -> grouped FFN ->
-unpermute/combine) so expert parallelism (dsv3_jax.sharding) can wrap the same pieces in
-shard_map. Nothing is dropped: each token reaches all of its K experts.
-See docs in the README ("MoE and MTP design").
+unpermute/combine) so expert parallelism (dsv3_jax.sharding.expert_parallel) wraps the same
+pieces in shard_map: `permute` and `unpermute` are its `sort_by_destination` and `combine` (which
+live there because sharding imports nothing from the model), and `grouped_ffn` is passed to it.
+Nothing is dropped: each token reaches all of its K experts. Design: README "Design notes"
+(MoE) and the module docstring of `dsv3_jax.sharding.expert_parallel`.
 
 Kernels: `RuntimeConfig.moe_backend` picks the grouped-matmul implementation ("reference" is
 jax.lax.ragged_dot; "auto" / "pallas" / "interpret" go to `dsv3_jax.kernels_pallas`, with
-`RuntimeConfig.kernel_platform` naming the kernel to interpret or lower for). The same backend
-serves FP8 weights: `Experts.to_fp8` keeps a projection as e4m3 [E, out, in] + block scales and
-it runs through `grouped_matmul_fp8` (inference only).
+`RuntimeConfig.kernel_platform` naming the kernel to interpret or lower for and
+`RuntimeConfig.gpu_kernels` the GPU flavour). The same backend serves FP8 weights:
+`Experts.to_fp8` keeps a projection as e4m3 [E, out, in] + block scales and it runs through
+`grouped_matmul_fp8` (inference only).
 """
 from __future__ import annotations
 
@@ -89,11 +92,13 @@ class Fp8Experts:
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax.Array,
-                   backend: str = "reference", platform: str | None = None) -> jax.Array:
+                   backend: str = "reference", platform: str | None = None,
+                   gpu_impl: str | None = None) -> jax.Array:
   """lhs [M, I] rows sorted by group, rhs [E, I, O] (or `Fp8Experts`), group_sizes [E] -> [M, O].
 
   backend "reference": jax.lax.ragged_dot; otherwise the `dsv3_jax.kernels_pallas` grouped
-  matmul (differentiable, custom VJP) with `platform` ("tpu"/"gpu": the kernel "interpret" runs).
+  matmul (differentiable, custom VJP) with `platform` ("tpu"/"gpu": the kernel "interpret" runs)
+  and `gpu_impl` (the GPU flavour, see `kernels_pallas.backend.gpu_flavor`).
   FP8 rhs: `grouped_matmul_fp8` with float32 accumulation, output in lhs.dtype, any backend
   (inference only: its gradient raises `Fp8TrainingError`).
   """
@@ -104,43 +109,42 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax
                               backend=backend, platform=platform)
   if backend != "reference":
     from dsv3_jax.kernels_pallas import grouped_matmul as kernel
-    return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform)
+    return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform, gpu_impl=gpu_impl)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
 def permute(x: jax.Array, experts: jax.Array, num_experts: int):
-  """Sorts the N*K (token, expert) pairs by expert.
+  """Sorts the N*K (token, expert) pairs by expert (expert parallelism's `sort_by_destination`,
+  the one implementation, without its destination ids).
 
   x [N, D], experts [N, K] -> (xs [N*K, D] rows grouped by expert, order [N*K] (position of each
   sorted row in the flattened [N*K] pair list), group_sizes [E] int32).
   """
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  K = experts.shape[1]
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return x[order // K], order, group_sizes
+  xs, _, order, group_sizes = expert_parallel.sort_by_destination(x, experts, num_experts)
+  return xs, order, group_sizes
 
 
 def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference",
-                platform: str | None = None):
+                platform: str | None = None, gpu_impl: str | None = None):
   """Per-expert SwiGLU on expert-sorted rows: xs [M, D] -> [M, D].
 
-  Weights [E, D, F] / [E, F, D], or `Fp8Experts`; backend / platform as in `grouped_matmul`.
+  Weights [E, D, F] / [E, F, D], or `Fp8Experts`; backend / platform / gpu_impl as in
+  `grouped_matmul`.
   """
-  g = grouped_matmul(xs, w_gate, group_sizes, backend, platform)
-  u = grouped_matmul(xs, w_up, group_sizes, backend, platform)
-  return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, backend, platform)
+  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl)
+  g = grouped_matmul(xs, w_gate, group_sizes, **kw)
+  u = grouped_matmul(xs, w_up, group_sizes, **kw)
+  return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, **kw)
 
 
 def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
-  """Inverse of `permute` plus the weighted combine.
+  """Inverse of `permute` plus the weighted combine (expert parallelism's `combine`, the one
+  implementation).
 
   ys [N*K, D] expert-sorted outputs, order [N*K], weights [N, K] -> [N, D] = sum_k w_k * y_k,
   accumulated in float32.
   """
-  N, K = weights.shape
-  y = jnp.zeros(ys.shape, jnp.float32).at[order].set(ys.astype(jnp.float32))
-  return jnp.einsum("nkd,nk->nd", y.reshape(N, K, -1), weights.astype(jnp.float32))
+  return expert_parallel.combine(ys, order, weights)
 
 
 class Router(nnx.Module):
@@ -224,7 +228,8 @@ class Experts(nnx.Module):
     dt = self.rt.dtype
     w = self.weights()
     E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
-    backend, platform = self.rt.moe_backend, self.rt.kernel_platform
+    kw = dict(backend=self.rt.moe_backend, platform=self.rt.kernel_platform,
+              gpu_impl=self.rt.gpu_kernels)
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
       # FP8 projections cross the shard_map as (value, scale_inv) pairs, both split over E.
@@ -232,14 +237,14 @@ class Experts(nnx.Module):
 
       def ffn(xs, sizes, *ws):
         ws = [Fp8Experts(*p) if isinstance(p, tuple) else p for p in ws]
-        return grouped_ffn(xs, sizes, *ws, backend=backend, platform=platform)
+        return grouped_ffn(xs, sizes, *ws, **kw)
 
       y, overflow = expert_parallel.expert_parallel_ffn(
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
           capacity_factor=self.rt.ep_capacity_factor, return_overflow=True)
       return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
     xs, order, sizes = permute(x.astype(dt), routing.experts, E)
-    ys = grouped_ffn(xs, sizes, *w, backend, platform)
+    ys = grouped_ffn(xs, sizes, *w, **kw)
     return unpermute(ys, order, routing.weights), sizes, jnp.zeros((), jnp.int32)
 
 

@@ -195,6 +195,17 @@ def _dequantize_fn(block: tuple[int, int], dtype, out_sharding):
   return jax.jit(f, out_shardings=out_sharding)
 
 
+def _restore(params_dir, d: str, args) -> dict:
+  """Orbax's restore; a missing or corrupt file (an incomplete copy, a damaged disk) becomes a
+  CheckpointError naming the directory, with Orbax's first line."""
+  from dsv3_jax.checkpoint import CheckpointError
+  try:
+    return _checkpointer().restore(d, args=args)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise CheckpointError(f"{params_dir}: cannot restore the parameter tree ({first[:200]})") from e
+
+
 def restore_arrays(params_dir: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
                    shardings: ShardingsArg = None, keep_fp8: bool = False,
                    block: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -249,7 +260,7 @@ def restore_arrays(params_dir: str | os.PathLike, abstract_vars: Mapping[str, An
     want(vp, qshape, jnp.float8_e4m3fn, swap_last2(s, len(qshape)))
     want(sp, entry["scale_shape"], jnp.float32, replicated_like(s))
     plan[p] = ((vp, sp), abs_value.dtype, s)
-  r = flatten(_checkpointer().restore(d, args=ocp.args.PyTreeRestore(
+  r = flatten(_restore(params_dir, d, ocp.args.PyTreeRestore(
       item=nest(target), restore_args=nest(args), partial_restore=True)))
   out: dict[str, Any] = {}
   for p, (fp8, dtype, s) in plan.items():
@@ -271,7 +282,7 @@ def restore_numpy(params_dir: str | os.PathLike, paths: list[str], stored: Mappi
     for leaf in (fp8_paths(p) if stored[p]["quantized"] else (p,)):
       target[leaf] = np.zeros((), np.float32)
   args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in target}
-  r = flatten(_checkpointer().restore(pytree_dir(params_dir), args=ocp.args.PyTreeRestore(
+  r = flatten(_restore(params_dir, pytree_dir(params_dir), ocp.args.PyTreeRestore(
       item=nest(target), restore_args=nest(args), partial_restore=True)))
   out = {}
   for p in paths:

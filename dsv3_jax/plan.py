@@ -16,7 +16,9 @@ What is compiled (never a copy of it):
 Figures are per device. `total = argument + output - alias + temp` (XLA's accounting);
 `peak` is XLA's own peak where this jax exposes it (`peak_memory_in_bytes`), else `total`. A
 program that does not fit is rejected by the compiler with RESOURCE_EXHAUSTED: `fits` is that
-verdict, and the figures then come from the compiler's message.
+verdict, and the figures then come from the compiler's message. `compiled_flops` /
+`compiled_bytes` count each loop body x its trip count (`dsv3_jax.hlo_cost`; XLA's
+`cost_analysis()`, which visits a loop body once, is kept as `xla_flops` / `xla_bytes`).
 
 The command line is `dsv3_jax.plan_cli` (`dsv3 plan`).
 """
@@ -37,8 +39,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
+from dsv3_jax.hlo_cost import HloCost, hlo_cost
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding,
+from dsv3_jax.sharding import (EXPERT, TENSOR, ShardingRules, activation_sharding, use_rules,
                                logical_to_spec, make_mesh, parse_mesh_shape, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
@@ -58,9 +62,11 @@ COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter"
 # The rules the pod measurements use: dense head / FFN / vocab dims over `expert` too, so a mesh
 # without a `tensor` axis still shards every weight (ZeRO-3 over fsdp x expert).
 POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT)
+COST_COUNTING = ("compiled_flops/compiled_bytes: optimized HLO per device, " + HloCost.counting
+                 + "; xla_flops/xla_bytes: XLA cost_analysis(), each loop body once")
 
 
-class PlanError(ValueError):
+class PlanError(ValueError, UserError):
   """A request `plan` cannot compile (bad topology, mesh, flags, missing libtpu)."""
 
 
@@ -124,6 +130,14 @@ class StepReport:
   collectives: dict[str, int]
   kernel_calls: dict[str, int]
   error: str | None = None
+  # compiled_* count every loop body x its trip count (`dsv3_jax.hlo_cost`); xla_* are XLA's
+  # cost_analysis() as it is (each loop body once); *_worst run every EP overflow round.
+  xla_flops: float | None = None
+  xla_bytes: float | None = None
+  compiled_flops_worst: float | None = None
+  compiled_bytes_worst: float | None = None
+  loops: list | None = None       # [trip count (None: unknown), flops of one iteration]
+  top_ops: dict | None = None     # {"flops"|"bytes": [[op_name, opcode, flops, bytes], ...]}
 
 
 @dataclasses.dataclass
@@ -165,9 +179,14 @@ class PlanReport:
     out["compile_seconds"] = round(sum(s.compile_seconds for s in self.steps.values()), 2)
     out["flops_ratio"] = _ratio(m.compiled_flops, m.model_flops)
     out["bytes_ratio"] = _ratio(m.compiled_bytes, m.model_bytes)
+    out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
+    out["cost_counting"] = COST_COUNTING
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
-               steps={k: dataclasses.asdict(s) for k, s in self.steps.items()})
+               steps={k: {**dataclasses.asdict(s),
+                          "flops_ratio": _ratio(s.compiled_flops, s.model_flops),
+                          "bytes_ratio": _ratio(s.compiled_bytes, s.model_bytes)}
+                      for k, s in self.steps.items()})
     return out
 
 
@@ -330,20 +349,24 @@ def _param_leaves(params) -> list[tuple[str, tuple[str | None, ...], Any]]:
 
 def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, context: float,
                          cache_bytes_total: int, absorbed: bool):
-  """(flops, bytes) of one serve step over all devices: matmul weights a step touches (routed
+  """(flops, bytes) of one serve step over all devices: weights a step touches (routed
   experts: the expected distinct share E(1-(1-k/E)^(B*T)) of each layer; MTP blocks are not run;
-  embedding: the looked-up rows) read once, 2 flops per weight per token (per activated expert),
+  embedding: the looked-up rows; norm scales whole) read once, 2 flops per matmul weight per
+  token (per activated expert),
   plus attention over `context` rows per token and layer: 2*H*(2C+R) flops per row absorbed
   (decode), 2*H*(d_qk+d_v) per row otherwise (prefill); and `cache_bytes_total` once."""
   E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
   touched = 1.0 - (1.0 - k / E) ** (batch * tokens) if E else 1.0
   flops = bytes_ = 0.0
   for path, axes, x in _param_leaves(params):
-    if path.startswith("mtp") or len(x.shape) < 2:
+    if path.startswith("mtp"):
       continue
     n, isz = math.prod(x.shape), np.dtype(x.dtype).itemsize
     if "embed_tokens" in path:
       bytes_ += batch * tokens * x.shape[-1] * isz
+      continue
+    if len([a for a in axes if a != "layers"]) < 2:  # norm scales: read, not a matmul
+      bytes_ += n * isz
       continue
     frac = (k / E) if "expert" in axes else 1.0
     flops += 2.0 * n * frac * batch * tokens
@@ -386,13 +409,22 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
   ca = compiled.cost_analysis()
   ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
   hlo = compiled.as_text()
+  xf, xb = float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+  try:
+    cost = hlo_cost(hlo, top=8)
+  except Exception as e:  # noqa: BLE001  an HLO form the reader does not know: XLA's figures
+    cost = HloCost(xf, 0.0, xb, xf, xb, xf, xb, [], 0, [], [])
+    cost.top_flops = [("error", f"hlo_cost failed, XLA's figures (loops once): "
+                       f"{_first_line(e)}", 0.0, 0.0)]
+  top = {k: [[r[1], r[0], r[2], r[3]] for r in rows]
+         for k, rows in (("flops", cost.top_flops), ("bytes", cost.top_bytes))}
   return StepReport(name, True, round(secs, 2), int(ma.argument_size_in_bytes),
                     int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes),
-                    int(ma.temp_size_in_bytes), int(total), int(peak),
-                    float(ca["flops"]) if "flops" in ca else None,
-                    float(ca["bytes accessed"]) if "bytes accessed" in ca else None,
+                    int(ma.temp_size_in_bytes), int(total), int(peak), cost.flops, cost.bytes,
                     model_flops / n_devices, model_bytes / n_devices, count_collectives(hlo),
-                    count_kernels(hlo))
+                    count_kernels(hlo), xla_flops=xf, xla_bytes=xb,
+                    compiled_flops_worst=cost.flops_worst, compiled_bytes_worst=cost.bytes_worst,
+                    loops=[[n, f] for _, n, f in cost.loops], top_ops=top)
 
 
 def _runtime(req: PlanRequest) -> RuntimeConfig:
@@ -400,7 +432,7 @@ def _runtime(req: PlanRequest) -> RuntimeConfig:
   pdt = req.param_dtype or (jnp.float32 if train else jnp.bfloat16)
   return RuntimeConfig(param_dtype=pdt, dtype=jnp.bfloat16, remat=req.remat if train else "none",
                        attention_backend=req.kernels, moe_backend=req.kernels,
-                       kernel_platform="tpu")
+                       linear_backend=req.kernels, kernel_platform="tpu")
 
 
 def plan(req: PlanRequest) -> PlanReport:
@@ -428,8 +460,9 @@ def plan(req: PlanRequest) -> PlanReport:
   rep = NamedSharding(mesh, P())
   data_shards = math.prod(sizes.get(a, 1) for a in rules.mesh_axes("batch"))
   build = _train_steps if req.mode == "train" else _serve_steps
-  steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
-                                        rest_a, rep, data_shards, len(devices))
+  with use_rules(rules):  # the model's explicit collectives assume the parameters' rules
+    steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
+                                          rest_a, rep, data_shards, len(devices))
   hbm = hbm_bytes_per_device(devices[0])
   main = max(steps, key=lambda k: steps[k].peak_bytes)
   report = PlanReport(
@@ -487,8 +520,7 @@ def _train_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   opt_a = _sds(opt_abs, opt_sh)
   # The state layout of `Trainer.state`.
   state = {"params": params_a, "rest": rest_a, "opt": opt_a,
-           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   gb = req.batch_per_device * data_shards
   tok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (gb, req.seq))
@@ -520,8 +552,8 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
   B, S, T = req.decode_batch, req.context, _prompt_len(req)
   cache_abs = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16, mtp_layers=0))
-  # Cache buffers [..., B, S, C + R] split over the batch (any leading dims, e.g. a layer stack,
-  # replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
+  # Cache buffers latent [L, B, S, C] and rope [L, B, R, S] split over the batch (the layer
+  # stack replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
   # as the `heads` rule says.
   def trailing(x, logical):
     return NamedSharding(mesh, logical_to_spec((None,) * (x.ndim - len(logical)) + logical,
@@ -564,7 +596,8 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   dec = jax.jit(decode_step, in_shardings=(p_sh, r_sh, a_sh, cache_sh, dtok_sh, dtok_sh),
                 out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
   dec_args = (params_a, rest_a, absorbed_a, cache_a, dtok, dtok)
-  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache_abs.kv))
+  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize
+                    for x in (cache_abs.latent, cache_abs.rope))
   # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
   pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
   df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)

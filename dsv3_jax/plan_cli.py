@@ -135,6 +135,17 @@ def format_report(report) -> str:
       lines.append(f"  flops: compiled {s.compiled_flops or 0:.3e}, model {s.model_flops:.3e} "
                    f"({fr}); bytes: compiled {s.compiled_bytes or 0:.3e}, model "
                    f"{s.model_bytes:.3e} ({br})")
+      trips = [n for n, _ in s.loops or []]
+      lines.append(f"    (loops counted x trip count: {len(trips)} loops, trips "
+                   f"{sorted(set(trips), key=lambda n: (n is None, n or 0))}; XLA's "
+                   f"cost_analysis, each loop once: {s.xla_flops or 0:.3e} flops, "
+                   f"{s.xla_bytes or 0:.3e} bytes)")
+      for kind, col in (("flops", 2), ("bytes", 3)):
+        total = (s.compiled_flops if kind == "flops" else s.compiled_bytes) or 0
+        rows = [r for r in (s.top_ops or {}).get(kind, [])[:3] if r[col] and total]
+        if rows:
+          lines.append(f"    most {kind}: " + "; ".join(
+              f"{r[1]} {'/'.join(r[0].split('/')[-2:])} {r[col] / total:.0%}" for r in rows))
   lines += ["", "kernels: " + ", ".join(f"{k} {v}" for k, v in j["kernels"].items()
                                         if v is not None),
             f"fits: {'yes' if j['fits'] else 'no'} (peak {_gib(j['peak_bytes'])} of "

@@ -14,9 +14,9 @@ FP8 inference: `from_pretrained(path, fp8="keep")` keeps the tensors that are fl
 the checkpoint (HF directory with `weight_scale_inv`, or `dsv3 convert --dtype float8`) as e4m3
 weights with their 128 x 128 block scales: linears become FP8 `Linear`s (`weight` [out, in] +
 `weight_scale_inv`, see `dsv3_jax.layers`), routed experts FP8 `Experts` projections. Everything
-else loads as with the default `fp8="dequantize"`. The FP8 matmuls use `runtime.moe_backend`
-(and `runtime.kernel_platform`); such a model is inference-only (gradients raise
-`Fp8TrainingError`).
+else loads as with the default `fp8="dequantize"`. The FP8 matmuls use `runtime.linear_backend`
+(dense linears) and `runtime.moe_backend` (experts), with `runtime.kernel_platform`; such a
+model is inference-only (gradients raise `Fp8TrainingError`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import (HFCheckpoint, check_checkpoint, mtp_depth_present,
+from dsv3_jax.checkpoint import (CheckpointError, HFCheckpoint, check_checkpoint, mtp_depth_present,
                                  name_table, read_targets, to_hf)
 from dsv3_jax.param_tree import (Fp8Weight, locate, mtp_depth_stored, replicated_like,
                                  restore_arrays, sharding_for, stored_params, swap_last2)
@@ -173,8 +173,8 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
     count = next(c for pfx, c in counts.items() if target.startswith(pfx))
     if sorted(by_slot) != list(range(count)):
       missing = sorted(set(range(count)) - set(by_slot))
-      raise ValueError(f"{target}: no value for {len(missing)} layer(s) of its stack (slots "
-                       f"{missing[:5]})")
+      raise CheckpointError(f"{target}: no value for {len(missing)} layer(s) of its stack "
+                            f"(slots {missing[:5]})")
     values = [by_slot[i] for i in range(count)]
     fp8 = [isinstance(v, Fp8Weight) for v in values]
     if all(fp8):
@@ -204,16 +204,16 @@ def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object])
     if not isinstance(w, Fp8Weight):
       continue
     if tuple(w.block) != FP8_BLOCK:
-      raise ValueError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight blocks (the "
-                       f"FP8 kernels' layout), the checkpoint has {tuple(w.block)}; load it with "
-                       f"fp8='dequantize'")
+      raise CheckpointError(f"{path}: fp8='keep' needs {FP8_BLOCK[0]}x{FP8_BLOCK[1]} weight "
+                            f"blocks (the FP8 kernels' layout), the checkpoint has "
+                            f"{tuple(w.block)}; load it with fp8='dequantize'")
     owner, attr = _owner(abstract, path)
     del out[path]
     value = jax.ShapeDtypeStruct(w.value.shape, jnp.float8_e4m3fn)
     scale = jax.ShapeDtypeStruct(w.scale_inv.shape, jnp.float32)
     prefix = path[:-len(attr)]
     if isinstance(owner, Linear) and attr == "kernel":
-      owner.to_fp8(value, scale, backend=rt.moe_backend, platform=rt.kernel_platform)
+      owner.to_fp8(value, scale, backend=rt.linear_backend, platform=rt.kernel_platform)
       names = ("weight", "weight_scale_inv")
     elif isinstance(owner, Experts) and attr in Experts.PROJECTIONS:
       names = owner.to_fp8(attr, value, scale)
@@ -240,19 +240,20 @@ def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, 
   flat = nnx.to_flat_state(state)
   missing = [_path(p) for p, _ in flat if _path(p) not in arrays]
   if missing:
-    raise ValueError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
+    raise CheckpointError(f"no value for {len(missing)} parameter(s), e.g. {missing[:5]}")
   for p, v in flat:
     a = arrays[_path(p)]
     want = v.get_value()
     if tuple(a.shape) != tuple(want.shape):
-      raise ValueError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
+      raise CheckpointError(f"{_path(p)}: shape {tuple(a.shape)} != expected {tuple(want.shape)}")
     v.set_value(jnp.asarray(a, dtype=want.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
-                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None) -> DeepseekV3:
+                    shardings=None, fp8: str = "dequantize", mesh=None, rules=None,
+                    progress: bool = False) -> DeepseekV3:
   """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, one written by `dsv3 convert`, or a
   `dsv3 train` run (its latest step) or step directory (relative paths are fine).
 
@@ -274,10 +275,12 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   fp8: "dequantize" (default): FP8 weights become `dtype` parameters. "keep": the weights that
     are float8_e4m3fn in the checkpoint stay e4m3 with their 128 x 128 block scales (needs
     weight_block_size [128, 128]); dense layers then run `fp8_weight_matmul` and routed experts
-    `grouped_matmul_fp8`, with `runtime.moe_backend` / `runtime.kernel_platform` choosing the
-    kernel. Everything else loads as with "dequantize" (in `dtype`). The model is then
-    inference-only: taking gradients through it raises `dsv3_jax.layers.Fp8TrainingError`;
-    `save_pretrained` and expert parallelism are not supported for it.
+    `grouped_matmul_fp8`, with `runtime.linear_backend` / `runtime.moe_backend` (and
+    `runtime.kernel_platform`) choosing the kernels. Everything else loads as with "dequantize"
+    (in `dtype`). The model is then inference-only: taking gradients through it raises
+    `dsv3_jax.layers.Fp8TrainingError`; `save_pretrained` and expert parallelism are not
+    supported for it.
+  progress: report reading progress on stderr (per `dsv3_jax.ui`: a bar, plain lines or nothing).
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
@@ -286,7 +289,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
   shardings = shardings_arg(shardings, mesh, rules)
   located = locate(path)
-  if located is not None:
+  if located is not None:  # one Orbax restore of the whole tree (no per-parameter progress)
     return load_params(located, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
                        keep_fp8=fp8 == "keep")
   cfg = ModelConfig.from_hf_config(path)
@@ -299,8 +302,9 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
       cfg = cfg.replace(num_nextn_predict_layers=0)
     elif present < cfg.num_nextn_predict_layers:
       if mtp:
-        raise ValueError(f"{path}: config.json has num_nextn_predict_layers="
-                         f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} MTP layer(s)")
+        raise CheckpointError(f"{path}: config.json has num_nextn_predict_layers="
+                              f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present} "
+                              f"MTP layer(s)")
       log.warning("%s: no MTP tensors for depth %d..%d (transformers drops them); loading without",
                   path, present + 1, cfg.num_nextn_predict_layers)
       cfg = cfg.replace(num_nextn_predict_layers=present)
@@ -314,9 +318,11 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
           ckpt.location.pop(n)
     block = tuple(cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128))
     check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
-    arrays = {t: (v if s is None else Fp8Weight(v, s, block))
-              for t, v, s in read_targets(ckpt, table, shapes, dtypes, block=block,
-                                          keep_fp8=fp8 == "keep")}
+    targets = read_targets(ckpt, table, shapes, dtypes, block=block, keep_fp8=fp8 == "keep")
+    if progress:
+      from dsv3_jax.ui import iterate
+      targets = iterate(targets, len(shapes), "load", unit="param")
+    arrays = {t: (v if s is None else Fp8Weight(v, s, block)) for t, v, s in targets}
   finally:
     ckpt.close()
   if shardings is not None:

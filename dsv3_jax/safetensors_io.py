@@ -15,6 +15,8 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax.errors import UserError
+
 __all__ = ["SafetensorsFile", "SafetensorsError", "save_file", "DTYPES"]
 
 DTYPES = {
@@ -31,7 +33,7 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ValueError, UserError):
   """A safetensors file is missing, truncated or malformed (the message names the file)."""
 
 

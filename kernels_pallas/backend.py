@@ -7,15 +7,18 @@ the implementation to run:
 - ``Backend.AUTO``: the Pallas kernel of the current platform (``jax.default_backend()``) when
   the kernel has one, otherwise the reference.
 - ``Backend.REFERENCE``: always the reference.
-- ``Backend.PALLAS``: the Pallas kernel of the current platform; raises when there is none
-  (never silently falls back).
+- ``Backend.PALLAS``: the Pallas kernel of the current platform; raises `KernelRequestError`
+  when there is none (never silently falls back).
 - ``Backend.INTERPRET``: the TPU or GPU kernel (``platform=``) in Pallas interpret mode, which
   runs on CPU; used by the tests.
 
 On GPU a kernel may have two Pallas implementations: the Triton lowering (portable, also ROCm)
-and Mosaic GPU (Hopper-only: wgmma, TMA, warp specialisation). `gpu_flavor` picks one.
+and Mosaic GPU (Hopper-only: wgmma, TMA, warp specialisation). `gpu_flavor` picks one. Only
+"auto" may choose: an explicitly requested flavour (or kernel-specific block sizes) that cannot
+take the inputs raises `KernelRequestError` naming why.
 
-Nothing here is decided at import time.
+Nothing here is decided at import time or read from the environment: `RuntimeConfig.gpu_kernels`
+(whose default comes from DSV3_GPU_KERNELS when the config is built) is how a model asks.
 """
 from __future__ import annotations
 
@@ -25,7 +28,16 @@ import enum
 
 import jax
 
-__all__ = ["Backend", "Impl", "select", "gpu_flavor", "GPU_FLAVORS", "gpu_lowering_target"]
+from dsv3_jax.errors import UserError
+
+__all__ = ["Backend", "Impl", "KernelRequestError", "select", "gpu_flavor", "GPU_FLAVORS",
+           "gpu_lowering_target"]
+
+
+class KernelRequestError(UserError, ValueError):
+  """A kernel request that cannot be honoured: an unknown backend or GPU flavour, or an explicitly
+  requested kernel (backend="pallas", gpu_impl="mosaic", kernel-specific block sizes) that cannot
+  run these inputs on this platform. The message names why and what to request instead."""
 
 
 class Backend(enum.Enum):
@@ -59,15 +71,15 @@ def select(backend: Backend | str, *, platform: str | None = None,
   try:
     backend = Backend(backend)
   except ValueError:
-    raise ValueError(f"unknown kernel backend {backend!r}; expected one of "
-                     f"{[b.value for b in Backend]}") from None
+    raise KernelRequestError(f"unknown kernel backend {backend!r}; expected one of "
+                             f"{[b.value for b in Backend]}") from None
   if backend is Backend.REFERENCE:
     return Impl("reference")
   if backend is Backend.INTERPRET:
     platform = platform or "tpu"
     if platform not in available:
-      raise ValueError(f"no Pallas kernel for platform {platform!r} to interpret "
-                       f"(this kernel has {available})")
+      raise KernelRequestError(f"no Pallas kernel for platform {platform!r} to interpret "
+                               f"(this kernel has {available})")
     return Impl(platform, interpret=True)
   current = platform or jax.default_backend()
   # ROCm reports "gpu" too; the Triton lowering serves it.
@@ -75,8 +87,9 @@ def select(backend: Backend | str, *, platform: str | None = None,
   if current in available:
     return Impl(current)
   if backend is Backend.PALLAS:
-    raise RuntimeError(f"backend='pallas' requested but this kernel has no Pallas implementation "
-                       f"for platform {current!r} (it has {available}); use backend='reference'")
+    raise KernelRequestError(f"backend='pallas' requested but this kernel has no Pallas "
+                             f"implementation for platform {current!r} (it has {available}); "
+                             f"use backend='reference' or 'auto'")
   return Impl("reference")
 
 
@@ -86,18 +99,18 @@ GPU_FLAVORS = ("triton", "mosaic")
 def gpu_flavor(requested: str | None = None, *, has_mosaic: bool = True) -> str:
   """Which GPU implementation to run: "triton" or "mosaic" (Mosaic GPU).
 
-  requested: "triton" / "mosaic" forces one (the DSV3_GPU_KERNELS environment variable gives
-  the default); None or "auto" picks Mosaic GPU when the kernel has one (`has_mosaic`) and the
-  first device is a Hopper GPU (compute capability 9.x), else Triton. Interpret mode on CPU
-  follows the same rule with no Hopper device, so tests name the flavour explicitly.
+  requested: "triton" / "mosaic" forces one; None or "auto" picks Mosaic GPU when the kernel has
+  one (`has_mosaic`) and the first device is a Hopper GPU (compute capability 9.x), else Triton.
+  Interpret mode on CPU follows the same rule with no Hopper device, so tests name the flavour
+  explicitly. A pure function of its arguments and the devices (no environment read).
   """
-  import os
-  requested = requested or os.environ.get("DSV3_GPU_KERNELS") or "auto"
+  requested = requested or "auto"
   if requested not in GPU_FLAVORS + ("auto",):
-    raise ValueError(f"unknown GPU kernel flavour {requested!r}; expected 'auto', 'triton' or "
-                     f"'mosaic' (argument or DSV3_GPU_KERNELS)")
+    raise KernelRequestError(f"unknown GPU kernel flavour {requested!r}; expected 'auto', "
+                             f"'triton' or 'mosaic'")
   if requested == "mosaic" and not has_mosaic:
-    raise ValueError("this kernel has no Mosaic GPU implementation; use 'triton'")
+    raise KernelRequestError("gpu_impl='mosaic': this kernel has no Mosaic GPU implementation; "
+                             "use 'triton' or 'auto'")
   if requested != "auto":
     return requested
   return "mosaic" if has_mosaic and _is_hopper() else "triton"

@@ -8,7 +8,8 @@ from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, DistributedConfi
                                     parse_mesh_shape)
 from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sharded,
                                      logical_to_spec, shard_model, state_shardings, state_specs,
-                                     variable_spec)
+                                     variable_spec, use_rules, current_rules)
+from dsv3_jax.sharding.gather import with_whole_weight
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
 from dsv3_jax.sharding.kernel_map import Dim, KernelShardingError, kernel_map, kernel_specs
 from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, check_fits,
@@ -24,5 +25,5 @@ __all__ = [
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
-    "mesh_from_args", "start_distributed", "cli_mesh",
+    "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "with_whole_weight",
 ]

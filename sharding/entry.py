@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dsv3_jax.errors import UserError
+
 from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, add_distributed_arguments,
                                     initialize_distributed, make_mesh, parse_mesh_shape)
 from dsv3_jax.sharding.rules import ShardingRules, variable_spec
@@ -86,7 +88,7 @@ def tree_shardings(tree: Any, rules: ShardingRules, mesh: Mesh) -> Any:
 
 def variable_sharding(mesh: Mesh, rules: ShardingRules | None = None):
   """(path, abstract nnx.Variable) -> NamedSharding: the `shardings=` callable of
-  `from_pretrained` / `convert.orbax_io.restore_arrays` for `mesh` and `rules`."""
+  `from_pretrained` / `dsv3_jax.param_tree.restore_arrays` for `mesh` and `rules`."""
   rules = rules or ShardingRules()
 
   def fn(path: str, var: nnx.Variable) -> NamedSharding:
@@ -195,7 +197,7 @@ def device_memory_bytes(device: jax.Device | None = None) -> tuple[int | None, s
                       f"available host memory / {n} CPU devices")
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(ValueError, UserError):
   """The state alone does not fit the devices of the mesh."""
 
 
@@ -257,15 +259,19 @@ def mesh_from_args(spec: str | None) -> Mesh:
       raise ValueError(f"unknown axis {unknown[0]!r} (known: {', '.join(KNOWN_AXES)})")
     return make_mesh(sizes)
   except ValueError as e:
-    raise ValueError(f"--mesh {spec!r}: {e}") from None
+    raise MeshFlagError(f"--mesh {spec!r}: {e}") from None
+
+
+class MeshFlagError(ValueError, UserError):
+  """A malformed --mesh / multi-host flag (the message names the flag)."""
 
 
 def cli_mesh(args: argparse.Namespace) -> Mesh:
   """What a CLI does before anything else: multi-host start-up (`start_distributed`), then the
-  mesh of its `--mesh` flag (`mesh_from_args`). Raises ValueError with a one-line message naming
-  the flags at fault."""
+  mesh of its `--mesh` flag (`mesh_from_args`). Raises MeshFlagError (a ValueError and a
+  `dsv3_jax.errors.UserError`) with a one-line message naming the flags at fault."""
   try:
     start_distributed(args)
   except ValueError as e:
-    raise ValueError(f"--coordinator/--num-processes/--process-id: {e}") from None
+    raise MeshFlagError(f"--coordinator/--num-processes/--process-id: {e}") from None
   return mesh_from_args(args.mesh)

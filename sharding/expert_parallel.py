@@ -50,7 +50,6 @@ import dataclasses
 import enum
 import functools
 import math
-import re
 from typing import Any, Callable
 
 import jax
@@ -62,7 +61,7 @@ from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
            "local_experts", "combine", "receive_capacity", "max_rounds", "exchange_rounds",
-           "LOOP_COST_ROUNDS", "mesh_platform", "hlo_collectives"]
+           "LOOP_COST_ROUNDS", "mesh_platform"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
 _ROW_ALIGN = 8
@@ -147,7 +146,7 @@ def receive_capacity(tokens_per_shard: int, k: int, experts_per_shard: int, shar
 def max_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shards: int,
                capacity: int) -> int:
   """Static bound on exchange rounds: ceil(worst-case receive rows / capacity)."""
-  return -(-shards * tokens_per_shard * min(k, experts_per_shard) // capacity)
+  return -(-receive_capacity(tokens_per_shard, k, experts_per_shard, shards) // capacity)
 
 
 # The rounds loop keeps about this many rounds' buffers live (the first round's residuals, the
@@ -172,7 +171,7 @@ def exchange_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shard
 def sort_by_destination(x: jax.Array, experts: jax.Array, num_experts: int):
   """x [n, D], experts [n, K] global ids -> (xs [n*K, D] sorted by expert, dest [n*K] expert id
   of each sorted row, order [n*K] (index of each sorted row in the flattened pair list),
-  expert_counts [E] int32 rows per expert)."""
+  expert_counts [E] int32 rows per expert). Also the single-program MoE's `moe.permute`."""
   K = experts.shape[1]
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -276,7 +275,8 @@ def padded_round(xs, dest, plan: RoundPlan, local_counts, slot_rows: int, ffn: F
 
 
 def combine(ys_sorted, order, weights):
-  """ys_sorted [n*K, D] (expert-sorted pairs), order [n*K], weights [n, K] -> [n, D] float32."""
+  """ys_sorted [n*K, D] (expert-sorted pairs), order [n*K], weights [n, K] -> [n, D] float32:
+  sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`."""
   n, K = weights.shape
   y = jnp.zeros(ys_sorted.shape, jnp.float32).at[order].set(ys_sorted.astype(jnp.float32),
                                                             unique_indices=True)
@@ -300,7 +300,8 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
     def one_round(r, xs, params):
       return ragged_round(xs, round_plan(counts, me, r, cap), local_counts, cap, ffn, params)
   else:
-    slot = min(cap, n * min(K, El))  # one source sends a receiver at most this many per round
+    # one source sends a receiver at most its own worst case (the one-shard bound) per round
+    slot = min(cap, receive_capacity(n, K, El, 1))
     dest = e_sorted // El
 
     def one_round(r, xs, params):
@@ -375,27 +376,3 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
     y, overflow = body(x, experts, weights.astype(jnp.float32), params)
   y = y[:N] if pad else y
   return (y, overflow.sum()) if return_overflow else y
-
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8}
-
-
-def hlo_collectives(hlo_text: str, ops=("all-to-all", "ragged-all-to-all")):
-  """Collectives of a compiled module's HLO text (`jit(f).lower(...).compile().as_text()`).
-
-  Returns [(op, [(dtype, dims), ...] result shapes, bytes)] per instruction; for all-to-all the
-  result shapes equal the operand shapes (XLA may split one tiled all-to-all into S operands).
-  `ops` names the HLO opcodes to collect (e.g. add "all-reduce", "all-gather").
-  """
-  out = []
-  for line in hlo_text.splitlines():
-    for op in ops:
-      m = re.match(rf"\s*(?:ROOT )?%[\w.-]+ = (.*?) {re.escape(op)}(?:-start)?\(", line)
-      if m:
-        shapes = [(t, tuple(int(d) for d in dims.split(",") if d))
-                  for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
-        nbytes = sum(math.prod(d) * _DTYPE_BYTES.get(t, 4) for t, d in shapes)
-        out.append((op, shapes, nbytes))
-        break
-  return out

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from dsv3_jax.sharding.rules import ShardingRules
+from dsv3_jax.errors import UserError
+from dsv3_jax.sharding.rules import ShardingRules, current_rules
 
 __all__ = ["Dim", "KernelShardingError", "kernel_map", "kernel_specs"]
 
@@ -45,7 +46,7 @@ AxisName = str | Dim | None
 Axes = tuple[AxisName, ...]
 
 
-class KernelShardingError(ValueError):
+class KernelShardingError(ValueError, UserError):
   """A kernel cannot run on the sharding at hand (names the kernel, operand, specs, shapes)."""
 
 
@@ -74,7 +75,7 @@ def kernel_specs(shapes: Sequence[tuple[int, ...] | None], in_axes: Sequence[Axe
   per dim, using only names that also occur in an operand. Returns (in_specs (None for absent
   operands), out_specs, the mesh axes used).
   """
-  rules = rules or ShardingRules()
+  rules = rules or current_rules()
   free = _free_axes(mesh)
   dims: dict[str, list[tuple[int, int]]] = {}
   for i, (shape, axes) in enumerate(zip(shapes, in_axes)):
@@ -126,7 +127,7 @@ def kernel_map(fn: Callable[..., Any], in_axes: Sequence[Axes | None],
       needs whole; `Dim(name, multiple)` for a dim whose local size must stay a multiple of
       `multiple`), or None for an operand every shard needs entirely.
     out_axes: the output's axes (one tuple), or a sequence of them for a tuple output.
-    rules: logical -> mesh axes (default `ShardingRules()`).
+    rules: logical -> mesh axes (default `current_rules()`: those of the enclosing `use_rules`).
     mesh: default the ambient mesh (`jax.sharding.get_abstract_mesh()`, set by `jax.set_mesh`).
     name: the kernel's name in error messages.
 

@@ -13,6 +13,8 @@ reports such dims).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from dsv3_jax.sharding.mesh import DATA, EXPERT, FSDP, TENSOR
 
 __all__ = ["ShardingRules", "WEIGHT_AXES", "ACTIVATION_AXES", "logical_to_spec",
            "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
-           "activation_sharding"]
+           "activation_sharding", "use_rules", "current_rules"]
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -187,3 +189,24 @@ def activation_sharding(logical: tuple[str | None, ...], rules: ShardingRules, m
   """NamedSharding for an activation, e.g. tokens ("batch", "sequence") or logits
   ("batch", "sequence", "act_vocab")."""
   return NamedSharding(mesh, logical_to_spec(logical, rules, mesh, shape))
+
+
+_RULES: contextvars.ContextVar[ShardingRules | None] = contextvars.ContextVar("dsv3_rules",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: ShardingRules | None):
+  """The rules the model's explicit collectives (`gathered`, `kernel_map`) assume while tracing,
+  beside the ambient mesh of `jax.set_mesh`: entry points that place parameters with `rules`
+  trace their steps under `with jax.set_mesh(mesh), use_rules(rules):`. None: the defaults."""
+  token = _RULES.set(rules)
+  try:
+    yield rules
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> ShardingRules:
+  """The rules set by the innermost `use_rules`, else `ShardingRules()`."""
+  return _RULES.get() or ShardingRules()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tests.utils import value_scale
+
 TINY_V3 = dict(
     vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=40,
@@ -15,7 +17,8 @@ TINY_V3 = dict(
 
 
 def randomize_(model: torch.nn.Module, seed: int, *, std: float = 0.08, bias_std: float = 0.0):
-  """Gives every parameter and the router bias random values (norm weights around 1).
+  """Gives every parameter and the router bias random values (`tests.utils.value_scale`: norm
+  weights around 1, weights std `std`, the bias std `bias_std`, a buffer here).
 
   The default init (std 0.02, norms 1, bias 0) makes activations tiny and routing bland; larger
   random values exercise every path, and a bias of the scale of the sigmoid scores changes
@@ -24,13 +27,12 @@ def randomize_(model: torch.nn.Module, seed: int, *, std: float = 0.08, bias_std
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(std * torch.randn(p.shape, generator=g))
+      mean, s = value_scale(name, std, bias_std)
+      p.copy_(mean + s * torch.randn(p.shape, generator=g))
     for name, b in model.named_buffers():
       if name.endswith("e_score_correction_bias"):
-        b.copy_(bias_std * torch.randn(b.shape, generator=g))
+        mean, s = value_scale(name, std, bias_std)
+        b.copy_(mean + s * torch.randn(b.shape, generator=g))
 
 
 def make_v3(path, seed: int = 0, bias_std: float = 0.3, **overrides):

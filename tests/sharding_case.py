@@ -11,46 +11,32 @@ import optax
 from flax import nnx
 
 from dsv3_jax.config import TINY, RuntimeConfig
-from dsv3_jax.model import DeepseekV3
+from dsv3_jax.pretrained import model_from_arrays
 from dsv3_jax.sharding import ShardingRules, activation_sharding, state_shardings
+from tests.utils import FAST_COMPILE, random_arrays
 
 # One MoE layer, no MTP (keeps XLA:CPU compile time small); 8 experts over up to 8 shards.
 CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 LR = 0.1
-BATCH, SEQ = 8, 8
+# BATCH * SEQ >= vocab: the embedding and head take the gathered-table path (`sharding.gathered`).
+BATCH, SEQ = 8, 32
 
 
 def tokens() -> np.ndarray:
   return np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, SEQ), dtype=np.int32)
 
 
-# Faster XLA:CPU compiles for tests (the numerics are unchanged up to float32 reassociation).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def random_state(mesh=None, rules: ShardingRules | None = None):
-  """-> (graphdef, params, rest): the model's abstract tree filled from numpy (no jax compile;
-  eager/jitted nnx init costs ~20 s of XLA:CPU compile here), sharded per `rules` on `mesh`.
-  Weights ~ N(0, 0.05^2), norm scales 1 + N(0, 0.1^2), router bias ~ N(0, 0.3^2)."""
-  abstract = nnx.eval_shape(lambda: DeepseekV3(CFG, RuntimeConfig(), rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(1)
-
-  def fill(path, v):
-    shape, name = v.get_value().shape, ".".join(str(getattr(k, "key", k)) for k in path)
-    if name.endswith("e_score_correction_bias"):
-      a = 0.3 * rng.standard_normal(shape)
-    elif name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-      a = 1 + 0.1 * rng.standard_normal(shape)
-    else:
-      a = 0.05 * rng.standard_normal(shape)
-    return v.replace(np.asarray(a, np.float32))
-
-  state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """-> (graphdef, params, rest): `tests.utils.random_arrays(CFG, 1, std=0.05)` (numpy, no jax
+  compile: eager/jitted nnx init costs ~20 s of XLA:CPU compile here) in the model, sharded per
+  `rules` on `mesh`. Weights ~ N(0, 0.05^2), norm scales 1 + N(0, 0.1^2), router bias ~
+  N(0, 0.3^2)."""
+  model = model_from_arrays(CFG, RuntimeConfig(), random_arrays(CFG, 1, std=0.05))
+  graphdef, state = nnx.split(model)
   if mesh is not None:
     state = jax.device_put(state, state_shardings(state, rules, mesh))
-  else:
-    state = jax.device_put(state)
   model = nnx.merge(graphdef, state)
   return nnx.split(model, nnx.Param, ...)
 

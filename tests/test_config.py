@@ -80,3 +80,24 @@ def test_v2_defaults():
 def test_moe_layer_freq_honoured():
   cfg = dsv3_jax.TINY.replace(num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
   assert [cfg.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
+
+
+def test_runtime_config_validates_kernel_choices(monkeypatch):
+  """Backends and the GPU flavour are checked when the config is built (one-line UserError
+  naming the field); DSV3_GPU_KERNELS is read then, once, as gpu_kernels' default."""
+  from dsv3_jax.config import RuntimeConfig
+  from dsv3_jax.errors import UserError
+  for field in ("attention_backend", "moe_backend", "linear_backend"):
+    with pytest.raises(UserError, match=f"RuntimeConfig.{field} must be one of .*'pallass'"):
+      RuntimeConfig(**{field: "pallass"})
+  with pytest.raises(UserError, match="gpu_kernels .*'cudnn'"):
+    RuntimeConfig(gpu_kernels="cudnn")
+  monkeypatch.delenv("DSV3_GPU_KERNELS", raising=False)
+  assert RuntimeConfig().gpu_kernels == "auto"
+  monkeypatch.setenv("DSV3_GPU_KERNELS", "triton")
+  rt = RuntimeConfig(attention_backend="interpret")
+  monkeypatch.setenv("DSV3_GPU_KERNELS", "mosaic")
+  assert rt.gpu_kernels == "triton" and RuntimeConfig().gpu_kernels == "mosaic"
+  monkeypatch.setenv("DSV3_GPU_KERNELS", "cuda")
+  with pytest.raises(UserError, match="DSV3_GPU_KERNELS"):
+    RuntimeConfig()

@@ -5,7 +5,7 @@ from dsv3_jax.cli import main as dsv3_main
 
 
 def test_demo_runs_trains_saves_and_generates(tmp_path, capsys):
-  out = tmp_path / "tiny"
+  out = tmp_path / "demo"
   # A time budget far past 8 steps: the test checks the 8 steps, not this host's speed.
   assert dsv3_main(["demo", "--skip-671b", "--train-steps", "8", "--train-seconds", "1200",
                     "--out", str(out)]) == 0
@@ -13,10 +13,12 @@ def test_demo_runs_trains_saves_and_generates(tmp_path, capsys):
   # the saved tiny checkpoint loads back to the same logits (eager vs jitted fp32)
   diff = float(re.search(r"vs the original \(eager\): max abs diff (\S+)", text).group(1))
   assert diff < 1e-5
-  assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+  ckpt = out / "tiny-deepseek-v3"
+  assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
   losses = [float(x) for x in re.findall(r"step +\d+ +loss (\S+)", text)]
   assert len(losses) == 8 and losses[-1] < losses[0] - 1.0  # 7.25 -> ~5.6 in 8 steps
-  train = tmp_path / "train"
+  train = out / "train"  # everything under --out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
   assert (train / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
   assert (train / "checkpoints" / "8").is_dir()
   # generation runs from the checkpoint restored from disk, which holds exactly the trained weights

@@ -155,8 +155,8 @@ def test_relative_paths_in_process(work, monkeypatch):
 
 
 def test_train_config_from_init_and_run(work, tmp_path):
-  """--init takes the checkpoint's config; a disagreeing --config, or a run directory of another
-  model, is a one-line error naming the fields."""
+  """--init takes the checkpoint's config (a disagreeing --config is a one-line error naming the
+  fields); without flags a run directory's own config.json is used."""
   from dsv3_jax.errors import UserError
   from dsv3_jax.train.cli import run_config
   from dsv3_jax.train.trainer import write_run_config
@@ -164,7 +164,6 @@ def test_train_config_from_init_and_run(work, tmp_path):
   assert run_config(None, hf, out) == CFG
   with pytest.raises(UserError, match=r"--config tiny disagrees .* num_hidden_layers"):
     run_config("tiny", hf, out)
+  assert run_config(None, None, out) == TINY  # the default
   write_run_config(out, CFG)
   assert run_config(None, None, out) == CFG  # resuming: the run's own config
-  with pytest.raises(UserError, match=r"holds a run of another model .*num_hidden_layers"):
-    run_config("tiny", None, out)

@@ -6,7 +6,8 @@ transformers in test_loading.py), computed in float32. Kept-FP8 weights hold exa
 values (e4m3 * block scale is exact in float32), so the only differences are float32 summation
 order: logits agree to 1e-4 (they are O(1-10)). The checkpoint uses the kernels' 128 x 128
 blocks with hidden_size 160, so weights have 1-2 blocks per axis, partial edge blocks included.
-Kernel backends run in Pallas interpret mode on CPU ("tpu" and "gpu" kernels).
+Kernel backends run in Pallas interpret mode on CPU ("tpu" and "gpu" kernels); the traced
+program's `pallas_call`s are counted, so a kernel path that silently ran the reference fails.
 """
 import json
 
@@ -28,7 +29,7 @@ from dsv3_jax.safetensors_io import SafetensorsFile, save_file
 from dsv3_jax.sharding import ShardingRules, make_mesh, variable_spec
 from tests.hf_reference import make_v3
 from tests.test_loading import NOT_QUANTISED, quantize_blockwise
-from tests.utils import assert_close
+from tests.utils import assert_close, count_pallas_calls
 
 BLOCK = 128
 ATOL = 1e-4  # float32 compute on both sides, same weight values: summation order only
@@ -79,6 +80,13 @@ def _logits(model, tokens):
   return model(tokens)
 
 
+def _logits_and_kernel_calls(model, tokens):
+  """(logits, number of pallas_calls in the traced forward), from one trace."""
+  graphdef, state = nnx.split(model)
+  traced = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).trace(state, jnp.asarray(tokens))
+  return traced.lower().compile()(state, jnp.asarray(tokens)), count_pallas_calls(traced.jaxpr)
+
+
 def _stored_fp8(path):
   """{checkpoint name: (e4m3 value, scale_inv)} as stored in the HF file."""
   f = SafetensorsFile(path / "model.safetensors")
@@ -120,13 +128,32 @@ def _check_fp8_layout(model, fp8_dir):
       "expert", "moe_mlp", "embed")
 
 
+# Kernel call sites of the 2-layer FP8 model's forward (each stack's layer body traced once):
+# per layer the 5 MLA linears (q_a, q_b, kv_a, kv_b, o); layer 0's dense MLP (3); layer 1's
+# shared experts (3) and routed experts (3 grouped_matmul_fp8). lm_head and the router stay bf16.
+FP8_KERNEL_CALLS = 2 * 5 + 3 + 3 + 3
+
+
 @pytest.mark.parametrize("backend,platform", BACKENDS, ids=BACKEND_IDS)
 def test_hf_fp8_kept_matches_dequantised(fp8_dir, dense, backend, platform):
-  rt = RuntimeConfig(moe_backend=backend, kernel_platform=platform)
+  rt = RuntimeConfig(moe_backend=backend, linear_backend=backend, kernel_platform=platform)
   model = dsv3_jax.from_pretrained(fp8_dir, runtime=rt, fp8="keep")
   if backend == "reference":
     _check_fp8_layout(model, fp8_dir)
-  assert_close(_logits(model, TOKENS), dense[1], atol=ATOL, what=f"fp8 {backend} {platform}")
+  logits, calls = _logits_and_kernel_calls(model, TOKENS)
+  assert calls == (0 if backend == "reference" else FP8_KERNEL_CALLS)
+  assert_close(logits, dense[1], atol=ATOL, what=f"fp8 {backend} {platform}")
+
+
+def test_fp8_linears_follow_linear_backend(fp8_dir):
+  """FP8 dense linears take `linear_backend`, routed experts `moe_backend`: each knob alone
+  brings only its own kernels."""
+  for rt, want in ((RuntimeConfig(linear_backend="interpret"), 2 * 5 + 3 + 3),
+                   (RuntimeConfig(moe_backend="interpret"), 3)):
+    model = dsv3_jax.from_pretrained(fp8_dir, runtime=rt, fp8="keep")
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.asarray(TOKENS)))(state)
+    assert count_pallas_calls(jaxpr) == want, rt
 
 
 def test_orbax_float8_kept_matches_dequantised(orbax_dir, fp8_dir, dense):
@@ -212,11 +239,12 @@ def _logits_and_expert_grads(model, tokens, cot):
       return (logits * cot).sum(), logits
     return jax.grad(loss, has_aux=True)(p)
 
-  grads, logits = run(params)
+  traced = run.trace(params)
+  grads, logits = traced.lower().compile()(params)
   flat = {k: v.get_value() for k, v in flat_variables_state(grads).items() if ".experts." in k}
   # The MoE stack of this config holds one layer (layer 1): its arrays are [1, ...].
   flat = {k.replace("stacks.1.block.", "layers.1."): v[0] for k, v in flat.items()}
-  return np.asarray(logits), flat
+  return np.asarray(logits), flat, count_pallas_calls(traced.jaxpr)
 
 
 def flat_variables_state(state):
@@ -236,8 +264,10 @@ def moe_reference(dense):
 def test_moe_kernel_through_model_matches_reference(fp8_dir, moe_reference, platform):
   got = dsv3_jax.from_pretrained(fp8_dir, runtime=RuntimeConfig(moe_backend="interpret",
                                                                 kernel_platform=platform))
-  want_logits, want = moe_reference
-  logits, grads = _logits_and_expert_grads(got, jnp.asarray(TOKENS), jnp.asarray(COT))
+  want_logits, want, ref_calls = moe_reference
+  logits, grads, calls = _logits_and_expert_grads(got, jnp.asarray(TOKENS), jnp.asarray(COT))
+  # gate/up/down: a gmm forward each, and in the backward a gmm (dlhs) and a tgmm (drhs) each
+  assert (ref_calls, calls) == (0, 3 * 3)
   assert_close(logits, want_logits, atol=ATOL, what=f"logits moe {platform}")
   assert set(grads) == set(want) == {f"layers.1.mlp.experts.{p}" for p in
                                      ("gate_proj", "up_proj", "down_proj")}

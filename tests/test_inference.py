@@ -20,7 +20,7 @@ from dsv3_jax.inference import (Generator, SamplingParams, Tokenizer, absorb_wei
                                 generate, init_cache, make_mtp_agree, prefill)
 from dsv3_jax.pretrained import flat_variables, param_shapes
 from dsv3_jax.safetensors_io import save_file
-from tests.utils import assert_close
+from tests.utils import assert_close, random_model
 
 # TINY cut to 2 layers (1 dense, 1 MoE) to keep compile times down; plus 1 MTP layer (MoE),
 # q LoRA, 4 heads, grouped routing with the selection bias.
@@ -28,17 +28,9 @@ CFG = dsv3_jax.TINY.replace(num_hidden_layers=2)
 
 
 def tiny_model(seed: int):
-  """CFG with larger random weights than the init (std 0.08, norms ~1, router bias std 0.3), so
-  logits are O(1), routing varies and greedy choices are not near-ties. Built from numpy arrays
-  (no eager jax initialisation)."""
-  rng = np.random.RandomState(seed)
-  rt = dsv3_jax.RuntimeConfig()
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(CFG, rt)).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (0.08, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return dsv3_jax.model_from_arrays(CFG, rt, arrays)
+  """CFG with `tests.utils.random_model`'s weights (std 0.08, norms ~1, router bias std 0.3):
+  logits are O(1), routing varies and greedy choices are not near-ties."""
+  return random_model(CFG, seed)
 
 
 FULL_SHAPE = (3, 21)  # every full-forward oracle call uses this shape: one compilation
@@ -59,11 +51,11 @@ PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250]]
 
 def test_cache_is_576_values_per_token_for_671b():
   cache = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16))
-  # main layers + the MTP block; per layer latent c in [..., :512], rotated k_pe in [..., 512:]
-  assert cache.kv.shape == (61 + 1, 2, 16, 576)
-  c, k = jax.eval_shape(lambda: (lambda c: (c.c, c.k_pe))(
-      init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16)))
-  assert c.shape == (62, 2, 16, 512) and k.shape == (62, 2, 16, 64)
+  # main layers + the MTP block; per layer the latent c [.., rows, 512] and the rotated k_pe
+  # transposed [.., 64, rows] (lane-aligned parts, see cache.py)
+  assert cache.latent.shape == (61 + 1, 2, 16, 512) and cache.rope.shape == (62, 2, 64, 16)
+  k = jax.eval_shape(lambda: init_cache(dsv3_jax.DEEPSEEK_V3, 2, 16, jnp.bfloat16).k_pe)
+  assert k.shape == (62, 2, 16, 64) and cache.kv_lora_rank == 512
   assert cache_values_per_token(dsv3_jax.DEEPSEEK_V3) == 576
   mla = cache_bytes_per_token(dsv3_jax.DEEPSEEK_V3, jnp.bfloat16)
   assert mla == 61 * 576 * 2
@@ -215,3 +207,16 @@ def test_cli_generate_streams_greedy_text(model, tmp_path, capsys):
                  on_step=lambda new: None)
   assert res.tokens == [expect]
   assert res.text == [" ".join(f"w{t}" for t in expect if t > 1)]
+
+
+def test_compiled_cache_is_bounded_lru():
+  """The compiled-function cache shared by Generators keeps at most max_entries, evicting the
+  least recently used (a hit refreshes an entry)."""
+  from dsv3_jax.inference.generate import CompiledCache
+  c = CompiledCache(max_entries=2)
+  c.put("a", 1)
+  c.put("b", 2)
+  assert c.get("a") == 1  # "b" is now the least recently used
+  c.put("c", 3)
+  assert c.get("b") is None and (c.get("a"), c.get("c"), len(c)) == (1, 3, 2)
+  assert [k for k, _ in c.items()] == ["a", "c"]

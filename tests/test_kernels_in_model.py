@@ -31,24 +31,17 @@ from flax import nnx
 import dsv3_jax
 from dsv3_jax.inference import Generator, absorb_weights, decode_forward, init_cache, prefill
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
-from dsv3_jax.pretrained import param_shapes
-from tests.utils import assert_close
+from tests.utils import (FAST_COMPILE, TPU_CALL, TRITON_CALL, assert_close, count_pallas_calls,
+                         custom_calls, random_arrays)
 
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=2, qk_nope_head_dim=32, qk_rope_head_dim=32,
                             v_head_dim=64, kv_lora_rank=64, first_k_dense_replace=3)
 PLATFORMS = ("tpu", "gpu")
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _arrays(cfg, seed: int, std: float = 0.08):
   """Random weights with std `std` (norms ~1, router bias std 0.3): logits O(1)."""
-  rng = np.random.RandomState(seed)
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(cfg, dsv3_jax.RuntimeConfig())).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (std, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return arrays
+  return random_arrays(cfg, seed, std=std)
 
 
 def _model(arrays, platform=None, cfg=CFG):
@@ -63,8 +56,8 @@ def compile_fast(f, *args, kernels: bool = False):
   runs). kernels: assert the traced program does (True) or does not (False) hold a pallas_call,
   so a kernel test cannot pass by silently running the reference."""
   traced = jax.jit(f).trace(*args)
-  assert ("pallas_call" in str(traced.jaxpr)) == kernels
-  return traced.lower().compile(compiler_options=OPTS)
+  assert (count_pallas_calls(traced.jaxpr) > 0) == kernels
+  return traced.lower().compile(compiler_options=FAST_COMPILE)
 
 
 def run_fast(f, *args, kernels: bool = False):
@@ -231,7 +224,7 @@ def gen_arrays():
 def reference_tokens(gen_arrays):
   """Plain greedy decoding with the reference backend (speculative greedy output equals it:
   test_inference.py)."""
-  g = Generator(_model(gen_arrays), compiler_options=OPTS)
+  g = Generator(_model(gen_arrays), compiler_options=FAST_COMPILE)
   tokens = g.run(PROMPTS, max_new_tokens=6, eos_token_id=()).tokens
   assert all(len(set(t)) >= 3 for t in tokens), tokens  # varied output
   return tokens
@@ -244,7 +237,7 @@ def test_greedy_generate_matches_reference(gen_arrays, reference_tokens, platfor
   MTP-speculative greedy output equal the reference backend's token for token."""
   decode_module = importlib.import_module("dsv3_jax.inference.decode")
   generate_module = importlib.import_module("dsv3_jax.inference.generate")  # not the function
-  monkeypatch.setattr(generate_module, "_COMPILED", {})  # trace afresh, whatever ran before
+  monkeypatch.setattr(generate_module, "COMPILED", generate_module.CompiledCache())  # trace afresh
   calls = []  # traced mla_decode calls (tokens per call): the compiled steps use the kernel
   kernel = decode_module.mla_decode
 
@@ -254,7 +247,7 @@ def test_greedy_generate_matches_reference(gen_arrays, reference_tokens, platfor
     return kernel(*a, **k)
 
   monkeypatch.setattr(decode_module, "mla_decode", counted)
-  g = Generator(_model(gen_arrays, platform), compiler_options=OPTS)
+  g = Generator(_model(gen_arrays, platform), compiler_options=FAST_COMPILE)
   for spec in (False, True):
     calls.clear()
     got = g.run(PROMPTS, max_new_tokens=6, eos_token_id=(), speculative=spec).tokens
@@ -273,11 +266,12 @@ def test_decode_steps_lower_at_v3_dims(platform, lowering, T, capacity):
   Interpret mode does not check TPU block-shape rules; lowering does."""
   from dsv3_jax.inference import decode_attention_steps
   sds = jax.ShapeDtypeStruct
-  f = lambda q, c, p: decode_attention_steps(q, c, p, 0.07, kv_lora_rank=512, backend="pallas",
-                                             platform=platform)
+  f = lambda q, c, r, p: decode_attention_steps(q, c, r, p, 0.07, backend="pallas",
+                                                platform=platform)
   with gpu_lowering_target(lowering):
     text = jax.jit(f).trace(sds((4, T, 128, 576), jnp.bfloat16),
-                            sds((4, capacity, 576), jnp.bfloat16),
+                            sds((4, capacity, 512), jnp.bfloat16),
+                            sds((4, 64, capacity), jnp.bfloat16),
                             sds((4, T), jnp.int32)).lower(lowering_platforms=(lowering,)).as_text()
-  marker = "tpu_custom_call" if platform == "tpu" else "triton"
-  assert text.count(marker) == 1  # one kernel launch, also for T=2
+  # one kernel launch, also for T=2
+  assert custom_calls(text, TPU_CALL if platform == "tpu" else TRITON_CALL) == 1

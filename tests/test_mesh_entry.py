@@ -10,7 +10,6 @@ lr 1e-2) and would hide real errors behind a loose bound. Generation is greedy: 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,19 +22,19 @@ from jax.sharding import PartitionSpec as P
 import dsv3_jax
 from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.inference import Generator
-from dsv3_jax.inference.generate import _COMPILED
-from dsv3_jax.pretrained import stacked_variables, param_shapes
+from dsv3_jax.inference.generate import COMPILED
+from dsv3_jax.pretrained import stacked_variables
 from dsv3_jax.sharding import make_mesh
 from dsv3_jax.train.cli import bundled_token_file
 from dsv3_jax.train.data import TokenDataset
 from dsv3_jax.train.optim import OptimConfig
 from dsv3_jax.train.trainer import TrainConfig, Trainer
-from tests.utils import assert_close
+from tests import utils
+from tests.utils import (FAST_COMPILE, FAST_COMPILE_FLAGS, ROOT, assert_close, free_port,
+                         run_processes)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One MoE layer and one MTP block (MoE): expert parallelism in both, small compiles.
 CFG = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0)
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MESH = {"fsdp": 2, "expert": 2, "tensor": 2}
 TC = TrainConfig(steps=3, optim=OptimConfig(lr=1e-2, warmup_steps=0, total_steps=3, eps=1e-3),
                  bias_gamma=1e-2)
@@ -61,7 +60,7 @@ def corpus(tmp_path_factory):
 
 def _trainer(corpus, mesh, out_dir=None):
   data = TokenDataset(corpus, seq_len=SEQ, batch_size=BATCH, eos_id=0, vocab_size=CFG.vocab_size)
-  return Trainer(CFG, RuntimeConfig(), TC, data, out_dir=out_dir, mesh=mesh, compiler_options=FAST)
+  return Trainer(CFG, RuntimeConfig(), TC, data, out_dir=out_dir, mesh=mesh, compiler_options=FAST_COMPILE)
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +114,7 @@ PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250],
 def random_model(seed: int = 0):
   """CFG with std-0.08 weights (logits O(1), routing varies, greedy choices not near-ties),
   built from numpy (no jitted init)."""
-  rng = np.random.RandomState(seed)
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(CFG)).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (0.08, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return dsv3_jax.model_from_arrays(CFG, RuntimeConfig(), arrays)
+  return utils.random_model(CFG, seed)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +126,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_tokens(checkpoint):
-  g = Generator(dsv3_jax.from_pretrained(checkpoint), mesh=one_device(), compiler_options=FAST)
+  g = Generator(dsv3_jax.from_pretrained(checkpoint), mesh=one_device(), compiler_options=FAST_COMPILE)
   return {spec: g.run(PROMPTS, max_new_tokens=8, eos_token_id=(), speculative=spec).tokens
           for spec in (False, True)}
 
@@ -147,14 +140,14 @@ def test_sharded_generate_matches_single_device(source, checkpoint, single_token
   model = dsv3_jax.from_pretrained(path, mesh=mesh)  # loaded straight into the shardings
   w = stacked_variables(model)[EXPERTS].get_value()
   assert w.sharding.spec == P(None, "expert", "fsdp", "tensor") and w.sharding.mesh == mesh
-  g = Generator(model, mesh=mesh, compiler_options=FAST)
+  g = Generator(model, mesh=mesh, compiler_options=FAST_COMPILE)
   for spec in (False, True) if source == "hf" else (True,):
     got = g.run(PROMPTS, max_new_tokens=8, eos_token_id=(), speculative=spec)
     assert got.tokens == single_tokens[spec], spec
     assert all(len(t) == 8 for t in got.tokens)
   # The latent cache (and every per-sequence field) is split on the batch: 4 prompts over the
   # batch axes fsdp x expert.
-  prefill = [c for k, c in _COMPILED.items() if k[0] == "prefill" and k[2] == mesh]
+  prefill = [c for k, c in COMPILED.items() if k[0] == "prefill" and k[2] == mesh]
   assert prefill
   gs = prefill[-1].output_shardings
   for buf in jax.tree.leaves(gs.cache):  # kv [layers, B, S, 576], lengths [B]
@@ -168,8 +161,7 @@ def test_sharded_generate_matches_single_device(source, checkpoint, single_token
 def _cli_env():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+             XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAGS)
   return env
 
 
@@ -212,34 +204,17 @@ def test_cli_train_and_generate_with_mesh(single, cli_train, checkpoint, single_
   assert [int(t) for t in r.stdout.split()] == single_tokens[True][1]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_cli_train_two_processes_matches_one(cli_train, tmp_path):
   """The same run as 2 processes x 4 CPU devices (gloo collectives): each process feeds its own
   rows of every batch (`process_rows`), experts are exchanged across the process boundary, and
   both write one Orbax checkpoint. Losses equal the 1-process run's."""
-  out, port = tmp_path / "run", _free_port()
+  out, port = tmp_path / "run", free_port()
   env = _cli_env()
   env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", "device_count=4")
   argv = _train_argv(tmp_path, out) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
                                        "2", "--cpu-collectives", "gloo"]
-  procs = [subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", *argv, "--process-id", str(i)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} failed (rc={p.returncode}):\n{logs[i][-3000:]}"
+  logs = run_processes([["-m", "dsv3_jax.cli", *argv, "--process-id", str(i)] for i in range(2)],
+                       env, timeout=300)
   assert "mesh fsdp=4,expert=2 (8 cpu devices, 2 process(es))" in logs[0]
   rows = _metrics(out)
   assert [row["step"] for row in rows] == [1, 2]

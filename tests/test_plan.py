@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -66,6 +67,9 @@ def check_consistent(j: dict) -> None:
   assert j["compile_seconds"] > 0
   assert set(j["kernels"]) == set(HOT_PATHS)
   assert j["flops_ratio"] == pytest.approx(j["compiled_flops"] / j["model_flops"], rel=1e-3)
+  for s in j["steps"].values():
+    assert s["bytes_ratio"] == pytest.approx(s["compiled_bytes"] / s["model_bytes"], rel=1e-3)
+    assert s["compiled_flops_worst"] >= s["compiled_flops"] and s["xla_flops"] > 0
 
 
 # (topology, mode, devices, libtpu's HBM per device in GiB, config)
@@ -211,3 +215,87 @@ def test_reference_kernels_are_reported():
   check_consistent(j)
   assert j["kernels"] == {"attention": "reference", "decode": None, "moe": "reference",
                           "fp8": None}
+
+
+# Model figures and compiled figures ------------------------------------------------------------
+def matmul_params(cfg: ModelConfig, mtp: bool) -> tuple[int, int]:
+  """(activated matmul weights per token, routed-expert weights in all) of the main model
+  (+ MTP blocks with their shared head), counted by hand from the architecture: attention
+  (q_a, q_b, kv_a, kv_b, o), dense SwiGLU or router + shared + top-K routed experts, lm_head."""
+  D, H, C, R, Q = (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank,
+                   cfg.qk_rope_head_dim, cfg.q_lora_rank)
+  attn = (D * Q + Q * H * (cfg.qk_nope_head_dim + R) + D * (C + R)
+          + C * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * D)
+  dense = 3 * D * cfg.intermediate_size
+  expert = 3 * D * cfg.moe_intermediate_size
+  moe = D * cfg.n_routed_experts + cfg.n_shared_experts * expert
+  act = routed = 0
+  blocks = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+  blocks += [True] * (cfg.num_nextn_predict_layers if mtp else 0)
+  for is_moe in blocks:
+    act += attn + (moe + cfg.num_experts_per_tok * expert if is_moe else dense)
+    routed += cfg.n_routed_experts * expert if is_moe else 0
+  heads = 1 + (cfg.num_nextn_predict_layers if mtp else 0)
+  act += heads * D * cfg.vocab_size + (cfg.num_nextn_predict_layers * 2 * D * D if mtp else 0)
+  return act, routed
+
+
+def test_model_figures_closed_form():
+  """The model's own figures against the issue's definitions, counted by hand: training 6 x
+  activated matmul parameters x tokens + causal attention (3 x 2 x T/2 x H x (d_qk + d_v) per
+  token and block); a decode step 2 x activated weights x tokens + attention over the context
+  (absorbed: 2 x H x (2C + R) per row), bytes = weights touched (routed experts: the expected
+  distinct share) + the embedding rows + the cache."""
+  from flax import nnx
+
+  from dsv3_jax.config import RuntimeConfig
+  from dsv3_jax.plan import _serve_model_figures
+  from dsv3_jax.pretrained import abstract_model
+  from dsv3_jax.train.trainer import train_flops_per_token
+
+  cfg = small_config(layers=3, dense=1, mtp=1)
+  T, H = 128, cfg.num_attention_heads
+  act, _ = matmul_params(cfg, mtp=True)
+  attn = 3 * (3 + 1) * T * H * (cfg.qk_head_dim + cfg.v_head_dim)
+  # train_flops_per_token takes count_params' activated count, which holds the norm scales
+  # too (not matmul weights): 6 flops each, 1e-3 of the total here, 3e-5 at 671B.
+  D, C, Q = cfg.hidden_size, cfg.kv_lora_rank, cfg.q_lora_rank
+  norms = 4 * (2 * D + C + Q) + D + 3 * D  # 3 layers + MTP block; final; enorm/hnorm/head norm
+  assert train_flops_per_token(cfg, T) == pytest.approx(6 * (act + norms) + attn, rel=1e-12)
+  assert norms < 2e-3 * act
+
+  scfg = cfg.replace(num_nextn_predict_layers=0)
+  _, params, _ = nnx.split(abstract_model(scfg, RuntimeConfig(param_dtype=jnp.bfloat16)),
+                           nnx.Param, ...)
+  B, S = 4, 256
+  cache = 3 * B * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+  flops, nbytes = _serve_model_figures(scfg, params, B, 1, S, cache, absorbed=True)
+  act, routed = matmul_params(scfg, mtp=False)
+  C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  assert flops == pytest.approx(2 * B * act + 3 * B * S * 2 * H * (2 * C + R), rel=1e-9)
+  E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+  touched = 1 - (1 - K / E) ** B  # expected share of an MoE layer's experts a batch uses
+  routed_act = 2 * 3 * K * 3 * cfg.hidden_size * cfg.moe_intermediate_size  # 2 MoE layers
+  norms = 3 * (2 * cfg.hidden_size + C + cfg.q_lora_rank) + cfg.hidden_size
+  weights = (act - routed_act // 3 + routed * touched + norms) * 2  # bf16
+  assert nbytes == pytest.approx(weights + B * cfg.hidden_size * 2 + cache, rel=1e-9)
+
+
+def test_compiled_flops_count_scanned_layers_like_unrolled(monkeypatch):
+  """The real reduced train step, layers scanned (2 MoE layers in one stack; EP's own loops)
+  vs the same step with every lax.scan unrolled, whose XLA cost_analysis is complete: the
+  scanned program's compiled_flops match it within 2% (XLA's fusion of the unrolled program
+  differs slightly), while XLA's own count of the scanned program misses a layer's work."""
+  req = PlanRequest(topology="v5e:2x2", mode="train", config=small_config(layers=2), seq=128)
+  scanned = plan(req).to_json()
+  real_scan = jax.lax.scan
+  monkeypatch.setattr(jax.lax, "scan", lambda *a, **k: real_scan(*a, **{**k, "unroll": True}))
+  unrolled = plan(req).to_json()
+  assert [n for n, _ in scanned["steps"]["train"]["loops"]].count(2) >= 2  # fwd + bwd stacks
+  assert scanned["compiled_flops"] == pytest.approx(unrolled["xla_flops"], rel=0.02)
+  assert scanned["xla_flops"] < 0.7 * unrolled["xla_flops"]
+  assert scanned["flops_ratio"] == pytest.approx(
+      scanned["compiled_flops"] / scanned["model_flops"], rel=1e-3)
+  assert "trip count" in scanned["cost_counting"]
+  top = scanned["steps"]["train"]["top_ops"]
+  assert top["flops"][0][2] >= top["flops"][-1][2] > 0

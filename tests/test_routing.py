@@ -42,6 +42,18 @@ def test_v2_max_group_softmax_routing_by_hand():
   np.testing.assert_allclose(np.asarray(r.weights)[0], [0.3, 0.2], rtol=1e-5)
 
 
+def test_v2_group_score_is_the_max_not_the_top2_sum():
+  """A case where the V2 group score (max) and V3's (sum of the top-2) keep different groups."""
+  cfg = CFG.replace(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+                    routed_scaling_factor=1.0)
+  p = np.array([[0.29, 0.01, 0.18, 0.16, 0.155, 0.155, 0.025, 0.025]])
+  # Group max: .29, .18, .155, .025 -> keep groups 0, 1 -> experts 0 (.29) and 2 (.18).
+  # (Top-2 sums .30, .34, .31, .05 would keep groups 1, 2 -> experts 2 and 3.)
+  r = route(jnp.asarray(np.log(p)), None, cfg)
+  assert np.asarray(r.experts)[0].tolist() == [0, 2]
+  np.testing.assert_allclose(np.asarray(r.weights)[0], [0.29, 0.18], rtol=1e-5)
+
+
 def test_permute_unpermute_is_a_dropless_weighted_combine():
   rng = np.random.RandomState(0)
   x = rng.randn(5, 3).astype(np.float32)

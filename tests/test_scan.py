@@ -16,19 +16,14 @@ from flax import nnx
 
 import dsv3_jax
 from dsv3_jax.model import layer_groups
-from dsv3_jax.pretrained import flat_variables, model_from_arrays, param_shapes, stacked_location
-from tests.utils import assert_close
+from dsv3_jax.pretrained import flat_variables, model_from_arrays, stacked_location
+from tests.utils import assert_close, random_arrays
 
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=4, first_k_dense_replace=1)
 
 
 def _arrays(cfg, seed=0, std=0.08):
-  rng = np.random.RandomState(seed)
-  out = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(cfg)).items():
-    mean, s = (1.0, 0.1) if path.endswith("norm.weight") else (0.0, std)
-    out[path] = (mean + s * rng.randn(*shape)).astype(np.float32)
-  return out
+  return random_arrays(cfg, seed, std=std, bias_std=std)
 
 
 def test_layer_groups_follow_the_config():

@@ -22,11 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import dsv3_jax
 from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
 from dsv3_jax.inference.cache import cache_shardings
-from dsv3_jax.pretrained import param_shapes
 from dsv3_jax.sharding import (Dim, KernelShardingError, ShardingRules, activation_sharding,
                                kernel_map, kernel_specs, make_mesh, shard_model,
                                state_shardings)
-from tests.utils import assert_close
+from tests.utils import FAST_COMPILE, assert_close, pallas_calls, random_arrays
 
 # One MoE layer (the expert-parallel shard_map and the kernels' shard_maps in one program), heads
 # 4, head dims that the kernels take without padding (q/k 64, v 64, latent 64 + rope 32).
@@ -34,18 +33,11 @@ CFG = dsv3_jax.TINY.replace(num_hidden_layers=1, first_k_dense_replace=0,
                             num_nextn_predict_layers=0, qk_nope_head_dim=32, qk_rope_head_dim=32,
                             v_head_dim=64, kv_lora_rank=64)
 MESHES = {"fsdp2_ep2_tp2": {"fsdp": 2, "expert": 2, "tensor": 2}, "data8": {"data": 8}}
-OPTS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 B, T = 8, 48
 
 
 def _arrays(cfg, seed=0, std=0.08):
-  rng = np.random.RandomState(seed)
-  out = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(cfg, dsv3_jax.RuntimeConfig())).items():
-    s, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (std, 0.0))
-    out[path] = (mean + s * rng.randn(*shape)).astype(np.float32)
-  return out
+  return random_arrays(cfg, seed, std=std)
 
 
 def _model(arrays, platform=None, mesh=None, cfg=CFG):
@@ -53,27 +45,6 @@ def _model(arrays, platform=None, mesh=None, cfg=CFG):
                               kernel_platform=platform)
   model = dsv3_jax.model_from_arrays(cfg, rt, arrays)
   return model if mesh is None else shard_model(model, ShardingRules(), mesh)
-
-
-def _sub_jaxprs(eqn):
-  for v in eqn.params.values():
-    for x in (v if isinstance(v, (list, tuple)) else [v]):
-      j = getattr(x, "jaxpr", x)
-      if hasattr(j, "eqns"):
-        yield j
-
-
-def pallas_calls(jaxpr, inside=False):
-  """[(kernel name, inside a shard_map?)] for every pallas_call in a (closed) jaxpr, recursively."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      name = eqn.params.get("name") or eqn.params.get("name_and_src_info")
-      out.append((str(name).split(" ")[0], inside))
-    for sub in _sub_jaxprs(eqn):
-      out += pallas_calls(sub, inside or eqn.primitive.name == "shard_map")
-  return out
 
 
 def _traced_in_shard_map(f, mesh, *args):
@@ -89,7 +60,7 @@ def run_sharded(f, mesh, *args):
   """jit(f)(*args) under `mesh`, its kernels all inside a shard_map."""
   with jax.set_mesh(mesh):
     traced, _ = _traced_in_shard_map(f, mesh, *args)
-    return traced.lower().compile(compiler_options=OPTS)(*args)
+    return traced.lower().compile(compiler_options=FAST_COMPILE)(*args)
 
 
 def _batch():
@@ -128,7 +99,7 @@ def arrays():
 @pytest.fixture(scope="module")
 def reference(arrays):
   f, params, rest = _loss_and_grads(_model(arrays))
-  logits, g = jax.jit(f).lower(params, rest, *map(jnp.asarray, _batch())).compile(OPTS)(
+  logits, g = jax.jit(f).lower(params, rest, *map(jnp.asarray, _batch())).compile(FAST_COMPILE)(
       params, rest, *map(jnp.asarray, _batch()))
   return np.asarray(logits), _flat(g)
 
@@ -170,7 +141,7 @@ def _decode_run(model, mesh=None):
     rules = ShardingRules()
     cache = jax.device_put(cache, cache_shardings(cache, rules, mesh))
   run = (lambda f, *a: run_sharded(f, mesh, *a)) if mesh is not None else (
-      lambda f, *a: jax.jit(f).lower(*a).compile(OPTS)(*a))
+      lambda f, *a: jax.jit(f).lower(*a).compile(FAST_COMPILE)(*a))
 
   def pre(state, cache, toks, lens):
     logits, _, cache = prefill(nnx.merge(graphdef, state), cache, toks, lens)
@@ -345,8 +316,9 @@ def test_tpu_aot_sharded_train_step_uses_kernels(tpu_mesh):
 
 
 def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
-  """A cached decode step (cache [B, S, 192] split on batch; FP8 q_b_proj / o_proj) on v5e 2x2
-  compiles for TPU with the mla_decode and fp8_weight_matmul kernels per shard."""
+  """A cached decode step (cache latent [B, S, 128] + rope [B, 64, S] split on batch; FP8
+  q_b_proj / o_proj) on v5e 2x2 compiles for TPU with the mla_decode, rope-write and
+  fp8_weight_matmul kernels per shard."""
   rules = ShardingRules()
   model = _tpu_model(fp8=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -369,8 +341,9 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
 
   hlo, calls = _compile_tpu(step, tpu_mesh, pa, ra, absorbed, cache, tok, tok)
   names = sorted(n for n, _ in calls)
-  assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode"], names
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 3
+  # mla_rope_write: the new rows' rope keys into the transposed rope cache (in place).
+  assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode", "mla_rope_write"], names
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 4
 
 
 def test_kernel_map_inside_an_enclosing_shard_map():

@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax.moe import grouped_ffn
 from dsv3_jax.sharding import Exchange, ep_layout, expert_parallel_ffn, make_mesh
 from dsv3_jax.sharding import expert_parallel as ep
-from tests.sharding_case import FAST_COMPILE
-from tests.utils import assert_close
+from tests.utils import FAST_COMPILE, assert_close, hlo_collectives
 
 E, K, D, F = 32, 2, 40, 24   # E/K = 16 > 8 shards: the padded buffer is smaller than [n, E, D]
 FFN = functools.partial(grouped_ffn, backend="reference")
@@ -95,7 +94,7 @@ def test_ep_matches_single_device(shape, n_tokens, skew, cf):
     compiled = jax.jit(grad, compiler_options=FAST_COMPILE).lower(*args).compile()
     (_, (y, overflow)), g = compiled(*args)
   # The only all-reduces: expert-weight gradients [El, ., .] over the data-like axes, scalars.
-  for _, shapes, _ in ep.hlo_collectives(compiled.as_text(), ops=("all-reduce",)):
+  for _, shapes, _ in hlo_collectives(compiled.as_text(), ops=("all-reduce",)):
     for _, dims in shapes:
       assert (len(dims) == 3 and dims[0] == E // shape["expert"]) or np.prod(dims) <= 64, shapes
 
@@ -142,16 +141,16 @@ def test_all_to_all_carries_only_token_rows():
   cap = ep.receive_capacity(n, K, E // S, S, 1.0)
   slot = min(cap, n * min(K, E // S))
   assert cap == 24 and slot == 24 and ep.exchange_rounds(n, K, E // S, S, 1.0) == (24, 24, 8)
-  colls = ep.hlo_collectives(hlo)
+  colls = hlo_collectives(hlo)
   # rows out and back per round (the first, and the scan's), forward and backward; the receiver
   # derives the expert ids itself (no int32 exchange)
   assert len(colls) >= 8, colls
   for op, shapes, nbytes in colls:
     assert op == "all-to-all"
     assert shapes in ([("f32", (slot, D))] * S, [("f32", (S * slot, D))]), shapes
-  for _, shapes, nbytes in ep.hlo_collectives(hlo, ops=("all-gather",)):
+  for _, shapes, nbytes in hlo_collectives(hlo, ops=("all-gather",)):
     assert shapes[0][0] == "s32" and nbytes <= S * E * 4, shapes  # the [S, E] counts
-  for _, shapes, _ in ep.hlo_collectives(hlo, ops=("all-reduce",)):
+  for _, shapes, _ in hlo_collectives(hlo, ops=("all-reduce",)):
     for _, dims in shapes:
       assert D not in dims or E // S in dims, f"token-sized all-reduce {shapes}"
   for _, dims in {(t, d) for t, d in re.findall(r"(\w+)\[([\d,]*)\]", hlo)}:

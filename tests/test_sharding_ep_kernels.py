@@ -22,8 +22,7 @@ from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.moe import MoE
 from dsv3_jax.sharding import Exchange, ep_layout, make_mesh
 from dsv3_jax.sharding import expert_parallel as ep
-from tests.sharding_case import FAST_COMPILE
-from tests.utils import assert_close
+from tests.utils import FAST_COMPILE, assert_close, hlo_collectives
 
 CFG = TINY.replace(n_routed_experts=16, n_group=4, topk_group=4, num_experts_per_tok=4)
 B, T = 4, 16  # 64 tokens: 8 per shard on 8 devices
@@ -157,13 +156,13 @@ def test_tpu_aot_moe_layer_uses_kernels_and_ragged_exchange():
   # and kernels in the backward too (megablox gmm for dlhs, tgmm for the expert-weight grads).
   assert kernels and not any("ragged-dot" in l or "ragged_dot" in l for l in kernels)
   assert any("transpose(" in l for l in kernels)
-  colls = ep.hlo_collectives(hlo)
+  colls = hlo_collectives(hlo)
   assert any(op == "ragged-all-to-all" and shapes[0][0] == "bf16" for op, shapes, _ in colls)
   for op, shapes, nbytes in colls:  # plain all-to-alls only carry the int32 send counts
     assert op == "ragged-all-to-all" or (shapes[0][0] == "s32" and nbytes <= 64), (op, shapes)
   El, D, F, E = 4, cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
   weights = {tuple(sorted(s)) for s in ((El, D, F), (D, E), (D, F))}  # experts, router, shared
-  reduces = ep.hlo_collectives(hlo, ops=("all-reduce",))
+  reduces = hlo_collectives(hlo, ops=("all-reduce",))
   assert reduces  # the data-parallel (fsdp) weight-gradient reduction is there
   for _, shapes, _ in reduces:
     for _, dims in shapes:
@@ -203,4 +202,4 @@ def test_tpu_aot_fp8_moe_layer_under_ep():
   kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
   assert len(kernels) >= 3 and not any("ragged-dot" in l for l in kernels)
   assert sum("dsv3_grouped_matmul_fp8" in l for l in kernels) >= 3, [l[:200] for l in kernels]
-  assert any(op == "ragged-all-to-all" for op, _, _ in ep.hlo_collectives(hlo))
+  assert any(op == "ragged-all-to-all" for op, _, _ in hlo_collectives(hlo))

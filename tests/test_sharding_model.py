@@ -6,20 +6,17 @@ Sharding only reorders float32 sums (psum over tensor/fsdp partial products), ob
 ~2e-7 on logits and ~1e-9 on gradients; a routing or permutation bug gives O(1e-2) errors.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.sharding import ShardingRules, make_mesh
+from dsv3_jax.sharding import ShardingRules, make_mesh, use_rules
+from tests.sharding_case import CFG
 from tests.sharding_case import build, flat
-from tests.utils import assert_close
+from tests.utils import ROOT, assert_close, free_port, run_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {
     "ep8": {"expert": 8},
     "ep4_data2": {"data": 2, "expert": 4},
@@ -56,11 +53,20 @@ def test_sharded_step_matches_single_device(name, reference):
   mesh = make_mesh(MESHES[name])
   rules = POD_RULES if name.endswith("pod_rules") else ShardingRules()
   step, params, rest, tok = build(mesh, rules)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), use_rules(rules):
     compiled = step.lower(params, rest, tok).compile()
     new, loss, logits, grads = compiled(params, rest, tok)
   hlo = compiled.as_text()
   assert "all-to-all" in hlo, "the MoE did not take the expert-parallel (shard_map) path"
+  # Vocab tables sharded over every batch axis (the pod rules): their gradients leave as
+  # reduce-scatters into the shards; no device all-reduces a full-size [vocab, hidden] partial
+  # gradient (GSPMD's own partitioning of the lookup and the head did, 7 GiB at 671B).
+  if rules is POD_RULES:
+    V, D = CFG.vocab_size, CFG.hidden_size
+    full = [l[:120] for l in hlo.splitlines() if " all-reduce(" in l and any(
+        f"[{a},{b}]" in l.split(" all-reduce(")[0] for a, b in ((V, D), (D, V)))]
+    assert not full, full
+    assert "reduce-scatter" in hlo
 
   # Parameters are sharded before and after the step, as the rules say.
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -83,30 +89,13 @@ def test_sharded_step_matches_single_device(name, reference):
            {k: np.asarray(v) for k, v in flat(new).items()}, name)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_expert_parallel_matches_single_process(reference, tmp_path):
   out = tmp_path / "mh.npz"
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port),
-                             str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=240)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"worker {i} failed (rc={p.returncode}):\n{logs[i][-4000:]}"
+  run_processes([["-m", "tests.multihost_worker", str(i), str(port), str(out)] for i in range(2)],
+                env, timeout=240)
   got = dict(np.load(out))
   grads = {k[5:]: v for k, v in got.items() if k.startswith("grad.")}
   new = {k[4:]: v for k, v in got.items() if k.startswith("new.")}

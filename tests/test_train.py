@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from dsv3_jax import TINY, DeepseekV3, ModelOutput, RouterBias, RuntimeConfig
+from dsv3_jax.errors import UserError
 from dsv3_jax.train import balance, corpus
 from dsv3_jax.train.data import DataState, TokenDataset, segments_and_positions, write_tokens
 from dsv3_jax.train.loss import LossConfig, balance_loss, training_loss
@@ -135,8 +136,9 @@ def _corpus_file(tmp_path, n_docs=300):
   return path
 
 
-def _trainer(path, tmp_dir=None, steps=6, model=None, runtime=RuntimeConfig(), **train_kw):
-  data = TokenDataset(path, seq_len=32, batch_size=4, eos_id=0, seed=3, vocab_size=256)
+def _trainer(path, tmp_dir=None, steps=6, model=None, runtime=RuntimeConfig(), data_seed=3,
+             **train_kw):
+  data = TokenDataset(path, seq_len=32, batch_size=4, eos_id=0, seed=data_seed, vocab_size=256)
   tc = TrainConfig(steps=steps, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=steps),
                    save_every=3, keep=5, **train_kw)
   return Trainer(CFG, runtime, tc, data, out_dir=tmp_dir, model=model)
@@ -190,6 +192,11 @@ def test_kill_and_resume_reproduces_losses(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state), ref_state)
   assert resumed.checkpointer.all_steps() == [3, 6]
   resumed.close()
+  # The data order is part of the run: another data seed cannot resume it.
+  other = _trainer(path, str(tmp_path / "cut"), data_seed=4)
+  with pytest.raises(UserError, match="data seed 3, this run reads its data with seed 4"):
+    other.restore()
+  other.close()
 
 
 def test_remat_step_matches_plain_step(tmp_path):

@@ -12,7 +12,7 @@ def test_train_cli_logs_resumes_and_plots(tmp_path, capsys):
   common = ["train", "--config", "tiny", "--batch", "2", "--seq", "32", "--save-every", "2",
             "--out", str(out)]
   assert dsv3_main(common + ["--steps", "3"]) == 0
-  assert dsv3_main(common + ["--steps", "5"]) == 0
+  assert dsv3_main(common + ["--steps", "5", "--allow-schedule-change"]) == 0
   text = capsys.readouterr().out
   assert "resumed from step 3" in text
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,14 +1,23 @@
-"""The MLA latent cache: per layer, per token, the normalised latent c (kv_lora_rank values) then
-the rotated shared rope key k_pe (qk_rope_head_dim values), in one row. Never per-head K/V.
+"""The MLA latent cache: per layer, per token, the normalised latent c (kv_lora_rank values) and
+the rotated shared rope key k_pe (qk_rope_head_dim values). Never per-head K/V.
 
 For DeepSeek-V3 that is 512 + 64 = 576 values per token per layer, against
 2 * 128 heads * 192/128 dims for a per-head K/V cache (what transformers keeps).
 
-Layout: one array [layers, B, max_len, C + R] (fixed capacity) with per-sequence lengths;
-sequences are right padded (sequence b's token at position p sits in row p), so a decode step
-writes at row lengths[b]. Layers are the main decoder layers, then the MTP blocks (when present).
-One array for all layers lets the scanned decoder carry it through its scan and update the new
-rows in place (`write_layer_rows`).
+Layout: two arrays of fixed capacity with per-sequence lengths,
+  latent [layers, B, max_len, C]   one row per position (C = 512: whole 128-lane tiles),
+  rope   [layers, B, R, max_len]   k_pe TRANSPOSED: positions minor.
+Why not one [.., max_len, C + R] row (576 values): 576 is not a multiple of the TPU's 128 lanes,
+so XLA:TPU keeps such an array with positions minor and copies the whole cache to row-major
+around every `mla_decode` call; [.., max_len, 64] alone has the same problem. These two parts are
+row-major in XLA:TPU's own layout, so the kernels read them in place (see
+`kernels_pallas.mla_decode`); `tests/test_cache_layout.py` checks the compiled decode step.
+
+Sequences are right padded (sequence b's token at position p sits in row/column p), so a decode
+step writes at lengths[b]. Layers are the main decoder layers, then the MTP blocks (when
+present). One stack for all layers lets the scanned decoder carry it through its scan, update
+the new rows in place (`write_layer_rows`) and hand the kernel the whole stack with the layer
+index (no per-layer slice is materialised).
 
 Einsum letters: L layers, B batch, S cache rows (max_len), T new tokens, C kv_lora_rank,
 R rope dims.
@@ -24,46 +33,45 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 
 __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_per_token",
-           "write_layer_rows", "cache_shardings"]
+           "write_layer_rows", "write_prefill", "cache_shardings"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LatentCache:
-  """kv [layers, B, S, C + R]: per layer and row the normalised latent c in [..., :C], then the
-  rotated k_pe in [..., C:] (the layout the `mla_decode` kernel and FlashMLA read as is);
-  lengths: int32 [B] valid rows per sequence (shared by all layers: the main model and the MTP
-  blocks advance together); kv_lora_rank: C (static pytree metadata)."""
+  """latent [layers, B, S, C]: per layer and row the normalised latent c; rope [layers, B, R, S]:
+  the rotated k_pe, transposed (row s of sequence b is rope[l, b, :, s]); lengths: int32 [B]
+  valid rows per sequence (shared by all layers: the main model and the MTP blocks advance
+  together)."""
 
-  kv: jax.Array
+  latent: jax.Array
+  rope: jax.Array
   lengths: jax.Array
-  kv_lora_rank: int = dataclasses.field(metadata=dict(static=True))
 
   @property
   def num_layers(self) -> int:
-    return self.kv.shape[0]
+    return self.latent.shape[0]
 
   @property
   def capacity(self) -> int:
-    return self.kv.shape[2]
+    return self.latent.shape[2]
 
   @property
   def batch(self) -> int:
-    return self.kv.shape[1]
+    return self.latent.shape[1]
 
   @property
-  def c(self) -> jax.Array:
-    """The latent part [layers, B, S, C] (a slice of `kv`, for inspection)."""
-    return self.kv[..., :self.kv_lora_rank]
+  def kv_lora_rank(self) -> int:
+    return self.latent.shape[3]
 
   @property
   def k_pe(self) -> jax.Array:
-    """The rope-key part [layers, B, S, R] (a slice of `kv`)."""
-    return self.kv[..., self.kv_lora_rank:]
+    """The rope keys row-major [layers, B, S, R] (a transposed copy, for inspection)."""
+    return jnp.swapaxes(self.rope, -1, -2)
 
-  def with_kv(self, kv: jax.Array) -> "LatentCache":
-    """A copy with the buffer replaced (same shape)."""
-    return dataclasses.replace(self, kv=kv)
+  def with_parts(self, latent: jax.Array, rope: jax.Array) -> "LatentCache":
+    """A copy with both buffers replaced (same shapes)."""
+    return dataclasses.replace(self, latent=latent, rope=rope)
 
   def with_lengths(self, lengths: jax.Array) -> "LatentCache":
     """A copy with lengths replaced (int32 [B])."""
@@ -73,14 +81,14 @@ class LatentCache:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
                mtp_layers: int | None = None) -> LatentCache:
   """A zeroed cache for `cfg.num_hidden_layers` main layers plus `mtp_layers` MTP blocks
-  (default: cfg.num_nextn_predict_layers): kv [layers, batch, max_len, kv_lora_rank + rope dims].
-  Works under jax.eval_shape (nothing allocated)."""
+  (default: cfg.num_nextn_predict_layers): latent [layers, batch, max_len, kv_lora_rank], rope
+  [layers, batch, qk_rope_head_dim, max_len]. Works under jax.eval_shape (nothing allocated)."""
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must be > 0")
   n = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp_layers is None else mtp_layers)
-  d = cache_values_per_token(cfg)
-  kv = jnp.zeros((n, batch, max_len, d), dtype)
-  return LatentCache(kv, jnp.zeros((batch,), jnp.int32), cfg.kv_lora_rank)
+  latent = jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype)
+  rope = jnp.zeros((n, batch, cfg.qk_rope_head_dim, max_len), dtype)
+  return LatentCache(latent, rope, jnp.zeros((batch,), jnp.int32))
 
 
 def cache_values_per_token(cfg: ModelConfig) -> int:
@@ -94,19 +102,48 @@ def cache_bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16, *, mtp: bool = F
   return layers * cache_values_per_token(cfg) * np.dtype(dtype).itemsize
 
 
-def write_layer_rows(kv: jax.Array, layer, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """kv [L, B, S, X], new [B, T, X] rows for `layer` (int, may be traced) at positions int
-  [B, T] -> kv with those rows replaced: a scatter of B*T rows, in place inside a scan carry
-  (no copy of the layer's buffer). Positions must be < S."""
+def write_layer_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_pe: jax.Array,
+                     positions: jax.Array, *, backend: str = "reference",
+                     platform: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Writes T new tokens of `layer` (int, may be traced): c [B, T, C] into latent [L, B, S, C]
+  rows and k_pe [B, T, R] into rope [L, B, R, S] columns at positions int [B, T] (< S,
+  consecutive per sequence). Returns (latent, rope), updated in place inside a scan carry (no
+  copy of the layer's buffers): the latent rows by a scatter, the rope columns by
+  `kernels_pallas.mla_decode.write_rope` (with `backend`/`platform` as for the attention: the
+  TPU kernel writes them under the ambient mesh's batch split, see `kernel_map`)."""
+  from dsv3_jax.kernels_pallas.mla_decode import write_rope
+  from dsv3_jax.sharding import kernel_map
   B, T = positions.shape
   b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  return kv.at[layer, b, positions].set(new.astype(kv.dtype), unique_indices=True)
+  latent = latent.at[layer, b, positions].set(c.astype(latent.dtype), unique_indices=True)
+  layer = jnp.asarray(layer, jnp.int32)
+  if backend == "reference":
+    return latent, write_rope(rope, k_pe, positions, layer=layer, backend="reference")
+
+  def kernel(rope, k_pe, positions, layer):
+    return write_rope(rope, k_pe, positions, layer=layer, backend=backend, platform=platform)
+
+  batch = ("batch", None, None)
+  rope = kernel_map(kernel, ((None,) + batch, batch, ("batch", None), None), (None,) + batch,
+                    name="mla_rope_write")(rope, k_pe.astype(rope.dtype), positions, layer)
+  return latent, rope
+
+
+def write_prefill(latent: jax.Array, rope: jax.Array, start, c: jax.Array, k_pe: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Writes the prompt latents of layers start..start+n-1, c [n, B, T, C] and k_pe [n, B, T, R],
+  into rows 0..T-1 of latent [L, B, S, C] / columns 0..T-1 of rope [L, B, R, S]."""
+  latent = jax.lax.dynamic_update_slice(latent, c.astype(latent.dtype), (start, 0, 0, 0))
+  rope = jax.lax.dynamic_update_slice(rope, jnp.swapaxes(k_pe, -1, -2).astype(rope.dtype),
+                                      (start, 0, 0, 0))
+  return latent, rope
 
 
 def cache_shardings(cache: LatentCache, rules, mesh) -> LatentCache:
   """NamedShardings for `cache` (concrete or from jax.eval_shape) on `mesh`: the batch dim of
-  kv [L, B, S, X] and of lengths [B] over the rules' `batch` axes (dims that do not divide stay
-  whole); layers, rows and values whole. rules: a `dsv3_jax.sharding.ShardingRules`."""
+  latent [L, B, S, C], rope [L, B, R, S] and lengths [B] over the rules' `batch` axes (dims that
+  do not divide stay whole); layers, rows and values whole. rules: a
+  `dsv3_jax.sharding.ShardingRules`."""
   from dsv3_jax.sharding import activation_sharding
   return jax.tree.map(lambda x: activation_sharding(
       (None, "batch", None, None) if x.ndim == 4 else ("batch",), rules, mesh, x.shape), cache)

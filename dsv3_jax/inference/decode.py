@@ -6,20 +6,21 @@ R qk_rope_head_dim, C kv_lora_rank, V v_head_dim, D hidden.
 Absorbed form (decode): kv_b_proj's kernel [C, H*(N+V)] is split once into W_UK [H, N, C] and
 W_UV [H, V, C] (`absorb_weights`). Per new token:
   q_latent = q_nope . W_UK                      [B, H, C]
-  scores   = [q_latent | q_pe] . [c | k_pe] * scale  (one cache row of C + R values per token)
+  scores   = (q_latent . c + q_pe . k_pe) * scale  (C + R cached values per token)
   o_latent = softmax(scores) . c                [B, H, C]
   out      = o_proj(o_latent . W_UV)
 This reads 576 cached values per token per layer instead of per-head keys and values. The
 attention over the cache runs the jnp einsum (RuntimeConfig.attention_backend "reference") or
 the `kernels_pallas.mla_decode` kernel (any other backend, with RuntimeConfig.kernel_platform),
-which reads each layer's [B, S, C + R] cache buffer as is (per shard of the ambient mesh:
+which reads the layer's rows of the stacked cache parts (latent [L, B, S, C], rope
+[L, B, R, S], see `cache.py`) in place, given the layer index (per shard of the ambient mesh:
 batch and heads split, see `_sharded_mla_decode`).
 
 Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
 compute-efficient form for many query tokens, and writes each layer's latent into the cache.
 
-Both scan over the model's layer stacks (`DeepseekV3.stacks`): the cache [layers, B, S, C + R]
-rides in the scan carry and each layer writes only its new rows into it.
+Both scan over the model's layer stacks (`DeepseekV3.stacks`): the cache parts ride in the scan
+carry and each layer writes only its new rows into them.
 Right padding keeps every sequence at positions 0..len-1; causal attention means the padding
 behind a sequence never influences it, and the rows it leaves in the cache lie past `lengths`.
 """
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 
 from flax import nnx
 
-from dsv3_jax.inference.cache import LatentCache, write_layer_rows
+from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_prefill
 from dsv3_jax.kernels_pallas import mla_decode
+from dsv3_jax.kernels_pallas.mla_decode.reference import select_layer
 from dsv3_jax.layers import apply_rope
 from dsv3_jax.sharding import kernel_map
 
@@ -57,39 +59,41 @@ def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
   return {"w_uk": tuple(uk), "w_uv": tuple(uv)}
 
 
-def decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, scale: float, *,
-                     kv_lora_rank: int, backend: str = "reference",
-                     platform: str | None = None) -> jax.Array:
+def decode_attention(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: jax.Array,
+                     scale: float, *, layer=None, backend: str = "reference",
+                     platform: str | None = None, gpu_impl: str | None = None) -> jax.Array:
   """One query token per sequence against its latent cache.
 
-  q [B, H, C + R]: q_latent (q_nope . W_UK) then the rotated q_pe; cache [B, S, C + R] (one
-  layer of `LatentCache.kv`); lengths int [B]: rows s < lengths[b] are visible.
+  q [B, H, C + R]: q_latent (q_nope . W_UK) then the rotated q_pe; latent [B, S, C] and rope
+  [B, R, S] (one layer of a `LatentCache`), or the stacked [L, ...] parts with `layer` (int,
+  may be traced); lengths int [B]: rows s < lengths[b] are visible.
   backend "reference" runs the jnp einsum below; any other value runs
-  `kernels_pallas.mla_decode` with that backend and `platform` (see `RuntimeConfig`).
-  Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
+  `kernels_pallas.mla_decode` with that backend, `platform` and GPU flavour `gpu_impl` (see
+  `RuntimeConfig`). Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
   row).
   """
-  C = kv_lora_rank
   if backend != "reference":
-    return _sharded_mla_decode(q, cache, lengths, scale, kv_lora_rank=C, backend=backend,
-                               platform=platform)
-  s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], cache[..., :C], preferred_element_type=jnp.float32)
-       + jnp.einsum("bhr,bsr->bhs", q[..., C:], cache[..., C:],
-                    preferred_element_type=jnp.float32)) * scale
-  valid = jnp.arange(cache.shape[1])[None, None, :] < lengths[:, None, None]
+    return _sharded_mla_decode(q, latent, rope, lengths, layer, scale, backend=backend,
+                               platform=platform, gpu_impl=gpu_impl)
+  latent, rope = select_layer(latent, rope, layer)
+  C = latent.shape[-1]
+  s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], latent, preferred_element_type=jnp.float32)
+       + jnp.einsum("bhr,brs->bhs", q[..., C:], rope, preferred_element_type=jnp.float32)) * scale
+  valid = jnp.arange(latent.shape[1])[None, None, :] < lengths[:, None, None]
   s = jnp.where(valid, s, -jnp.inf)
   p = jnp.where(valid, jax.nn.softmax(s, axis=-1), 0.0)
-  return jnp.einsum("bhs,bsc->bhc", p.astype(cache.dtype), cache[..., :C],
+  return jnp.einsum("bhs,bsc->bhc", p.astype(latent.dtype), latent,
                     preferred_element_type=jnp.float32)
 
 
-def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array, scale: float, *,
-                           kv_lora_rank: int, backend: str = "reference",
-                           platform: str | None = None) -> jax.Array:
+def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, positions: jax.Array,
+                           scale: float, *, layer=None, backend: str = "reference",
+                           platform: str | None = None, gpu_impl: str | None = None) -> jax.Array:
   """T new query tokens per sequence (causal among themselves) against the latent cache.
 
-  q [B, T, H, C + R]; cache [B, S, C + R] already holding the new tokens' rows; positions int
-  [B, T]: query t of sequence b sees rows 0..positions[b, t]. Returns [B, T, H, C] float32.
+  q [B, T, H, C + R]; latent [B, S, C], rope [B, R, S] (or stacked [L, ...] with `layer`)
+  already holding the new tokens' rows; positions int [B, T]: query t of sequence b sees rows
+  0..positions[b, t]. Returns [B, T, H, C] float32.
 
   Reference: vmap over t (shares, does not copy, the cache). Kernel: ONE `mla_decode` call with
   the multi-token query [B, T, H, C + R] and lengths positions[:, -1] + 1, which reads each
@@ -99,31 +103,39 @@ def decode_attention_steps(q: jax.Array, cache: jax.Array, positions: jax.Array,
   positions[b, 0] + t, as `decode_forward` requires.
   """
   lengths = positions + 1
-  kw = dict(kv_lora_rank=kv_lora_rank, backend=backend, platform=platform)
+  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl)
   if backend == "reference":
-    return jax.vmap(lambda qt, lt: decode_attention(qt, cache, lt, scale, **kw),
+    latent, rope = select_layer(latent, rope, layer)
+    return jax.vmap(lambda qt, lt: decode_attention(qt, latent, rope, lt, scale, **kw),
                     in_axes=(1, 1), out_axes=1)(q, lengths)
-  return _sharded_mla_decode(q, cache, lengths[:, -1].astype(jnp.int32), scale, **kw)
+  return _sharded_mla_decode(q, latent, rope, lengths[:, -1].astype(jnp.int32), layer, scale,
+                             **kw)
 
 
-def _sharded_mla_decode(q, cache, lengths, scale, *, kv_lora_rank, backend, platform):
+def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, platform,
+                        gpu_impl=None):
   """`mla_decode` run per shard under the ambient mesh (`dsv3_jax.sharding.kernel_map`): q
-  [B, (T,) H, C + R] split on batch and heads (act_heads), cache [B, S, C + R] and lengths [B]
-  on batch; each shard reads only its own sequences' cache rows. Returns float32."""
+  [B, (T,) H, C + R] split on batch and heads (act_heads), latent [(L,) B, S, C], rope
+  [(L,) B, R, S] and lengths [B] on batch, the layer index replicated; each shard reads only its
+  own sequences' cache rows, in place. Returns float32."""
   heads = ("batch",) + (None,) * (q.ndim - 3) + ("act_heads", None)
+  cache_axes = ((None,) if layer is not None else ()) + ("batch", None, None)
+  if layer is not None:
+    layer = jnp.asarray(layer, jnp.int32)
 
-  def kernel(q, cache, lengths):
-    return mla_decode(q, cache, lengths, scale=scale, kv_lora_rank=kv_lora_rank,
-                      backend=backend, platform=platform).astype(jnp.float32)
+  def kernel(q, latent, rope, lengths, layer):
+    return mla_decode(q, latent, rope, lengths, scale=scale, layer=layer, backend=backend,
+                      platform=platform, gpu_impl=gpu_impl).astype(jnp.float32)
 
-  return kernel_map(kernel, (heads, ("batch", None, None), ("batch",)), heads,
-                    name="mla_decode")(q, cache, lengths)
+  return kernel_map(kernel, (heads, cache_axes, cache_axes, ("batch",), None), heads,
+                    name="mla_decode")(q, latent, rope, lengths, layer)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, kv, index, x, positions):
+def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
-  positions[:, 0]); writes their latent rows into kv [L, B, S, C + R] at layer `index` (int,
-  may be traced). Returns (x, kv)."""
+  positions[:, 0]); writes their latent rows into cache = (latent [L, B, S, C], rope
+  [L, B, R, S]) at layer `index` (int, may be traced) and attends over that layer in place.
+  Returns (x, cache)."""
   attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
@@ -131,18 +143,20 @@ def _absorbed_layer(layer, w_uk, w_uv, kv, index, x, positions):
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
-    kv = write_layer_rows(kv, index, jnp.concatenate([c, k_pe.astype(c.dtype)], -1), positions)
+    latent, rope = write_layer_rows(*cache, index, c, k_pe.astype(c.dtype), positions,
+                                    backend=rt.attention_backend, platform=rt.kernel_platform)
+    dt = latent.dtype
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
-    q = jnp.concatenate([q_lat.astype(kv.dtype), q_pe.astype(kv.dtype)], -1)  # [B, T, H, C+R]
-    o = decode_attention_steps(q, kv[index], positions, cfg.softmax_scale,
-                               kv_lora_rank=cfg.kv_lora_rank, backend=rt.attention_backend,
-                               platform=rt.kernel_platform)  # [B, T, H, C] f32
+    q = jnp.concatenate([q_lat.astype(dt), q_pe.astype(dt)], -1)  # [B, T, H, C + R]
+    o = decode_attention_steps(q, latent, rope, positions, cfg.softmax_scale, layer=index,
+                               backend=rt.attention_backend, platform=rt.kernel_platform,
+                               gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
     x = x + attn.o_proj(o.reshape(B, T, -1))
   y = layer.mlp(layer.post_attention_layernorm(x))
   if layer.is_moe:
     y = y[0]
-  return x + y, kv
+  return x + y, (latent, rope)
 
 
 def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array):
@@ -152,21 +166,21 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
   Returns (logits [B, T, V] float32, final normed hidden h^0 [B, T, D], cache). cache.lengths is
   not changed (the caller decides how many of the new rows to keep).
   """
-  x, kv = model.embed(tokens), cache.kv
+  x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for g, stack in enumerate(model.stacks):
     graphdef, state = nnx.split(stack.block)
 
     def body(carry, xs, graphdef=graphdef):
       layer_state, w_uk, w_uv, index = xs
-      x, kv = _absorbed_layer(nnx.merge(graphdef, layer_state), w_uk, w_uv, carry[1], index,
-                              carry[0], positions)
-      return (x, kv), None
+      x, parts = _absorbed_layer(nnx.merge(graphdef, layer_state), w_uk, w_uv, carry[1], index,
+                                 carry[0], positions)
+      return (x, parts), None
 
     layers = jnp.arange(stack.start, stack.start + stack.count, dtype=jnp.int32)
-    (x, kv), _ = jax.lax.scan(body, (x, kv), (state, absorbed["w_uk"][g], absorbed["w_uv"][g],
-                                              layers))
+    (x, parts), _ = jax.lax.scan(body, (x, parts), (state, absorbed["w_uk"][g],
+                                                    absorbed["w_uv"][g], layers))
   hidden = model.norm(x)
-  return model.head(hidden), hidden, cache.with_kv(kv)
+  return model.head(hidden), hidden, cache.with_parts(*parts)
 
 
 def _mtp_input(mtp_layer, model, next_tokens, h_prev):
@@ -185,16 +199,9 @@ def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Arr
   L, G = model.config.num_hidden_layers, len(model.stacks)
   m = model.mtp[0]
   x = _mtp_input(m, model, next_tokens, h_prev)
-  x, kv = _absorbed_layer(m.block, absorbed["w_uk"][G], absorbed["w_uv"][G], cache.kv, L, x,
-                          positions)
-  return model.head(m.shared_head_norm(x)), cache.with_kv(kv)
-
-
-def _write_prefill(kv, start: int, c, k_pe):
-  """Writes latents c [n, B, T, C], k_pe [n, B, T, R] of layers start..start+n-1 into kv rows
-  0..T-1."""
-  rows = jnp.concatenate([c, k_pe.astype(c.dtype)], -1).astype(kv.dtype)
-  return jax.lax.dynamic_update_slice(kv, rows, (start, 0, 0, 0))
+  x, parts = _absorbed_layer(m.block, absorbed["w_uk"][G], absorbed["w_uv"][G],
+                             (cache.latent, cache.rope), L, x, positions)
+  return model.head(m.shared_head_norm(x)), cache.with_parts(*parts)
 
 
 def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
@@ -203,13 +210,13 @@ def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
   [B, V] float32, final normed hidden [B, T, D], cache with lengths = `lengths`)."""
   B, T = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x, kv = model.embed(tokens), cache.kv
+  x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for stack in model.stacks:
     x, _, (c, k_pe) = stack(x, positions, return_latent=True)
-    kv = _write_prefill(kv, stack.start, c, k_pe)
+    parts = write_prefill(*parts, stack.start, c, k_pe.astype(c.dtype))
   hidden = model.norm(x)
   last = hidden[jnp.arange(B), lengths - 1]  # [B, D]
-  return model.head(last), hidden, cache.with_kv(kv).with_lengths(lengths)
+  return model.head(last), hidden, cache.with_parts(*parts).with_lengths(lengths)
 
 
 def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array,
@@ -227,6 +234,6 @@ def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array
   nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
   m = model.mtp[0]
   x, _, (c, k_pe) = m.block(_mtp_input(m, model, nxt, hidden), positions, return_latent=True)
-  kv = _write_prefill(cache.kv, L, c[None], k_pe[None])
+  parts = write_prefill(cache.latent, cache.rope, L, c[None], k_pe[None].astype(c.dtype))
   last = m.shared_head_norm(x[rows, lengths - 1])
-  return model.head(last), cache.with_kv(kv)
+  return model.head(last), cache.with_parts(*parts)

@@ -2,7 +2,7 @@
 
 Shapes are fixed per call: the prompt batch is right padded to a power-of-two bucket (>= 16) and
 the cache capacity is that bucket + max_new_tokens + 1, rounded up to a multiple of 64 (whole
-kernel blocks), so one compiled prefill and one compiled step serve every step and every prompt
+kernel blocks; of 128 above 256 rows, whole TPU lane tiles of the transposed rope cache), so one compiled prefill and one compiled step serve every step and every prompt
 length in the bucket. The attention backend is the model's RuntimeConfig's; speculative
 verification passes all its tokens to one `mla_decode` call, which reads the cache once.
 Without a streaming callback the whole decode loop runs on device (`lax.while_loop`, one call);
@@ -26,15 +26,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from dsv3_jax.errors import UserError
 from dsv3_jax.inference.cache import init_cache
 from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
 from dsv3_jax.inference.sampling import SamplingParams, sample
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
-from dsv3_jax.sharding import (ShardingRules, global_batch, logical_to_spec, resolve_mesh, to_host,
+from dsv3_jax.jit_cache import CompiledCache, sharding_key
+from dsv3_jax.sharding import (ShardingRules, global_batch, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
-__all__ = ["Generator", "GenerationOutput", "generate"]
+__all__ = ["Generator", "GenerationOutput", "generate", "GenerationError"]
+
+
+class GenerationError(ValueError, UserError):
+  """A request the model cannot serve (empty prompt, too long for max_position_embeddings, no MTP
+  layer for speculative decoding, ...); the message names the argument."""
 
 
 @dataclasses.dataclass
@@ -105,9 +112,10 @@ def _loop_fn(graphdef, state, absorbed, gs, *, params, speculative):
   return jax.lax.while_loop(cond, body, gs)
 
 
-# Compiled functions, shared by Generators of models with the same structure (graphdef), mesh
-# and rules.
-_COMPILED: dict = {}
+# Compiled prefill/step/loop functions shared by Generators (`generate()` builds one per call)
+# whose key matches: kind, model structure (graphdef), mesh, rules, statics, argument
+# shapes/dtypes, in/out shardings and compiler options. Bounded (least recently used evicted).
+COMPILED = CompiledCache()
 
 
 def _batch_sharding(shape, dim: int, rules: ShardingRules, mesh: Mesh) -> NamedSharding:
@@ -167,29 +175,33 @@ class Generator:
         lambda x: NamedSharding(self.mesh, logical_to_spec(
             (None,) * (x.ndim - 3) + ("heads", None, None), self.rules, self.mesh, x.shape)),
         jax.eval_shape(absorb, self.state))
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
       self.absorbed = jax.jit(absorb, in_shardings=(self.state_shardings,),
                               out_shardings=self.absorbed_shardings)(self.state)
     self.cache_dtype = cache_dtype or model.runtime.dtype
 
   def _compile(self, kind, fn, statics, in_shardings, out_shardings, *args):
-    """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics/mesh;
-    returns (compiled, seconds spent compiling now). Step and loop donate the carry (args[2])."""
+    """Ahead-of-time compiles fn(graphdef, *args, **statics) once per shapes/statics/mesh/
+    shardings (see `CompiledCache`); returns (compiled, seconds spent compiling now). Step and
+    loop donate the carry (args[2])."""
     key = (kind, self.graphdef, self.mesh, self.rules,
            tuple(sorted(((k, v) for k, v in statics.items() if k != "cache_sharding"),
                         key=lambda kv: kv[0])),
+           sharding_key(statics.get("cache_sharding")),
            str(jax.tree.map(lambda a: (a.shape, a.dtype), args)),
+           sharding_key(in_shardings), sharding_key(out_shardings),
            tuple(sorted(self.compiler_options.items())))
-    if key not in _COMPILED:
-      jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
-                       in_shardings=in_shardings, out_shardings=out_shardings,
-                       donate_argnums=() if kind == "prefill" else (2,))
-      t = time.perf_counter()
-      with jax.set_mesh(self.mesh):
-        _COMPILED[key] = jitted.lower(*args).compile(
-            compiler_options=self.compiler_options or None)
-      return _COMPILED[key], time.perf_counter() - t
-    return _COMPILED[key], 0.0
+    compiled = COMPILED.get(key)
+    if compiled is not None:
+      return compiled, 0.0
+    jitted = jax.jit(functools.partial(fn, self.graphdef, **statics),
+                     in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=() if kind == "prefill" else (2,))
+    t = time.perf_counter()
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
+      compiled = jitted.lower(*args).compile(compiler_options=self.compiler_options or None)
+    COMPILED.put(key, compiled)
+    return compiled, time.perf_counter() - t
 
   def run(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
           sampling: SamplingParams = SamplingParams(), seed: int = 0,
@@ -203,11 +215,11 @@ class Generator:
     Returns a GenerationOutput (text None; see `generate` for text).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-      raise ValueError("generate: every prompt needs at least one token")
+      raise GenerationError("generate: every prompt needs at least one token")
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+      raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if speculative and self.config.num_nextn_predict_layers < 1:
-      raise ValueError("speculative decoding needs an MTP layer: the model has "
+      raise GenerationError("speculative decoding needs an MTP layer: the model has "
                        "num_nextn_predict_layers=0 (was the checkpoint saved without layer "
                        f"{self.config.num_hidden_layers}?)")
     eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -217,9 +229,11 @@ class Generator:
     lens = np.array([len(p) for p in prompts], np.int32)
     T = _bucket(int(lens.max()))
     limit = self.config.max_position_embeddings
-    capacity = -(-(T + max_new_tokens + 1) // 64) * 64
+    rows = T + max_new_tokens + 1
+    step = 64 if rows <= 256 else 128  # the TPU rope-cache write: see mla_decode.tpu_write
+    capacity = -(-rows // step) * step
     if int(lens.max()) + max_new_tokens > limit:
-      raise ValueError(f"prompt ({int(lens.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
+      raise GenerationError(f"prompt ({int(lens.max())}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"max_position_embeddings={limit}")
     toks = np.zeros((B, T), np.int32)
     for b, p in enumerate(prompts):
@@ -292,8 +306,12 @@ def generate(model, prompts, *, tokenizer=None, max_new_tokens: int = 64, temper
   tokenizer: a `dsv3_jax.inference.Tokenizer` (needed for string prompts and for `text`);
   chat: wrap each string prompt in the tokenizer's chat template as a user turn.
   temperature 0 is greedy; top_k 0 / top_p 1 are off; eos_token_id defaults to the tokenizer's,
-  else the config's. speculative: MTP self-speculative decoding (greedy output identical to
-  plain). generator: reuse compiled functions across calls (it brings its own mesh). mesh /
+  else the config's. speculative: MTP self-speculative decoding. Greedy guarantee: each token is the argmax of
+  the model's logits as the verification pass computes them; in float32 the output equals plain
+  greedy decoding, in bfloat16 it can differ from the first near-tie (top-2 logits within bf16
+  rounding) on, because the two-token verification call rounds differently from the one-token
+  plain step (measured: tests/test_speculative_bf16.py). Sampling follows the standard
+  rejection rule, so each token is distributed as plain sampling. generator: reuse compiled functions across calls (it brings its own mesh). mesh /
   rules: see `Generator` (None: every device on `fsdp`, the default rules). Returns a GenerationOutput with
   token ids per prompt and, with a tokenizer, their text.
   """
@@ -303,7 +321,7 @@ def generate(model, prompts, *, tokenizer=None, max_new_tokens: int = 64, temper
   for p in prompts:
     if isinstance(p, str):
       if tokenizer is None:
-        raise ValueError("generate: string prompts need a tokenizer")
+        raise GenerationError("generate: string prompts need a tokenizer")
       ids.append(tokenizer.encode_chat(p) if chat else tokenizer.encode(p))
     else:
       ids.append([int(t) for t in p])

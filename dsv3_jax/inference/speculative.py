@@ -7,8 +7,12 @@ yet fed) and `draft` = d, the MTP head's guess for t_{n+1}:
   2. greedy: accept iff argmax p(t_{n+1}) == d. Sampling: accept with probability
      min(1, p(d)/q(d)); on rejection draw t_{n+1} from norm(max(p - q, 0)) (the standard rule,
      which makes every emitted token distributed exactly as plain sampling). On acceptance the
-     bonus t_{n+2} is drawn from p(. | d). So each step emits 1 or 2 tokens, and greedy output
-     equals plain greedy decoding token for token.
+     bonus t_{n+2} is drawn from p(. | d). So each step emits 1 or 2 tokens. Greedy: every
+     emitted token is the argmax of the main model's logits as the verification call computes
+     them. In float32 that is the plain step's token; in bfloat16 the two-token call can round
+     differently from the one-token step, so at a near-tie (top-2 logits within bf16 rounding)
+     the token can differ and the continuation diverges from there
+     (tests/test_speculative_bf16.py measures the agreement).
   3. draft again: the MTP block runs positions n and n+1 with inputs [Emb(t_{i+1}); h^0_i] (h^0 =
      the main model's final hidden after model.norm, vLLM's serving choice) and its own latent
      cache; the next draft comes from position n+1 when accepted, else from position n. Rows past

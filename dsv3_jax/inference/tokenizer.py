@@ -3,8 +3,8 @@ tokens and chat template of tokenizer_config.json when present.
 
 Encoding never lets tokenizer.json's post-processor add special tokens; the BOS token is added
 here when tokenizer_config.json says `add_bos_token` (DeepSeek's does). A chat template already
-writes its own BOS, so `encode_chat` adds none. Chat templates are rendered with jinja2, used only
-when installed; without it `apply_chat_template` raises a clear error.
+writes its own BOS, so `encode_chat` adds none. Chat templates are rendered with jinja2 (a
+dependency of the package). Problems with the files raise `TokenizerError` (a `UserError`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import json
 import os
 from typing import Any, Sequence
 
-__all__ = ["Tokenizer"]
+from dsv3_jax.errors import UserError
+
+__all__ = ["Tokenizer", "TokenizerError"]
+
+
+class TokenizerError(ValueError, UserError):
+  """tokenizer.json / tokenizer_config.json is missing, malformed or inconsistent, or its chat
+  template fails (the message names the file)."""
 
 
 def _token_text(v: Any) -> str | None:
@@ -41,7 +48,7 @@ class Tokenizer:
       return None
     i = self.tok.token_to_id(token)
     if i is None:
-      raise ValueError(f"{self.source}: special token {token!r} from tokenizer_config.json is not "
+      raise TokenizerError(f"{self.source}: special token {token!r} from tokenizer_config.json is not "
                        f"in the vocabulary of tokenizer.json")
     return i
 
@@ -55,12 +62,12 @@ class Tokenizer:
     try:
       import tokenizers
     except ImportError as e:
-      raise ImportError("loading tokenizer.json needs the `tokenizers` package "
-                        "(pip install tokenizers)") from e
+      raise TokenizerError("loading tokenizer.json needs the `tokenizers` package "
+                           "(pip install tokenizers)") from e
     try:
       tok = tokenizers.Tokenizer.from_file(tj)
     except Exception as e:  # the library raises a bare Exception on malformed files
-      raise ValueError(f"{tj}: not a valid tokenizer.json ({e})") from e
+      raise TokenizerError(f"{tj}: not a valid tokenizer.json ({e})") from e
     config = None
     tc = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(tc):
@@ -68,7 +75,7 @@ class Tokenizer:
         try:
           config = json.load(f)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{tc}: invalid JSON ({e})") from e
+          raise TokenizerError(f"{tc}: invalid JSON ({e})") from e
     return cls(tok, config, source=path)
 
   @property
@@ -89,13 +96,13 @@ class Tokenizer:
                           add_generation_prompt: bool = True) -> str:
     """Renders [{"role": ..., "content": ...}, ...] with tokenizer_config.json's chat_template."""
     if not self.chat_template:
-      raise ValueError(f"{self.source}: no chat_template in tokenizer_config.json")
+      raise TokenizerError(f"{self.source}: no chat_template in tokenizer_config.json (--chat)")
     try:
       import jinja2
       from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
-      raise ImportError("rendering the chat template needs jinja2 (pip install jinja2), or "
-                        "pass the prompt without the chat template") from e
+      raise TokenizerError("rendering the chat template needs jinja2 (pip install jinja2), or "
+                           "pass the prompt without the chat template") from e
 
     def raise_exception(msg):
       raise jinja2.TemplateError(msg)
@@ -106,9 +113,13 @@ class Tokenizer:
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
       template = next((t["template"] for t in template if t.get("name") == "default"),
                       template[0]["template"])
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+    try:
+      return env.from_string(template).render(
+          messages=messages, add_generation_prompt=add_generation_prompt,
+          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+    except jinja2.TemplateError as e:
+      raise TokenizerError(f"{self.source}: the chat template of tokenizer_config.json failed: "
+                           f"{e}") from e
 
   def encode_chat(self, prompt: str) -> list[int]:
     """One user turn through the chat template, ready for the assistant's reply."""

@@ -7,8 +7,9 @@ RUN/checkpoints/<step>/, one Orbax composite per saved step:
            `dsv3 export`, `from_pretrained` and plain Orbax read a step like a converted
            checkpoint (`orbax.checkpoint.PyTreeCheckpointer().restore(RUN/checkpoints/<step>/params)`);
   opt/     the optimizer state (step count, Adam moments in the model's stacked layout);
-  state/   {"step", "rng"}: the step counter and the run's RNG key data;
-  meta/    JSON: the step, the data reader's position (`DataState`), batch shape.
+  state/   {"step"}: the step counter;
+  meta/    JSON the trainer writes: the step, the data reader's position (`DataState`), its
+           seed, seq_len and batch_size (checked on restore).
 Restoring all of it continues the run with the same loss sequence as an uninterrupted one.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 checkpoints.
 
 The step is a pure function of (state, batch) built with `nnx.split`/`nnx.merge`: `state` holds
-the Params, the other variables (RouterBias), the optax state, step and RNG; it is donated. It
+the Params, the other variables (RouterBias), the optax state and the step; it is donated. It
   1. runs model.forward(tokens, positions, segment_ids, mtp=True) in the runtime's compute dtype,
   2. takes the loss of `dsv3_jax.train.loss` and its gradient w.r.t. the nnx.Param leaves only,
   3. applies the optimizer (clip + AdamW) to the Params,
@@ -33,10 +33,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
+from dsv3_jax.errors import UserError
+from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.param_tree import flatten, nest
 from dsv3_jax.pretrained import abstract_model, count_params, flat_variables, model_from_arrays
-from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch,
+from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
 from dsv3_jax.sharding.entry import replicated, variable_sharding
 from dsv3_jax.train.balance import load_ratio, update_router_bias
@@ -46,7 +48,11 @@ from dsv3_jax.train.loss import LossConfig, training_loss
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
 __all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "train_step_fn", "H100_PEAK_FLOPS",
-           "write_run_config"]
+           "ResumeError", "write_run_config"]
+
+
+class ResumeError(ValueError, UserError):
+  """A checkpoint that this run cannot continue from (other batch/sequence shape)."""
 
 H100_PEAK_FLOPS = 790e12  # dense bf16, as measured on the lent H100 (ARCHITECTURE.md)
 
@@ -104,9 +110,9 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + attn
 
 
-# Jitted steps, shared by Trainers of the same model structure, configs, mesh and rules, so a
-# resumed run in the same process does not compile again.
-_STEPS: dict = {}
+# Jitted steps, shared by Trainers of the same model structure, configs, mesh, rules and
+# shardings, so a resumed run in the same process does not compile again (bounded, LRU).
+STEPS = CompiledCache(16)
 
 
 def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cfg: OptimConfig,
@@ -114,30 +120,22 @@ def _compiled_step(graphdef, loss_cfg: LossConfig, document_mask: bool, optim_cf
                    compiler_options: tuple = ()):
   """The jitted step with its in/out shardings: the state (donated) stays in `state_sh`, the
   batch arrives in `batch_sh`, the metrics come back replicated."""
-  key = (graphdef, loss_cfg, document_mask, optim_cfg, mesh, rules, batch_sh, compiler_options)
-  if key not in _STEPS:
-    if len(_STEPS) >= 16:
-      _STEPS.pop(next(iter(_STEPS)))
+  key = (graphdef, loss_cfg, document_mask, optim_cfg, mesh, rules, sharding_key(state_sh),
+         batch_sh, compiler_options)
+
+  def make():
     repl = replicated(mesh)
-    _STEPS[key] = jax.jit(
+    return jax.jit(
         functools.partial(_train_step, graphdef, loss_cfg=loss_cfg, document_mask=document_mask,
                           optim_cfg=optim_cfg),
         in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, repl, repl),
         out_shardings=(state_sh, repl), donate_argnums=(0,),
         compiler_options=dict(compiler_options) or None)
-  return _STEPS[key]
+  return STEPS.get_or_make(key, make)
 
 
 # Jitted initialisers, cached like the step (a resumed run in the same process reuses them).
-_INITS: dict = {}
-
-
-def _cached(key, make):
-  if key not in _INITS:
-    if len(_INITS) >= 16:
-      _INITS.pop(next(iter(_INITS)))
-    _INITS[key] = make()
-  return _INITS[key]
+INITS = CompiledCache(16)
 
 
 def _model_init(cfg: ModelConfig, runtime: RuntimeConfig, seed: int, mesh: Mesh,
@@ -147,22 +145,23 @@ def _model_init(cfg: ModelConfig, runtime: RuntimeConfig, seed: int, mesh: Mesh,
   def init():
     _, p, r = nnx.split(DeepseekV3(cfg, runtime, rngs=nnx.Rngs(seed)), nnx.Param, ...)
     return p, r
-  return _cached(("model", cfg, runtime, seed, mesh, rules, compiler_options),
-                 lambda: jax.jit(init, out_shardings=shardings,
-                                 compiler_options=dict(compiler_options) or None))
+  return INITS.get_or_make(("model", cfg, runtime, seed, mesh, rules, sharding_key(shardings),
+                            compiler_options),
+                           lambda: jax.jit(init, out_shardings=shardings,
+                                           compiler_options=dict(compiler_options) or None))
 
 
-def _state_init(graphdef, optim_cfg: OptimConfig, seed: int, mesh: Mesh, rules: ShardingRules,
+def _state_init(graphdef, optim_cfg: OptimConfig, mesh: Mesh, rules: ShardingRules,
                 state_sh, compiler_options: tuple):
-  """(Params, rest) -> the run state: the optimizer state made in its parameters' shardings, the
-  step count and the RNG key data. The inputs are donated (they become the state's own)."""
+  """(Params, rest) -> the run state: the optimizer state made in its parameters' shardings and
+  the step count. The inputs are donated (they become the state's own)."""
   def init(p, r):
     return {"params": p, "rest": r, "opt": make_optimizer(optim_cfg).init(p),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed + 1))}
-  return _cached(("state", graphdef, optim_cfg, seed, mesh, rules, compiler_options),
-                 lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=(0, 1),
-                                 compiler_options=dict(compiler_options) or None))
+            "step": jnp.zeros((), jnp.int32)}
+  return INITS.get_or_make(("state", graphdef, optim_cfg, mesh, rules, sharding_key(state_sh),
+                            compiler_options),
+                           lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=(0, 1),
+                                           compiler_options=dict(compiler_options) or None))
 
 
 def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *,
@@ -192,8 +191,7 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
   model = nnx.merge(graphdef, params, rest, copy=True)
   update_router_bias(model, stats, gamma)
   _, params, rest = nnx.split(model, nnx.Param, ...)
-  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-  return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1, "rng": rng}, metrics
+  return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
 
 
 # The pure step (graphdef, state, tokens, segment_ids, positions, mtp_lambda, gamma, *, loss_cfg,
@@ -265,7 +263,7 @@ class Trainer:
     repl = replicated(self.mesh)
     sh = {"params": tree_shardings(params, self.rules, self.mesh),
           "rest": tree_shardings(rest, self.rules, self.mesh),
-          "opt": tree_shardings(opt, self.rules, self.mesh), "step": repl, "rng": repl}
+          "opt": tree_shardings(opt, self.rules, self.mesh), "step": repl}
     self.state_shardings = sh
     need = sum(sharded_nbytes(a, sh[k]) for k, a in (("params", params), ("rest", rest), ("opt", opt)))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
@@ -273,15 +271,15 @@ class Trainer:
                "parameters + optimizer state",
                hint="use more devices / a bigger mesh (--mesh), or check a TPU topology with "
                     "`dsv3 plan`")
-    # state: Params (fp32 master copy), the other variables (RouterBias), the optax state, the
-    # step count and the RNG key data (carried for stochastic extensions; the model uses none).
+    # state: Params (fp32 master copy), the other variables (RouterBias), the optax state and
+    # the step count (no RNG: the step is deterministic; the model uses no randomness).
     copts = tuple(sorted((compiler_options or {}).items()))
     if fresh:
       params, rest = _model_init(cfg, runtime, train.seed, self.mesh, self.rules,
                                  (sh["params"], sh["rest"]), copts)()
     else:
       params, rest = jax.device_put((params, rest), (sh["params"], sh["rest"]))
-    self.state = _state_init(self.graphdef, train.optim, train.seed, self.mesh, self.rules, sh,
+    self.state = _state_init(self.graphdef, train.optim, self.mesh, self.rules, sh,
                              copts)(params, rest)
     self.step = 0
     self.history: list[dict[str, Any]] = []
@@ -303,10 +301,10 @@ class Trainer:
   # Checkpoints -------------------------------------------------------------------------------
   def checkpoint_items(self) -> dict[str, Any]:
     """{"params": the parameter tree (`dsv3_jax.param_tree`, per layer), "opt": the optax
-    state, "state": {"step", "rng"}}: what a checkpoint stores, as pure-array pytrees."""
+    state, "state": {"step"}}: what a checkpoint stores, as pure-array pytrees."""
     flat = {k: v.get_value() for k, v in flat_variables(self.model).items()}
     return {"params": nest(flat), "opt": jax.tree.map(lambda x: x, self.state["opt"]),
-            "state": {"step": self.state["step"], "rng": self.state["rng"]}}
+            "state": {"step": self.state["step"]}}
 
   def save(self, force: bool = False) -> bool:
     """Saves the run at the current step if due (or `force`). Needs an out_dir."""
@@ -325,12 +323,15 @@ class Trainer:
                                         sharding=per_layer(p, v))
                 for p, v in flat_variables(abstract_model(self.cfg, self.runtime)).items()}
     items = {"params": nest(abstract), "opt": self.state["opt"],
-             "state": {"step": self.state["step"], "rng": self.state["rng"]}}
+             "state": {"step": self.state["step"]}}
     out, meta, step = self.checkpointer.restore(items, step)
+    if meta["data_seed"] != self.data.seed:
+      raise UserError(f"{self.checkpointer.directory}: checkpoint was written with data seed "
+                      f"{meta['data_seed']}, this run reads its data with seed {self.data.seed}")
     if (meta["seq_len"], meta["batch_size"]) != (self.data.seq_len, self.data.batch_size):
-      raise ValueError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
-                       f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
-                       f"{self.data.seq_len} batch={self.data.batch_size}")
+      raise ResumeError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
+                        f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
+                        f"{self.data.seq_len} batch={self.data.batch_size}")
     model = model_from_arrays(self.cfg, self.runtime, flatten(out["params"]))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     sh = self.state_shardings
@@ -348,7 +349,7 @@ class Trainer:
     tokens, seg, pos = (global_batch(x, self.batch_sharding, self.batch_shape)
                         for x in (batch.tokens, batch.segment_ids, batch.positions))
     lam = np.float32(self.train.mtp_lambda(self.step))
-    with jax.set_mesh(self.mesh):
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
       self.state, m = self._step_fn(self.state, tokens, seg, pos, lam,
                                     np.float32(self.train.bias_gamma))
     m = jax.device_get(m)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
+from dsv3_jax.kernels_pallas.backend import Backend, KernelRequestError, gpu_flavor, select
 from dsv3_jax.kernels_pallas.fp8 import gpu, mosaic_gpu, reference, tpu
 from dsv3_jax.kernels_pallas.fp8.reference import (AMAX_FLOOR, BLOCK, E4M3_MAX, cdiv,
                                                    dequantize_ref)
@@ -83,8 +83,9 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
       Partial edge blocks are allowed (e.g. N=576, K=7168 with a [5, 56] scale).
     out_dtype: output dtype (bfloat16 by default); accumulation is float32.
     gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper; see
-      `backend.gpu_flavor`). Shapes `mosaic_gpu.unsupported_reason` rejects (K not a multiple
-      of 256, N not a multiple of 16, M not a multiple of 8) run the Triton kernel.
+      `backend.gpu_flavor`). Under auto, shapes `mosaic_gpu.unsupported_reason` rejects (K not
+      a multiple of 256, N not a multiple of 16, M not a multiple of 8) run the Triton kernel;
+      gpu_impl="mosaic" raises `KernelRequestError` for them.
 
   Returns:
     [M, N] out_dtype. The GPU kernel multiplies e4m3 x e4m3 on the tensor cores with a float32
@@ -104,10 +105,14 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
   b_scale = b_scale.astype(jnp.float32)
   if impl.kind == "tpu":
     return tpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, interpret=impl.interpret)
-  if (gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic"
-      and mosaic_gpu.unsupported_reason(a.dtype, b.dtype, m, b.shape[0], k) is None):
-    return mosaic_gpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype,
-                                 interpret=impl.interpret)
+  if gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
+    reason = mosaic_gpu.unsupported_reason(a.dtype, b.dtype, m, b.shape[0], k)
+    if reason is None:
+      return mosaic_gpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype,
+                                   interpret=impl.interpret)
+    if gpu_impl == "mosaic":
+      raise KernelRequestError(f"fp8_matmul gpu_impl='mosaic' cannot take these inputs: "
+                               f"{reason} (use gpu_impl='triton' or 'auto')")
   return gpu.fp8_matmul(a, a_scale, b, b_scale, out_dtype=out_dtype, interpret=impl.interpret)
 
 

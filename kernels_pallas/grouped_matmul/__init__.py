@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.kernels_pallas.backend import Backend, gpu_flavor, select
+from dsv3_jax.kernels_pallas.backend import Backend, KernelRequestError, gpu_flavor, select
 from dsv3_jax.kernels_pallas.grouped_matmul import gpu, mosaic_gpu, tpu
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_fp8_ref,
                                                               grouped_matmul_ref,
@@ -38,30 +38,45 @@ class _Config:
   tiles: tuple[int, int, int] | None
   out_dtype: Any
   mosaic: bool = False          # GPU: Mosaic GPU (Hopper) kernels instead of Triton
+  forced: bool = False          # gpu_impl="mosaic" was asked for: no Triton fallback
 
   @property
   def kernels(self):
     return tpu if self.kind == "tpu" else gpu
 
 
-def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, interpret):
-  """Mosaic GPU gmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason."""
+def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, interpret,
+                forced=False):
+  """Mosaic GPU gmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason (auto only:
+  `forced`, an explicit gpu_impl="mosaic", raises instead)."""
   c = lhs.shape[1]
   d = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  if mosaic_gpu.unsupported_reason(lhs.dtype, rhs.dtype, out_dtype, c, d, rows=lhs.shape[0]):
+  reason = mosaic_gpu.unsupported_reason(lhs.dtype, rhs.dtype, out_dtype, c, d, rows=lhs.shape[0])
+  if reason and forced:
+    raise _forced_error("grouped_matmul", reason)
+  if reason:
     return gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                    interpret=interpret)
   return mosaic_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=interpret)
 
 
-def _mosaic_tgmm(lhs, dout, group_sizes, *, num_groups, out_dtype, interpret):
-  """Mosaic GPU tgmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason."""
+def _mosaic_tgmm(lhs, dout, group_sizes, *, num_groups, out_dtype, interpret, forced=False):
+  """Mosaic GPU tgmm, or Triton when `mosaic_gpu.unsupported_reason` names a reason (auto only,
+  as in `_mosaic_gmm`)."""
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-  if mosaic_gpu.unsupported_reason(lhs.dtype, dout.dtype, out_dtype, lhs.shape[1],
-                                   dout.shape[1], tgmm=True, rows=lhs.shape[0]):
+  reason = mosaic_gpu.unsupported_reason(lhs.dtype, dout.dtype, out_dtype, lhs.shape[1],
+                                         dout.shape[1], tgmm=True, rows=lhs.shape[0])
+  if reason and forced:
+    raise _forced_error("transposed_grouped_matmul", reason)
+  if reason:
     return gpu.tgmm(lhs, dout, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
                     interpret=interpret)
   return mosaic_gpu.tgmm(lhs, dout, group_sizes, num_groups=num_groups, interpret=interpret)
+
+
+def _forced_error(what: str, reason: str) -> KernelRequestError:
+  return KernelRequestError(f"{what} gpu_impl='mosaic' cannot take these inputs: {reason} "
+                            f"(use gpu_impl='triton' or 'auto')")
 
 
 def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
@@ -74,7 +89,8 @@ def _check_group_sizes(group_sizes: jax.Array, num_groups: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs, rhs, group_sizes, cfg: _Config):
   if cfg.mosaic:
-    return _mosaic_gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, interpret=cfg.interpret)
+    return _mosaic_gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, interpret=cfg.interpret,
+                       forced=cfg.forced)
   return cfg.kernels.gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, tiles=cfg.tiles,
                          interpret=cfg.interpret)
 
@@ -88,9 +104,9 @@ def _gmm_bwd(cfg, residuals, dout):
   dout = dout.astype(lhs.dtype)
   if cfg.mosaic:
     dlhs = _mosaic_gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
-                       interpret=cfg.interpret)
+                       interpret=cfg.interpret, forced=cfg.forced)
     drhs = _mosaic_tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0], out_dtype=rhs.dtype,
-                        interpret=cfg.interpret)
+                        interpret=cfg.interpret, forced=cfg.forced)
     return dlhs, drhs, None
   dlhs = cfg.kernels.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
                          interpret=cfg.interpret)
@@ -118,7 +134,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     backend, platform: see `dsv3_jax.kernels_pallas.backend.select`.
     gpu_impl: GPU flavour, "triton" / "mosaic" / None (auto: Mosaic GPU on Hopper; see
       `backend.gpu_flavor`). Mosaic GPU runs bf16/f16 with out_dtype equal to the operands, K and
-      N multiples of the tile and T a multiple of 8; other cases (and `tiling`) use Triton.
+      N multiples of the tile and T a multiple of 8; under auto other cases (and `tiling`) use
+      Triton, while gpu_impl="mosaic" raises `KernelRequestError` for them (also in the VJP).
 
   Returns:
     [T, N]; rows past sum(group_sizes) are zero.
@@ -135,10 +152,13 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or 0 in rhs.shape:
     return grouped_matmul_ref(lhs, rhs, group_sizes, out_dtype=out_dtype)
-  mosaic = (impl.kind == "gpu" and tiling is None
-            and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic")
+  mosaic = impl.kind == "gpu" and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic"
+  forced = mosaic and gpu_impl == "mosaic"
+  if forced and tiling is not None:
+    raise _forced_error("grouped_matmul", "`tiling` is for the Triton/TPU kernels")
+  mosaic = mosaic and tiling is None
   return _gmm(lhs, rhs, group_sizes,
-              _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic))
+              _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic, forced))
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
@@ -163,7 +183,8 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
     return transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype)
   if impl.kind == "gpu" and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
     return _mosaic_tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
-                        out_dtype=out_dtype, interpret=impl.interpret)
+                        out_dtype=out_dtype, interpret=impl.interpret,
+                        forced=gpu_impl == "mosaic")
   kernels = tpu if impl.kind == "tpu" else gpu
   return kernels.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
                       out_dtype=out_dtype, interpret=impl.interpret)

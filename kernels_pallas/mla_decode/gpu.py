@@ -3,8 +3,11 @@
 Grid (head blocks, splits, batch): the head-block axis varies fastest, so the programs that share
 a cache range run side by side and the 2nd..nth read of each cache tile comes from L2. Each
 program walks its split of the cache in `block_k`-row chunks, computing q.c over the latent part
-and q_pe.k_pe over the rope part as separate power-of-two dots (512 + 64), and accumulates
-softmax . c in float32 registers.
+and q_pe.k_pe over the rope part as separate power-of-two dots (512 + 64; the rope part is stored
+transposed, [R, rows], so its tiles are (R chunk, block_k) and the dot is q_pe x tile), and
+accumulates softmax . c in float32 registers. The stacked [L, ...] cache parts are passed whole
+and indexed at the layer (an operand), so a scanned decoder's per-layer slice is never copied
+(Pallas switches to 64-bit offsets for arrays over 4 GiB).
 
 Split s of sequence b covers chunks [s * cps_b, min((s + 1) * cps_b, n_b)) of its own length, so
 splits stay balanced for any length. A contiguous cache whose capacity is not a multiple of
@@ -63,16 +66,17 @@ def _row_lengths(length, row0, rows: int, heads: int, tokens: int):
   return length - (tokens - 1) + t
 
 
-def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page: int | None,
-            capacity: int, heads: int, tokens: int):
+def _kernel(len_ref, layer_ref, *refs, scale: float, rank: int, bk: int, splits: int,
+            page: int | None, capacity: int, heads: int, tokens: int):
   if page is not None:
-    bt_ref, q_ref, c_ref, *out_refs = refs
+    bt_ref, q_ref, lat_ref, rope_ref, *out_refs = refs
   else:
-    (q_ref, c_ref, *out_refs), bt_ref = refs, None
-  d = q_ref.shape[-1]
+    (q_ref, lat_ref, rope_ref, *out_refs), bt_ref = refs, None
   lat_chunks = pow2_chunks(rank)
-  pe_chunks = tuple((rank + o, n) for o, n in pow2_chunks(d - rank))
+  pe_chunks = pow2_chunks(rope_ref.shape[2])
   s = pl.program_id(1)
+  seq = pl.program_id(2)
+  layer = layer_ref[0]
   length = len_ref[0]
   n = lax.div(length + bk - 1, bk)
   cps = lax.div(n + splits - 1, splits)
@@ -80,32 +84,37 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page:
   c1 = jnp.minimum(c0 + cps, n)
   min_len = jnp.maximum(length - (tokens - 1), 0)  # the shortest row length
   c_mid = jnp.clip(lax.div(min_len, bk), c0, jnp.maximum(c1, c0))  # chunks below need no mask
-  qs = [q_ref[:, pl.ds(o, w)] for o, w in lat_chunks + pe_chunks]
+  q_lat = [q_ref[:, pl.ds(o, w)] for o, w in lat_chunks]
+  q_pe = [q_ref[:, pl.ds(rank + o, w)] for o, w in pe_chunks]
   bh = q_ref.shape[0]
   row_len = None if tokens == 1 else _row_lengths(length, pl.program_id(0) * bh, bh, heads,
                                                    tokens)
   qk_scale = scale * LOG2E
 
-  def load(c, chunks):
-    """Chunk c of this sequence -> (row tiles, absolute position of tile row 0)."""
+  def load(c):
+    """Chunk c of this sequence -> (latent tiles (bk, w), rope tiles (w, bk), absolute position
+    of tile row 0)."""
     if page is None:
       start = jnp.minimum(c * bk, capacity - bk)
-      rows = pl.ds(start, bk)
-      return [c_ref[rows, pl.ds(o, w)] for o, w in chunks], start
-    pos = c * bk
-    phys = bt_ref[lax.div(pos, page)]
-    rows = pl.ds(pl.multiple_of(lax.rem(pos, page), bk), bk)
-    return [c_ref[phys, rows, pl.ds(o, w)] for o, w in chunks], pos
+      where, rows = seq, pl.ds(start, bk)
+    else:
+      start = c * bk
+      where = bt_ref[lax.div(start, page)]
+      rows = pl.ds(pl.multiple_of(lax.rem(start, page), bk), bk)
+    lat = [lat_ref[layer, where, rows, pl.ds(o, w)] for o, w in lat_chunks]
+    pe = [rope_ref[layer, where, pl.ds(o, w), rows] for o, w in pe_chunks]
+    return lat, pe, start
 
   def body(c, carry, masked: bool):
     accs, m, l = carry
-    tiles, start = load(c, lat_chunks + pe_chunks)
+    lat, pe, start = load(c)
     sc = None
-    for qc, kc in zip(qs, tiles):
+    for qc, kc in zip(q_lat, lat):
       dot = lax.dot_general(qc, kc, NT, preferred_element_type=jnp.float32)
       sc = dot if sc is None else sc + dot
+    for qc, kc in zip(q_pe, pe):
+      sc += lax.dot_general(qc, kc, NN, preferred_element_type=jnp.float32)
     sc = sc * qk_scale  # (block_h, bk)
-    lat = tiles[:len(lat_chunks)]
     if masked:
       pos = start + jnp.arange(bk, dtype=jnp.int32)
       valid = jnp.logical_and(pos >= c * bk, pos < length)  # shifted last chunk: skip seen rows
@@ -138,20 +147,21 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, page:
     out_refs[1][...] = jnp.where(l > 0.0, m + jnp.log2(l), -jnp.inf)
 
 
-def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
+def mla_decode(q, latent, rope, lengths, layer, block_tables, *, scale: float,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
   """GPU kernel path of `mla_decode` (see the package docstring): q [b, h, d] or [b, T, h, d]
-  (token t sees lengths[b] - (T - 1 - t) rows). Returns [b, h, rank] / [b, T, h, rank] q.dtype."""
+  (token t sees lengths[b] - (T - 1 - t) rows); latent [L, b | pages, rows, C], rope
+  [L, b | pages, R, rows]; layer int32 [1]. Returns [b, h, C] / [b, T, h, C] q.dtype."""
   blocks = block_sizes or BlockSizes()
   for name in ("block_k", "block_h"):
     x = getattr(blocks, name)
     if x < 16 or x & (x - 1):
       raise ValueError(f"GPU {name} must be a power of two >= 16; got {x}")
-  out_shape4 = q.shape[:-1] + (kv_lora_rank,) if q.ndim == 4 else None
+  rank = latent.shape[-1]
+  out_shape4 = q.shape[:-1] + (rank,) if q.ndim == 4 else None
   tokens, heads = (q.shape[1], q.shape[2]) if q.ndim == 4 else (1, q.shape[1])
   q = q.reshape(q.shape[0], tokens * heads, q.shape[-1])  # rows = T * h, token-major
   b, h, d = q.shape
-  rank = kv_lora_rank
   if rank % 16 or (d - rank) % 16:
     raise ValueError(f"the GPU kernel needs latent and rope dims that are multiples of 16; got "
                      f"{rank} and {d - rank}")
@@ -161,7 +171,7 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   nh = hp // bh
   paged = block_tables is not None
   if paged:
-    page = cache.shape[1]
+    page = latent.shape[2]
     if page & (page - 1):
       raise ValueError(f"the GPU kernel needs a power-of-two page size; got {page}")
     bk = min(blocks.block_k, page)
@@ -170,25 +180,25 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
     capacity = block_tables.shape[1] * page
   else:
     page = None
-    if cache.shape[1] < 16:
-      cache = pad_to(cache, 1, 16)  # a few rows: cheaper than a special case
-    capacity = cache.shape[1]
+    if latent.shape[2] < 16:  # a few rows: cheaper than a special case
+      latent, rope = pad_to(latent, 2, 16), pad_to(rope, 3, 16)
+    capacity = latent.shape[2]
     bk = min(blocks.block_k, 1 << (capacity.bit_length() - 1))  # <= capacity
   n_chunks = -(-capacity // bk)
   splits = blocks.num_splits or max(1, min(-(-_TARGET_PROGRAMS // (nh * b)), n_chunks // 4))
   splits = max(1, min(splits, n_chunks))
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, capacity)
 
-  in_specs = [pl.BlockSpec((1,), lambda hb, s, b_: (b_,))]
-  args = [lengths]
+  whole = lambda x: pl.BlockSpec(x.shape, lambda hb, s, b_: (0,) * x.ndim)  # noqa: E731
+  in_specs = [pl.BlockSpec((1,), lambda hb, s, b_: (b_,)), whole(layer)]
+  args = [lengths, layer]
   if paged:
     in_specs.append(pl.BlockSpec((None, block_tables.shape[1]), lambda hb, s, b_: (b_, 0)))
     args.append(block_tables.astype(jnp.int32))
-    cache_spec = pl.BlockSpec(cache.shape, lambda hb, s, b_: (0, 0, 0))  # the whole pool
-  else:
-    cache_spec = pl.BlockSpec((None, capacity, d), lambda hb, s, b_: (b_, 0, 0))
-  in_specs += [pl.BlockSpec((None, bh, d), lambda hb, s, b_: (b_, hb, 0)), cache_spec]
-  args += [q, cache]
+  # The stacked cache parts whole: the kernel indexes [layer, sequence | page, ...] itself.
+  in_specs += [pl.BlockSpec((None, bh, d), lambda hb, s, b_: (b_, hb, 0)), whole(latent),
+               whole(rope)]
+  args += [q, latent, rope]
   if splits == 1:
     out_specs = [pl.BlockSpec((None, bh, rank), lambda hb, s, b_: (b_, hb, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, hp, rank), q.dtype)]

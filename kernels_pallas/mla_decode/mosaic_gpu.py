@@ -5,9 +5,12 @@ One CTA owns 64 query heads of one sequence and one split of its context; the gr
 side by side (the second read comes from L2). Three warpgroups:
 
 - memory (wg 2): streams `block_k`-row cache blocks with TMA through a ring of
-  `max_concurrent_steps` shared-memory slots. Each block is loaded ONCE, in three column parts
-  [0, r/2), [r/2, r), [r, d) (r = kv_lora_rank): the keys are all three, the values the first two.
-- score (wg 0): S = Q . K^T (three wgmmas into one [64, block_k] f32 accumulator), the online
+  `max_concurrent_steps` shared-memory slots. Each block is loaded ONCE, in three parts: latent
+  columns [0, r/2) and [r/2, r) (r = kv_lora_rank), and the transposed rope tile [R, block_k]
+  (the cache's rope part is stored [R, rows]); the keys are all three, the values the first two.
+  The stacked [L, ...] cache parts are read in place at the layer (an operand).
+- score (wg 0): S = Q_lat . K_lat^T + Q_pe . rope (three wgmmas into one [64, block_k] f32
+  accumulator; the rope tile is already K x N), the online
   softmax in base 2 (scale * log2(e) folded in), stores P (q.dtype) and the rescale factor in
   shared memory for its partner, then O[:, :r/2] = alpha * O + P . V[:, :r/2].
 - value (wg 1): waits for P, O[:, r/2:] = alpha * O + P . V[:, r/2:].
@@ -28,7 +31,8 @@ cache, may hold anything, and 0 * NaN would leak). Partials (normalised O in q.d
 log-sum-exp f32) are merged by `reference.combine_splits`; one split writes the result directly.
 
 Paged caches: block j at position p = j * block_k comes from pool page
-block_tables[b, p // page_size], rows p % page_size (block_k divides the page size).
+block_tables[b, p // page_size], rows p % page_size (block_k divides the page size); the rope
+pool is [L, pages, R, page_size].
 
 Interpret mode (CPU tests) runs the same pipeline, barriers, masking and softmax in Mosaic GPU's
 interpreter, whose wgmma takes neither transposed nor register operands: there both products are
@@ -90,22 +94,24 @@ def smem_bytes(d: int, itemsize: int, blocks: BlockSizes) -> int:
       + 2 * HEADS_PER_CTA * 4 + (0 if _HAS_SCRATCH_PARAM else 2048 + 128)
 
 
-def unsupported_reason(q, cache, kv_lora_rank: int, block_tables, blocks: BlockSizes | None = None
+def unsupported_reason(q, latent, rope, block_tables, blocks: BlockSizes | None = None
                        ) -> str | None:
   """Why the Mosaic GPU kernel cannot take these inputs (None when it can). q: [b, h, d], or
-  [b, T, h, d] (multi-token queries, any T: h a multiple of 64 keeps each CTA in one token)."""
+  [b, T, h, d] (multi-token queries, any T: h a multiple of 64 keeps each CTA in one token);
+  latent [..., rows, C], rope [..., R, rows] (pages of `rows` with block tables)."""
   blocks = blocks or BlockSizes()
   h, d = q.shape[-2], q.shape[-1]
-  rank = kv_lora_rank
-  if jnp.dtype(q.dtype) not in _DTYPES or cache.dtype != q.dtype:
-    return f"wgmma takes bf16/f16 operands of one dtype here, got {q.dtype}, {cache.dtype}"
+  rank = latent.shape[-1]
+  if jnp.dtype(q.dtype) not in _DTYPES or latent.dtype != q.dtype or rope.dtype != q.dtype:
+    return (f"wgmma takes bf16/f16 operands of one dtype here, got {q.dtype}, {latent.dtype}, "
+            f"{rope.dtype}")
   if h % HEADS_PER_CTA:
     return f"heads={h} must be a multiple of {HEADS_PER_CTA} (one wgmma M tile per CTA)"
   if rank % 128 or (d - rank) % 64 or d == rank:
     return (f"latent dims {rank} must be a multiple of 128 and rope dims {d - rank} a positive "
             f"multiple of 64 (128-byte swizzled column parts)")
-  if block_tables is not None and cache.shape[1] % blocks.block_k:
-    return f"page size {cache.shape[1]} must be a multiple of block_k={blocks.block_k}"
+  if block_tables is not None and latent.shape[-2] % blocks.block_k:
+    return f"page size {latent.shape[-2]} must be a multiple of block_k={blocks.block_k}"
   need = smem_bytes(d, q.dtype.itemsize, blocks)
   if need > SMEM_BYTES:
     return (f"{blocks} needs ~{need} bytes of shared memory (> {SMEM_BYTES}); lower block_k or "
@@ -116,9 +122,9 @@ def unsupported_reason(q, cache, kv_lora_rank: int, block_tables, blocks: BlockS
 _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1)}
 
 
-def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_smem, vec_smem,
-            barriers, *, scale: float, parts, bk: int, stages: int, splits: int,
-            page: int | None, tokens: int, hb_per_token: int, interpret: bool):
+def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref, q_smems,
+            k_smems, p_smem, vec_smem, barriers, *, scale: float, parts, bk: int, stages: int,
+            splits: int, page: int | None, tokens: int, hb_per_token: int, interpret: bool):
   q_bar, k_bar, p_bar, p_free, done = barriers
   nh = HEADS_PER_CTA
   half = parts[0][1]
@@ -182,16 +188,19 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
       acc, m, l = carry
       slot = lax.rem(j, stages)
       plgpu.barrier_wait(k_bar.at[slot])
+      # Latent tiles are [block_k, w] (K^T: transposed view), the rope tile [R, block_k].
+      nums = (NT, NT, NN)
       if interpret:  # the interpreter's wgmma cannot read a transposed operand
         s = None
-        for q_smem, k_smem in zip(q_smems, k_smems):
-          dot = lax.dot_general(q_smem[...], k_smem.at[slot][...], NT,
+        for q_smem, k_smem, num in zip(q_smems, k_smems, nums):
+          dot = lax.dot_general(q_smem[...], k_smem.at[slot][...], num,
                                 preferred_element_type=jnp.float32)
           s = dot if s is None else s + dot
       else:
         def qk(acc_ref):
-          for q_smem, k_smem in zip(q_smems, k_smems):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          for q_smem, k_smem, num in zip(q_smems, k_smems, nums):
+            k = k_smem.at[slot]
+            plgpu.wgmma(acc_ref, q_smem, k.transpose((1, 0)) if num is NT else k)
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((nh, bk), jnp.float32))
       s = s * c
@@ -264,12 +273,14 @@ def _kernel(len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref, q_smems, k_smems, p_s
 
     def load(j, slot):
       pos = (c0 + j) * bk
-      for (o, w), k_smem in zip(parts, k_smems):
-        if page is None:
-          src = c_ref.at[batch, pl.ds(pos, bk), pl.ds(o, w)]
-        else:
-          src = c_ref.at[bt_ref[batch, lax.div(pos, page)], pl.ds(lax.rem(pos, page), bk),
-                         pl.ds(o, w)]
+      if page is None:
+        where, rows = batch, pl.ds(pos, bk)
+      else:
+        where, rows = bt_ref[batch, lax.div(pos, page)], pl.ds(lax.rem(pos, page), bk)
+      layer = layer_ref[0]
+      srcs = [lat_ref.at[layer, where, rows, pl.ds(o, w)] for o, w in parts[:2]]
+      srcs.append(rope_ref.at[layer, where, pl.ds(0, rope_ref.shape[2]), rows])
+      for src, k_smem in zip(srcs, k_smems):
         plgpu.copy_gmem_to_smem(src, k_smem.at[slot], k_bar.at[slot])
 
     producer_ring([(lambda slot: plgpu.barrier_wait(done.at[slot]), load)], nblk, stages)
@@ -292,18 +303,20 @@ def _num_splits(blocks: BlockSizes, batch: int, head_blocks: int, capacity: int)
   return max(1, min(want, n_blocks // 2 or 1))
 
 
-def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
+def mla_decode(q, latent, rope, lengths, layer, block_tables, *, scale: float,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Mosaic GPU path of `mla_decode` (see the package docstring).
 
-  q [b, h, d] -> [b, h, rank], or q [b, T, h, d] -> [b, T, h, rank] (token t sees cache rows
-  l < lengths[b] - (T - 1 - t)); q.dtype. Callers check `unsupported_reason` first (the
+  q [b, h, d] -> [b, h, C], or q [b, T, h, d] -> [b, T, h, C] (token t sees cache rows
+  l < lengths[b] - (T - 1 - t)); q.dtype. latent [L, b | pages, rows, C], rope
+  [L, b | pages, R, rows], layer int32 [1]. Callers check `unsupported_reason` first (the
   dispatcher falls back to Triton).
   """
   blocks = block_sizes or BlockSizes()
-  reason = unsupported_reason(q, cache, kv_lora_rank, block_tables, blocks)
+  reason = unsupported_reason(q, latent, rope, block_tables, blocks)
   if reason is not None:
     raise ValueError(f"Mosaic GPU MLA decode cannot take these inputs: {reason}")
+  kv_lora_rank = latent.shape[-1]
   out_shape = q.shape[:-1] + (kv_lora_rank,)
   b, d = q.shape[0], q.shape[-1]
   tokens = q.shape[1] if q.ndim == 4 else 1
@@ -315,14 +328,16 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   parts = ((0, half), (half, half), (rank, d - rank))
   paged = block_tables is not None
   if paged:
-    page = cache.shape[1]
+    page = latent.shape[2]
     capacity = block_tables.shape[1] * page
     tables = block_tables.astype(jnp.int32)
   else:
     page = None
-    if cache.shape[1] < bk:  # a TMA box may not exceed the array: pad a tiny cache
-      cache = jnp.pad(cache, ((0, 0), (0, bk - cache.shape[1]), (0, 0)))
-    capacity = cache.shape[1]
+    if latent.shape[2] < bk:  # a TMA box may not exceed the array: pad a tiny cache
+      extra = bk - latent.shape[2]
+      latent = jnp.pad(latent, ((0, 0), (0, 0), (0, extra), (0, 0)))
+      rope = jnp.pad(rope, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    capacity = latent.shape[2]
     tables = jnp.zeros((b, 1), jnp.int32)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, capacity)
   n_hb = h // HEADS_PER_CTA
@@ -332,7 +347,7 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   swizzle = plgpu.SwizzleTransform(128)
   smem = lambda shape: plgpu.SMEM(shape, q.dtype, transforms=(tiling, swizzle))
   q_smems = tuple(smem((HEADS_PER_CTA, w)) for _, w in parts)
-  k_smems = tuple(smem((stages, bk, w)) for _, w in parts)
+  k_smems = tuple(smem((stages, bk, w)) for _, w in parts[:2]) + (smem((stages, d - rank, bk)),)
   p_smem = smem((HEADS_PER_CTA, bk))
   vec_smem = plgpu.SMEM((2, HEADS_PER_CTA), jnp.float32)  # alpha (then base-2 lse), 1 / l
   barriers = (
@@ -356,7 +371,7 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
       compiler_params=_compiler_params(),
   )
   with interpret_context(interpret):
-    o, lse = kernel(lengths, tables, q, cache)
+    o, lse = kernel(lengths, layer, tables, q, latent, rope)
   if splits == 1:
     return o[:, 0].reshape(out_shape)
   return combine_splits(o, lse * (1.0 / LOG2E)).astype(q.dtype).reshape(out_shape)

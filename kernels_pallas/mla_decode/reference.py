@@ -1,40 +1,72 @@
 """Absorbed-MLA decode in plain jnp: the oracle for the kernels and their fallback.
 
-Einsum letters: b batch, h query head, l cache position, d cache dim (kv_lora_rank latent dims
-then the rope dims), c latent dim (the first kv_lora_rank of d).
+Einsum letters: b batch, t new token, h query head, l cache position, c latent dim
+(kv_lora_rank), r rope dim.
 
-One query token per sequence attends to its latent cache: scores = q . cache over all d dims,
-softmax over positions l < lengths[b], output = softmax . cache[..., :kv_lora_rank].
+The latent cache comes in two lane-aligned parts (see the package docstring): `latent`
+[b, l, c] (the normalised c_kv: score keys and values) and `rope` [b, r, l] (the rotated k_pe,
+TRANSPOSED: positions minor, so a TPU holds it without padding 64 dims to 128 lanes and the
+kernels read it in place). Both may carry a leading layers axis selected by `layer`.
 
-Multi-token form (speculative verification): q [b, T, h, d] holds T consecutive new tokens
-whose cache rows are the last T of each sequence's `lengths[b]` valid rows, so token t (letter t)
-sees rows l < lengths[b] - (T - 1 - t) (`token_lengths`).
+One query token per sequence attends to its latent cache:
+scores = q[:c] . latent + q[c:] . rope, softmax over positions l < lengths[b],
+output = softmax . latent.
+
+Multi-token form (speculative verification): q [b, T, h, c + r] holds T consecutive new tokens
+whose cache rows are the last T of each sequence's `lengths[b]` valid rows, so token t sees rows
+l < lengths[b] - (T - 1 - t) (`token_lengths`).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 __all__ = ["mla_decode_reference", "check_inputs", "combine_splits", "gather_pages",
-           "token_lengths"]
+           "token_lengths", "split_cache", "select_layer"]
 
 
-def check_inputs(q, cache, lengths, kv_lora_rank: int, block_tables) -> None:
-  """Raises ValueError unless the shapes follow the documented layout (q [b, h, d] or
-  [b, T, h, d])."""
-  if q.ndim not in (3, 4) or cache.ndim != 3:
-    raise ValueError(f"expected q [batch, heads, dim] or [batch, tokens, heads, dim] and a 3-d "
-                     f"cache; got {q.shape}, {cache.shape}")
-  if cache.shape[-1] != q.shape[-1]:
-    raise ValueError(f"q and cache dims differ: {q.shape} vs {cache.shape}")
-  if not 0 < kv_lora_rank < q.shape[-1]:
-    raise ValueError(f"kv_lora_rank={kv_lora_rank} must lie inside the cache dim {q.shape[-1]}")
+def split_cache(fused, kv_lora_rank: int):
+  """A fused row layout [..., l, c + r] (latent then rope per row) -> (latent [..., l, c],
+  rope [..., r, l]): the layout `mla_decode` reads. Copies; for tests and conversions, not for a
+  decode step."""
+  return fused[..., :kv_lora_rank], jnp.swapaxes(fused[..., kv_lora_rank:], -1, -2)
+
+
+def check_inputs(q, latent, rope, lengths, block_tables, layer=None) -> None:
+  """Raises ValueError unless the shapes follow the documented layout: q [b, h, c + r] or
+  [b, T, h, c + r]; latent [(L,) n, l, c] and rope [(L,) n, r, l] (n = b, or the page count with
+  block tables; the leading L exactly when `layer` is given)."""
+  lead = 0 if layer is None else 1
+  if q.ndim not in (3, 4) or latent.ndim != 3 + lead or rope.ndim != 3 + lead:
+    raise ValueError(
+        f"expected q [batch, heads, dim] or [batch, tokens, heads, dim], latent "
+        f"[{'layers, ' * lead}batch, rows, rank] and rope [{'layers, ' * lead}batch, rope, rows]"
+        f"{' (layer given)' if lead else ' (pass layer= for stacked [layers, ...] parts)'}; got "
+        f"q {q.shape}, latent {latent.shape}, rope {rope.shape}")
+  if latent.shape[:-1] != rope.shape[:-2] + rope.shape[-1:]:
+    raise ValueError(f"latent {latent.shape} and rope {rope.shape} (transposed: [..., rope, "
+                     f"rows]) disagree on layers, sequences/pages or rows")
+  c, r = latent.shape[-1], rope.shape[-2]
+  if q.shape[-1] != c + r:
+    raise ValueError(f"q dim {q.shape[-1]} != latent {c} + rope {r} (latent {latent.shape}, "
+                     f"rope {rope.shape})")
   if lengths.shape != (q.shape[0],):
     raise ValueError(f"lengths must be [batch]={q.shape[0]}; got {lengths.shape}")
+  if layer is not None and jnp.ndim(layer) != 0:
+    raise ValueError(f"layer must be a scalar index; got shape {jnp.shape(layer)}")
   if block_tables is None:
-    if cache.shape[0] != q.shape[0]:
-      raise ValueError(f"cache batch {cache.shape[0]} != q batch {q.shape[0]}")
+    if latent.shape[lead] != q.shape[0]:
+      raise ValueError(f"cache batch {latent.shape[lead]} != q batch {q.shape[0]}")
   elif block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
     raise ValueError(f"block_tables must be [batch, pages_per_seq]; got {block_tables.shape}")
+
+
+def select_layer(latent, rope, layer):
+  """(latent, rope) of one layer: index the leading layers axis when `layer` is not None."""
+  if layer is None:
+    return latent, rope
+  pick = lambda x: jax.lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, False)
+  return pick(latent), pick(rope)
 
 
 def token_lengths(lengths, tokens: int):
@@ -44,44 +76,52 @@ def token_lengths(lengths, tokens: int):
   return jnp.maximum(lengths.astype(jnp.int32)[:, None] + shift[None, :], 0)
 
 
-def gather_pages(cache, block_tables):
-  """Page pool [pages, page_size, d] + block tables [b, n] -> contiguous [b, n * page_size, d]."""
+def gather_pages(latent, rope, block_tables):
+  """Page pools latent [pages, page_size, c], rope [pages, r, page_size] + block tables [b, n]
+  -> contiguous latent [b, n * page_size, c], rope [b, r, n * page_size]."""
   b, n = block_tables.shape
-  return cache[block_tables].reshape(b, n * cache.shape[1], cache.shape[2])
+  page = latent.shape[1]
+  lat = latent[block_tables].reshape(b, n * page, latent.shape[2])
+  rp = jnp.moveaxis(rope[block_tables], 2, 1).reshape(b, rope.shape[1], n * page)
+  return lat, rp
 
 
-def mla_decode_reference(q, cache, lengths, *, scale: float, kv_lora_rank: int = 512,
-                         block_tables=None):
+def mla_decode_reference(q, latent, rope, lengths, *, scale: float, block_tables=None,
+                         layer=None):
   """Decode attention against the latent cache, float32 throughout.
 
   Args:
-    q: [batch, heads, d] (d = kv_lora_rank + rope dims; q_nope already multiplied by W_UK), or
-      [batch, T, heads, d] for T consecutive new tokens: token t sees rows
+    q: [batch, heads, c + r] (q_nope already multiplied by W_UK, then q_pe), or
+      [batch, T, heads, c + r] for T consecutive new tokens: token t sees rows
       l < lengths[b] - (T - 1 - t) (the new tokens are the last T valid rows).
-    cache: [batch, max_len, d], or a page pool [num_pages, page_size, d] with `block_tables`.
+    latent: [batch, max_len, c], or a page pool [num_pages, page_size, c] with `block_tables`;
+      with `layer`, a leading layers axis.
+    rope: [batch, r, max_len] (transposed), or a pool [num_pages, r, page_size]; likewise.
     lengths: int32 [batch]: valid cache entries of each sequence (0 <= lengths <= capacity),
       including all T new tokens.
     scale: softmax scale.
-    kv_lora_rank: latent dims at the front of d (the values).
     block_tables: optional int32 [batch, pages_per_seq]: logical page -> pool page.
+    layer: optional int scalar (may be traced): the layer of stacked latent/rope to read.
 
   Returns:
-    [batch, heads, kv_lora_rank] (or [batch, T, heads, kv_lora_rank]) in q.dtype; zero for a
-    token that sees no row.
+    [batch, heads, c] (or [batch, T, heads, c]) in q.dtype; zero for a token that sees no row.
   """
-  check_inputs(q, cache, lengths, kv_lora_rank, block_tables)
+  check_inputs(q, latent, rope, lengths, block_tables, layer)
+  latent, rope = select_layer(latent, rope, layer)
   if block_tables is not None:
-    cache = gather_pages(cache, block_tables)
-  q4 = q if q.ndim == 4 else q[:, None]
+    latent, rope = gather_pages(latent, rope, block_tables)
+  c = latent.shape[-1]
+  q4 = (q if q.ndim == 4 else q[:, None]).astype(jnp.float32)
   lt = token_lengths(lengths, q4.shape[1])  # [b, T]
-  cf = cache.astype(jnp.float32)
-  s = jnp.einsum("bthd,bld->bthl", q4.astype(jnp.float32), cf) * scale
-  valid = jnp.arange(cache.shape[1])[None, None, None, :] < lt[:, :, None, None]
+  lat = latent.astype(jnp.float32)
+  s = (jnp.einsum("bthc,blc->bthl", q4[..., :c], lat)
+       + jnp.einsum("bthr,brl->bthl", q4[..., c:], rope.astype(jnp.float32))) * scale
+  valid = jnp.arange(latent.shape[1])[None, None, None, :] < lt[:, :, None, None]
   s = jnp.where(valid, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bthl,blc->bthc", p, cf[..., :kv_lora_rank]) / jnp.where(l == 0.0, 1.0, l)
+  o = jnp.einsum("bthl,blc->bthc", p, lat) / jnp.where(l == 0.0, 1.0, l)
   o = o if q.ndim == 4 else o[:, 0]
   return o.astype(q.dtype)
 

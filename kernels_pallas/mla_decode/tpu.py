@@ -2,13 +2,16 @@
 
 Grid (batch, splits, chunks per split); the last axis is "arbitrary" and carries the online
 softmax in VMEM. All query heads of a sequence form one block, so each cache row is read from
-HBM once for all heads. Each cache block is DMA'd whole ((rows, 576) is legal: the full minor
-dim) and the latent (512) and rope (64) parts are two separate dots, the layout the MXU wants.
+HBM once for all heads. The cache arrives in its two lane-aligned parts (see the package
+docstring), each DMA'd in place from the stacked [L, ...] buffers (the layer index is a
+scalar-prefetched operand of the index maps, so no per-layer slice exists in HBM): a latent
+block (block_k, C) and a transposed rope block (R, block_k); scores are
+q_lat (h, C) x latent^T + q_pe (h, R) x rope, two MXU dots, then p (h, block_k) x latent.
 
 Split s of sequence b covers chunks [s * cps_b, min((s + 1) * cps_b, n_b)) of its own length
 (n_b = ceil(len_b / block), cps_b = ceil(n_b / splits)), so splits stay balanced for every
 length. Steps past a sequence's end are skipped and their index maps repeat the last block, so
-no DMA is issued for them. Lengths and block tables arrive by scalar prefetch (SMEM).
+no DMA is issued for them. Lengths, the layer and block tables arrive by scalar prefetch (SMEM).
 
 Multi-token queries (q [b, T, h, d], speculative verification) are folded into the row dimension
 of the block: rows = T * h, row r belongs to token t = r // h and sees the first
@@ -41,8 +44,8 @@ NT = (((1,), (1,)), ((), ()))
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """block_k: cache rows per grid step (contiguous cache: a multiple of 128, clipped to the
-  length; paged: the largest divisor of the page size <= block_k that is a multiple of 8, or the
-  page itself). num_splits: split-K factor (None: 1, or 2 for a single sequence so both cores of
+  length; paged: the page when it is <= block_k, else the largest multiple of 128 <= block_k
+  that divides the page, else the whole page; the rope block's minor dim is these rows). num_splits: split-K factor (None: 1, or 2 for a single sequence so both cores of
   a megacore chip get work)."""
 
   block_k: int = 512
@@ -64,11 +67,12 @@ def _chunk(b, s, j, len_ref, *, bk: int, splits: int):
   return c, jnp.logical_and(j < cps, c < n), jnp.maximum(jnp.minimum(c, last), 0)
 
 
-def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged: bool,
-            n_steps: int, heads: int, tokens: int):
+def _kernel(len_ref, layer_ref, *refs, scale: float, rank: int, bk: int, splits: int,
+            paged: bool, n_steps: int, heads: int, tokens: int):
+  del layer_ref  # used by the index maps only
   if paged:
-    refs = refs[1:]  # block tables: used by the index maps only
-  q_ref, c_ref, *out_refs, m_ref, l_ref, acc_ref = refs
+    refs = refs[1:]  # block tables: likewise
+  q_ref, lat_ref, rope_ref, *out_refs, m_ref, l_ref, acc_ref = refs
   b, s, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = len_ref[b]
   c, real, _ = _chunk(b, s, j, len_ref, bk=bk, splits=splits)
@@ -80,10 +84,9 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def step(masked: bool):
-    q, blk = q_ref[...], c_ref[...]
-    lat = blk[:, :rank]  # (bk, rank): scores and values
+    q, lat = q_ref[...], lat_ref[...]  # lat (bk, rank): scores and values
     sc = mxu_dot(q[:, :rank], lat, NT)
-    sc += mxu_dot(q[:, rank:], blk[:, rank:], NT)
+    sc += mxu_dot(q[:, rank:], rope_ref[...], NN)  # (h, R) x (R, bk)
     sc = sc * scale  # (heads, bk)
     if masked:
       row_len = length
@@ -119,32 +122,39 @@ def _kernel(len_ref, *refs, scale: float, rank: int, bk: int, splits: int, paged
 
 
 def _paged_block(page_size: int, block_k: int) -> int:
+  """Rows per step of a paged cache: the rope block (R, rows) needs rows % 128 == 0 or the
+  whole page."""
   if page_size <= block_k:
     return page_size
-  for bk in range(block_k - block_k % 8, 7, -8):
+  for bk in range(block_k - block_k % LANES, LANES - 1, -LANES):
     if page_size % bk == 0:
       return bk
-  raise ValueError(f"no multiple of 8 <= block_k={block_k} divides page_size={page_size}")
+  return page_size
 
 
-def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: int,
+def _one_layer(*stacked):
+  return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in stacked]
+
+
+def mla_decode(q, latent, rope, lengths, layer, block_tables, *, scale: float,
                block_sizes: BlockSizes | None = None, interpret: bool = False):
   """TPU kernel path of `mla_decode` (see the package docstring): q [b, h, d] or [b, T, h, d]
-  (token t sees lengths[b] - (T - 1 - t) rows). Returns [b, h, rank] / [b, T, h, rank] q.dtype."""
+  (token t sees lengths[b] - (T - 1 - t) rows); latent [L, b | pages, rows, C], rope
+  [L, b | pages, R, rows]; layer int32 [1]. Returns [b, h, C] / [b, T, h, C] q.dtype."""
   blocks = block_sizes or BlockSizes()
-  out_shape4 = q.shape[:-1] + (kv_lora_rank,) if q.ndim == 4 else None
+  rank, rope_dims = latent.shape[-1], rope.shape[-2]
+  out_shape4 = q.shape[:-1] + (rank,) if q.ndim == 4 else None
   tokens, heads = (q.shape[1], q.shape[2]) if q.ndim == 4 else (1, q.shape[1])
   q = q.reshape(q.shape[0], tokens * heads, q.shape[-1])  # rows = T * h, token-major
   b, h, d = q.shape
-  rank = kv_lora_rank
   paged = block_tables is not None
   if paged:
-    num_pages, page, _ = cache.shape
+    _, num_pages, page, _ = latent.shape
     pps = block_tables.shape[1]
     bk = _paged_block(page, blocks.block_k)
     capacity, n_chunks = pps * page, pps * (page // bk)
   else:
-    capacity = cache.shape[1]
+    capacity = latent.shape[2]
     bk = capacity if capacity < LANES else min(blocks.block_k // LANES * LANES,
                                                capacity // LANES * LANES)
     n_chunks = -(-capacity // bk)
@@ -153,17 +163,26 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
   n_steps = -(-n_chunks // splits)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, capacity)
 
-  def cache_index(b_, s, j, len_ref, *bt):
+  def cache_block(b_, s, j, len_ref, layer_ref, *bt):
+    """(layer, sequence or pool page, block of rows within it)."""
     _, _, c = _chunk(b_, s, j, len_ref, bk=bk, splits=splits)
     if not paged:
-      return b_, c, 0
+      return layer_ref[0], b_, c
     bpp = page // bk
     phys = bt[0][b_ * pps + lax.div(c, bpp)]
-    return jnp.clip(phys, 0, num_pages - 1), lax.rem(c, bpp), 0
+    return layer_ref[0], jnp.clip(phys, 0, num_pages - 1), lax.rem(c, bpp)
+
+  def latent_index(*args):
+    return (*cache_block(*args), 0)
+
+  def rope_index(*args):
+    layer_, seq, c = cache_block(*args)
+    return layer_, seq, 0, c
 
   in_specs = [pl.BlockSpec((None, h, d), lambda b_, s, j, *_: (b_, 0, 0)),
-              pl.BlockSpec((None, bk, d), cache_index)]
-  prefetch = [lengths]
+              pl.BlockSpec((None, None, bk, rank), latent_index),
+              pl.BlockSpec((None, None, rope_dims, bk), rope_index)]
+  prefetch = [lengths, layer]
   if paged:
     prefetch.append(block_tables.astype(jnp.int32).reshape(-1))
   if splits == 1:
@@ -191,9 +210,10 @@ def mla_decode(q, cache, lengths, block_tables, *, scale: float, kv_lora_rank: i
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="mla_decode",
+      # One layer's cache is read (the other layers of the stack are not touched).
       cost_estimate=estimate(2 * b * h * capacity * (d + rank), b * h * capacity,
-                             reads=[q, cache] + prefetch, writes=out_shape),
-  )(*prefetch, q, cache)
+                             reads=[q, *_one_layer(latent, rope)] + prefetch, writes=out_shape),
+  )(*prefetch, q, latent, rope)
   if splits == 1:
     out = outs[0]
   else:

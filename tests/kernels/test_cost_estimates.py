@@ -49,10 +49,24 @@ def test_mla_attention_forward_and_backward_have_cost_estimates():
 
 def test_mla_decode_has_cost_estimate():
   b, h, s, rank, d = 4, 16, 512, 512, 576
-  (est,) = _estimates(lambda q, c, n: mla_decode(q, c, n, scale=0.1, **TPU), _z((b, h, d)),
-                      _z((b, s, d)), jnp.full((b,), 100, jnp.int32))
+  (est,) = _estimates(lambda q, c, r, n: mla_decode(q, c, r, n, scale=0.1, **TPU), _z((b, h, d)),
+                      _z((b, s, rank)), _z((b, d - rank, s)), jnp.full((b,), 100, jnp.int32))
   assert est[0] == 2 * b * h * s * (d + rank) and est[1] == b * h * s
   assert est[2] >= 2 * b * s * d  # the cache is read once
+  # A stacked cache [3 layers, ...]: the call reads one layer, and says so.
+  (stacked,) = _estimates(
+      lambda q, c, r, n: mla_decode(q, c, r, n, scale=0.1, layer=jnp.int32(1), **TPU),
+      _z((b, h, d)), _z((3, b, s, rank)), _z((3, b, d - rank, s)), jnp.full((b,), 100, jnp.int32))
+  assert stacked[:2] == est[:2] and 2 * b * s * d <= stacked[2] < 2 * 2 * b * s * d
+
+
+def test_rope_cache_write_has_cost_estimate():
+  from dsv3_jax.kernels_pallas.mla_decode import write_rope
+  L, b, r, s, t = 3, 4, 64, 1024, 2
+  (est,) = _estimates(lambda c, k, p: write_rope(c, k, p, layer=jnp.int32(1), **TPU),
+                      _z((L, b, r, s)), _z((b, t, r)), jnp.zeros((b, t), jnp.int32))
+  # Each sequence's 256-lane window read and written back, plus the new keys: not the cache.
+  assert est[0] == 0 and est[2] == 2 * b * r * 256 * 2 + b * t * r * 2
 
 
 def test_fp8_kernels_have_cost_estimates():

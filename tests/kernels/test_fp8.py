@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from dsv3_jax.kernels_pallas import Backend, fp8
-from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
+from dsv3_jax.kernels_pallas.backend import KernelRequestError, gpu_lowering_target
 from dsv3_jax.kernels_pallas.fp8 import gpu, reference, tpu
-from tests.utils import assert_close
+from tests.utils import TPU_CALL, TRITON_CALL, assert_close, custom_calls
 
 E4M3 = ml_dtypes.float8_e4m3fn
 PLATFORMS = ("tpu", "gpu")
@@ -235,7 +235,7 @@ def test_dispatch_and_validation():
   # AUTO on a CPU host: no Pallas kernel for CPU, so the reference runs.
   np.testing.assert_array_equal(np.asarray(fp8.fp8_matmul(a, a_scale, b, b_scale)),
                                 np.asarray(ref))
-  with pytest.raises(RuntimeError, match="no Pallas implementation"):
+  with pytest.raises(KernelRequestError, match="no Pallas implementation"):
     fp8.fp8_weight_matmul(x, b, b_scale, backend="pallas")
   with pytest.raises(ValueError, match="b_scale must be"):
     fp8.fp8_matmul(a, a_scale, b, b_scale[:, :2])
@@ -268,15 +268,15 @@ def test_kernels_lower_for_platform(platform, case):
   m, k, n = _LOWERING_CASES[case]
   kb, nb = -(-k // 128), -(-n // 128)
   mod = tpu if platform == "tpu" else gpu
-  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  target = TPU_CALL if platform == "tpu" else TRITON_CALL  # one kernel call per product
   x = _SD((m, k), jnp.bfloat16)
   a, a_s = _SD((m, k), jnp.float8_e4m3fn), _SD((m, kb), jnp.float32)
   b, b_s = _SD((n, k), jnp.float8_e4m3fn), _SD((nb, kb), jnp.float32)
+  calls = lambda f, *args: custom_calls(_lower(f, platform, *args), target)  # noqa: E731
   for pow2 in (False, True):
-    assert marker in _lower(lambda x: mod.quantize_activations(x, power_of_two_scale=pow2),
-                            platform, x)
-  assert marker in _lower(lambda a, s, b, t: mod.fp8_matmul(a, s, b, t), platform, a, a_s, b, b_s)
-  assert marker in _lower(lambda x, b, t: mod.fp8_matmul(x, None, b, t), platform, x, b, b_s)
+    assert calls(lambda x: mod.quantize_activations(x, power_of_two_scale=pow2), x) == 1
+  assert calls(lambda a, s, b, t: mod.fp8_matmul(a, s, b, t), a, a_s, b, b_s) == 1
+  assert calls(lambda x, b, t: mod.fp8_matmul(x, None, b, t), x, b, b_s) == 1
 
 
 def test_tpu_lowering_rejects_illegal_blocks():

@@ -1,6 +1,6 @@
 """Mosaic GPU (Hopper) block-scaled FP8 GEMM: GPU interpret mode on CPU against a float64 numpy
 oracle, CUDA lowering at DeepSeek-V3 shapes (Mosaic GPU lowers without a GPU), and the
-dispatcher's Triton fallback.
+dispatcher's rules (auto: Triton for shapes Mosaic GPU rejects; gpu_impl="mosaic": an error).
 
 Oracle: numpy float64 sum_k (a * a_scale)[m, k] (b * b_scale)[n, k] with the 1 x 128 / 128 x 128
 scale tiles expanded by hand. Tolerances: e4m3 x e4m3 products are exact in float32 and the
@@ -17,7 +17,7 @@ import pytest
 
 from dsv3_jax.kernels_pallas import fp8
 from dsv3_jax.kernels_pallas.fp8 import mosaic_gpu
-from tests.utils import assert_close
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 MOSAIC = dict(backend="interpret", platform="gpu", gpu_impl="mosaic")
 
@@ -80,8 +80,11 @@ def test_unsupported_shapes_name_a_reason():
 
 @pytest.mark.parametrize("m,k,want", [(104, 512, "mosaic"), (100, 512, "triton"),
                                       (104, 384, "triton")])
-def test_dispatcher_falls_back_to_triton(monkeypatch, m, k, want):
-  """gpu_impl="mosaic" runs Mosaic GPU where it can and Triton for the shapes it rejects."""
+def test_dispatcher_auto_uses_triton_for_rejected_shapes(monkeypatch, m, k, want):
+  """Auto on a Hopper GPU runs Mosaic GPU where it can and Triton for the shapes it rejects;
+  gpu_impl="mosaic" runs Mosaic GPU or raises naming the reason; "triton" always runs Triton."""
+  import dsv3_jax.kernels_pallas.backend as backend
+  monkeypatch.setattr(backend, "_is_hopper", lambda: True)
   called = []
 
   def recorder(name):
@@ -92,9 +95,16 @@ def test_dispatcher_falls_back_to_triton(monkeypatch, m, k, want):
 
   monkeypatch.setattr(fp8.mosaic_gpu, "fp8_matmul", recorder("mosaic"))
   monkeypatch.setattr(fp8.gpu, "fp8_matmul", recorder("triton"))
-  fp8.fp8_matmul(*_operands(m, 128, k), **MOSAIC)
-  fp8.fp8_matmul(*_operands(m, 128, k), backend="interpret", platform="gpu", gpu_impl="triton")
+  auto = dict(backend="interpret", platform="gpu")
+  fp8.fp8_matmul(*_operands(m, 128, k), **auto)
+  fp8.fp8_matmul(*_operands(m, 128, k), **auto, gpu_impl="triton")
   assert called == [want, "triton"]
+  if want == "triton":
+    with pytest.raises(backend.KernelRequestError, match="gpu_impl='mosaic'.*multiple"):
+      fp8.fp8_matmul(*_operands(m, 128, k), **MOSAIC)
+  else:
+    fp8.fp8_matmul(*_operands(m, 128, k), **MOSAIC)
+    assert called[-1] == "mosaic"
 
 
 @pytest.mark.parametrize("n,k", [(2048, 7168), (7168, 2048), (18432, 7168)])
@@ -106,4 +116,4 @@ def test_lowers_for_cuda_at_deepseek_v3_shapes(n, k):
           s((n, k), jnp.float8_e4m3fn), s((-(-n // 128), k // 128), jnp.float32))
   text = jax.jit(mosaic_gpu.fp8_matmul).trace(*args).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text.lower()
+  assert custom_calls(text, MOSAIC_GPU_CALL) == 1

@@ -18,7 +18,7 @@ from dsv3_jax.kernels_pallas.grouped_matmul import (grouped_matmul, mosaic_gpu,
                                                     transposed_grouped_matmul)
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
-from tests.utils import assert_close
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 RTOL, ATOL = 2.0 ** -7, 2e-2
 # T = 104: not a multiple of the 128-row tile; sum = 77 < T (trailing rows must be zero); an empty
@@ -83,6 +83,25 @@ def test_unsupported_cases_name_a_reason():
                    jnp.array([10, 20], jnp.int32))
 
 
+def test_dispatch_raises_when_mosaic_is_forced_on_inputs_it_rejects(monkeypatch):
+  """float32 operands (wgmma here takes bf16): gpu_impl="mosaic" raises naming the reason, for
+  the forward, `tiling` and the transposed product; auto (on a Hopper GPU) runs Triton, which
+  matches the reference."""
+  import dsv3_jax.kernels_pallas.backend as backend
+  monkeypatch.setattr(backend, "_is_hopper", lambda: True)
+  lhs, rhs, dout, gs = _operands(3)
+  lhs, rhs, dout = (x.astype(jnp.float32) for x in (lhs, rhs, dout))
+  with pytest.raises(backend.KernelRequestError, match="grouped_matmul gpu_impl='mosaic'.*float32"):
+    grouped_matmul(lhs, rhs, gs, **MOSAIC)
+  with pytest.raises(backend.KernelRequestError, match="tiling"):
+    grouped_matmul(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), gs, tiling=(64, 64, 64),
+                   **MOSAIC)
+  with pytest.raises(backend.KernelRequestError, match="transposed_grouped_matmul.*float32"):
+    transposed_grouped_matmul(lhs, dout, gs, **MOSAIC)
+  auto = grouped_matmul(lhs, rhs, gs, backend="interpret", platform="gpu")
+  assert_close(auto, grouped_matmul_ref(lhs, rhs, gs), atol=1e-4, rtol=1e-5, what="auto f32")
+
+
 @pytest.mark.parametrize("which", ["gmm", "gmm_transposed", "tgmm"])
 def test_lowers_for_cuda_at_deepseek_v3_shapes(which):
   """Mosaic GPU compiles to a CUDA module on a CPU-only machine: catches layout/TMA errors."""
@@ -99,4 +118,4 @@ def test_lowers_for_cuda_at_deepseek_v3_shapes(which):
     fn, args = (lambda a, b, c: mosaic_gpu.tgmm(a, b, c)), (s((t, d), jnp.bfloat16),
                                                             s((t, f), jnp.bfloat16), gs)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text.lower()
+  assert custom_calls(text, MOSAIC_GPU_CALL) == 1
