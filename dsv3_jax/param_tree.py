@@ -131,7 +131,12 @@ def stored_params(params_dir: str | os.PathLike) -> dict[str, dict]:
   d = pytree_dir(params_dir)
   if not os.path.isfile(os.path.join(d, "_METADATA")):
     raise CheckpointNotFound(f"{params_dir}: not an Orbax PyTree checkpoint (no _METADATA)")
-  leaves = flatten(ocp.PyTreeCheckpointHandler().metadata(epath.Path(d)).tree)
+  from dsv3_jax.checkpoint import CheckpointError
+  try:
+    leaves = flatten(ocp.PyTreeCheckpointHandler().metadata(epath.Path(d)).tree)
+  except (ValueError, FileNotFoundError, KeyError) as e:  # missing/corrupt files
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise CheckpointError(f"{params_dir}: cannot restore the parameter tree ({first[:200]})") from e
   out: dict[str, dict] = {}
   for path, m in leaves.items():
     if path.endswith("weight_scale_inv"):
