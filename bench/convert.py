@@ -11,7 +11,7 @@ bytes (NaN codes removed) with float32 block scales, the rest bf16 (bias fp32), 
 process (so its peak RSS is its own: VmHWM from /proc/self/status at exit) and the bench
 prints source size, time, throughput (source MB/s) and peak RSS (VmHWM). Everything is deleted after.
 
-  python bench/convert.py [--layers 2 4] [--dtype bfloat16] [--workers 1] [--dir /tmp]
+  python bench/convert.py [--layers 2 4] [--dtype bfloat16] [--group-mb 512] [--dir /tmp]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def hwm_kb():
 from dsv3_jax.convert import convert
 r1 = hwm_kb()
 t = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], workers=int(sys.argv[4]), progress=False)
+convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], group_bytes=int(float(sys.argv[4]) * (1 << 20)), progress=False)
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "peak_rss_kb": hwm_kb(), "import_rss_kb": r1}))
 """
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
   p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
   p.add_argument("--experts", type=int, default=8)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float8"])
-  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--group-mb", type=float, default=512)
   p.add_argument("--shard-mb", type=int, default=256)
   p.add_argument("--dir", default="/tmp")
   args = p.parse_args(argv)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
       print(f"built {layers}-layer checkpoint: {nbytes / 1e9:.2f} GB in {shards} shards "
             f"({time.perf_counter() - t:.0f} s)", flush=True)
       env = dict(os.environ, JAX_PLATFORMS="cpu")
-      out = subprocess.run([sys.executable, "-c", CHILD, src, dst, args.dtype, str(args.workers)],
+      out = subprocess.run([sys.executable, "-c", CHILD, src, dst, args.dtype, str(args.group_mb)],
                            cwd=repo, env=env, capture_output=True, text=True)
       if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
       shutil.rmtree(dst)
   finally:
     shutil.rmtree(root, ignore_errors=True)
-  print(f"\njax {jax.__version__}, dtype {args.dtype}, workers {args.workers}, "
+  print(f"\njax {jax.__version__}, dtype {args.dtype}, group {args.group_mb} MiB, "
         f"{args.experts} routed experts/layer, real 671B tensor shapes")
   head = ("| layers | checkpoint (FP8) | shards | output | time | throughput | peak RSS | "
           "RSS after imports | largest output parameter |")

@@ -1,4 +1,4 @@
-"""`dsv3 convert SRC DST [--dtype bfloat16|float32|float8] [--workers N] [--overwrite]
+"""`dsv3 convert SRC DST [--dtype bfloat16|float32|float8] [--group-mb M] [--overwrite]
 [--ignore-unexpected] [--no-progress]`."""
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float8"],
                  help="stored parameter dtype; float8 keeps e4m3 weights with their block scales "
                       "(default bfloat16: FP8 blocks dequantised)")
-  p.add_argument("--workers", type=int, default=1,
-                 help="parameters written in the background while the next is read (default 1; "
-                      "peak memory ~ (N+1) x the largest parameter)")
+  p.add_argument("--group-mb", type=float, default=512,
+                 help="parameters are saved in groups of about this many MiB, one written while "
+                      "the next is read (default 512; peak memory ~ 2 groups + the largest "
+                      "parameter); an interrupted conversion resumes after the last saved group")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   p.add_argument("--ignore-unexpected", action="store_true",
                  help="skip tensors the model has no parameter for (default: error)")
@@ -62,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
   if os.path.isdir(args.src) and not (os.path.lexists(args.dst) and not args.overwrite):
     check_free_space(os.path.dirname(os.path.abspath(args.dst)),
                      estimate_output_bytes(args.src, args.dtype), f"DST {args.dst}")
-  args.on_interrupt = f"{args.dst} is not complete; rerun the same command"
+  from dsv3_jax.convert.orbax_io import staging_dir
+  args.on_interrupt = (f"{args.dst} is not complete; the same command resumes (written so far: "
+                       f"{staging_dir(args.dst)})")
   out = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                ignore_unexpected=args.ignore_unexpected, workers=args.workers,
+                ignore_unexpected=args.ignore_unexpected, group_bytes=int(args.group_mb * (1 << 20)),
                 progress=not args.no_progress and ui.progress_enabled())
   print(f"wrote {out}")
   return 0

@@ -28,7 +28,9 @@ from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, Entry, hf_shape, 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.errors import UserError
 from dsv3_jax.convert.convert import TOKENIZER_FILES
-from dsv3_jax.convert.orbax_io import read_manifest, restore_numpy, staging_dir
+from dsv3_jax.convert.orbax_io import staging_dir
+from dsv3_jax.param_tree import (CheckpointNotFound, locate, mtp_depth_stored, restore_numpy,
+                                 stored_params)
 from dsv3_jax.pretrained import abstract_model, param_shapes
 from dsv3_jax.safetensors_io import DTYPES as ST_DTYPES
 
@@ -164,21 +166,28 @@ class _ShardWriter:
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
            max_shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True) -> str:
-  """Writes converted checkpoint `src` to `out` as HF safetensors shards + index + config.json.
+  """Writes checkpoint `src` to `out` as HF safetensors shards + index + config.json.
 
+  src: a converted directory (`dsv3 convert`), a training run's directory (its latest step) or
+    one of its step directories (`dsv3 train --out`: run/checkpoints/<step>).
   dtype: "bfloat16" | "float32" | "float8" (see the module docstring). Returns `out`, which
-  appears only when complete (written in a temporary sibling, then renamed).
+  appears only when complete (written in a temporary sibling, then renamed). The same source
+  always gives the same bytes.
   """
   if dtype not in EXPORT_DTYPES:
     raise UserError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
   if os.path.lexists(out) and not overwrite:
     raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-  manifest = read_manifest(src)
-  with open(os.path.join(src, "config.json")) as f:
+  located = locate(src)
+  if located is None:
+    raise CheckpointNotFound(f"{src}: not a converted dsv3 checkpoint or a training run / step "
+                             f"directory (no dsv3_checkpoint.json, checkpoints/ or params/)")
+  manifest = located.manifest or {}
+  stored = stored_params(located.params_dir)
+  with open(os.path.join(located.config_dir, "config.json")) as f:
     raw_cfg = json.load(f)
-  cfg = ModelConfig.from_hf_config(raw_cfg).replace(
-      num_nextn_predict_layers=int(manifest.get("num_nextn_predict_layers", 0)))
+  cfg = ModelConfig.from_hf_config(raw_cfg).replace(num_nextn_predict_layers=mtp_depth_stored(stored))
   shapes = param_shapes(abstract_model(cfg, RuntimeConfig()))
   table = name_table(cfg, shapes)
   fp8_info = manifest.get("fp8") or {}
@@ -188,14 +197,14 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
   by_target: dict[str, list[tuple[str, Entry]]] = {}
   for n, e in table.items():
     by_target.setdefault(e.target, []).append((n, e))
-  missing = [t for t in by_target if t not in manifest["params"]]
+  missing = [t for t in by_target if t not in stored]
   if missing:
-    raise CheckpointError(f"{src}: parameters missing from the manifest, e.g. {missing[:5]}")
+    raise CheckpointError(f"{located.params_dir}: parameters missing from the checkpoint, e.g. "
+                          f"{missing[:5]}")
   targets = []
-  for t in manifest["params"]:  # write order = conversion order
-    if t in by_target:
-      entry = dict(manifest["params"][t], block=tuple(fp8_info.get("weight_block_size", (128, 128))))
-      targets.append(_Target(t, by_target[t], entry, shapes[t], dtype, block, scale_fmt == "ue8m0"))
+  for t in by_target:  # write order: the name table's
+    entry = dict(stored[t], block=tuple(fp8_info.get("weight_block_size", (128, 128))))
+    targets.append(_Target(t, by_target[t], entry, shapes[t], dtype, block, scale_fmt == "ue8m0"))
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   tmp = staging_dir(out)
@@ -208,7 +217,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
       from tqdm import tqdm
       bar = tqdm(total=writer.total, unit="B", unit_scale=True, unit_divisor=1024, desc="export")
     for t in targets:
-      value, scale = restore_numpy(src, t.target, manifest)
+      value, scale = restore_numpy(located.params_dir, [t.target], stored)[t.target]
       for n, arr in t.tensors(value, scale):
         writer.add(n, arr)
         if bar is not None:
@@ -230,8 +239,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bflo
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(raw_cfg, f, indent=2)
     for fname in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(src, fname)):
-        shutil.copyfile(os.path.join(src, fname), os.path.join(tmp, fname))
+      if os.path.isfile(os.path.join(located.config_dir, fname)):
+        shutil.copyfile(os.path.join(located.config_dir, fname), os.path.join(tmp, fname))
     if os.path.lexists(out):
       old = os.path.join(parent, f".{name}.old-{os.getpid()}")
       os.rename(out, old)

@@ -1,13 +1,14 @@
 """`dsv3 export SRC OUT [--dtype bfloat16|float32|float8] [--max-shard-gb G] [--overwrite]
-[--no-progress]`: a converted (Orbax) directory back to HF safetensors in the official names."""
+[--no-progress]`: a converted (Orbax) directory or a training run / step back to HF safetensors
+in the official names."""
 from __future__ import annotations
 
 import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("src", metavar="SRC", help="directory written by `dsv3 convert` (or a trainer "
-                 "using the same layout)")
+  p.add_argument("src", metavar="SRC", help="directory written by `dsv3 convert`, or a `dsv3 "
+                 "train` run directory (its latest step) or step directory (RUN/checkpoints/STEP)")
   p.add_argument("out", metavar="OUT", help="output HF directory (appears only when complete)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float8"],
                  help="bfloat16 (default), float32, or float8 (official e4m3 + weight_scale_inv)")

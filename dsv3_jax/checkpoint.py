@@ -22,12 +22,20 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import UserError
-from dsv3_jax.safetensors_io import SafetensorsFile
+from dsv3_jax.safetensors_io import SafetensorsError, SafetensorsFile
 
 __all__ = ["Rule", "Entry", "BLOCK_RULES", "TOP_RULES", "MTP_RULES", "name_table", "HFCheckpoint",
-           "CheckpointError", "dequantize_fp8", "read_targets", "hf_shape", "to_hf", "SCALE_SUFFIX"]
+           "CheckpointError", "dequantize_fp8", "read_targets", "hf_shape",
+           "to_hf", "SCALE_SUFFIX", "check_checkpoint", "mtp_depth_present",
+           "TOKENIZER_FILES"]
 
 SCALE_SUFFIX = "_scale_inv"
+# Files beside the weights that travel with a checkpoint (convert, export, train --init).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "generation_config.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "added_tokens.json")
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+_FP8 = (_E4M3, np.dtype(ml_dtypes.float8_e5m2))
 
 
 class CheckpointError(ValueError, UserError):
@@ -226,66 +234,156 @@ class HFCheckpoint:
     self._files.clear()
 
 
-def _cast(x: np.ndarray, dtype) -> np.ndarray:
-  dtype = np.dtype(dtype)
-  return x if x.dtype == dtype else x.astype(dtype)
+def mtp_depth_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
+  """How many of the config's MTP layers (checkpoint index num_hidden_layers + k) are stored."""
+  prefixes = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)]
+  names = ckpt.names()
+  depth = 0
+  while depth < len(prefixes) and any(n.startswith(prefixes[depth]) for n in names):
+    depth += 1
+  return depth
 
 
-def read_targets(ckpt: HFCheckpoint, table: Mapping[str, Entry],
-                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
-                 block: tuple[int, int] = (128, 128), ignore_unexpected: bool = False,
-                 ) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (parameter path, array of the abstract shape and dtype), one target at a time.
+def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
+                     shapes: Mapping[str, tuple[int, ...]], *, ignore_unexpected: bool = False,
+                     ) -> int:
+  """Checks names, shapes and FP8 scales from the shard headers alone (no tensor data read).
 
-  Checks first that the checkpoint's tensor names match the table exactly (scale companions
-  aside); raises CheckpointError naming the tensor and file on any mismatch.
+  Opens every shard (a missing, truncated or corrupt file fails here: SafetensorsError naming
+  it), and raises CheckpointError naming the tensor and file for: an unexpected name (unless
+  `ignore_unexpected`: then it is dropped from `ckpt`), a scale without its weight, a tensor
+  missing from the checkpoint or from its shard, a shape that contradicts config.json, an FP8
+  weight without `_scale_inv`. Returns the bytes to be read.
   """
   names = set(ckpt.names())
   scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
-  unexpected = sorted(n for n in names - scales - set(table))
+  unexpected = sorted(names - scales - set(table))
   if unexpected and not ignore_unexpected:
     raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {ckpt.path}, e.g. "
-                          + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5]))
-  for s in sorted(scales):
+                          + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5])
+                          + " (pass --ignore-unexpected / ignore_unexpected=True to skip them)")
+  for n in unexpected:
+    ckpt.location.pop(n)
+    ckpt.location.pop(n + SCALE_SUFFIX, None)
+  names = set(ckpt.names())
+  for s in sorted(n for n in names if n.endswith(SCALE_SUFFIX)):
     if s[:-len(SCALE_SUFFIX)] not in names:
       raise CheckpointError(f"{ckpt.file_of(s)}: scale {s!r} has no weight "
                             f"{s[:-len(SCALE_SUFFIX)]!r}")
   missing = sorted(n for n in table if n not in names)
   if missing:
-    raise CheckpointError(f"{len(missing)} tensor(s) missing from {ckpt.path}, e.g. "
-                          + ", ".join(repr(n) for n in missing[:5]))
+    raise CheckpointError(f"{len(missing)} tensor(s) the model needs are missing from "
+                          f"{ckpt.path}, e.g. " + ", ".join(repr(n) for n in missing[:5]))
+  total = 0
+  for name, e in table.items():
+    try:
+      f = ckpt.shard(name)
+    except SafetensorsError as err:
+      raise SafetensorsError(f"{err} (while reading {name!r})") from None
+    got, want = tuple(f.shape(name)), hf_shape(e, tuple(shapes[e.target]))
+    if got != want:
+      raise CheckpointError(f"{f.path}: tensor {name!r} has shape {got}, config.json implies {want}")
+    total += f.nbytes(name)
+    scale = name + SCALE_SUFFIX
+    if f.dtype(name) in _FP8:
+      if scale not in names:
+        raise CheckpointError(f"{f.path}: FP8 tensor {name!r} has no {scale!r}")
+    if scale in names:
+      total += ckpt.shard(scale).nbytes(scale)
+  ckpt.close()
+  return total
+
+
+def read_targets(ckpt: HFCheckpoint, table: Mapping[str, Entry],
+                 shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype], *,
+                 block: tuple[int, int] = (128, 128), keep_fp8: bool = False,
+                 skip: frozenset[str] = frozenset(),
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+  """The one reading engine (loader and converter): yields (parameter path, value, scale_inv),
+  one target at a time (routed experts stacked), after `check_checkpoint` passed:
+    - keep_fp8 and a target whose source tensors are float8_e4m3fn with scales (linear and
+      routed-expert weights): value [..., out, in] e4m3 (the checkpoint layout),
+      scale_inv [..., ceil(out/bm), ceil(in/bn)] float32;
+    - otherwise: value in our layout and abstract dtype (`dtypes`), FP8 blocks dequantised,
+      scale_inv None.
+  Stored MTP copies ("tied") are compared with the main tensors at the end (CheckpointError
+  naming the file when they differ). Targets in `skip` (already written by a resumed
+  conversion) are not yielded, nor read unless a stored copy is checked against them.
+  """
   by_target: dict[str, list[tuple[str, Entry]]] = {}
   copies = [(n, e) for n, e in table.items() if e.kind.startswith("tied")]
   for name, e in table.items():
     if not e.kind.startswith("tied"):
       by_target.setdefault(e.target, []).append((name, e))
-  keep = {e.target: None for _, e in copies}  # main values that stored copies are checked against
+  keep = {e.target: None for _, e in copies}
   for target, sources in by_target.items():
-    shape, dtype = tuple(shapes[target]), dtypes[target]
-    if sources[0][1].kind == "expert":
-      out = np.empty(shape, dtype)
-      for name, e in sources:
-        out[e.expert] = _cast(_read_checked(ckpt, name, e, shape, block), dtype)
-      if len(sources) != shape[0]:
-        raise CheckpointError(f"{target}: {len(sources)} expert tensors for {shape[0]} experts")
-    else:
-      (name, e), = sources
-      out = _cast(np.asarray(_read_checked(ckpt, name, e, shape, block)), dtype)
+    if target in skip and target not in keep:
+      continue
+    shape, dtype = tuple(shapes[target]), np.dtype(dtypes[target])
+    quantized = [keep_fp8 and ckpt.raw(n).dtype == _E4M3 and sources[0][1].kind in ("linear", "expert")
+                 for n, _ in sources]
+    if all(quantized):
+      value, scale = _read_quantized(ckpt, sources, shape, block)
+      if target in keep:
+        keep[target] = _dequant_ours(value, scale, block).astype(dtype)
+      if target not in skip:
+        yield target, value, scale
+      continue
+    if any(quantized):
+      raise CheckpointError(f"{target}: some of its source tensors are FP8 and some are not "
+                            f"(e.g. {sources[quantized.index(False)][0]!r} is not)")
+    out = _read_plain(ckpt, sources, shape, dtype, block)
     if target in keep:
       keep[target] = out
-    yield target, out
+    if target not in skip:
+      yield target, out, None
   for name, e in copies:
-    x = _cast(_read_checked(ckpt, name, e, tuple(shapes[e.target]), block), dtypes[e.target])
+    x = ckpt.read(name, block)
+    x = (x.T if e.kind == "tied_linear" else x).astype(dtypes[e.target])
     if not np.array_equal(x, keep[e.target]):
       raise CheckpointError(f"{ckpt.file_of(name)}: {name!r} should be a copy of the main model's "
                             f"{e.target!r} (shared in this implementation) but differs")
 
 
-def _read_checked(ckpt: HFCheckpoint, name: str, e: Entry, shape, block) -> np.ndarray:
-  """Reads one source tensor, checks its checkpoint shape, returns it in our layout."""
-  x = ckpt.read(name, block)
-  want = hf_shape(e, shape)
-  if tuple(x.shape) != want:
-    raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {tuple(x.shape)}, "
-                          f"config.json implies {want}")
-  return x.T if e.kind in ("linear", "tied_linear", "expert") else x
+def _read_plain(ckpt, sources, shape, dtype, block):
+  """One target in our layout and `dtype` (FP8 sources other than e4m3 weights dequantised)."""
+  def ours(name, e):
+    x = ckpt.read(name, block)
+    return x.T if e.kind in ("linear", "tied_linear", "expert") else x
+  if sources[0][1].kind == "expert":
+    out = np.empty(shape, dtype)
+    for name, e in sources:
+      out[e.expert] = ours(name, e)
+    return out
+  (name, e), = sources
+  x = np.asarray(ours(name, e))
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _read_quantized(ckpt, sources, shape, block):
+  """Stacks the e4m3 values and scales of one target in the checkpoint layout."""
+  bm, bn = block
+  e0 = sources[0][1]
+  hf = hf_shape(e0, shape)
+  sshape = (-(-hf[0] // bm), -(-hf[1] // bn))
+  lead = (shape[0],) if e0.kind == "expert" else ()
+  value = np.empty(lead + hf, _E4M3)
+  scale = np.empty(lead + sshape, np.float32)
+  for name, e in sources:
+    w, s = ckpt.raw(name), ckpt.raw(name + SCALE_SUFFIX)
+    if tuple(s.shape) != sshape:
+      raise CheckpointError(f"{ckpt.file_of(name + SCALE_SUFFIX)}: {name + SCALE_SUFFIX!r} has "
+                            f"shape {tuple(s.shape)}, weight {hf} with {bm}x{bn} blocks needs {sshape}")
+    idx = (e.expert,) if e.kind == "expert" else ()
+    value[idx] = w
+    scale[idx] = s.astype(np.float32)
+  if e0.kind == "expert" and len(sources) != shape[0]:
+    raise CheckpointError(f"{e0.target}: {len(sources)} expert tensors for {shape[0]} experts")
+  return value, scale
+
+
+def _dequant_ours(value, scale, block):
+  bm, bn = block
+  m, n = value.shape[-2:]
+  s = np.repeat(np.repeat(scale, bm, -2), bn, -1)[..., :m, :n]
+  return np.swapaxes(value.astype(np.float32) * s, -1, -2)

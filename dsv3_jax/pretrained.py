@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax.checkpoint import SCALE_SUFFIX, CheckpointError, HFCheckpoint, name_table, read_targets, to_hf
+from dsv3_jax.checkpoint import (CheckpointError, HFCheckpoint, check_checkpoint, mtp_depth_present,
+                                 name_table, read_targets, to_hf)
+from dsv3_jax.param_tree import (Fp8Weight, locate, mtp_depth_stored, replicated_like,
+                                 restore_arrays, sharding_for, stored_params, swap_last2)
 from dsv3_jax.safetensors_io import save_file
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import FP8_BLOCK, Fp8Variable, Linear, dequantize_blocks
@@ -42,7 +45,7 @@ from dsv3_jax.sharding.entry import shardings_arg
 __all__ = ["abstract_model", "flat_variables", "stacked_variables", "stacked_location",
            "param_shapes", "param_dtypes", "model_from_arrays",
            "from_pretrained", "save_pretrained", "ParamCount", "count_params", "FP8_MODES",
-           "fp8_variables"]
+           "fp8_variables", "has_fp8_form", "load_params", "checkpoint_config"]
 
 FP8_MODES = ("dequantize", "keep")
 
@@ -130,6 +133,14 @@ def _owner(model: nnx.Module, path: str) -> tuple[nnx.Module, str]:
   return obj, attr
 
 
+def has_fp8_form(abstract: DeepseekV3, path: str) -> bool:
+  """Whether per-layer parameter `path` can be held as FP8 (a Linear kernel or a routed-expert
+  projection; `dsv3_jax.param_tree.fp8_paths` names its two leaves)."""
+  owner, attr = _owner(abstract, stacked_location(abstract, path)[0])
+  return (isinstance(owner, Linear) and attr == "kernel") or (
+      isinstance(owner, Experts) and attr in Experts.PROJECTIONS)
+
+
 def _stack(values: list):
   """Stacks per-layer values on a new leading axis: numpy on the host; jax arrays on device,
   NamedSharding-ed slices giving the stacked array the same sharding with the layer axis whole."""
@@ -149,7 +160,6 @@ def _gather_stacked(abstract: DeepseekV3, arrays: Mapping[str, object]) -> dict[
 
   A stacked target whose every slot is an `Fp8Weight` becomes one stacked `Fp8Weight`; FP8
   slots mixed with dense ones are dequantised (our [..., in, out] layout)."""
-  from dsv3_jax.convert.orbax_io import Fp8Weight  # convert imports this module, not back
   slots: dict[str, dict[int, object]] = {}
   out: dict[str, object] = {}
   for path, value in arrays.items():
@@ -185,11 +195,10 @@ def _dequant_ours(w) -> jax.Array:
 
 def _use_fp8(abstract: DeepseekV3, rt: RuntimeConfig, arrays: dict[str, object]) -> dict[str, object]:
   """Turns the abstract model's FP8-capable targets whose value in `arrays` (keyed by model
-  variable paths) is an FP8 weight (`dsv3_jax.convert.Fp8Weight`) into FP8 modules, in place;
+  variable paths) is an FP8 weight (`dsv3_jax.param_tree.Fp8Weight`) into FP8 modules, in place;
   returns the arrays re-keyed by the new variable paths. FP8 values for other targets (e.g. a
   quantised router) are dequantised.
   """
-  from dsv3_jax.convert.orbax_io import Fp8Weight  # convert imports this module, not back
   out = dict(arrays)
   for path, w in arrays.items():
     if not isinstance(w, Fp8Weight):
@@ -221,7 +230,7 @@ def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, 
   `flat_variables`); every path must be present. Per-layer arrays are stacked into the model's
   layer stacks (sharded slices keep their sharding, see `_stack`).
 
-  A value may also be a `dsv3_jax.convert.Fp8Weight` (value [..., out, in] float8_e4m3fn,
+  A value may also be a `dsv3_jax.param_tree.Fp8Weight` (value [..., out, in] float8_e4m3fn,
   scale_inv, block (128, 128)): that Linear kernel or routed-expert projection is then held as
   FP8 (see the module docstring); any other parameter given as FP8 is dequantised.
   """
@@ -241,24 +250,17 @@ def model_from_arrays(cfg: ModelConfig, rt: RuntimeConfig, arrays: Mapping[str, 
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _mtp_present(ckpt: HFCheckpoint, cfg: ModelConfig) -> int:
-  """Number of MTP depths whose tensors the checkpoint holds."""
-  depth = 0
-  while depth < cfg.num_nextn_predict_layers and any(
-      n.startswith(f"model.layers.{cfg.num_hidden_layers + depth}.") for n in ckpt.names()):
-    depth += 1
-  return depth
-
-
 def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
                     mtp: bool | None = None, ignore_unexpected: bool = False,
                     shardings=None, fp8: str = "dequantize", mesh=None, rules=None,
                     progress: bool = False) -> DeepseekV3:
-  """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, or one written by `dsv3 convert`.
+  """Loads an HF-format DeepSeek-V2/V3 checkpoint directory, one written by `dsv3 convert`, or a
+  `dsv3 train` run (its latest step) or step directory (relative paths are fine).
 
   path: a directory with config.json and model.safetensors or model.safetensors.index.json
     (bf16/fp32 weights, or FP8 e4m3 weights with `weight_scale_inv`, dequantised on load), or a
-    converted Orbax directory (`dsv3_jax.convert`; FP8 entries are dequantised on device).
+    converted Orbax directory (`dsv3_jax.convert`; FP8 entries are dequantised on device), or a
+    training run's directory / checkpoints/<step> (the same parameter tree, `dsv3_jax.param_tree`).
   shardings: where each parameter goes: {path: jax.sharding.Sharding} or a callable
     (path, abstract nnx.Variable) -> Sharding (e.g. from the variable's logical axes and a mesh);
     None = the default device. From an Orbax directory each process reads only its own shards.
@@ -282,19 +284,19 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
   Returns a `DeepseekV3`; `m.config` is its ModelConfig and `m(tokens)` its logits.
   Raises CheckpointError naming the tensor and file for missing, unexpected or mis-shaped tensors.
   """
-  path = os.fspath(path)
+  path = os.path.abspath(os.fspath(path))
   if fp8 not in FP8_MODES:
     raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
   shardings = shardings_arg(shardings, mesh, rules)
-  from dsv3_jax.convert import orbax_io  # imported here: convert depends on the model, not back
-  if orbax_io.is_converted(path):
-    return orbax_io.load_model(path, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
-                               keep_fp8=fp8 == "keep", progress=progress)
+  located = locate(path)
+  if located is not None:  # one Orbax restore of the whole tree (no per-parameter progress)
+    return load_params(located, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
+                       keep_fp8=fp8 == "keep")
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
   try:
-    present = _mtp_present(ckpt, cfg)
+    present = mtp_depth_present(ckpt, cfg)
     if mtp is False:
       ignore = {f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)}
       cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -314,45 +316,73 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
       for n in ckpt.names():
         if any(n.startswith(pfx) for pfx in ignore):
           ckpt.location.pop(n)
-    block = cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128)
-    if fp8 == "keep":
-      arrays = _read_keep_fp8(ckpt, table, shapes, dtypes, tuple(block), ignore_unexpected)
-    else:
-      targets = read_targets(ckpt, table, shapes, dtypes, block=block,
-                             ignore_unexpected=ignore_unexpected)
-      if progress:
-        from dsv3_jax.ui import iterate
-        targets = iterate(targets, len(shapes), "load", unit="param")
-      arrays = dict(targets)
+    block = tuple(cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128))
+    check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
+    targets = read_targets(ckpt, table, shapes, dtypes, block=block, keep_fp8=fp8 == "keep")
+    if progress:
+      from dsv3_jax.ui import iterate
+      targets = iterate(targets, len(shapes), "load", unit="param")
+    arrays = {t: (v if s is None else Fp8Weight(v, s, block)) for t, v, s in targets}
   finally:
     ckpt.close()
   if shardings is not None:
     variables = flat_variables(abstract)
-    arrays = {k: _place(a, orbax_io.sharding_for(shardings, k, variables[k]))
+    arrays = {k: _place(a, sharding_for(shardings, k, variables[k]))
               for k, a in arrays.items()}
   return model_from_arrays(cfg, rt, arrays)
 
 
-def _read_keep_fp8(ckpt, table, shapes, dtypes, block, ignore_unexpected):
-  """{target: array | Fp8Weight} from an HF directory, e4m3 weights kept with their scales."""
-  from dsv3_jax.convert.convert import check_checkpoint, read_targets_fp8
-  from dsv3_jax.convert.orbax_io import Fp8Weight
-  if ignore_unexpected:
-    for n in [n for n in ckpt.names() if n not in table and not n.endswith(SCALE_SUFFIX)]:
-      ckpt.location.pop(n)
-      ckpt.location.pop(n + SCALE_SUFFIX, None)
-  check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
-  return {t: (v if s is None else Fp8Weight(v, s, block))
-          for t, v, s, _ in read_targets_fp8(ckpt, table, shapes, dtypes, block=block)}
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig `from_pretrained(path)` builds (config.json, MTP depth limited to the MTP
+  layers the checkpoint holds), read without loading any weight. path: as for from_pretrained."""
+  located = locate(path)
+  if located is not None:
+    cfg = ModelConfig.from_hf_config(located.config_dir)
+    stored = stored_params(located.params_dir)
+    present = mtp_depth_stored(stored)
+  else:
+    cfg = ModelConfig.from_hf_config(path)
+    ckpt = HFCheckpoint(path)
+    try:
+      present = mtp_depth_present(ckpt, cfg)
+    finally:
+      ckpt.close()
+  return cfg.replace(num_nextn_predict_layers=min(present, cfg.num_nextn_predict_layers))
+
+
+def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
+                mtp: bool | None = None, shardings=None, keep_fp8: bool = False) -> DeepseekV3:
+  """`from_pretrained` for a parameter tree (`dsv3_jax.param_tree.locate`: a converted
+  directory, a training run or step): config.json from `located.config_dir`, each parameter
+  restored straight into its sharding (each process reads only its own shards), the layers
+  stacked on device. keep_fp8: FP8 leaves stay e4m3 + block scales (fp8="keep")."""
+  cfg = ModelConfig.from_hf_config(located.config_dir)
+  rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
+  stored = stored_params(located.params_dir)
+  present = mtp_depth_stored(stored)
+  if mtp is False:
+    cfg = cfg.replace(num_nextn_predict_layers=0)
+  elif present < cfg.num_nextn_predict_layers:
+    if mtp:
+      raise ValueError(f"{located.config_dir}: config.json has num_nextn_predict_layers="
+                       f"{cfg.num_nextn_predict_layers} but the checkpoint holds {present}")
+    log.warning("%s: checkpoint holds %d of %d MTP layer(s); loading without the rest",
+                located.config_dir, present, cfg.num_nextn_predict_layers)
+    cfg = cfg.replace(num_nextn_predict_layers=present)
+  fp8 = (located.manifest or {}).get("fp8") or {}
+  block = tuple(fp8.get("weight_block_size") or (128, 128))
+  abstract = flat_variables(abstract_model(cfg, rt))
+  arrays = restore_arrays(located.params_dir, abstract, shardings=shardings, keep_fp8=keep_fp8,
+                          block=block)
+  return model_from_arrays(cfg, rt, arrays)
 
 
 def _place(a, sharding):
   """device_put of an array, or of an Fp8Weight (value: the sharding with its last two axes
   swapped, [out, in] being our [in, out] transposed; scales replicated)."""
-  from dsv3_jax.convert.orbax_io import Fp8Weight, _replicated, _swap_last2
   if isinstance(a, Fp8Weight):
-    return Fp8Weight(jax.device_put(a.value, _swap_last2(sharding, a.value.ndim)),
-                     jax.device_put(a.scale_inv, _replicated(sharding)), a.block)
+    return Fp8Weight(jax.device_put(a.value, swap_last2(sharding, a.value.ndim)),
+                     jax.device_put(a.scale_inv, replicated_like(sharding)), a.block)
   return jax.device_put(a, sharding)
 
 

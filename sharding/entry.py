@@ -88,7 +88,7 @@ def tree_shardings(tree: Any, rules: ShardingRules, mesh: Mesh) -> Any:
 
 def variable_sharding(mesh: Mesh, rules: ShardingRules | None = None):
   """(path, abstract nnx.Variable) -> NamedSharding: the `shardings=` callable of
-  `from_pretrained` / `convert.orbax_io.restore_arrays` for `mesh` and `rules`."""
+  `from_pretrained` / `dsv3_jax.param_tree.restore_arrays` for `mesh` and `rules`."""
   rules = rules or ShardingRules()
 
   def fn(path: str, var: nnx.Variable) -> NamedSharding:

@@ -80,13 +80,11 @@ def test_shape_mismatch_names_the_tensor(capsys, ckpt):
   assert_user_error(gen(capsys, ckpt), "generate", "experts", "shape")
 
 
-def test_missing_orbax_parameter(capsys, ckpt, tmp_path):
+def test_damaged_orbax_tree(capsys, ckpt, tmp_path):
   conv = tmp_path / "conv"
   assert run_cli(capsys, "convert", "--quiet", ckpt, conv)[0] == 0
-  params = conv / "params"
-  victim = sorted(p for p in params.iterdir() if "embed" in p.name)[0]
-  shutil.rmtree(victim)
-  assert_user_error(gen(capsys, conv), "generate", victim.name)
+  shutil.rmtree(conv / "params" / "state" / "d")  # the array data: an incomplete copy
+  assert_user_error(gen(capsys, conv), "generate", str(conv / "params"), "cannot restore")
 
 
 def test_pallas_on_cpu_rejected_before_loading(capsys, ckpt):

@@ -42,11 +42,15 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(bits(pa[k]), bits(pb[k]), err_msg=k)
 
 
+def _restore_numpy(d, p, m):
+  return restore_numpy(os.path.join(d, "params"), [p], m["params"])[p]
+
+
 def _assert_same_orbax(a: str, b: str):
   ma, mb = read_manifest(a), read_manifest(b)
   assert ma["params"] == mb["params"] and ma["dtype"] == mb["dtype"]
   for p in ma["params"]:
-    for x, y in zip(restore_numpy(a, p, ma), restore_numpy(b, p, mb)):
+    for x, y in zip(_restore_numpy(a, p, ma), _restore_numpy(b, p, mb)):
       if x is None:
         assert y is None
       else:
@@ -100,7 +104,7 @@ def test_fp8_checkpoint_logits_equal_hf(fp8_src, dtype, tmp_path):
     assert not m["params"]["lm_head.kernel"]["quantized"]
     assert not m["params"]["layers.1.mlp.gate.kernel"]["quantized"]
     raw = all_tensors(src)
-    v, s = restore_numpy(dst, "layers.2.mlp.experts.up_proj", m)
+    v, s = _restore_numpy(dst, "layers.2.mlp.experts.up_proj", m)
     np.testing.assert_array_equal(bits(v[5]), bits(raw["model.layers.2.mlp.experts.5.up_proj.weight"]))
     np.testing.assert_array_equal(s[5], raw["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"])
   else:

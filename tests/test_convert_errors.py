@@ -1,6 +1,6 @@
 """Bad input to `dsv3 convert`: each gives an error naming the file/tensor, and nothing
-finished-looking is left at DST (no directory at all, or for a killed run only a hidden
-`.<name>.partial-<pid>` without the manifest)."""
+finished-looking is left at DST (no directory at all, or for an interrupted run only the hidden
+`.<name>.partial` without the manifest, from which the same command resumes)."""
 import json
 import os
 import shutil
@@ -14,7 +14,7 @@ import pytest
 import dsv3_jax
 from dsv3_jax.checkpoint import CheckpointError
 from dsv3_jax.cli import main as dsv3_main
-from dsv3_jax.convert import convert, is_converted, orbax_io
+from dsv3_jax.convert import convert, is_converted, orbax_io, read_manifest
 from tests.test_convert_fixtures import fp8_src, hf_src, write_sharded, all_tensors  # noqa: F401
 
 
@@ -38,7 +38,7 @@ def _set_index(path, index):
 
 def _nothing_at(dst):
   parent = os.path.dirname(dst)
-  return not os.path.exists(dst) and not [n for n in os.listdir(parent) if ".partial-" in n]
+  return not os.path.exists(dst) and not [n for n in os.listdir(parent) if ".partial" in n]
 
 
 def _fails(src, dst, match, **kw):
@@ -124,48 +124,90 @@ def test_dst_exists_needs_overwrite(fp8_src, tmp_path, capsys):
   assert is_converted(dst) and not (dst / "keep.txt").exists()
 
 
-def test_failure_mid_way_leaves_nothing(fp8_src, tmp_path, monkeypatch):
-  real, calls = orbax_io.OrbaxWriter._save, []
+def _spy_saves(monkeypatch, fail_at=None, exc=OSError("disk full (injected)")):
+  """Records the leaf paths of every Orbax partial save; raises `exc` at call `fail_at`."""
+  from orbax.checkpoint.experimental.v1 import partial
+  from dsv3_jax.param_tree import flatten
+  real, calls = partial.save_async, []
 
-  def flaky(self, path, tree):
-    calls.append(path)
-    if len(calls) == 20:
-      raise OSError("disk full (injected)")
-    return real(self, path, tree)
+  def save_async(path, tree, **kw):
+    if fail_at is not None and len(calls) + 1 == fail_at:
+      raise exc
+    calls.append(sorted(flatten(tree)))
+    return real(path, tree, **kw)
 
-  monkeypatch.setattr(orbax_io.OrbaxWriter, "_save", flaky)
+  monkeypatch.setattr(partial, "save_async", save_async)
+  return calls
+
+
+def test_failure_mid_way_resumes(fp8_src, tmp_path, monkeypatch):
+  """A write that fails mid-way (or Ctrl-C) leaves DST absent and only the hidden staging
+  directory; the same command again writes only the parameters not yet written, and the result
+  equals an uninterrupted conversion."""
+  from tests.test_convert import _assert_same_orbax
+  dst = str(tmp_path / "dst")
+  first = _spy_saves(monkeypatch, fail_at=12)
   with pytest.raises(OSError, match="injected"):
-    convert(fp8_src["e4m3"], tmp_path / "dst", progress=False, workers=2)
-  assert _nothing_at(str(tmp_path / "dst"))
+    convert(fp8_src["e4m3"], dst, dtype="float8", progress=False, group_bytes=1)
+  assert not os.path.exists(dst) and os.path.isdir(tmp_path / ".dst.partial")
+  assert not is_converted(tmp_path / ".dst.partial") and len(first) == 11
+  monkeypatch.undo()
+  second = _spy_saves(monkeypatch, fail_at=3, exc=KeyboardInterrupt())
+  with pytest.raises(KeyboardInterrupt):
+    convert(fp8_src["e4m3"], dst, dtype="float8", progress=False, group_bytes=1)
+  monkeypatch.undo()
+  third = _spy_saves(monkeypatch)
+  convert(fp8_src["e4m3"], dst, dtype="float8", progress=False, group_bytes=1)
+  written = [leaf for c in first + second + third for leaf in c]
+  assert len(written) == len(set(written)), "a parameter was written twice"
+  assert is_converted(dst) and not os.path.exists(tmp_path / ".dst.partial")
+  _assert_same_orbax(dst, convert(fp8_src["e4m3"], tmp_path / "fresh", dtype="float8",
+                                  progress=False))
 
 
-def test_killed_conversion_is_not_finished_looking(fp8_src, tmp_path):
-  """SIGKILL in the middle (no cleanup can run): DST does not exist; the partial sibling has no
-  manifest; loading DST fails."""
+def test_other_arguments_start_over(fp8_src, tmp_path, monkeypatch):
+  dst = str(tmp_path / "dst")
+  _spy_saves(monkeypatch, fail_at=5)
+  with pytest.raises(OSError):
+    convert(fp8_src["e4m3"], dst, dtype="float8", progress=False, group_bytes=1)
+  monkeypatch.undo()
+  calls = _spy_saves(monkeypatch)
+  convert(fp8_src["e4m3"], dst, dtype="bfloat16", progress=False, group_bytes=1)
+  assert read_manifest(dst)["dtype"] == "bfloat16"
+  assert len({leaf for c in calls for leaf in c}) == len(read_manifest(dst)["params"])
+
+
+def test_killed_conversion_resumes(fp8_src, tmp_path):
+  """SIGKILL in the middle (no cleanup can run): DST does not exist and cannot be loaded; the
+  next run resumes and finishes; a live writer's staging directory is not touched."""
   dst = str(tmp_path / "dst")
   code = f"""
 import os, signal, tests.conftest
-from dsv3_jax.convert import orbax_io, convert
-real, n = orbax_io.OrbaxWriter._save, [0]
-def save(self, path, tree):
+from orbax.checkpoint.experimental.v1 import partial
+from dsv3_jax.convert import convert
+real, n = partial.save_async, [0]
+def save_async(*a, **k):
   n[0] += 1
   if n[0] == 15:
     os.kill(os.getpid(), signal.SIGKILL)
-  return real(self, path, tree)
-orbax_io.OrbaxWriter._save = save
-convert({fp8_src['e4m3']!r}, {dst!r}, progress=False)
+  return real(*a, **k)
+partial.save_async = save_async
+convert({fp8_src['e4m3']!r}, {dst!r}, progress=False, group_bytes=1)
 """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, timeout=300)
   assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
-  assert not os.path.exists(dst)
-  partial = [n for n in os.listdir(tmp_path) if n.startswith(".dst.partial-")]
-  assert len(partial) == 1 and not is_converted(tmp_path / partial[0])
+  assert not os.path.exists(dst) and not is_converted(tmp_path / ".dst.partial")
   with pytest.raises((CheckpointError, FileNotFoundError, ValueError)):
     dsv3_jax.from_pretrained(dst)
-  # The next conversion into DST removes the dead process's partial directory and finishes.
-  live = tmp_path / ".dst.partial-1"  # pid 1 always exists: a live writer's directory stays
-  live.mkdir()
-  convert(fp8_src["e4m3"], dst, progress=False)
+  # A staging directory whose writer is alive (pid 1 always exists) is refused, not reused.
+  busy = tmp_path / "busy"
+  (tmp_path / ".busy.partial").mkdir()
+  (tmp_path / ".busy.partial" / "writer.pid").write_text("1")
+  with pytest.raises(orbax_io.ConversionBusy, match="process 1"):
+    convert(fp8_src["e4m3"], busy, progress=False)
+  convert(fp8_src["e4m3"], dst, progress=False, group_bytes=1)
   assert is_converted(dst)
-  assert sorted(n for n in os.listdir(tmp_path) if ".partial-" in n) == [live.name]
+  from tests.test_convert import _assert_same_params
+  _assert_same_params(dsv3_jax.from_pretrained(dst, dtype=np.dtype("bfloat16")),
+                      dsv3_jax.from_pretrained(fp8_src["e4m3"], dtype=np.dtype("bfloat16")))

@@ -17,9 +17,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"dsv3_jax/cli.py", "dsv3_jax/plan_cli.py", "dsv3_jax/inference/cli.py",
                 "dsv3_jax/train/cli.py", "dsv3_jax/demo.py", "dsv3_jax/train/demo.py"}
 
-# The one known model -> convert edge, removed on the `ckpt` branch (issue 13: the checkpoint
-# engine moves out of pretrained.py); drop this entry when that branch is merged.
-KNOWN_EDGES = {("dsv3_jax/pretrained.py", "dsv3_jax.convert")}
 
 
 def _imports(path: pathlib.Path):
@@ -56,7 +53,7 @@ def test_model_does_not_import_convert():
   edges = {(f.relative_to(ROOT).as_posix(), "dsv3_jax.convert") for f in files
            if f.relative_to(ROOT).as_posix() not in ENTRY_POINTS
            and any(_under(m, "dsv3_jax.convert") for m in _imports(f))}
-  assert edges - KNOWN_EDGES == set(), f"the model must not import dsv3_jax.convert: {edges}"
+  assert edges == set(), f"the model must not import dsv3_jax.convert: {edges}"
 
 
 def test_the_guard_sees_lazy_imports(tmp_path):

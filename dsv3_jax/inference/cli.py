@@ -28,7 +28,9 @@ DTYPES = ("bfloat16", "float32")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint", required=True, help="HF or converted (Orbax) checkpoint directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="HF or converted (Orbax) checkpoint directory, or a `dsv3 train` run "
+                      "directory (its latest step) or step directory (RUN/checkpoints/STEP)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", action="append",
                    help="prompt text (needs tokenizer.json); repeat for a batch")
@@ -130,8 +132,13 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  cfg = _early_config(args.checkpoint)
-  tok_dir = args.tokenizer or args.checkpoint
+  from dsv3_jax.param_tree import locate
+  # A training run or step keeps config.json and the tokenizer in the run directory
+  # (CheckpointNotFound, a UserError, for a run without a finished step).
+  located = locate(args.checkpoint)
+  config_dir = located.config_dir if located is not None else args.checkpoint
+  cfg = _early_config(config_dir)
+  tok_dir = args.tokenizer or config_dir
   tokenizer = None
   if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
     tokenizer = Tokenizer.from_dir(tok_dir)

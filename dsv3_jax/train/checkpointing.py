@@ -1,9 +1,14 @@
 """Orbax checkpoints of a training run: periodic saves, keep-N, exact resume.
 
-A checkpoint at step s holds, as one Orbax composite:
-  "state": the model's variables (fp32 master params and the RouterBias state), the optimizer
-           state (step count, Adam moments) and the step, as a pure-array pytree;
-  "meta":  JSON the trainer writes: the step, the data reader's position (`DataState`), its
+A run directory (`dsv3 train --out RUN`) holds config.json (the model's), metrics.jsonl and
+RUN/checkpoints/<step>/, one Orbax composite per saved step:
+  params/  the parameter tree of `dsv3_jax.param_tree` (fp32 master weights and the router bias,
+           per layer): the same tree as a `dsv3 convert` output's params/, so `dsv3 generate`,
+           `dsv3 export`, `from_pretrained` and plain Orbax read a step like a converted
+           checkpoint (`orbax.checkpoint.PyTreeCheckpointer().restore(RUN/checkpoints/<step>/params)`);
+  opt/     the optimizer state (step count, Adam moments in the model's stacked layout);
+  state/   {"step"}: the step counter;
+  meta/    JSON the trainer writes: the step, the data reader's position (`DataState`), its
            seed, seq_len and batch_size (checked on restore).
 Restoring all of it continues the run with the same loss sequence as an uninterrupted one.
 """
@@ -15,7 +20,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpointer"]
+__all__ = ["RunCheckpointer", "ITEMS"]
+
+ITEMS = ("params", "opt", "state")
 
 
 class RunCheckpointer:
@@ -34,13 +41,15 @@ class RunCheckpointer:
                                         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    """Saves the pure-array pytree `state` and JSON `meta` at `step` if due (or `force`).
-    A step that already has a checkpoint is not rewritten. Returns whether one was written."""
+  def save(self, step: int, items: dict[str, Any], meta: dict, *, force: bool = False) -> bool:
+    """Saves the pure-array pytrees `items` ({"params", "opt", "state"}) and JSON `meta` at
+    `step` if due (or `force`). A step that already has a checkpoint is not rewritten. Returns
+    whether one was written."""
     if (not force and step % self.save_every) or step in self.manager.all_steps():
       return False
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    args = {k: ocp.args.StandardSave(items[k]) for k in ITEMS}
+    saved = self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
+                              force=force)
     self.manager.wait_until_finished()
     return bool(saved)
 
@@ -50,16 +59,17 @@ class RunCheckpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-    """Restores (state, meta, step) at `step` (default: the latest). abstract_state: a pytree of
-    arrays or jax.ShapeDtypeStruct with the target structure, shapes, dtypes and shardings."""
+  def restore(self, abstract: dict[str, Any], step: int | None = None) -> tuple[dict, dict, int]:
+    """Restores ({"params", "opt", "state"}, meta, step) at `step` (default: the latest).
+    abstract: {item: pytree of arrays or jax.ShapeDtypeStruct} with the target structure,
+    shapes, dtypes and shardings."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"], step
+    args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract[k]))
+            for k in ITEMS}
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+    return {k: out[k] for k in ITEMS}, out["meta"], step
 
   def close(self) -> None:
     self.manager.close()

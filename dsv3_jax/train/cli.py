@@ -1,4 +1,4 @@
-"""`dsv3 train --config FILE|preset [--mesh fsdp=4,expert=2] [--steps --batch --seq --lr --out --data ...]`.
+"""`dsv3 train [--config FILE|preset | --init CKPT] [--mesh fsdp=4,expert=2] [--steps --batch --seq --lr --out --data ...]`.
 
 The run is sharded over `--mesh` (default: every device on fsdp; see `dsv3_jax.sharding`);
 multi-host runs start with the --coordinator/--num-processes/--process-id flags (or their
@@ -7,8 +7,11 @@ every batch. A model whose parameters + optimizer state do not fit the mesh's de
 once with a one-line error.
 
 Without --data the run uses the bundled synthetic corpus (byte-level tokens, see
-`dsv3_jax.train.corpus`). Resumes from the latest checkpoint in --out when there is one. Writes
-metrics.jsonl and a loss/expert-load plot (train_curves.png) to --out.
+`dsv3_jax.train.corpus`). --init starts from pretrained weights (an HF safetensors directory, a
+`dsv3 convert` output, or another run): the model config is the checkpoint's. Resumes from the
+latest checkpoint in --out when there is one. Writes config.json (so `dsv3 generate` /
+`dsv3 export` take the run directory or a step), metrics.jsonl (each step once, also after an
+interruption and resume) and a loss/expert-load plot (train_curves.png) to --out.
 """
 from __future__ import annotations
 
@@ -20,12 +23,17 @@ import sys
 from dsv3_jax.errors import UserError
 
 __all__ = ["add_arguments", "run", "load_model_config", "read_metrics", "write_plot",
-           "bundled_token_file"]
+           "bundled_token_file", "run_config", "trim_metrics"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="tiny",
-                 help="a preset name (`dsv3 configs` lists them) or a config.json / checkpoint dir")
+  p.add_argument("--config", default=None,
+                 help="a preset name (`dsv3 configs` lists them) or a config.json / checkpoint dir "
+                      "(default: tiny; with --init the checkpoint's; when resuming the run's)")
+  p.add_argument("--init", default=None, metavar="CKPT",
+                 help="fine-tune from these weights: an HF safetensors directory, a `dsv3 convert` "
+                      "output, or a training run / step directory (the model config is the "
+                      "checkpoint's; --config, if given, must agree)")
   p.add_argument("--data", nargs="*", default=None,
                  help="token files: .npy, .u32 (uint32) or .u16/.bin (uint16, vocab <= 65536); "
                       "`dsv3 tokenize` writes them; default: the bundled synthetic corpus")
@@ -73,6 +81,68 @@ def load_model_config(spec: str):
     return ModelConfig.from_hf_config(spec)
   raise UserError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
                   f"existing file")
+
+
+def _differing(a, b) -> list[str]:
+  import dataclasses
+  return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)
+          and f.name != "quantization_config"]  # dequantised for training either way
+
+
+def run_config(config: str | None, init: str | None, out: str):
+  """The run's ModelConfig from --config / --init / the run directory's config.json.
+
+  --init: the checkpoint's config (--config must agree: UserError naming the differing fields);
+  else --config; with neither, the config of the run already in `out` (resuming) or tiny.
+  Resuming with another config is refused by `check_resume` (run.json)."""
+  from dsv3_jax.config import ModelConfig, PRESETS
+  from dsv3_jax.pretrained import checkpoint_config
+  requested = load_model_config(config) if config else None
+  if init is not None:
+    if not os.path.isdir(init):
+      raise UserError(f"--init {init!r} is not a directory")
+    cfg = checkpoint_config(init)
+    if requested is not None and _differing(requested, cfg):
+      raise UserError(f"--config {config} disagrees with the config of --init {init} in "
+                      f"{', '.join(_differing(requested, cfg))} (leave --config out to use the "
+                      f"checkpoint's)")
+    return cfg
+  if requested is not None:
+    return requested
+  saved = os.path.join(out, "config.json")
+  return ModelConfig.from_hf_config(saved) if os.path.isfile(saved) else PRESETS["tiny"]
+
+
+def _copy_tokenizer(out: str, init: str) -> None:
+  """The tokenizer files of --init into the run directory (the Trainer writes config.json), so
+  that `dsv3 generate --checkpoint RUN --prompt ...` finds them."""
+  import shutil
+  from dsv3_jax.checkpoint import TOKENIZER_FILES
+  from dsv3_jax.param_tree import locate
+  located = locate(init)
+  src = located.config_dir if located is not None else os.path.abspath(init)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)) and not os.path.exists(os.path.join(out, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+
+
+def trim_metrics(path: str, step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to `step` (the step training continues from), one per
+  step (the last written); rows of steps after the restored checkpoint, written before an
+  interruption, are dropped, since those steps are trained again."""
+  rows = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by a kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+          rows[row["step"]] = line.rstrip("\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(rows[k] + "\n" for k in sorted(rows))
+  os.replace(path + ".tmp", path)
 
 
 def bundled_token_file(out_dir: str) -> str:
@@ -153,7 +223,9 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def _run_record(cfg, optim) -> dict:
-  return {"config": cfg.to_hf_config(),
+  config = cfg.to_hf_config()
+  config.pop("quantization_config", None)  # an FP8 --init is dequantised: the run's weights are dense
+  return {"config": config,
           "schedule": {"steps": optim.total_steps, "lr": optim.lr, "warmup": optim.warmup_steps,
                        "schedule": optim.schedule}}
 
@@ -194,20 +266,22 @@ def run(args: argparse.Namespace) -> int:
   from dsv3_jax.train.loss import LossConfig
   from dsv3_jax.train.optim import OptimConfig, training_runtime
   from dsv3_jax.train.trainer import TrainConfig, Trainer
+  from dsv3_jax.param_tree import latest_step
 
   # Everything a user can get wrong is checked before --out is created.
   check_flags(args)
   mesh = cli_mesh(args)  # before anything touches a device
-  cfg = load_model_config(args.config)
+  cfg = run_config(args.config, args.init, args.out)
+  what = f"--init {args.init}" if args.init else f"--config {args.config or 'tiny'}"
   if args.seq > cfg.max_position_embeddings:
     raise UserError(f"--seq {args.seq} exceeds max_position_embeddings="
-                    f"{cfg.max_position_embeddings} of --config {args.config}")
+                    f"{cfg.max_position_embeddings} of {what}")
   if args.data:
     check_token_files(args.data, cfg.vocab_size)
     if not 0 <= args.eos_id < cfg.vocab_size:
       raise UserError(f"--eos-id {args.eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
   elif cfg.vocab_size < 256:
-    raise UserError(f"the bundled corpus has byte tokens (256 ids) but --config {args.config} has "
+    raise UserError(f"the bundled corpus has byte tokens (256 ids) but {what} has "
                     f"vocab_size {cfg.vocab_size}; pass --data")
   warmup = args.warmup if args.warmup is not None else max(args.steps // 20, 1)
   optim = OptimConfig(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
@@ -234,11 +308,20 @@ def run(args: argparse.Namespace) -> int:
       keep=args.keep, peak_flops=_peak_flops(args.peak_tflops))
   rt = training_runtime(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, args.remat)
   main = jax.process_index() == 0
+  init_model = None
+  if args.init is not None and latest_step(os.path.join(args.out, "checkpoints")) is None:
+    from dsv3_jax.pretrained import from_pretrained
+    init_model = from_pretrained(args.init, runtime=rt, mesh=mesh, rules=rules)
+    cfg = init_model.config
+  if main and args.init is not None:
+    _copy_tokenizer(args.out, args.init)
   say = print if main else (lambda *a, **k: None)  # every process trains; process 0 reports
   ckpt_dir = os.path.join(args.out, "checkpoints")
   args.on_interrupt = (f"nothing trained yet; checkpoints are in {ckpt_dir} (rerun the same "
                        f"command to resume)")
-  trainer = Trainer(cfg, rt, train, data, out_dir=args.out, mesh=mesh, rules=rules)
+  trainer = Trainer(cfg, rt, train, data, out_dir=args.out, model=init_model, mesh=mesh,
+                    rules=rules)
+  del init_model
   fresh = trainer.checkpointer.latest_step() is None
   if main and fresh:  # a run's record is written when it starts (legacy runs have none)
     with open(os.path.join(args.out, RUN_FILE), "w") as f:
@@ -251,12 +334,15 @@ def run(args: argparse.Namespace) -> int:
   except (ValueError, KeyError, TypeError) as e:
     if isinstance(e, UserError) or os.path.exists(os.path.join(args.out, RUN_FILE)):
       raise  # with a run record the config was checked above: anything else is a bug
-    raise UserError(f"the checkpoints in {ckpt_dir} do not match --config {args.config} (a run "
-                    f"without {RUN_FILE}, started with another config?); use another --out") from e
+    raise UserError(f"the checkpoints in {ckpt_dir} do not match {what} (a run without "
+                    f"{RUN_FILE}, started with another config?); use another --out") from e
   if resumed:
     say(f"resumed from step {trainer.step} in {ckpt_dir}")
+  elif args.init is not None:
+    say(f"initialised from {args.init}")
   log_path = os.path.join(args.out, "metrics.jsonl")
-  if main:
+  if main:  # rows of steps after the restored checkpoint are trained (and logged) again
+    trim_metrics(log_path, trainer.step)
     ui.status("compiling the training step (the first step includes compilation) ...")
   bar = ui.progress(args.steps, "train", unit="step", initial=trainer.step, disable=not main)
   logged = trainer.step  # the last step whose metrics row is written
@@ -265,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
       for m in trainer.run():
         row = {k: v for k, v in m.items() if k != "layer_load"}
         log.write(json.dumps(row) + "\n")
-        log.flush()
+        log.flush()  # a killed run keeps every step it logged (resuming drops the unsaved ones)
         logged = m["step"]
         post = dict(loss=f"{m['loss']:.3f}", mtp=f"{m['mtp_ce']:.3f}", bal=f"{m['balance']:.3f}",
                     load=f"{m['load_ratio']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")

@@ -91,7 +91,7 @@ def write_tokens(path: str | os.PathLike, tokens, dtype=None) -> None:
   info = np.iinfo(dtype)
   if arr.size and (arr.min() < 0 or arr.max() > info.max):
     raise DataError(f"{path}: token ids span [{arr.min()}, {arr.max()}], outside {dtype.name}")
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"  # several processes of one run may write the same file
   with open(tmp, "wb") as f:
     if npy:
       np.save(f, arr.astype(dtype))

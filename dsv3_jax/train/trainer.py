@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -34,10 +36,11 @@ from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.errors import UserError
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.model import DeepseekV3
-from dsv3_jax.pretrained import count_params
+from dsv3_jax.param_tree import flatten, nest
+from dsv3_jax.pretrained import abstract_model, count_params, flat_variables, model_from_arrays
 from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
-from dsv3_jax.sharding.entry import replicated
+from dsv3_jax.sharding.entry import replicated, variable_sharding
 from dsv3_jax.train.balance import load_ratio, update_router_bias
 from dsv3_jax.train.checkpointing import RunCheckpointer
 from dsv3_jax.train.data import Batch, DataState, TokenDataset
@@ -45,7 +48,7 @@ from dsv3_jax.train.loss import LossConfig, training_loss
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
 __all__ = ["TrainConfig", "Trainer", "train_flops_per_token", "train_step_fn", "H100_PEAK_FLOPS",
-           "ResumeError"]
+           "ResumeError", "write_run_config"]
 
 
 class ResumeError(ValueError, UserError):
@@ -197,11 +200,27 @@ def _train_step(graphdef, state, tokens, segment_ids, positions, mtp_lambda, gam
 train_step_fn = _train_step
 
 
+def write_run_config(out_dir: str, cfg: ModelConfig) -> None:
+  """out_dir/config.json (unless there is one): makes the run directory, and each of its steps,
+  a checkpoint `from_pretrained` / `dsv3 generate` / `dsv3 export` read. quantization_config is
+  dropped (a run's weights are dense)."""
+  path = os.path.join(out_dir, "config.json")
+  if os.path.isfile(path):
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  raw = cfg.to_hf_config()
+  raw.pop("quantization_config", None)
+  with open(path + ".tmp", "w") as f:
+    json.dump(raw, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 class Trainer:
   """Owns the model, optimizer, data reader and (optionally) a checkpointer, on a device mesh.
 
   cfg / runtime: the model; train: the run; data: a TokenDataset (its batch_size and seq_len are
-  the global batch shape); out_dir: checkpoints go to out_dir/checkpoints (None: no checkpoints);
+  the global batch shape); out_dir: checkpoints go to out_dir/checkpoints and the model's
+  config.json to out_dir (None: no checkpoints; see `dsv3_jax.train.checkpointing`);
   model: start from this model (e.g. `from_pretrained(..., mesh=mesh)`) instead of a fresh init
   from train.seed.
   mesh: a `jax.sharding.Mesh`, a "fsdp=4,expert=2" string or {name: size} (None: every device on
@@ -266,6 +285,8 @@ class Trainer:
     self.history: list[dict[str, Any]] = []
     self.checkpointer = (RunCheckpointer(f"{out_dir}/checkpoints", save_every=train.save_every,
                                          keep=train.keep) if out_dir else None)
+    if out_dir and jax.process_index() == 0:
+      write_run_config(out_dir, cfg)
     self.batch_shape = (data.batch_size, data.seq_len)
     self.batch_sharding = activation_sharding(("batch", "sequence"), self.rules, self.mesh,
                                               self.batch_shape)
@@ -278,8 +299,12 @@ class Trainer:
     return nnx.merge(self.graphdef, self.state["params"], self.state["rest"])
 
   # Checkpoints -------------------------------------------------------------------------------
-  def _pure(self) -> dict:
-    return jax.tree.map(lambda x: x, self.state)
+  def checkpoint_items(self) -> dict[str, Any]:
+    """{"params": the parameter tree (`dsv3_jax.param_tree`, per layer), "opt": the optax
+    state, "state": {"step"}}: what a checkpoint stores, as pure-array pytrees."""
+    flat = {k: v.get_value() for k, v in flat_variables(self.model).items()}
+    return {"params": nest(flat), "opt": jax.tree.map(lambda x: x, self.state["opt"]),
+            "state": {"step": self.state["step"]}}
 
   def save(self, force: bool = False) -> bool:
     """Saves the run at the current step if due (or `force`). Needs an out_dir."""
@@ -287,13 +312,19 @@ class Trainer:
       raise ValueError("this Trainer has no out_dir: nothing to save to")
     meta = {"step": self.step, "data": self.data.state.to_dict(), "data_seed": self.data.seed,
             "seq_len": self.data.seq_len, "batch_size": self.data.batch_size}
-    return self.checkpointer.save(self.step, self._pure(), meta, force=force)
+    return self.checkpointer.save(self.step, self.checkpoint_items(), meta, force=force)
 
   def restore(self, step: int | None = None) -> bool:
     """Loads the latest (or the given) checkpoint; False when there is none."""
     if self.checkpointer is None or (step is None and self.checkpointer.latest_step() is None):
       return False
-    pure, meta, step = self.checkpointer.restore(self._pure(), step)
+    per_layer = variable_sharding(self.mesh, self.rules)
+    abstract = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                        sharding=per_layer(p, v))
+                for p, v in flat_variables(abstract_model(self.cfg, self.runtime)).items()}
+    items = {"params": nest(abstract), "opt": self.state["opt"],
+             "state": {"step": self.state["step"]}}
+    out, meta, step = self.checkpointer.restore(items, step)
     if meta["data_seed"] != self.data.seed:
       raise UserError(f"{self.checkpointer.directory}: checkpoint was written with data seed "
                       f"{meta['data_seed']}, this run reads its data with seed {self.data.seed}")
@@ -301,7 +332,11 @@ class Trainer:
       raise ResumeError(f"{self.checkpointer.directory}: checkpoint was written with seq_len="
                         f"{meta['seq_len']} batch={meta['batch_size']}, this run uses seq_len="
                         f"{self.data.seq_len} batch={self.data.batch_size}")
-    self.state = pure
+    model = model_from_arrays(self.cfg, self.runtime, flatten(out["params"]))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    sh = self.state_shardings
+    params, rest = jax.device_put((params, rest), (sh["params"], sh["rest"]))
+    self.state = {"params": params, "rest": rest, "opt": out["opt"], **out["state"]}
     self.step = int(meta["step"])
     self.data.state = DataState.from_dict(meta["data"])
     return True
@@ -331,15 +366,17 @@ class Trainer:
   def run(self, steps: int | None = None, *, callback: Callable[[dict], None] | None = None,
           ) -> Iterator[dict[str, Any]]:
     """Trains until `steps` total steps (default train.steps), yielding each step's metrics;
-    saves on the checkpoint cadence and at the end."""
+    saves on the checkpoint cadence and at the end. A step's checkpoint is written after its
+    metrics are handed out (yield / callback), so a log written from them holds every step a
+    checkpoint holds, even when the process is killed right after a save."""
     end = self.train.steps if steps is None else steps
     while self.step < end:
       m = self.train_step(self.data.next_batch())
-      if self.checkpointer is not None:
-        self.save(force=self.step == end)
       if callback is not None:
         callback(m)
       yield m
+      if self.checkpointer is not None:
+        self.save(force=self.step == end)
 
   def close(self) -> None:
     if self.checkpointer is not None:
