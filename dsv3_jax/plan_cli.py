@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 __all__ = ["add_arguments", "run", "format_report"]
 
@@ -87,18 +86,20 @@ def run(args: argparse.Namespace) -> int:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from dsv3_jax.plan import PlanError, PlanRequest, parse_rules, plan
   from dsv3_jax.sharding import parse_mesh_shape
+  # Only the flags are turned into PlanError here; `plan` raises PlanError (a UserError, printed
+  # in one line by the `dsv3` handler) for what the user can fix, and anything else is a bug that
+  # keeps its traceback.
   try:
     mesh = parse_mesh_shape(args.mesh) if args.mesh else None
-    req = PlanRequest(
-        topology=args.topology, mode=args.mode, config=_config(args), mesh=mesh,
-        rules=None if args.rules is None else parse_rules(args.rules, mesh or {}),
-        batch_per_device=args.batch_per_device, seq=args.seq, decode_batch=args.decode_batch,
-        context=args.context, prompt_len=args.prompt_len, remat=args.remat,
-        param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
-    report = plan(req)
-  except (PlanError, ValueError) as e:
-    print(f"dsv3 plan: error: {e}", file=sys.stderr)
-    return 2
+    rules = None if args.rules is None else parse_rules(args.rules, mesh or {})
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+  req = PlanRequest(
+      topology=args.topology, mode=args.mode, config=_config(args), mesh=mesh, rules=rules,
+      batch_per_device=args.batch_per_device, seq=args.seq, decode_batch=args.decode_batch,
+      context=args.context, prompt_len=args.prompt_len, remat=args.remat,
+      param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
+  report = plan(req)
   if args.json:
     print(json.dumps(report.to_json(), default=str))
   else:
