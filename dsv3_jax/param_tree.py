@@ -72,6 +72,9 @@ class Fp8Weight:
 
 
 # The tree ---------------------------------------------------------------------------------------
+# Bytes per Orbax partial restore when loading (progress is reported between them).
+RESTORE_GROUP_BYTES = 1 << 30
+
 def nest(flat: Mapping[str, Any]) -> dict:
   """{"layers.0.mlp.gate.kernel": x, ...} -> {"layers": {"0": {"mlp": {"gate": {"kernel": x}}}}}."""
   out: dict = {}
@@ -213,10 +216,13 @@ def _restore(params_dir, d: str, args) -> dict:
 
 def restore_arrays(params_dir: str | os.PathLike, abstract_vars: Mapping[str, Any], *,
                    shardings: ShardingsArg = None, keep_fp8: bool = False,
-                   block: tuple[int, int] | None = None) -> dict[str, Any]:
+                   block: tuple[int, int] | None = None, progress: bool = False,
+                   group_bytes: int = RESTORE_GROUP_BYTES) -> dict[str, Any]:
   """Restores the parameters named by `abstract_vars` ({per-layer path: abstract nnx.Variable})
-  from the parameter tree at `params_dir` (or the converted directory holding it), in one Orbax
-  restore. block: the FP8 block size (default: the converted directory's, else 128 x 128).
+  from the parameter tree at `params_dir` (or the converted directory holding it), in Orbax
+  partial restores of about `group_bytes` each (parameters in tree order). block: the FP8 block
+  size (default: the converted directory's, else 128 x 128). progress: report the bytes restored
+  (`dsv3_jax.ui.progress`: a bar, plain lines or nothing) after each group.
 
   Each parameter is restored with the abstract variable's dtype into its sharding (`shardings`:
   {path: Sharding} or a callable (path, abstract_variable) -> Sharding; default the first local
@@ -265,8 +271,18 @@ def restore_arrays(params_dir: str | os.PathLike, abstract_vars: Mapping[str, An
     want(vp, qshape, jnp.float8_e4m3fn, swap_last2(s, len(qshape)))
     want(sp, entry["scale_shape"], jnp.float32, replicated_like(s))
     plan[p] = ((vp, sp), abs_value.dtype, s)
-  r = flatten(_restore(params_dir, d, ocp.args.PyTreeRestore(
-      item=nest(target), restore_args=nest(args), partial_restore=True)))
+  r = {}
+  from dsv3_jax.ui import progress as progress_bar
+  sizes = {k: int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for k, v in target.items()}
+  bar = progress_bar(sum(sizes.values()), "load", unit="B", disable=not progress)
+  try:
+    for group in _groups(list(target), sizes, group_bytes):
+      r.update(flatten(_restore(params_dir, d, ocp.args.PyTreeRestore(
+          item=nest({k: target[k] for k in group}), restore_args=nest({k: args[k] for k in group}),
+          partial_restore=True))))
+      bar.update(sum(sizes[k] for k in group))
+  finally:
+    bar.close()
   out: dict[str, Any] = {}
   for p, (fp8, dtype, s) in plan.items():
     if fp8 is None:
@@ -276,6 +292,18 @@ def restore_arrays(params_dir: str | os.PathLike, abstract_vars: Mapping[str, An
     else:
       out[p] = _dequantize_fn(tuple(block), np.dtype(dtype), s)(r[fp8[0]], r[fp8[1]])
   return out
+
+
+def _groups(keys: list[str], sizes: Mapping[str, int], group_bytes: int) -> list[list[str]]:
+  """`keys` in order, cut into consecutive groups of about `group_bytes` (at least one key each)."""
+  groups, cur, n = [], [], 0
+  for k in keys:
+    if cur and n + sizes[k] > group_bytes:
+      groups.append(cur)
+      cur, n = [], 0
+    cur.append(k)
+    n += sizes[k]
+  return groups + ([cur] if cur else [])
 
 
 def restore_numpy(params_dir: str | os.PathLike, paths: list[str], stored: Mapping[str, dict],

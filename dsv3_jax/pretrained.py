@@ -289,9 +289,9 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
   shardings = shardings_arg(shardings, mesh, rules)
   located = locate(path)
-  if located is not None:  # one Orbax restore of the whole tree (no per-parameter progress)
+  if located is not None:  # Orbax partial restores of ~1 GiB, progress between them
     return load_params(located, dtype, runtime=runtime, mtp=mtp, shardings=shardings,
-                       keep_fp8=fp8 == "keep")
+                       keep_fp8=fp8 == "keep", progress=progress)
   cfg = ModelConfig.from_hf_config(path)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   ckpt = HFCheckpoint(path)
@@ -351,11 +351,13 @@ def checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = None,
-                mtp: bool | None = None, shardings=None, keep_fp8: bool = False) -> DeepseekV3:
+                mtp: bool | None = None, shardings=None, keep_fp8: bool = False,
+                progress: bool = False) -> DeepseekV3:
   """`from_pretrained` for a parameter tree (`dsv3_jax.param_tree.locate`: a converted
   directory, a training run or step): config.json from `located.config_dir`, each parameter
   restored straight into its sharding (each process reads only its own shards), the layers
-  stacked on device. keep_fp8: FP8 leaves stay e4m3 + block scales (fp8="keep")."""
+  stacked on device. keep_fp8: FP8 leaves stay e4m3 + block scales (fp8="keep"). progress:
+  report the bytes restored (see `restore_arrays`)."""
   cfg = ModelConfig.from_hf_config(located.config_dir)
   rt = runtime or RuntimeConfig(param_dtype=dtype, dtype=dtype)
   stored = stored_params(located.params_dir)
@@ -373,7 +375,7 @@ def load_params(located, dtype=jnp.float32, *, runtime: RuntimeConfig | None = N
   block = tuple(fp8.get("weight_block_size") or (128, 128))
   abstract = flat_variables(abstract_model(cfg, rt))
   arrays = restore_arrays(located.params_dir, abstract, shardings=shardings, keep_fp8=keep_fp8,
-                          block=block)
+                          block=block, progress=progress)
   return model_from_arrays(cfg, rt, arrays)
 
 
