@@ -29,6 +29,24 @@ def _parts(spec: P) -> list[tuple[str, ...]]:
   return [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
 
 
+def _specs(x, w, w_axes, rules, mesh):
+  """(mesh, x_spec, w_spec, x_parts, w_parts (one tuple of mesh axes per dim of w)) for x
+  [batch, ...] split on the rules' batch axes and w on its logical axes; None when there is no
+  mesh, w is not sharded, or an axis involved is already manual (inside another shard_map)."""
+  m = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if m is None or m.empty:
+    return None
+  rules = rules or current_rules()
+  manual = set(getattr(m, "manual_axes", ()) or ())
+  w_spec = logical_to_spec(tuple(w_axes), rules, m, tuple(w.shape))
+  x_spec = logical_to_spec(("batch",), rules, m, tuple(x.shape[:1]))
+  w_parts, x_parts = _parts(w_spec), _parts(x_spec)
+  w_parts += [()] * (w.ndim - len(w_parts))
+  if not any(w_parts) or {a for p in w_parts + x_parts for a in p} & manual:
+    return None
+  return m, x_spec, w_spec, x_parts, w_parts
+
+
 def with_whole_weight(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                       w: jax.Array, w_axes: Sequence[str | None], dtype, *,
                       rules: ShardingRules | None = None, mesh=None) -> jax.Array:
@@ -42,17 +60,10 @@ def with_whole_weight(fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Ar
   reduce-scattered in `dtype` over its axes (and summed over the batch axes it is replicated on),
   then cast back. With no mesh, or no sharded weight dim, this is `fn(x, w)` without a cast (the
   caller casts, which keeps single-device numerics unchanged)."""
-  m = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  if m is None or m.empty:
+  specs = _specs(x, w, w_axes, rules, mesh)
+  if specs is None:
     return fn(x, w)
-  rules = rules or current_rules()
-  manual = set(getattr(m, "manual_axes", ()) or ())
-  w_spec = logical_to_spec(tuple(w_axes), rules, m, tuple(w.shape))
-  x_spec = logical_to_spec(("batch",), rules, m, tuple(x.shape[:1]))
-  w_parts, x_parts = _parts(w_spec), _parts(x_spec)
-  used = {a for p in w_parts + x_parts for a in p}
-  if not any(w_parts) or used & manual:
-    return fn(x, w)
+  m, x_spec, w_spec, _, w_parts = specs
 
   def body(xl, wl):
     wl = wl.astype(dtype)
@@ -78,18 +89,11 @@ def _axis_index(axes: tuple[str, ...]):
 def _gather_plan(x, w, w_axes, vocab_dim: int, rules, mesh):
   """Specs for the few-token vocab ops: (mesh, x_spec, w_spec, gather axes G, rest of the batch
   axes, vocab axes, embed axes) or None when there is nothing sharded to avoid gathering."""
-  m = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  if m is None or m.empty:
+  specs = _specs(x, w, w_axes, rules, mesh)
+  if specs is None:
     return None
-  rules = rules or current_rules()
-  manual = set(getattr(m, "manual_axes", ()) or ())
-  w_spec = logical_to_spec(tuple(w_axes), rules, m, tuple(w.shape))
-  x_spec = logical_to_spec(("batch",), rules, m, tuple(x.shape[:1]))
-  w_parts, x_parts = _parts(w_spec), _parts(x_spec)
-  w_parts += [()] * (w.ndim - len(w_parts))
+  m, x_spec, w_spec, x_parts, w_parts = specs
   batch = x_parts[0] if x_parts else ()
-  if not any(w_parts) or {a for p in w_parts + x_parts for a in p} & manual:
-    return None
   vocab = w_parts[vocab_dim]
   embed = w_parts[1 - vocab_dim]
   # Gather the batch axes from the first one w also uses on: the rest (the major axes) then
