@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.errors import UserError
+from dsv3_jax.layers import dequantize_blocks
 
 __all__ = ["PARAMS", "MANIFEST", "FORMAT", "VERSION", "Fp8Weight", "nest", "flatten",
            "fp8_paths", "pytree_dir", "stored_params", "mtp_depth_stored", "restore_arrays", "restore_numpy",
@@ -194,12 +195,8 @@ def replicated_like(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 @functools.lru_cache(maxsize=64)  # one compiled function per (block, dtype, sharding)
 def _dequantize_fn(block: tuple[int, int], dtype, out_sharding):
-  bm, bn = block
-
   def f(w, s):  # w [..., out, in] e4m3, s [..., so, si] -> [..., in, out] dtype
-    m, n = w.shape[-2:]
-    full = jnp.repeat(jnp.repeat(s.astype(jnp.float32), bm, axis=-2), bn, axis=-1)[..., :m, :n]
-    return jnp.swapaxes(w.astype(jnp.float32) * full, -1, -2).astype(dtype)
+    return jnp.swapaxes(dequantize_blocks(w, s, block), -1, -2).astype(dtype)
   return jax.jit(f, out_shardings=out_sharding)
 
 
