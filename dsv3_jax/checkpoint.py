@@ -149,14 +149,15 @@ def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
 
 def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128),
                    name: str = "") -> np.ndarray:
-  """w[m, n] * scale_inv[m // bm, n // bn] in float32 (partial edge blocks allowed)."""
+  """w[..., m, n] * scale_inv[..., m // bm, n // bn] in float32 (partial edge blocks allowed;
+  leading dims: a stack of weights)."""
   bm, bn = block
-  m, n = w.shape
-  want = (-(-m // bm), -(-n // bn))
+  m, n = w.shape[-2:]
+  want = tuple(w.shape[:-2]) + (-(-m // bm), -(-n // bn))
   if scale_inv.shape != want:
     raise CheckpointError(f"{name}{SCALE_SUFFIX}: shape {scale_inv.shape} does not fit weight "
                           f"{w.shape} with {bm}x{bn} blocks (expected {want})")
-  s = np.repeat(np.repeat(scale_inv.astype(np.float32), bm, 0), bn, 1)[:m, :n]
+  s = np.repeat(np.repeat(scale_inv.astype(np.float32), bm, -2), bn, -1)[..., :m, :n]
   return w.astype(np.float32) * s
 
 
@@ -383,7 +384,5 @@ def _read_quantized(ckpt, sources, shape, block):
 
 
 def _dequant_ours(value, scale, block):
-  bm, bn = block
-  m, n = value.shape[-2:]
-  s = np.repeat(np.repeat(scale, bm, -2), bn, -1)[..., :m, :n]
-  return np.swapaxes(value.astype(np.float32) * s, -1, -2)
+  """FP8 [..., out, in] + block scales -> float32 in our [..., in, out] layout."""
+  return np.swapaxes(dequantize_fp8(value, scale, block), -1, -2)
