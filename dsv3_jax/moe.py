@@ -29,7 +29,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig, RuntimeConfig
 from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight,
                              fp8_inference_only)
-from dsv3_jax.sharding import expert_parallel
+from dsv3_jax.sharding import expert_parallel, kernel_map
 
 __all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
            "grouped_ffn", "unpermute", "grouped_matmul", "Fp8Experts"]
@@ -243,9 +243,34 @@ class Experts(nnx.Module):
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
           capacity_factor=self.rt.ep_capacity_factor, return_overflow=True)
       return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
-    xs, order, sizes = permute(x.astype(dt), routing.experts, E)
-    ys = grouped_ffn(xs, sizes, *w, **kw)
-    return unpermute(ys, order, routing.weights), sizes, jnp.zeros((), jnp.int32)
+    sizes = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
+    y = _local_experts(x.astype(dt), routing, w, E, kw)
+    return y, sizes, jnp.zeros((), jnp.int32)
+
+
+def _local_experts(x, routing: Routing, w, num_experts: int, kw) -> jax.Array:
+  """permute -> grouped FFN -> unpermute for the tokens at hand (no expert parallelism).
+
+  With a kernel backend on a mesh (e.g. fsdp or data axes, no `expert` axis), the chain runs per
+  shard of the token dim inside `kernel_map`: GSPMD cannot partition a Mosaic/Triton custom call,
+  and each token's experts are all local once the expert weights are gathered (FSDP's all-gather,
+  inserted by GSPMD before the shard_map; their gradients are reduced by the shard_map's
+  transpose). The reference backend (jax.lax.ragged_dot) is left to GSPMD.
+  """
+  flat = [q for p in w for q in ((p.value, p.scale_inv) if isinstance(p, Fp8Experts) else (p,))]
+  fp8 = [isinstance(p, Fp8Experts) for p in w]
+
+  def chain(x, experts, weights, *flat):
+    it = iter(flat)
+    ws = [Fp8Experts(next(it), next(it)) if f else next(it) for f in fp8]
+    xs, order, sizes = permute(x, experts, num_experts)
+    return unpermute(grouped_ffn(xs, sizes, *ws, **kw), order, weights)
+
+  if kw["backend"] == "reference":
+    return chain(x, routing.experts, routing.weights, *flat)
+  tok = ("batch", None)
+  return kernel_map(chain, (tok, tok, tok) + (None,) * len(flat), tok,
+                    name="routed_experts")(x, routing.experts, routing.weights, *flat)
 
 
 class MoE(nnx.Module):

@@ -15,6 +15,7 @@ skip the matmul, keep their block indices fixed across K, and write zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -39,6 +40,15 @@ def _cdiv(a: int, b: int) -> int:
 
 def _megablox():
   return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+def _kernel_precision(*xs: jax.Array):
+  """Megablox's dots take the ambient default precision, and Mosaic rejects a float32
+  contraction ("highest", e.g. a global `jax_default_matmul_precision`) of bf16 operands: bf16
+  inputs trace the kernel under "default" (bf16 products are exact in its f32 accumulator)."""
+  if any(x.dtype == jnp.bfloat16 for x in xs):
+    return jax.default_matmul_precision("default")
+  return contextlib.nullcontext()
 
 
 def _row_tile(t: int, preferred: int) -> int:
@@ -69,9 +79,10 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
   tm = _row_tile(t, tm)
   tk, tn = fp8_tpu.tile_size(c, tk), fp8_tpu.tile_size(d, tn)
   t_pad = _cdiv(t, tm) * tm
-  out = _megablox().gmm(_pad_rows(lhs, t_pad), rhs, _clip_sizes(group_sizes, t),
-                        preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
-                        transpose_rhs=transpose_rhs, interpret=interpret)
+  with _kernel_precision(lhs, rhs):
+    out = _megablox().gmm(_pad_rows(lhs, t_pad), rhs, _clip_sizes(group_sizes, t),
+                          preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
+                          transpose_rhs=transpose_rhs, interpret=interpret)
   _, ends = group_bounds(group_sizes, t)
   rows = jnp.arange(t_pad, dtype=jnp.int32)[:, None]
   return jnp.where(rows < ends[-1], out, jnp.zeros_like(out))[:t]
@@ -88,11 +99,12 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
   tm = _row_tile(t, tm)
   tk, tn = fp8_tpu.tile_size(k, tk), fp8_tpu.tile_size(n, tn)
   t_pad = _cdiv(t, tm) * tm
-  return _megablox().tgmm(_pad_rows(lhs, t_pad).T, _pad_rows(dout, t_pad),
-                          _clip_sizes(group_sizes, t),
-                          preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
-                          num_actual_groups=num_groups or group_sizes.shape[0],
-                          interpret=interpret)
+  with _kernel_precision(lhs, dout):
+    return _megablox().tgmm(_pad_rows(lhs, t_pad).T, _pad_rows(dout, t_pad),
+                            _clip_sizes(group_sizes, t),
+                            preferred_element_type=out_dtype or lhs.dtype, tiling=(tm, tk, tn),
+                            num_actual_groups=num_groups or group_sizes.shape[0],
+                            interpret=interpret)
 
 
 def _gmm_fp8_kernel(tile_ref, group_ref, lo_ref, hi_ref, *refs, num_groups, k, bm, bk, nk,
