@@ -6,9 +6,12 @@ MXU; the accumulator is float32. Weights cross HBM as one byte per element, whic
 over an XLA dequantise-then-matmul; the decode (a dozen VPU ops per weight) is amortised over
 the bm activation rows of the tile, hence the tall default row tile.
 
-e4m3 bytes travel as int8 (a free bitcast outside the kernel) and are decoded / encoded with
-32-bit integer arithmetic (`e4m3_to_f32`, `f32_to_e4m3`), so nothing here depends on the chip
-supporting float8 conversions in its vector unit.
+e4m3 arrays enter and leave the kernels as float8_e4m3fn; inside, their VMEM refs are
+reinterpreted as int8 (`as_bytes`, a ref bitcast; the encoder bitcasts its int8 codes in VMEM
+before storing them: no HBM pass, where an XLA
+`bitcast_convert_type` outside the kernel compiles to a full read-and-write copy on TPU) and
+decoded / encoded with 32-bit integer arithmetic (`e4m3_to_f32`, `f32_to_e4m3`), so nothing here
+depends on the chip supporting float8 in its vector unit.
 
 Scales reach the kernel as VMEM blocks whose last two dims are whole arrays (legal for any
 size under the (8, 128) block rule): the weight scales are regrouped per (bn, bk) weight tile
@@ -28,7 +31,7 @@ from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, E4M3_MAX, cdiv, tile_sc
 
 __all__ = ["e4m3_to_f32", "f32_to_e4m3", "quantize_activations", "fp8_matmul", "tile_size",
            "group_weight_scales", "group_row_scales", "dequantize_tile", "dequantize_rows",
-           "mask_columns"]
+           "mask_columns", "as_bytes"]
 
 _NT = (((1,), (1,)), ((), ()))
 
@@ -96,11 +99,18 @@ def group_row_scales(scale: jax.Array, bk: int) -> jax.Array:
   return jnp.moveaxis(s.reshape(m, nk, q), 1, 0)
 
 
+def as_bytes(ref):
+  """A float8_e4m3fn ref viewed as int8 (same bytes); int8 refs pass through."""
+  return ref.bitcast(jnp.int8) if ref.dtype == jnp.float8_e4m3fn else ref
+
+
 def dequantize_tile(w_ref, s_ref, out_ref, *, k_limit=None):
-  """Decodes the int8 tile w_ref [bn, bk] into out_ref (its dtype) using s_ref [p, q] scales.
+  """Decodes the e4m3 tile w_ref [bn, bk] (float8_e4m3fn or its int8 bytes) into out_ref (its
+  dtype) using s_ref [p, q] scales.
 
   k_limit: number of valid columns (a traced scalar) when the tile overhangs K; the rest is 0.
   """
+  w_ref = as_bytes(w_ref)
   bn, bk = w_ref.shape
   for i in range(cdiv(bn, BLOCK)):
     rows = slice(i * BLOCK, min(bn, (i + 1) * BLOCK))
@@ -114,7 +124,9 @@ def dequantize_tile(w_ref, s_ref, out_ref, *, k_limit=None):
 
 
 def dequantize_rows(x_ref, s_ref, out_ref, *, k_limit=None):
-  """Decodes the int8 activation tile x_ref [bm, bk] into out_ref with s_ref [bm, bk/128]."""
+  """Decodes the e4m3 activation tile x_ref [bm, bk] (float8_e4m3fn or int8 bytes) into out_ref
+  with s_ref [bm, bk/128]."""
+  x_ref = as_bytes(x_ref)
   bk = x_ref.shape[1]
   for j in range(cdiv(bk, BLOCK)):
     cols = slice(j * BLOCK, min(bk, (j + 1) * BLOCK))
@@ -162,14 +174,15 @@ def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale
       cols = pl.ds(pl.multiple_of(j * block, block), block)
       xf = x_ref[:, cols].astype(jnp.float32)
       s = tile_scales(jnp.max(jnp.abs(xf), axis=1, keepdims=True), power_of_two_scale)
-      q_ref[:, cols] = f32_to_e4m3(jnp.clip(xf / s, -E4M3_MAX, E4M3_MAX))
+      code = f32_to_e4m3(jnp.clip(xf / s, -E4M3_MAX, E4M3_MAX))
+      q_ref[:, cols] = jax.lax.bitcast_convert_type(code, jnp.float8_e4m3fn)  # in VMEM: free
       return jnp.where(lane == j, s, scales)
 
     s_ref[...] = jax.lax.fori_loop(0, kb, body, jnp.zeros((bm, kb), jnp.float32))
 
   q, s = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((m, kp), jnp.int8),
+      out_shape=(jax.ShapeDtypeStruct((m, kp), jnp.float8_e4m3fn),
                  jax.ShapeDtypeStruct((m, kb), jnp.float32)),
       grid=(cdiv(m, bm),),
       in_specs=[pl.BlockSpec((bm, kp), lambda i: (i, 0))],
@@ -179,10 +192,9 @@ def quantize_activations(x: jax.Array, *, block: int = BLOCK, power_of_two_scale
       interpret=interpret,
       name="dsv3_fp8_quantize",
       cost_estimate=estimate(4 * m * kp, reads=[x],
-                             writes=[jax.ShapeDtypeStruct((m, kp), jnp.int8),
+                             writes=[jax.ShapeDtypeStruct((m, kp), jnp.float8_e4m3fn),
                                      jax.ShapeDtypeStruct((m, kb), jnp.float32)]),
   )(x)
-  q = jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn)
   return (q[:, :k] if kp != k else q), s
 
 
@@ -233,13 +245,13 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array | None, b: jax.Array, b_scale: j
   compute_dtype = jnp.float32 if a.dtype == jnp.float32 else jnp.bfloat16
 
   in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))]
-  operands = [jax.lax.bitcast_convert_type(a, jnp.int8) if has_a_scale else a]
+  operands = [a]
   scratch = [pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bn, bk), compute_dtype)]
   if has_a_scale:
     operands.append(group_row_scales(a_scale, bk))
     in_specs.append(pl.BlockSpec((None, bm, q), lambda i, j, kk: (kk, i, 0)))
     scratch.append(pltpu.VMEM((bm, bk), compute_dtype))
-  operands += [jax.lax.bitcast_convert_type(b, jnp.int8), group_weight_scales(b_scale, bn, bk)]
+  operands += [b, group_weight_scales(b_scale, bn, bk)]
   in_specs += [pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
                pl.BlockSpec((None, None, p, q), lambda i, j, kk: (j, kk, 0, 0))]
 
