@@ -38,6 +38,8 @@ from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.mla_decode.reference import select_layer
 from dsv3_jax.layers import apply_rope
 from dsv3_jax.sharding import kernel_map
+from dsv3_jax.sharding.rules import current_rules, logical_to_spec
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
            "decode_forward", "mtp_prefill", "mtp_decode_forward"]
@@ -133,6 +135,18 @@ def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, plat
                     name="mla_decode")(q, latent, rope, lengths, layer)
 
 
+def _split_hidden_for_lora(h):
+  """h [B, T, D] laid out as q_a_proj / kv_a_proj_with_mqa's input dim (logical "lora_in") is:
+  when the rules split that dim (serving on a pod), each device multiplies its D slice of every
+  token by its slice of the weights and the [B, T, 1536 | 576] partial sums are reduced, instead
+  of every device reading the whole weights (few tokens: moving activations is cheaper)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return h
+  spec = logical_to_spec((None, None, "lora_in"), current_rules(), mesh, h.shape)
+  return h if spec == P() else jax.lax.with_sharding_constraint(h, spec)
+
+
 def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=None):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
   positions[:, 0]); writes their latent rows into cache = (latent [L, B, S, C], rope
@@ -142,7 +156,7 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=
   attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
-    h = layer.input_layernorm(x)
+    h = _split_hidden_for_lora(layer.input_layernorm(x))
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]

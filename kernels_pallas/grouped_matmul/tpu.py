@@ -102,20 +102,20 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
                           interpret=interpret)
 
 
-def estimate_items(rows: int, num_groups: int, bm: int) -> int:
-  """Work items (row tile, group) with rows that the schedule holds when `rows` live rows are
-  split as evenly as possible over `num_groups` groups (the first rows % G groups one row
-  longer), each item computing a whole bm-row tile: the static stand-in for the runtime count
-  that a `pl.CostEstimate` needs (see `schedule.row_tile_schedule`; the virtual group's items
-  compute nothing and are not counted)."""
-  base, extra = divmod(rows, num_groups)
-  items, start = 0, 0
-  for g in range(num_groups):
-    size = base + (g < extra)
-    if size:
-      items += (start + size - 1) // bm - start // bm + 1
-    start += size
-  return items
+def estimate_items(rows: int, num_groups: int, bm: int) -> float:
+  """Expected work items (row tile, group) with rows for `rows` live rows routed uniformly at
+  random over `num_groups` groups, each item computing a whole bm-row tile: the static stand-in
+  for the runtime count (`schedule.row_tile_schedule`) that a `pl.CostEstimate` needs.
+
+  Closed form: the expected non-empty groups, G (1 - (1 - 1/G)^rows), plus one item per tile
+  boundary inside [0, rows), ceil(rows / bm) - 1 (each splits the group that straddles it; a
+  group starting exactly on a boundary, which saves one, is rare with random sizes). The
+  virtual group's items (rows past the sum) compute nothing and are not counted.
+  """
+  if rows <= 0:
+    return 0.0
+  nonempty = num_groups * (1.0 - (1.0 - 1.0 / num_groups) ** rows)
+  return nonempty + (-(-rows // bm) - 1)
 
 
 def _gmm_layer_kernel(tile_ref, group_ref, lo_ref, hi_ref, layer_ref, x_ref, w_ref, o_ref,
@@ -155,7 +155,7 @@ def gmm_layer(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax
 
   layer: int32 scalar (may be traced; clipped to [0, L)). lhs bf16/f32; rhs any float dtype
   (tiles cast in VMEM to lhs.dtype). tiles = (bm, bk, bn), multiples of (8, 128, 128) or whole
-  dims. rows: live rows the cost estimate assumes (default T), spread evenly over the groups
+  dims. rows: live rows the cost estimate assumes (default T), routed uniformly over the groups
   (`estimate_items`); the kernel itself computes only the tiles holding rows of some group.
   Rows past sum(group_sizes) are zero.
   """
@@ -185,10 +185,10 @@ def gmm_layer(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax
 
   items = estimate_items(t if rows is None else min(rows, t), num_groups, bm)
   cost = pl.CostEstimate(
-      flops=2 * items * bm * k * n, transcendentals=0,
-      bytes_accessed=(nn * items * bm * k * lhs.dtype.itemsize      # x tiles, per N tile
-                      + items * k * n * rhs.dtype.itemsize          # the groups' weights
-                      + t * n * out_dtype.itemsize))
+      flops=round(2 * items * bm * k * n), transcendentals=0,
+      bytes_accessed=round(nn * items * bm * k * lhs.dtype.itemsize  # x tiles, per N tile
+                           + items * k * n * rhs.dtype.itemsize      # the groups' weights
+                           + t * n * out_dtype.itemsize))
   kernel = functools.partial(_gmm_layer_kernel, num_groups=num_groups, k=k, bk=bk, nk=nk,
                              compute_dtype=lhs.dtype)
   return pl.pallas_call(
@@ -323,8 +323,8 @@ def gmm_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array, group_sizes: j
       interpret=interpret,
       name="dsv3_grouped_matmul_fp8",
       cost_estimate=pl.CostEstimate(
-          flops=2 * items * bm * k * n, transcendentals=0,
-          bytes_accessed=(_cdiv(n, bn) * items * bm * k * lhs.dtype.itemsize
-                          + items * k * n + nbytes(*operands[1:-2], operands[-1])
-                          + t * n * jnp.dtype(out_dtype).itemsize)),
+          flops=round(2 * items * bm * k * n), transcendentals=0,
+          bytes_accessed=round(_cdiv(n, bn) * items * bm * k * lhs.dtype.itemsize
+                               + items * k * n + nbytes(*operands[1:-2], operands[-1])
+                               + t * n * jnp.dtype(out_dtype).itemsize)),
   )(sched.tile, sched.group, sched.lo, sched.hi, layer, *operands)
