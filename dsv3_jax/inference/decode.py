@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_prefill
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.mla_decode.reference import select_layer
 from dsv3_jax.layers import apply_rope
-from dsv3_jax.sharding import kernel_map
-from dsv3_jax.sharding.rules import current_rules, logical_to_spec
-from jax.sharding import PartitionSpec as P
+from dsv3_jax.sharding import current_rules, kernel_map, logical_to_spec
 
 __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
            "decode_forward", "mtp_prefill", "mtp_decode_forward"]
