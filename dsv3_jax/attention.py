@@ -77,11 +77,11 @@ class MLA(nnx.Module):
     if cfg.q_lora_rank is None:
       self.q_proj = Linear(D, H * cfg.qk_head_dim, axes=("embed", "heads"), **kw)
     else:
-      self.q_a_proj = Linear(D, cfg.q_lora_rank, axes=("embed", "q_lora"), **kw)
+      self.q_a_proj = Linear(D, cfg.q_lora_rank, axes=("lora_in", "q_lora"), **kw)
       self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps, param_dtype=rt.param_dtype)
       self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, axes=("q_lora", "heads"), **kw)
     self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                     axes=("embed", "kv_lora"), **kw)
+                                     axes=("lora_in", "kv_lora"), **kw)
     self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps, param_dtype=rt.param_dtype)
     self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                             axes=("kv_lora", "heads"), **kw)

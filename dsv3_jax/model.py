@@ -84,15 +84,18 @@ class DecoderLayer(nnx.Module):
                      dtype=rt.dtype)
     self.is_moe = cfg.is_moe_layer(layer)
 
-  def __call__(self, x, positions, segment_ids=None, *, return_latent: bool = False):
+  def __call__(self, x, positions, segment_ids=None, *, return_latent: bool = False,
+               expert_layer=None):
     """x [B, T, D] -> (x [B, T, D], router stats dict or None); with `return_latent` also the
-    attention's latent (c [B, T, C], k_pe [B, T, R]), what the decode cache stores."""
+    attention's latent (c [B, T, C], k_pe [B, T, R]), what the decode cache stores.
+    expert_layer: the index into whole routed-expert layer stacks this layer holds (see
+    `LayerStack(experts_at_layer=True)`); None for a layer's own experts."""
     a = self.self_attn(self.input_layernorm(x), positions, segment_ids, return_latent=return_latent)
     a, latent = a if return_latent else (a, None)
     x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      y, stats = self.mlp(h)
+      y, stats = self.mlp(h, layer=expert_layer)
     else:
       y, stats = self.mlp(h), None
     return (x + y, stats, latent) if return_latent else (x + y, stats)
@@ -138,17 +141,37 @@ class LayerStack(nnx.Module):
     graphdef, state = nnx.split(self.block)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def __call__(self, x, positions, segment_ids=None, *, remat: str = "none",
-               return_latent: bool = False):
-    """x [B, T, D] -> (x, stats with a leading [count] axis or None[, latents [count, ...]])."""
-    graphdef, state = nnx.split(self.block)
+  def split_experts(self):
+    """(graphdef, routed-expert stacks, the rest): the block's state with the routed experts'
+    weight stacks [count, E, ...] apart (`nnx.merge(graphdef, experts, rest_of_one_layer)`
+    gives a layer that holds the whole stacks; call it with `expert_layer=`). Dense stacks:
+    experts is an empty state."""
+    return nnx.split(self.block, nnx.PathContains("experts"), ...)
 
-    def body(x, layer_state):
-      out = nnx.merge(graphdef, layer_state)(x, positions, segment_ids,
-                                             return_latent=return_latent)
+  def __call__(self, x, positions, segment_ids=None, *, remat: str = "none",
+               return_latent: bool = False, experts_at_layer: bool = False):
+    """x [B, T, D] -> (x, stats with a leading [count] axis or None[, latents [count, ...]]).
+
+    experts_at_layer (inference): the routed-expert stacks stay outside the scan and each layer
+    reads its slice in place (`grouped_matmul(layer=...)`) instead of the scan slicing them,
+    which XLA materialises before a kernel call (a copy of every layer's experts per step).
+    Not differentiable in the expert weights.
+    """
+    if experts_at_layer and self.is_moe:
+      graphdef, experts, state = self.split_experts()
+      xs = (state, jnp.arange(self.count, dtype=jnp.int32))
+    else:
+      graphdef, state = nnx.split(self.block)
+      experts, xs = None, (state, None)
+
+    def body(x, layer):
+      layer_state, index = layer
+      states = (layer_state,) if experts is None else (experts, layer_state)
+      out = nnx.merge(graphdef, *states)(x, positions, segment_ids, return_latent=return_latent,
+                                         expert_layer=index)
       return out[0], out[1:]
 
-    x, ys = jax.lax.scan(remat_block(body, remat), x, state)
+    x, ys = jax.lax.scan(remat_block(body, remat), x, xs)
     return (x, *ys)
 
 

@@ -93,7 +93,8 @@ class Fp8Experts:
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax.Array,
                    backend: str = "reference", platform: str | None = None,
-                   gpu_impl: str | None = None) -> jax.Array:
+                   gpu_impl: str | None = None, *, layer=None,
+                   rows: int | None = None) -> jax.Array:
   """lhs [M, I] rows sorted by group, rhs [E, I, O] (or `Fp8Experts`), group_sizes [E] -> [M, O].
 
   backend "reference": jax.lax.ragged_dot; otherwise the `dsv3_jax.kernels_pallas` grouped
@@ -101,15 +102,25 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax
   and `gpu_impl` (the GPU flavour, see `kernels_pallas.backend.gpu_flavor`).
   FP8 rhs: `grouped_matmul_fp8` with float32 accumulation, output in lhs.dtype, any backend
   (inference only: its gradient raises `Fp8TrainingError`).
+  layer: None, or an int (may be traced): rhs is a layer stack [L, E, I, O] (FP8: stacked
+  value and scales) and rhs[layer] is used; the TPU kernels read it in place (inference only).
+  Weight stacks in another dtype are cast per tile, never whole.
+  rows: live rows the TPU kernels' cost estimates assume (default M; figures only).
   """
   if isinstance(rhs, Fp8Experts):
     from dsv3_jax.kernels_pallas import grouped_matmul_fp8
     lhs = fp8_inference_only(lhs, "a routed-expert (MoE) layer")
     return grouped_matmul_fp8(lhs, rhs.value, rhs.scale_inv, group_sizes, out_dtype=lhs.dtype,
-                              backend=backend, platform=platform)
+                              backend=backend, platform=platform, layer=layer, rows=rows)
   if backend != "reference":
     from dsv3_jax.kernels_pallas import grouped_matmul as kernel
+    if layer is not None:
+      return kernel(lhs, rhs, group_sizes, out_dtype=lhs.dtype, backend=backend,
+                    platform=platform, gpu_impl=gpu_impl, layer=layer, rows=rows)
     return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform, gpu_impl=gpu_impl)
+  if layer is not None:
+    from dsv3_jax.kernels_pallas.grouped_matmul.reference import at_layer
+    rhs = at_layer(rhs, layer).astype(lhs.dtype)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
@@ -125,13 +136,15 @@ def permute(x: jax.Array, experts: jax.Array, num_experts: int):
 
 
 def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference",
-                platform: str | None = None, gpu_impl: str | None = None):
+                platform: str | None = None, gpu_impl: str | None = None, *, layer=None,
+                rows: int | None = None):
   """Per-expert SwiGLU on expert-sorted rows: xs [M, D] -> [M, D].
 
-  Weights [E, D, F] / [E, F, D], or `Fp8Experts`; backend / platform / gpu_impl as in
+  Weights [E, D, F] / [E, F, D], or `Fp8Experts`; with `layer` the layer stacks [L, E, ...]
+  of them, read at that layer (inference). backend / platform / gpu_impl / rows as in
   `grouped_matmul`.
   """
-  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl)
+  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl, layer=layer, rows=rows)
   g = grouped_matmul(xs, w_gate, group_sizes, **kw)
   u = grouped_matmul(xs, w_up, group_sizes, **kw)
   return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, **kw)
@@ -209,39 +222,50 @@ class Experts(nnx.Module):
     self.fp8 = tuple(self.fp8) + (name,)
     return v_name, s_name
 
-  def weights(self) -> list[jax.Array | Fp8Experts]:
-    """[gate, up, down]: dense [E, I, O] arrays in the compute dtype, or `Fp8Experts`."""
+  def weights(self, cast: bool = True) -> list[jax.Array | Fp8Experts]:
+    """[gate, up, down]: dense [E, I, O] arrays in the compute dtype (as stored when not `cast`),
+    or `Fp8Experts`."""
     out = []
     for name in self.PROJECTIONS:
       if name in self.fp8:
         out.append(Fp8Experts(getattr(self, f"{name}_weight").get_value(),
                               getattr(self, f"{name}_weight_scale_inv").get_value()))
       else:
-        out.append(getattr(self, name).get_value().astype(self.rt.dtype))
+        w = getattr(self, name).get_value()
+        out.append(w.astype(self.rt.dtype) if cast else w)
     return out
 
-  def __call__(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, routing: Routing,
+               layer=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [N, D] -> (sum_k w_k Expert_k(x) [N, D] float32, tokens per expert [E] int32,
     expert-parallel overflow: (token, expert) rows beyond `rt.ep_capacity_factor` x the average
     load of their expert shard, sent in further exchange rounds; int32 scalar, 0 without expert
-    parallelism)."""
+    parallelism).
+
+    layer: None, or an int (may be traced) when this module holds the whole layer stacks
+    [L, E, ...] (`LayerStack(..., experts_at_layer=True)`, inference): the grouped matmuls read
+    layer `layer` of them in place (see `grouped_matmul`).
+    """
     dt = self.rt.dtype
-    w = self.weights()
-    E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0]
+    w = self.weights(cast=layer is None)  # a stack is cast per tile by the kernel, never whole
+    E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0 if layer is None else 1]
     kw = dict(backend=self.rt.moe_backend, platform=self.rt.kernel_platform,
-              gpu_impl=self.rt.gpu_kernels)
+              gpu_impl=self.rt.gpu_kernels, layer=layer)
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
       # FP8 projections cross the shard_map as (value, scale_inv) pairs, both split over E.
       packed = [(p.value, p.scale_inv) if isinstance(p, Fp8Experts) else p for p in w]
 
-      def ffn(xs, sizes, *ws):
+      # Rows per receive buffer on average: the (token, expert) pairs of one token shard.
+      kw["rows"] = -(-x.shape[0] // layout.token_shards) * routing.experts.shape[1]
+
+      def ffn(xs, sizes, *ws, layer=None):
         ws = [Fp8Experts(*p) if isinstance(p, tuple) else p for p in ws]
-        return grouped_ffn(xs, sizes, *ws, **kw)
+        return grouped_ffn(xs, sizes, *ws, **{**kw, "layer": layer})
 
       y, overflow = expert_parallel.expert_parallel_ffn(
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
-          capacity_factor=self.rt.ep_capacity_factor, return_overflow=True)
+          capacity_factor=self.rt.ep_capacity_factor, return_overflow=True, layer=layer)
       return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
     sizes = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
     y = _local_experts(x.astype(dt), routing, w, E, kw)
@@ -284,8 +308,9 @@ class MoE(nnx.Module):
                            if cfg.n_shared_experts else None)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-    """x [B, T, D] -> (y [B, T, D] in x.dtype, stats).
+  def __call__(self, x: jax.Array, layer=None) -> tuple[jax.Array, dict[str, Any]]:
+    """x [B, T, D] -> (y [B, T, D] in x.dtype, stats). layer: see `Experts.__call__` (the
+    routed experts held as whole layer stacks, read at that layer; inference).
 
     stats: "load" [E] int32 tokens routed to each expert; "seq_load" [B, E] float32 the same per
     sequence; "seq_prob" [B, E] float32 mean over the sequence of s_i / sum_j s_j (the P_i of the
@@ -297,7 +322,7 @@ class MoE(nnx.Module):
     with jax.named_scope("moe"):
       flat = x.reshape(B * T, D)
       routing = self.gate(flat)
-      y, load, overflow = self.experts(flat, routing)
+      y, load, overflow = self.experts(flat, routing, layer)
       y = y.reshape(B, T, D)
       if self.shared_experts is not None:
         y = y + self.shared_experts(x).astype(jnp.float32)

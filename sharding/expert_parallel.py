@@ -283,13 +283,16 @@ def combine(ys_sorted, order, weights):
   return jnp.einsum("nkd,nk->nd", y.reshape(n, K, -1), weights.astype(jnp.float32))
 
 
-def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: Exchange,
-              capacity_factor: float | None, sync_axes: tuple[str, ...]):
+def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
+              exchange: Exchange, capacity_factor: float | None, sync_axes: tuple[str, ...]):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
-  local experts -> (y [n, D] float32, overflow [1] int32: rows this shard received beyond the
-  nominal capacity)."""
+  local experts (layer stacks [L, El, ...] when `layer` is given, passed on to `ffn`) ->
+  (y [n, D] float32, overflow [1] int32: rows this shard received beyond the nominal
+  capacity)."""
   n, K = experts.shape
-  El = jax.tree.leaves(params)[0].shape[0]
+  El = jax.tree.leaves(params)[0].shape[0 if layer is None else 1]
+  if layer is not None:
+    ffn = functools.partial(ffn, layer=layer)
   xs, e_sorted, order, expert_counts = sort_by_destination(x, experts, El * shards)
   by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
   me = jax.lax.axis_index(EXPERT)
@@ -339,7 +342,7 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
                         w_up: Any, w_down: Any, *, ffn: FFN, layout: EPLayout | None = None,
                         exchange: Exchange = Exchange.AUTO, capacity_factor: float | None = None,
-                        return_overflow: bool = False):
+                        return_overflow: bool = False, layer=None):
   """Dropless routed-expert output sum_k w_k Expert_{e_k}(x) with experts split over `expert`.
 
   x [N, D] (compute dtype); experts [N, K] int32 global ids; weights [N, K] float32;
@@ -352,18 +355,23 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   load of their receiving shard (int32 scalar, summed over shards; 0 when the factor is None).
   N need not divide the shard count (zero-weight padding tokens are appended and dropped).
   Call under jit with the mesh set (`jax.set_mesh`), or pass `layout`.
+  layer: None, or an int (may be traced, inference): the weights are layer stacks whose leaves
+  lead with [L, E] (split over `expert` on E), and `ffn` is called with `layer=layer` to read
+  that layer of its local [L, El, ...] stacks in place.
   """
   layout = layout or ep_layout()
   if layout is None:
     raise ValueError("expert_parallel_ffn needs a mesh with an 'expert' axis of size > 1 "
                      "(set it with jax.set_mesh(mesh))")
   params = (w_gate, w_up, w_down)
-  E, S = jax.tree.leaves(w_gate)[0].shape[0], layout.num_shards
+  e_dim = 0 if layer is None else 1
+  E, S = jax.tree.leaves(w_gate)[0].shape[e_dim], layout.num_shards
   if E % S:
     raise ValueError(f"n_routed_experts={E} is not divisible by the expert axis size {S}")
   for leaf in jax.tree.leaves(params):
-    if leaf.shape[0] != E:
-      raise ValueError(f"every expert weight must lead with E={E}, got a leaf {leaf.shape}")
+    if leaf.shape[e_dim] != E:
+      raise ValueError(f"every expert weight must have E={E} on axis {e_dim}, got a leaf "
+                       f"{leaf.shape}")
   N, K = experts.shape
   pad = -N % layout.token_shards
   if pad:
@@ -374,9 +382,11 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   sync = tuple(a for a in layout.token_axes if a != EXPERT)
   body = functools.partial(_ep_shard, ffn=ffn, shards=S, exchange=exchange.resolve(layout.mesh),
                            capacity_factor=capacity_factor, sync_axes=sync)
-  body = jax.shard_map(body, mesh=layout.mesh, in_specs=(tok, tok, tok, P(EXPERT)),
+  w_spec, extra = (P(EXPERT), ()) if layer is None else (P(None, EXPERT), (P(),))
+  body = jax.shard_map(body, mesh=layout.mesh, in_specs=(tok, tok, tok, w_spec) + extra,
                        out_specs=(tok, tok), check_vma=False)
+  args = () if layer is None else (jnp.asarray(layer, jnp.int32),)
   with jax.named_scope("expert_parallel"):
-    y, overflow = body(x, experts, weights.astype(jnp.float32), params)
+    y, overflow = body(x, experts, weights.astype(jnp.float32), params, *args)
   y = y[:N] if pad else y
   return (y, overflow.sum()) if return_overflow else y

@@ -32,7 +32,7 @@ __all__ = ["ShardingRules", "WEIGHT_AXES", "ACTIVATION_AXES", "logical_to_spec",
 MeshAxes = str | tuple[str, ...] | None
 
 WEIGHT_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "mlp", "expert", "moe_mlp",
-               "layers")
+               "layers", "lora_in")
 ACTIVATION_AXES = ("batch", "sequence", "act_embed", "act_heads", "act_vocab")
 
 
@@ -62,6 +62,10 @@ class ShardingRules:
   expert: MeshAxes = EXPERT
   moe_mlp: MeshAxes = TENSOR
   layers: MeshAxes = None  # the leading axis of scanned layer stacks (scan needs it whole)
+  # The hidden-size input dim of the low-rank down-projections q_a_proj / kv_a_proj_with_mqa
+  # (embed by default). Serving on a pod splits it over every device: their outputs (1536 / 576)
+  # are too narrow to split and would otherwise be read whole by every device in each step.
+  lora_in: MeshAxes = FSDP
   # Activation axes.
   batch: MeshAxes = (DATA, FSDP, EXPERT)
   sequence: MeshAxes = None
@@ -76,7 +80,7 @@ class ShardingRules:
         raise ValueError(f"ShardingRules.{f.name}={getattr(self, f.name)!r} names a mesh axis twice")
     # A weight may combine any of its logical axes; the pairs that occur in this model must not
     # collide ("colliding physical axes"): e.g. embed and moe_mlp both on "tensor".
-    for group in (("vocab", "embed"), ("embed", "q_lora"), ("embed", "kv_lora"),
+    for group in (("vocab", "embed"), ("lora_in", "q_lora"), ("lora_in", "kv_lora"),
                   ("q_lora", "heads"), ("kv_lora", "heads"), ("heads", "embed"),
                   ("embed", "mlp"), ("expert", "embed", "moe_mlp")):
       seen: dict[str, str] = {}

@@ -133,3 +133,64 @@ def test_tpu_decode_step_keeps_the_cache_in_place(v6e_mesh, tokens):
   # XLA counts the scan body once: one layer's cache read (151 MB) + weights + the new rows;
   # the old layout adds copies of the whole cache.
   assert accessed < 0.8 * ma.argument_size_in_bytes, (accessed, ma.argument_size_in_bytes)
+
+
+# Three layers (one dense, then a stack of two MoE layers) with experts split over 4 v5p chips:
+# each device holds local expert stacks [2 layers, 4 experts, 256, 384] (gate/up) and
+# [2, 4, 384, 256] (down). D != F and El != L so a per-layer slice has its own shape.
+MOE_CFG = CFG.replace(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=16,
+                      num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                      moe_intermediate_size=384, kv_lora_rank=128)
+
+
+def _shapes(hlo: str, dtype: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(op, dims) of every instruction's result (fused or not; tuple results: each element)."""
+  out = []
+  for line in hlo.splitlines():
+    m = _INSTR.match(line)
+    if m:
+      out += [(m.group(2), tuple(int(d) for d in dims.split(",") if d))
+              for t, dims, _ in _ARRAY.findall(m.group(1)) if t == dtype]
+  return out
+
+
+def test_tpu_moe_decode_step_reads_expert_stacks_in_place():
+  """The decode step with routed experts under expert parallelism (v5p:2x2x1, expert 4, Pallas
+  kernels everywhere) compiles with the grouped matmul that takes the whole [L, El, ...] stack and
+  the layer index (`dsv3_grouped_matmul_layer`, three per MoE layer), and no instruction produces
+  a per-layer expert slice [El, D, F] / [El, F, D] (the scan used to slice the stacks and XLA
+  materialised each layer's experts before the kernel: 2.2x the model's bytes at 671B)."""
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")
+  mesh, rules, cfg = make_mesh({"expert": 4}, devices=topo.devices), ShardingRules(), MOE_CFG
+  rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+                              attention_backend="pallas", moe_backend="pallas",
+                              kernel_platform="tpu")
+  graphdef, params, rest = nnx.split(dsv3_jax.abstract_model(cfg, rt), nnx.Param, ...)
+  sds = lambda tree, sh: jax.tree.map(  # noqa: E731
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  pa = sds(params, state_shardings(params, rules, mesh))
+  ra = sds(rest, state_shardings(rest, rules, mesh))
+  b, s = 8, 1024
+  cache = jax.eval_shape(lambda: init_cache(cfg, b, s, jnp.bfloat16))
+  cache = sds(cache, cache_shardings(cache, rules, mesh))
+  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
+  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+      mesh, P())), absorbed)
+  tok = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=activation_sharding(
+      ("batch", None), rules, mesh, (b, 1)))
+
+  def step(params, rest, absorbed, cache, tokens, positions):
+    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
+                                      positions)
+    return logits, cache
+
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+    compiled = jax.jit(step, donate_argnums=(3,)).trace(pa, ra, absorbed, cache, tok,
+                                                        tok).lower().compile()
+  hlo = compiled.as_text()
+  kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
+  assert sum("dsv3_grouped_matmul_layer" in l for l in kernels) == 3, [l[:160] for l in kernels]
+  el, d, f = cfg.n_routed_experts // 4, cfg.hidden_size, cfg.moe_intermediate_size
+  slices = [(op, dims) for op, dims in _shapes(hlo, "bf16") if dims in ((el, d, f), (el, f, d))]
+  assert not slices, slices

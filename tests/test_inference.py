@@ -69,16 +69,24 @@ def test_cache_is_576_values_per_token_for_671b():
   assert w["w_uk"][0].shape == (1, 128, 128, 512) and w["w_uv"][0].shape == (1, 128, 128, 512)
 
 
-def test_cached_decode_logits_match_full_forward(model):
+@pytest.mark.parametrize("moe", ["reference", "tpu-kernel"])
+def test_cached_decode_logits_match_full_forward(model, moe):
   """Prompts of lengths 3, 8, 13 in one right-padded batch; 4 one-token steps then 2 two-token
   steps (the speculative verify shape) teacher-forced with known tokens; every step's logits
-  equal model.forward over the whole sequence at the same positions."""
+  equal model.forward over the whole sequence at the same positions.
+
+  "tpu-kernel": prefill and decode run the routed experts through the TPU grouped-matmul kernel
+  that reads the whole [layers, E, ...] expert stacks at a layer index (Pallas interpret mode),
+  against the reference model's full forward (same weights)."""
   rng = np.random.RandomState(1)
   lens = np.array([3, 8, 13])
   B, steps1, steps2, T_pad, S = 3, 4, 2, 16, 32
   seqs = rng.randint(0, CFG.vocab_size, FULL_SHAPE).astype(np.int32)
   assert FULL_SHAPE[1] == 13 + steps1 + 2 * steps2
   full = np.asarray(nnx.jit(lambda m, t: m.forward(t).logits)(model, jnp.asarray(seqs)))
+  if moe != "reference":
+    model = random_model(CFG, 0, dsv3_jax.RuntimeConfig(moe_backend="interpret",
+                                                        kernel_platform="tpu"))
 
   prompt = rng.randint(0, CFG.vocab_size, (B, T_pad)).astype(np.int32)  # junk padding
   for b in range(B):

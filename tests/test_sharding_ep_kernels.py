@@ -83,6 +83,25 @@ def test_pallas_grouped_matmul_under_ep_matches_single_device():
   assert int(s1["ep_overflow"]) == int(np.maximum(recv - cap, 0).sum()) > 0
 
 
+def test_stacked_experts_at_layer_under_ep_match_single_device():
+  """Inference with the routed experts held as whole layer stacks [3, E, ...] (as decode and
+  prefill pass them) and read at layer 1 by the TPU kernel (interpret mode) inside the EP
+  shard_map equals the single-program reference MoE holding that layer's experts (1e-5, f32)."""
+  x = _x()
+  y0, s0 = jax.jit(lambda m, x: m(x))(_moe(RuntimeConfig(moe_backend="reference")), x)
+  moe = _moe(RuntimeConfig(moe_backend="interpret", kernel_platform="tpu", ep_capacity_factor=1.0))
+  rng = np.random.default_rng(3)
+  for name in moe.experts.PROJECTIONS:
+    param = getattr(moe.experts, name)
+    w = param.get_value()
+    other = lambda: jnp.asarray(rng.standard_normal(w.shape), w.dtype)  # noqa: E731
+    param.set_value(jnp.stack([other(), w, other()]))
+  with jax.set_mesh(make_mesh({"expert": 8})):
+    y1, s1 = jax.jit(lambda m, x, i: m(x, layer=i))(moe, x, jnp.int32(1))
+  assert_close(y1, y0, atol=1e-5, what="EP + stacked experts at layer 1")
+  np.testing.assert_array_equal(s1["load"], s0["load"])
+
+
 def _fp8_experts(moe, seed=1):
   r = np.random.default_rng(seed)
   for name in moe.experts.PROJECTIONS:

@@ -108,25 +108,36 @@ def write_layer_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_
   """Writes T new tokens of `layer` (int, may be traced): c [B, T, C] into latent [L, B, S, C]
   rows and k_pe [B, T, R] into rope [L, B, R, S] columns at positions int [B, T] (< S,
   consecutive per sequence). Returns (latent, rope), updated in place inside a scan carry (no
-  copy of the layer's buffers): the latent rows by a scatter, the rope columns by
+  copy of the layer's buffers): the latent rows by one dynamic-update-slice per sequence (per
+  batch shard of the ambient mesh), the rope columns by
   `kernels_pallas.mla_decode.write_rope` (with `backend`/`platform` as for the attention: the
   TPU kernel writes them under the ambient mesh's batch split, see `kernel_map`)."""
   from dsv3_jax.kernels_pallas.mla_decode import write_rope
   from dsv3_jax.sharding import kernel_map
-  B, T = positions.shape
-  b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  latent = latent.at[layer, b, positions].set(c.astype(latent.dtype), unique_indices=True)
   layer = jnp.asarray(layer, jnp.int32)
+  batch = ("batch", None, None)
+  # One in-place dynamic-update-slice of T rows per local sequence (rows are consecutive), per
+  # batch shard: a scatter of several sequences' rows is counted, and may be laid out, as a
+  # pass over the whole cache.
+  latent = kernel_map(_write_latent_rows, ((None,) + batch, batch, ("batch", None), None),
+                      (None,) + batch, name="latent_write")(latent, c.astype(latent.dtype),
+                                                            positions, layer)
   if backend == "reference":
     return latent, write_rope(rope, k_pe, positions, layer=layer, backend="reference")
 
   def kernel(rope, k_pe, positions, layer):
     return write_rope(rope, k_pe, positions, layer=layer, backend=backend, platform=platform)
 
-  batch = ("batch", None, None)
   rope = kernel_map(kernel, ((None,) + batch, batch, ("batch", None), None), (None,) + batch,
                     name="mla_rope_write")(rope, k_pe.astype(rope.dtype), positions, layer)
   return latent, rope
+
+
+def _write_latent_rows(latent, c, positions, layer):
+  """latent [L, b, S, C] with c [b, T, C] written at rows positions[i, 0].. of sequence i."""
+  def one(i, lat):
+    return jax.lax.dynamic_update_slice(lat, c[i][None, None], (layer, i, positions[i, 0], 0))
+  return jax.lax.fori_loop(0, c.shape[0], one, latent)
 
 
 def write_prefill(latent: jax.Array, rope: jax.Array, start, c: jax.Array, k_pe: jax.Array

@@ -20,7 +20,9 @@ Prefill runs the model's own (non-absorbed) layers over the right-padded prompts
 compute-efficient form for many query tokens, and writes each layer's latent into the cache.
 
 Both scan over the model's layer stacks (`DeepseekV3.stacks`): the cache parts ride in the scan
-carry and each layer writes only its new rows into them.
+carry and each layer writes only its new rows into them. The routed experts' weight stacks stay
+outside the scan and the grouped matmuls read each layer's experts in place at its index
+(`LayerStack.split_experts`, `grouped_matmul(layer=...)`), as the cache is read.
 Right padding keeps every sequence at positions 0..len-1; causal attention means the padding
 behind a sequence never influences it, and the rows it leaves in the cache lie past `lengths`.
 """
@@ -28,14 +30,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_prefill
 from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.mla_decode.reference import select_layer
 from dsv3_jax.layers import apply_rope
-from dsv3_jax.sharding import kernel_map
+from dsv3_jax.sharding import current_rules, kernel_map, logical_to_spec
 
 __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
            "decode_forward", "mtp_prefill", "mtp_decode_forward"]
@@ -131,15 +133,28 @@ def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, plat
                     name="mla_decode")(q, latent, rope, lengths, layer)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions):
+def _split_hidden_for_lora(h):
+  """h [B, T, D] laid out as q_a_proj / kv_a_proj_with_mqa's input dim (logical "lora_in") is:
+  when the rules split that dim (serving on a pod), each device multiplies its D slice of every
+  token by its slice of the weights and the [B, T, 1536 | 576] partial sums are reduced, instead
+  of every device reading the whole weights (few tokens: moving activations is cheaper)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return h
+  spec = logical_to_spec((None, None, "lora_in"), current_rules(), mesh, h.shape)
+  return h if spec == P() else jax.lax.with_sharding_constraint(h, spec)
+
+
+def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=None):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
   positions[:, 0]); writes their latent rows into cache = (latent [L, B, S, C], rope
   [L, B, R, S]) at layer `index` (int, may be traced) and attends over that layer in place.
+  expert_layer: the index into the whole routed-expert stacks `layer` holds (None: its own).
   Returns (x, cache)."""
   attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
-    h = layer.input_layernorm(x)
+    h = _split_hidden_for_lora(layer.input_layernorm(x))
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
@@ -153,9 +168,8 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions):
                                gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
     x = x + attn.o_proj(o.reshape(B, T, -1))
-  y = layer.mlp(layer.post_attention_layernorm(x))
-  if layer.is_moe:
-    y = y[0]
+  h = layer.post_attention_layernorm(x)
+  y = layer.mlp(h, layer=expert_layer)[0] if layer.is_moe else layer.mlp(h)
   return x + y, (latent, rope)
 
 
@@ -168,12 +182,16 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
   """
   x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for g, stack in enumerate(model.stacks):
-    graphdef, state = nnx.split(stack.block)
+    # The routed-expert stacks stay outside the scan, read in place at the layer's index.
+    graphdef, experts, state = stack.split_experts()
 
-    def body(carry, xs, graphdef=graphdef):
+    def body(carry, xs, graphdef=graphdef, experts=experts, start=stack.start):
       layer_state, w_uk, w_uv, index = xs
-      x, parts = _absorbed_layer(nnx.merge(graphdef, layer_state), w_uk, w_uv, carry[1], index,
-                                 carry[0], positions)
+      moe = stack.is_moe
+      layer = nnx.merge(graphdef, experts, layer_state) if moe else nnx.merge(graphdef,
+                                                                              layer_state)
+      x, parts = _absorbed_layer(layer, w_uk, w_uv, carry[1], index, carry[0], positions,
+                                 expert_layer=index - start if moe else None)
       return (x, parts), None
 
     layers = jnp.arange(stack.start, stack.start + stack.count, dtype=jnp.int32)
@@ -212,7 +230,7 @@ def prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array):
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for stack in model.stacks:
-    x, _, (c, k_pe) = stack(x, positions, return_latent=True)
+    x, _, (c, k_pe) = stack(x, positions, return_latent=True, experts_at_layer=True)
     parts = write_prefill(*parts, stack.start, c, k_pe.astype(c.dtype))
   hidden = model.norm(x)
   last = hidden[jnp.arange(B), lengths - 1]  # [B, D]

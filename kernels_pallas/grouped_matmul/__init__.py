@@ -7,6 +7,11 @@ Letters: T rows (tokens sorted by expert), G groups (experts), K contraction, N 
   grouped_matmul_fp8:  rhs [G, N, K] float8_e4m3fn (per-expert [out, in] checkpoint weights)
                        rhs_scale [G, ceil(N/128), ceil(K/128)] float32 -> [T, N]
 
+Stacked weights (inference): with `layer=` (an int, may be traced) rhs is the scanned stack
+[L, G, K, N] (FP8: [L, G, N, K] and [L, G, ...] scales) and the product uses rhs[layer]; the TPU
+kernels read that layer's tiles in place (layer index scalar-prefetched into the weight's block
+index map), so a decode step never copies a layer's experts out of the stack. Forward only.
+
 Backward of grouped_matmul uses the same kernels: dlhs = gmm(dout, rhs^T) (rhs read transposed
 in the kernel, never materialised) and drhs[g] = lhs_g^T . dout_g (a transposed grouped matmul,
 [G, K, N]; empty groups get zero gradients).
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.kernels_pallas.backend import Backend, KernelRequestError, gpu_flavor, select
 from dsv3_jax.kernels_pallas.grouped_matmul import gpu, mosaic_gpu, tpu
-from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_fp8_ref,
+from dsv3_jax.kernels_pallas.grouped_matmul.reference import (at_layer, grouped_matmul_fp8_ref,
                                                               grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
 
@@ -39,6 +44,7 @@ class _Config:
   out_dtype: Any
   mosaic: bool = False          # GPU: Mosaic GPU (Hopper) kernels instead of Triton
   forced: bool = False          # gpu_impl="mosaic" was asked for: no Triton fallback
+  rows: int | None = None       # live rows the TPU cost estimates assume (None: all T)
 
   @property
   def kernels(self):
@@ -118,15 +124,41 @@ def _gmm_bwd(cfg, residuals, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm_at_layer(lhs, rhs, group_sizes, layer, cfg: _Config):
+  return tpu.gmm_layer(lhs, rhs, group_sizes, layer, out_dtype=cfg.out_dtype, tiles=cfg.tiles,
+                       interpret=cfg.interpret, rows=cfg.rows)
+
+
+def _gmm_at_layer_fwd(lhs, rhs, group_sizes, layer, cfg):
+  return _gmm_at_layer(lhs, rhs, group_sizes, layer, cfg), None
+
+
+def _gmm_at_layer_bwd(cfg, residuals, dout):
+  raise TypeError("grouped_matmul(layer=...) reads a weight stack in place for inference and "
+                  "has no gradient; differentiate grouped_matmul on rhs[layer] (no layer=)")
+
+
+_gmm_at_layer.defvjp(_gmm_at_layer_fwd, _gmm_at_layer_bwd)
+
+
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                    out_dtype=None, tiling: tuple[int, int, int] | None = None,
                    backend: Backend | str = "auto", platform: str | None = None,
-                   gpu_impl: str | None = None) -> jax.Array:
-  """out[rows of g] = lhs[rows of g] . rhs[g]; differentiable in lhs and rhs.
+                   gpu_impl: str | None = None, layer=None,
+                   rows: int | None = None) -> jax.Array:
+  """out[rows of g] = lhs[rows of g] . rhs[g]; differentiable in lhs and rhs (without `layer`).
 
   Args:
     lhs: [T, K] bfloat16/float32, rows sorted by group.
-    rhs: [G, K, N] bfloat16/float32 (operands of different dtypes are promoted to a common one).
+    rhs: [G, K, N] bfloat16/float32 (operands of different dtypes are promoted to a common one);
+      with `layer`, the stack [L, G, K, N] of which rhs[layer] is used.
+    layer: None, or an int / int32 scalar (may be traced) into rhs's leading axis (clipped to
+      [0, L)). On TPU a kernel reads that layer's tiles of the stack in place (no slice of the
+      stack is materialised; weight tiles are cast to the compute dtype in VMEM); the reference
+      and GPU paths slice it. Inference only: its gradient raises TypeError.
+    rows: the live rows (sum(group_sizes)) our TPU kernels' cost estimates assume, e.g. the
+      average load of a capacity-sized buffer; default T. Figures only: never changes results.
     group_sizes: [G] integer, sum <= T (a larger sum is clipped to T); empty groups allowed.
     out_dtype: output dtype, default the operands' dtype; accumulation is float32.
     tiling: forward (bm, bk, bn) override: powers of two on GPU, multiples of (8, 128, 128) on
@@ -140,13 +172,19 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   Returns:
     [T, N]; rows past sum(group_sizes) are zero.
   """
-  if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
-    raise ValueError(f"expected lhs [T, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")
+  stacked = layer is not None
+  if lhs.ndim != 2 or rhs.ndim != 3 + stacked or lhs.shape[1] != rhs.shape[-2]:
+    want = "[L, G, K, N] (layer= given)" if stacked else "[G, K, N]"
+    raise ValueError(f"expected lhs [T, K] and rhs {want}, got {lhs.shape} and {rhs.shape}")
   if lhs.dtype not in _FLOATS or rhs.dtype not in _FLOATS:
     raise ValueError(f"grouped_matmul takes bfloat16/float32, got {lhs.dtype} and {rhs.dtype} "
                      f"(FP8 weights: grouped_matmul_fp8)")
-  group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
+  group_sizes = _check_group_sizes(group_sizes, rhs.shape[-3])
   dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  if stacked:
+    return _grouped_matmul_at_layer(lhs.astype(dtype), rhs, group_sizes, layer,
+                                    jnp.dtype(out_dtype or dtype), tiling, backend, platform,
+                                    gpu_impl, rows)
   lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
   out_dtype = jnp.dtype(out_dtype or dtype)
   impl = select(backend, platform=platform)
@@ -159,6 +197,20 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   mosaic = mosaic and tiling is None
   return _gmm(lhs, rhs, group_sizes,
               _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic, forced))
+
+
+def _grouped_matmul_at_layer(lhs, rhs, group_sizes, layer, out_dtype, tiling, backend, platform,
+                             gpu_impl, rows):
+  """`grouped_matmul` with layer=: lhs already in the compute dtype, rhs the [L, G, K, N] stack."""
+  impl = select(backend, platform=platform)
+  if impl.kind == "tpu" and 0 not in lhs.shape and 0 not in rhs.shape:
+    layer = jnp.asarray(layer, jnp.int32)
+    return _gmm_at_layer(lhs, rhs, group_sizes, layer,
+                         _Config("tpu", impl.interpret, tiling, out_dtype, rows=rows))
+  # Reference and GPU: XLA slices the layer (GPU kernels take [G, K, N]).
+  return grouped_matmul(lhs, at_layer(rhs, layer).astype(lhs.dtype), group_sizes,
+                        out_dtype=out_dtype, tiling=tiling, backend=backend, platform=platform,
+                        gpu_impl=gpu_impl)
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
@@ -193,8 +245,8 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
 def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,
                        group_sizes: jax.Array, *, lhs_scale: jax.Array | None = None,
                        out_dtype=jnp.bfloat16, tiling: tuple[int, int, int] | None = None,
-                       backend: Backend | str = "auto",
-                       platform: str | None = None) -> jax.Array:
+                       backend: Backend | str = "auto", platform: str | None = None,
+                       layer=None, rows: int | None = None) -> jax.Array:
   """FP8 block-scaled grouped matmul for inference (not differentiable).
 
   Args:
@@ -205,6 +257,11 @@ def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,
     group_sizes: [G] integer, sum <= T.
     out_dtype: output dtype (bf16 default); accumulation is float32.
     tiling: (bm, bk, bn) override (GPU: powers of two, bk = 128, bn dividing 128).
+    layer: None, or an int (may be traced): rhs [L, G, N, K] and rhs_scale [L, G, ...] are
+      stacks and layer `layer` is used; the TPU kernel reads its weight tiles in place (see
+      `grouped_matmul`), the reference and GPU paths slice it.
+    rows: the live rows the TPU kernel's cost estimate assumes (default T), as in
+      `grouped_matmul`.
 
   Returns:
     [T, N]; rows past sum(group_sizes) are zero. GPU: e4m3 x e4m3 on the tensor cores when lhs
@@ -212,13 +269,15 @@ def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,
     K step's float32 partial. TPU: weight (and e4m3 lhs) tiles are decoded in VMEM, scaled, and
     multiplied in bf16.
   """
-  if rhs.ndim != 3 or rhs.dtype != jnp.float8_e4m3fn or lhs.ndim != 2:
-    raise ValueError(f"expected lhs [T, K] and rhs [G, N, K] float8_e4m3fn, got {lhs.shape} "
+  lead = rhs.shape[:1] if layer is not None else ()
+  if rhs.ndim != 3 + len(lead) or rhs.dtype != jnp.float8_e4m3fn or lhs.ndim != 2:
+    want = "[L, G, N, K] (layer= given)" if lead else "[G, N, K]"
+    raise ValueError(f"expected lhs [T, K] and rhs {want} float8_e4m3fn, got {lhs.shape} "
                      f"and {rhs.shape} {rhs.dtype}")
-  num_groups, n, k = rhs.shape
+  num_groups, n, k = rhs.shape[-3:]
   if lhs.shape[1] != k:
     raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} disagree on K")
-  want = (num_groups, -(-n // 128), -(-k // 128))
+  want = (*lead, num_groups, -(-n // 128), -(-k // 128))
   if rhs_scale.shape != want:
     raise ValueError(f"rhs_scale must be {want}, got {rhs_scale.shape}")
   if lhs_scale is None and lhs.dtype not in _FLOATS:
@@ -232,12 +291,14 @@ def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or n == 0:
     return grouped_matmul_fp8_ref(lhs, rhs, rhs_scale, group_sizes, lhs_scale=lhs_scale,
-                                  out_dtype=out_dtype)
+                                  out_dtype=out_dtype, layer=layer)
   rhs_scale = rhs_scale.astype(jnp.float32)
   lhs_scale = None if lhs_scale is None else lhs_scale.astype(jnp.float32)
   if impl.kind == "tpu":
     return tpu.gmm_fp8(lhs, rhs, rhs_scale, group_sizes, lhs_scale=lhs_scale,
-                       out_dtype=out_dtype, tiles=tiling, interpret=impl.interpret)
+                       layer=None if layer is None else jnp.asarray(layer, jnp.int32),
+                       out_dtype=out_dtype, tiles=tiling, interpret=impl.interpret, rows=rows)
+  rhs, rhs_scale = at_layer(rhs, layer), at_layer(rhs_scale, layer)
   return gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=True, lhs_scale=lhs_scale,
                  rhs_scale=rhs_scale, out_dtype=out_dtype, tiles=tiling,
                  interpret=impl.interpret)

@@ -83,12 +83,34 @@ def test_fp8_kernels_have_cost_estimates():
 
 
 def test_grouped_matmul_kernels_have_cost_estimates():
+  """Our grouped kernels (FP8, and bf16 at a layer of a stack) count the work they do: one
+  bm-row tile x K x N product per (row tile, group) item with rows, for `rows` live rows routed
+  uniformly over the G groups: items = G (1 - (1 - 1/G)^rows) + ceil(rows / bm) - 1 (the
+  expected non-empty groups plus the tile boundaries inside the rows; checked against the
+  schedule in test_grouped_matmul.py)."""
   t, k, n, g = 256, 256, 384, 4
+  items = lambda rows, bm: g * (1 - (1 - 1 / g) ** rows) + -(-rows // bm) - 1  # noqa: E731
   sizes = jnp.array([64, 0, 100, 92], jnp.int32)
   rhs8, s8 = _z((g, n, k), jnp.float8_e4m3fn), jnp.ones((g, 3, 2), jnp.float32)
   (est,) = _estimates(lambda x, w, s, gs: grouped_matmul_fp8(x, w, s, gs, **TPU), _z((t, k)),
                       rhs8, s8, sizes)
-  assert est[0] == 2 * t * n * k
+  assert est[0] == round(2 * items(t, t) * t * n * k)  # 4 groups sharing one 256-row tile
+  # Stacked bf16 weights [3, G, K, N] at a layer: weights of the items' groups only, never the
+  # stack; rows = the average load of a capacity-sized (64-row) buffer.
+  stack = _z((3, g, k, n))
+  for rows in (8, 2, None):
+    m = 64 if rows else t
+    it = items(rows or t, m)
+    (est,) = _estimates(lambda x, w, gs: grouped_matmul(x, w, gs, layer=jnp.int32(2), rows=rows,
+                                                        **TPU), _z((m, k)), stack, sizes)
+    assert est[0] == round(2 * it * m * k * n), (rows, est)
+    assert est[2] == round(it * m * k * 2 + it * k * n * 2 + m * n * 2), (rows, est)
+    assert est[2] <= stack.size * 2 / 3 + m * n * 2 + g * m * k * 2  # one layer at most
+  (est,) = _estimates(lambda x, w, s, gs: grouped_matmul_fp8(x, w, s, gs, layer=jnp.int32(1),
+                                                             rows=8, **TPU),
+                      _z((64, k)), _z((3, g, n, k), jnp.float8_e4m3fn),
+                      jnp.ones((3, g, 3, 2), jnp.float32), sizes)
+  assert est[0] == round(2 * items(8, 64) * 64 * k * n) and est[2] < 3 * g * n * k
   # bf16 grouped matmul (megablox, jax's own kernel) forward and backward.
   grad = jax.grad(lambda x, w: grouped_matmul(x, w, sizes, **TPU).astype(jnp.float32).sum(),
                   argnums=(0, 1))
