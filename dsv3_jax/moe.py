@@ -284,17 +284,22 @@ def _local_experts(x, routing: Routing, w, num_experts: int, kw) -> jax.Array:
   flat = [q for p in w for q in ((p.value, p.scale_inv) if isinstance(p, Fp8Experts) else (p,))]
   fp8 = [isinstance(p, Fp8Experts) for p in w]
 
-  def chain(x, experts, weights, *flat):
+  layer = kw["layer"]
+  if layer is not None:  # a (possibly traced) index crosses the shard_map as an operand
+    layer = jnp.asarray(layer, jnp.int32)
+
+  def chain(x, experts, weights, layer, *flat):
     it = iter(flat)
     ws = [Fp8Experts(next(it), next(it)) if f else next(it) for f in fp8]
     xs, order, sizes = permute(x, experts, num_experts)
-    return unpermute(grouped_ffn(xs, sizes, *ws, **kw), order, weights)
+    return unpermute(grouped_ffn(xs, sizes, *ws, **{**kw, "layer": layer}), order, weights)
 
+  args = (x, routing.experts, routing.weights, layer, *flat)
   if kw["backend"] == "reference":
-    return chain(x, routing.experts, routing.weights, *flat)
+    return chain(*args)
   tok = ("batch", None)
-  return kernel_map(chain, (tok, tok, tok) + (None,) * len(flat), tok,
-                    name="routed_experts")(x, routing.experts, routing.weights, *flat)
+  return kernel_map(chain, (tok, tok, tok, None) + (None,) * len(flat), tok,
+                    name="routed_experts")(*args)
 
 
 class MoE(nnx.Module):

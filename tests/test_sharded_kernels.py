@@ -32,7 +32,8 @@ from tests.utils import FAST_COMPILE, assert_close, pallas_calls, random_arrays
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=1, first_k_dense_replace=0,
                             num_nextn_predict_layers=0, qk_nope_head_dim=32, qk_rope_head_dim=32,
                             v_head_dim=64, kv_lora_rank=64)
-MESHES = {"fsdp2_ep2_tp2": {"fsdp": 2, "expert": 2, "tensor": 2}, "data8": {"data": 8}}
+MESHES = {"fsdp2_ep2_tp2": {"fsdp": 2, "expert": 2, "tensor": 2}, "data8": {"data": 8},
+          "data4": {"data": 4}}
 B, T = 8, 48
 
 
@@ -169,13 +170,17 @@ def decode_reference(arrays):
   return _decode_run(_model(arrays))
 
 
-@pytest.mark.parametrize("platform", ["tpu", "gpu"])
-def test_sharded_cached_decode_matches_single_device(arrays, decode_reference, platform):
-  """Prefill and cached decode steps on fsdp 2 x expert 2 x tensor 2 (batch over fsdp x expert,
-  heads over tensor, cache rows per batch shard) with the interpreted kernels equal the
-  single-device reference backend."""
+@pytest.mark.parametrize("mesh_name,platform", [("fsdp2_ep2_tp2", "tpu"), ("fsdp2_ep2_tp2", "gpu"),
+                                               ("data4", "tpu")])
+def test_sharded_cached_decode_matches_single_device(arrays, decode_reference, platform,
+                                                     mesh_name):
+  """Prefill and cached decode steps with the interpreted kernels equal the single-device
+  reference backend: on fsdp 2 x expert 2 x tensor 2 (batch over fsdp x expert, heads over
+  tensor, cache rows per batch shard, expert parallelism reading the expert stacks at the
+  layer), and on data 4 (no expert axis: the routed experts per batch shard)."""
   want = decode_reference
-  mesh = make_mesh(MESHES["fsdp2_ep2_tp2"])
+  sizes = MESHES[mesh_name]
+  mesh = make_mesh(sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
   got = _decode_run(_model(arrays, platform, mesh), mesh)
   for i, (g, w) in enumerate(zip(got, want)):
     assert np.abs(w).max() > 0.5
