@@ -356,9 +356,12 @@ def _row(case: Case, res: Result | None, error: str | None) -> str:
   if res is None:
     return f"| {case.name} | no: {error} | | | |"
   ks = kernel_reports(res)
-  regs = " / ".join(str(p.registers) for p in ks) or "?"
-  spills = " / ".join(f"{p.spill_stores}" for p in ks) or "?"
-  smem = " / ".join(f"{s // 1024} KiB" for s in res.smem) if res.smem else "(Triton: checked by XLA)"
+  short = lambda p: p.kernel.replace("_mosaic_gpu_kernel", "").replace("dsv3_", "")  # noqa: E731
+  label = (lambda p: f"{short(p)} ") if len(ks) > 1 else (lambda p: "")
+  regs = ", ".join(f"{label(p)}{p.registers}" for p in ks) or "(cached)"
+  spills = ", ".join(f"{label(p)}{p.spill_stores}" for p in ks) or "(cached)"
+  smem = (", ".join(f"{s // 1024} KiB" for s in res.smem) if res.smem
+          else "(Triton: XLA checks the limit)")
   return f"| {case.name} | yes ({res.seconds:.0f} s) | {regs} | {spills} | {smem} |"
 
 

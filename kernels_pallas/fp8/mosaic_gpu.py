@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, cdiv
 from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, load_ref,
-                                                   loop_index, snake, store_rows,
+                                                   loop_index, named, snake, store_rows,
                                                    warpgroup_compiler_params, wgmma_t)
 
 __all__ = ["fp8_matmul", "unsupported_reason", "pick_block_n", "DEFAULT_CONFIG", "K_STEP"]
@@ -215,7 +215,8 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
       pl.run_scoped(store_scope, plgpu.SMEM((bm, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid_size(interpret),),
+      named(body, "dsv3_fp8_matmul"), out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(grid_size(interpret),),
       grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(a, a_scale_t, b, b_scale.astype(jnp.float32))
