@@ -64,7 +64,10 @@ _TARGETS = {TRITON: r"__gpu\$xla\.gpu\.triton", MOSAIC: r"mosaic_gpu\w*"}
 
 def cuda_plugin_available() -> bool:
   """Whether jax's CUDA plugin (jax[cuda12]) is installed: deviceless CUDA AOT needs it."""
-  return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
 
 
 def cuda_mesh(shape: tuple[int, ...] = (1,), names: tuple[str, ...] = ("x",),
@@ -356,7 +359,10 @@ def _row(case: Case, res: Result | None, error: str | None) -> str:
   if res is None:
     return f"| {case.name} | no: {error} | | | |"
   ks = kernel_reports(res)
-  short = lambda p: p.kernel.replace("_mosaic_gpu_kernel", "").replace("dsv3_", "")  # noqa: E731
+  def short(p):
+    name = p.kernel.replace("_mosaic_gpu_kernel", "").replace("dsv3_", "")
+    return name.replace("mla_attention_", "")
+
   label = (lambda p: f"{short(p)} ") if len(ks) > 1 else (lambda p: "")
   regs = ", ".join(f"{label(p)}{p.registers}" for p in ks) or "(cached)"
   spills = ", ".join(f"{label(p)}{p.spill_stores}" for p in ks) or "(cached)"

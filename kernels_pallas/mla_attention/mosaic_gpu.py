@@ -174,9 +174,6 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
     if cfg.has_segments:
       plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smems[0].at[wg], q_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
-    if cfg.has_segments:
-      q_seg = load(seg_smems[0], wg, "row")
-      q_seg = lax.broadcast_in_dim(q_seg, (bq, bk), [0])
 
     c = cfg.scale * LOG2E
     m = cast(jnp.full((bq,), MASK_VALUE, jnp.float32), "row")
@@ -220,7 +217,8 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
         if cfg.kv_len % bk:
           pad = k_pos < cfg.kv_len
           vis = pad if vis is None else jnp.logical_and(vis, pad)
-        if cfg.has_segments:
+        if cfg.has_segments:  # both re-read from shared memory: nothing held across steps
+          q_seg = lax.broadcast_in_dim(load(seg_smems[0], wg, "row"), (bq, bk), [0])
           kv_seg = load(seg_smems[1], slot, "col")
           same = q_seg == lax.broadcast_in_dim(kv_seg, (bq, bk), [1])
           vis = same if vis is None else jnp.logical_and(vis, same)

@@ -318,9 +318,6 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, rows], seg_smems[0].at[wg], k_bar.at[wg])
     plgpu.barrier_wait(k_bar.at[wg])
     c = cfg.scale * LOG2E
-    kv_seg = None
-    if cfg.has_segments:
-      kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bk, bq), [0])
 
     def step(qi, carry, base, masked: bool):
       dks, dv = carry
@@ -328,9 +325,10 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       plgpu.barrier_wait(q_bar.at[slot])
       st = ops.dot_nt([(k.at[wg], q.at[slot]) for k, q in zip(k_smems, q_smems)], (bk, bq))
       if masked:
-        q_seg = None
-        if cfg.has_segments:
+        q_seg = kv_seg = None
+        if cfg.has_segments:  # re-read from shared memory: nothing held across steps
           q_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[1], slot, "col"), (bk, bq), [1])
+          kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bk, bq), [0])
         vis = _visible(ops, (bk, bq), 1, off + qi * bq, row0, cfg, q_seg, kv_seg)
         st = jnp.where(vis, st, -jnp.inf)
       lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
