@@ -93,8 +93,10 @@ class Ptxas:
   barriers: int | None = None
 
 
-_PROPS = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes "
-                    r"spill stores, (\d+) bytes spill loads")
+# ptxas 12.x: "Function properties for K\n    N bytes stack frame, ..."; the ptxas in jax 0.12's
+# Mosaic GPU prefixes the second line with "ptxas         .".
+_PROPS = re.compile(r"Function properties for (\S+)[ \t]*\n[^\n]*?(\d+) bytes stack frame, "
+                    r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?")
 
 
