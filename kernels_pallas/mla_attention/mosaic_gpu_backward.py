@@ -43,8 +43,9 @@ __all__ = ["BackwardBlockSizes", "backward", "smem_bytes", "unsupported_reason"]
 LOG2E = math.log2(math.e)
 # Compute warpgroups of the dk/dv kernel. dK and dV hold 160 f32 registers per thread at
 # DeepSeek-V3 dims (192 + 128): with two compute warpgroups (384 threads, setmaxnreg 232) ptxas
-# spilled ~400 bytes; one compute warpgroup and the memory one (256 threads) may use 255 registers
-# each and spill nothing (bench/gpu_aot.py). The dq kernel keeps two (96 accumulator registers).
+# spilled ~300-400 bytes; one compute warpgroup and the memory one (256 threads, up to 255
+# registers each) spill 96 (bench/gpu_aot.py, bench/RESULTS.md). The dq kernel keeps two (96
+# accumulator registers, no spills).
 _DKV_WGS = 1
 _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
             "col": plgpu.Layout.WGMMA.reduce(0)}
@@ -333,7 +334,8 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
         st = jnp.where(vis, st, -jnp.inf)
       lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
       pt = jnp.exp2(st * c - lse).astype(dtype)  # 0 where masked and on rows with lse = +inf
-      # dV's wgmma, then dpT's, in separate groups (fewer accumulators live at once).
+      # pT kept in dtype only, dV's wgmma and then dpT's in separate groups (fewer live
+      # registers): 96 bytes of spills instead of 208 with one compute warpgroup.
       (dv,) = ops.accumulate((dv,), pt, [do_smem.at[slot]])
       dpt = ops.dot_nt([(v_smem.at[wg], do_smem.at[slot])], (bk, bq))
       delta = lax.broadcast_in_dim(ops.load_row(delta_smem, slot, "col"), (bk, bq), [1])
