@@ -166,14 +166,16 @@ def _ptxas_binary() -> str | None:
     return shutil.which("ptxas")
 
 
-def ptxas_of_dumped_ptx(dump_dir: str) -> list[Ptxas]:
+def ptxas_of_dumped_ptx(dump_dir: str) -> list[Ptxas] | None:
   """ptxas -v (sm_90a) on the PTX that XLA dumped: registers and spills of XLA's own and the
-  Triton kernels."""
+  Triton kernels. None when XLA dumped no PTX (jax 0.12's XLA does not with xla_dump_to) or
+  there is no ptxas."""
   ptxas = _ptxas_binary()
+  files = sorted(glob.glob(os.path.join(dump_dir, "*.ptx")))
+  if ptxas is None or not files:
+    return None
   reports = []
-  for ptx in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
-    if ptxas is None:
-      break
+  for ptx in files:
     proc = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", os.devnull],
                           capture_output=True, text=True)
     reports += parse_ptxas(proc.stdout + proc.stderr)
@@ -191,6 +193,7 @@ class Result:
   smem: list[int]
   seconds: float
   log: str
+  ptx_dumped: bool = True  # False: XLA dumped no PTX, so Triton kernels have no ptxas report
 
   @property
   def spill_stores(self) -> int:
@@ -223,10 +226,12 @@ def compile_case(fn: Callable, args, mesh=None, name: str = "") -> Result:
     seconds = time.perf_counter() - t0
     hlo = compiled.as_text()
     log = out[0]
-    reports = parse_ptxas(log) + ptxas_of_dumped_ptx(dump)
+    dumped = ptxas_of_dumped_ptx(dump)
+    reports = parse_ptxas(log) + (dumped or [])
   finally:
     shutil.rmtree(dump, ignore_errors=True)
-  return Result(name, hlo, custom_calls(lowered.as_text()), reports, list(smem), seconds, log)
+  return Result(name, hlo, custom_calls(lowered.as_text()), reports, list(smem), seconds, log,
+                ptx_dumped=dumped is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +371,9 @@ def _row(case: Case, res: Result | None, error: str | None) -> str:
     return name.replace("mla_attention_", "")
 
   label = (lambda p: f"{short(p)} ") if len(ks) > 1 else (lambda p: "")
-  regs = ", ".join(f"{label(p)}{p.registers}" for p in ks) or "(cached)"
-  spills = ", ".join(f"{label(p)}{p.spill_stores}" for p in ks) or "(cached)"
+  none = "(cached)" if case.flavour == MOSAIC or res.ptx_dumped else "(no PTX dump)"
+  regs = ", ".join(f"{label(p)}{p.registers}" for p in ks) or none
+  spills = ", ".join(f"{label(p)}{p.spill_stores}" for p in ks) or none
   smem = (", ".join(f"{s // 1024} KiB" for s in res.smem) if res.smem
           else "(Triton: XLA checks the limit)")
   return f"| {case.name} | yes ({res.seconds:.0f} s) | {regs} | {spills} | {smem} |"

@@ -6,7 +6,8 @@ the test checks that the program holds exactly the expected number of Triton or 
 custom calls (none of the other flavour), and that ptxas, run on every Pallas kernel of the
 program, reports 0 bytes of spill stores. ptxas reports come from MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic
 GPU; a kernel already compiled earlier in the process is cached and not reported again) and from
-ptxas -v on the PTX XLA dumps (Triton).
+ptxas -v on the PTX XLA dumps (Triton; jax 0.12's XLA dumps no PTX, so there only the Mosaic GPU
+kernels' ptxas reports are checked).
 
 Three Mosaic GPU kernels still spill at their best measured register budgets (`SPILL_BOUND`, bytes
 of spill stores, bench/RESULTS.md "GPU AOT"): the bound is what they spill now, so a change that
@@ -33,8 +34,8 @@ def test_kernel_compiles_for_sm90a(case):
   other = gpu_aot.MOSAIC if case.flavour == gpu_aot.TRITON else gpu_aot.TRITON
   assert (res.calls[case.flavour], res.calls[other]) == (case.calls, 0), res.calls
   reports = gpu_aot.kernel_reports(res)
-  if case.flavour == gpu_aot.TRITON:  # XLA compiles (and dumps) every Triton kernel anew
-    assert len(reports) == case.calls, reports
+  if case.flavour == gpu_aot.TRITON:  # XLA compiles every Triton kernel anew
+    assert len(reports) == (case.calls if res.ptx_dumped else 0), reports
   else:  # Mosaic GPU: a fresh kernel reports; each Mosaic kernel has a case of its own first
     assert reports or res.smem, "no Mosaic GPU kernel was compiled"
     assert len(res.smem) == case.calls, res.smem
