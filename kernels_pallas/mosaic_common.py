@@ -10,6 +10,7 @@ compile).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 
@@ -19,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["num_sms", "grid_size", "interpret_context", "interpret_params",
+__all__ = ["named", "num_sms", "grid_size", "interpret_context", "interpret_params",
            "warpgroup_compiler_params", "loop_index", "load_ref", "snake", "wgmma_t", "wgmma_iota",
            "store_rows", "producer_ring"]
 
@@ -39,6 +40,14 @@ def num_sms() -> int:
 def grid_size(interpret: bool) -> int:
   """CTAs of a persistent kernel: one per SM, or a few simulated ones in interpret mode."""
   return _INTERPRET_CTAS if interpret else num_sms()
+
+
+def named(fn, name: str, **kwargs):
+  """functools.partial(fn, **kwargs) called `name`: Mosaic GPU names a kernel after its body
+  (`<name>_mosaic_gpu_kernel` in ptxas reports and profiles; a bare partial is "anonymous")."""
+  out = functools.partial(fn, **kwargs)
+  out.__name__ = out.__qualname__ = name
+  return out
 
 
 def _interpret_module():

@@ -25,7 +25,8 @@ The wgmma of a step is still reading shared memory when the step ends, so the in
 a_scale[rows, kb] * b_scale[n tile's block, kb]; bn divides 128, so a tile lies in one weight
 scale block. The epilogue writes out_dtype through shared memory with a TMA store per
 power-of-two row chunk (partial M tiles). Registers: three [bm, bn] float32 sets per thread
-(3 * bm * bn / 128), so bm * bn <= 64 * 128 avoids spills.
+(3 * bm * bn / 128) plus the pipeline's: compiled for sm_90a (bench/gpu_aot.py), 64 x 128 tiles
+took 255 registers and spilled 184 bytes, 64 x 64 tiles take 157 and spill nothing.
 
 Constraints (`unsupported_reason`; the dispatcher falls back to Triton): e4m3 x e4m3, K a
 multiple of 256 (pairs of 128 blocks), N a multiple of some bn in (128, 64, 32, 16), M a multiple
@@ -47,14 +48,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.fp8.reference import BLOCK, cdiv
 from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, load_ref,
-                                                   loop_index, snake, store_rows,
+                                                   loop_index, named, snake, store_rows,
                                                    warpgroup_compiler_params, wgmma_t)
 
 __all__ = ["fp8_matmul", "unsupported_reason", "pick_block_n", "DEFAULT_CONFIG", "K_STEP"]
 
-# (block_m, block_n, max_concurrent_steps, grid_tile_width); sweep on the H100. Shared memory
+# (block_m, block_n, max_concurrent_steps, grid_tile_width); block_n 64: no ptxas spills (see the
+# module docstring); sweep on the H100. Shared memory
 # per stage: 2 * 128 * (block_m + block_n) bytes (+ 8 * block_m for the scales).
-DEFAULT_CONFIG = (64, 128, 4, 8)
+DEFAULT_CONFIG = (64, 64, 4, 8)
 K_STEP = 2 * BLOCK  # K consumed per pipeline step (two scale blocks)
 
 
@@ -213,7 +215,8 @@ def fp8_matmul(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Arra
       pl.run_scoped(store_scope, plgpu.SMEM((bm, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(grid_size(interpret),),
+      named(body, "dsv3_fp8_matmul"), out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(grid_size(interpret),),
       grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(a, a_scale_t, b, b_scale.astype(jnp.float32))

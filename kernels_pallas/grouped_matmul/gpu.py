@@ -71,7 +71,9 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, *refs, num_groups, c, d, bm
   rmask = (rows >= lo) & (rows < hi)
   dmask = edge_mask(j * bd, bd, d)
   live = (group < num_groups) & (lo < hi)
-  num_k = jnp.where(live, _cdiv(c, bc), 0)
+  # An int32 product, not jnp.where(live, <python int>, 0): Triton lowers that select to an i1
+  # loop bound and the K loop's scf.for fails to verify (bounds of different types).
+  num_k = live.astype(jnp.int32) * jnp.int32(_cdiv(c, bc))
 
   def body(kk, acc):
     kmask = edge_mask(kk * bc, bc, c)

@@ -34,9 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.grouped_matmul.schedule import group_bounds, row_tile_schedule
-from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, snake,
-                                                   store_rows, warpgroup_compiler_params, wgmma_iota,
-                                                   wgmma_t)
+from dsv3_jax.kernels_pallas.mosaic_common import (grid_size, interpret_context, loop_index, named,
+                                                   snake, store_rows, warpgroup_compiler_params,
+                                                   wgmma_iota, wgmma_t)
 
 __all__ = ["gmm", "tgmm", "unsupported_reason", "DEFAULT_GMM_TILES", "DEFAULT_TGMM_TILES"]
 
@@ -132,7 +132,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
       pl.run_scoped(store_scope, plgpu.SMEM((bm, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((t, d), lhs.dtype), grid=(grid_size(interpret),),
+      named(body, "dsv3_grouped_matmul"), out_type=jax.ShapeDtypeStruct((t, d), lhs.dtype),
+      grid=(grid_size(interpret),),
       grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(sched.tile, sched.group, sched.lo, sched.hi, lhs, rhs)
@@ -214,7 +215,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
       pl.run_scoped(store_scope, plgpu.SMEM((bk, bn), o_gmem.dtype))
 
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((num_groups, k, n), lhs.dtype),
+      named(body, "dsv3_transposed_grouped_matmul"),
+      out_type=jax.ShapeDtypeStruct((num_groups, k, n), lhs.dtype),
       grid=(grid_size(interpret),), grid_names=("sm",), compiler_params=warpgroup_compiler_params())
   with interpret_context(interpret):
     return kernel(starts, ends, lhs, dout)

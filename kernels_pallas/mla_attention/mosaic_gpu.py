@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, named, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
@@ -174,9 +174,6 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
     if cfg.has_segments:
       plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], seg_smems[0].at[wg], q_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
-    if cfg.has_segments:
-      q_seg = load(seg_smems[0], wg, "row")
-      q_seg = lax.broadcast_in_dim(q_seg, (bq, bk), [0])
 
     c = cfg.scale * LOG2E
     m = cast(jnp.full((bq,), MASK_VALUE, jnp.float32), "row")
@@ -210,14 +207,18 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
       if masked:
         vis = None
-        k_pos = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=lay("tile")) + j * bk
+        # Positions as broadcast 1-d iotas (row / column layouts): a [bq, bk] iota in the tile
+        # layout holds 32 registers per thread (the backward's spills, bench/gpu_aot.py).
+        iota = lambda n, name: plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=lay(name))
+        k_pos = lax.broadcast_in_dim(iota(bk, "col"), (bq, bk), [1]) + j * bk
         if cfg.causal:
-          q_pos = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=lay("tile"))
+          q_pos = lax.broadcast_in_dim(iota(bq, "row"), (bq, bk), [0])
           vis = k_pos <= q_pos + q_start
         if cfg.kv_len % bk:
           pad = k_pos < cfg.kv_len
           vis = pad if vis is None else jnp.logical_and(vis, pad)
-        if cfg.has_segments:
+        if cfg.has_segments:  # both re-read from shared memory: nothing held across steps
+          q_seg = lax.broadcast_in_dim(load(seg_smems[0], wg, "row"), (bq, bk), [0])
           kv_seg = load(seg_smems[1], slot, "col")
           same = q_seg == lax.broadcast_in_dim(kv_seg, (bq, bk), [1])
           vis = same if vis is None else jnp.logical_and(vis, same)
@@ -348,9 +349,8 @@ def forward(q, k, v, off, q_seg, kv_seg, cfg: KernelConfig):
   kw = {"interpret": interpret_params()} if cfg.interpret else {}
   nqt = tq // (2 * bq)
   kernel = plgpu.kernel(
-      functools.partial(_kernel, cfg=cfg, parts=parts, nk=pl.cdiv(cfg.kv_len, bk), nqt=nqt,
-                        g=h // hk,
-                        sep_out=sep_out),
+      named(_kernel, "mla_attention_fwd", cfg=cfg, parts=parts, nk=pl.cdiv(cfg.kv_len, bk),
+            nqt=nqt, g=h // hk, sep_out=sep_out),
       out_type=(jax.ShapeDtypeStruct((b, tq, h, dv), q.dtype),
                 jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
       scratch_types=(q_smems, k_smems, v_smem, o_sep, lse_smem, seg_smems, barriers),

@@ -5,8 +5,8 @@ Two kernels after an XLA preprocess delta = rowsum(dO * O) [b, h, tq] float32:
   block_q rows each and keep dQ in f32 registers, a memory warpgroup streams K (as its column
   parts) and V blocks through `max_concurrent_steps` shared-memory slots. Per key block:
   s = Q K^T, p = exp2(s * c - lse), dp = dO V^T, ds = p (dp - delta), dQ += ds K.
-- dk/dv: one CTA owns 2 * block_k key rows of one (kv head, batch); two compute warpgroups take
-  block_k rows each and keep dK [block_k, dqk] and dV [block_k, dv] in f32 registers; the memory
+- dk/dv: one CTA owns block_k key rows of one (kv head, batch); one compute warpgroup
+  (`_DKV_WGS`) keeps dK [block_k, dqk] and dV [block_k, dv] in f32 registers; the memory
   warpgroup streams, for each query head of the kv head's group (GQA/MQA: the sum over the group
   happens in registers), the query blocks that see the CTA's keys: Q parts, dO, lse, delta.
   Per query block: sT = K Q^T, pT = exp2(sT * c - lse), dV += pT dO, dpT = V dO^T,
@@ -34,13 +34,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, named, producer_ring
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
                                                              may_mask, q_block_range)
 
 __all__ = ["BackwardBlockSizes", "backward", "smem_bytes", "unsupported_reason"]
 
 LOG2E = math.log2(math.e)
+# Compute warpgroups of the dk/dv kernel. dK and dV hold 160 f32 registers per thread at
+# DeepSeek-V3 dims (192 + 128): with two compute warpgroups (384 threads, setmaxnreg 232) ptxas
+# spilled ~300-400 bytes; one compute warpgroup and the memory one (256 threads, up to 255
+# registers each) spill 96 (bench/gpu_aot.py, bench/RESULTS.md). The dq kernel keeps two (96
+# accumulator registers, no spills).
+_DKV_WGS = 1
 _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
             "col": plgpu.Layout.WGMMA.reduce(0)}
 
@@ -52,7 +58,7 @@ class BackwardBlockSizes:
   block_q_dq / block_k_dq: query rows per compute warpgroup (a CTA covers 2 * block_q_dq) and
     key rows per pipeline step of the dq kernel.
   block_q_dkv / block_k_dkv: query rows per pipeline step and key rows per compute warpgroup
-    (a CTA covers 2 * block_k_dkv) of the dk/dv kernel.
+    (a CTA covers _DKV_WGS * block_k_dkv) of the dk/dv kernel.
   max_concurrent_steps: shared-memory slots of the streamed operands (>= 2).
   """
 
@@ -78,10 +84,10 @@ def smem_bytes(dqk: int, dv: int, itemsize: int, blocks: BackwardBlockSizes,
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
   dq = 2 * bq * (dqk + dv) * itemsize + 4 * bq * 4 + st * bk * (dqk + dv) * itemsize
   bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-  dkv = 2 * bk * (dqk + dv) * itemsize + st * bq * (dqk + dv) * itemsize + 2 * st * bq * 4
+  dkv = _DKV_WGS * bk * (dqk + dv) * itemsize + st * bq * (dqk + dv) * itemsize + 2 * st * bq * 4
   if has_segments:
     dq += 2 * blocks.block_q_dq * 4 + st * blocks.block_k_dq * 4
-    dkv += 2 * bk * 4 + st * bq * 4
+    dkv += _DKV_WGS * bk * 4 + st * bq * 4
   return max(dq, dkv)
 
 
@@ -158,13 +164,22 @@ class _Ops:
     return tuple(res) if extra_nt is None else (tuple(res[:n]), res[n])
 
 
+def _iota(ops, shape, dim: int):
+  """int32 iota along `dim` of a 2-d tile, built as a broadcast 1-d iota (its row / column
+  layout): a [64, 64] iota in the tile layout holds 32 registers per thread, and two of them
+  next to dK and dV (160 registers) made the dk/dv kernel spill (bench/gpu_aot.py)."""
+  line = plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0,
+                                layout=ops.lay("col" if dim == 1 else "row"))
+  return lax.broadcast_in_dim(line, shape, [dim])
+
+
 def _visible(ops, shape, q_dim: int, q_start, k_start, cfg: KernelConfig, q_seg=None,
              kv_seg=None):
   """Visibility of a tile whose query index runs along dim `q_dim` (0: [bq, bk], 1: [bk, bq]).
 
   q_seg / kv_seg: segment ids already broadcast to `shape`."""
-  q_pos = plgpu.broadcasted_iota(jnp.int32, shape, q_dim, layout=ops.lay("tile")) + q_start
-  k_pos = plgpu.broadcasted_iota(jnp.int32, shape, 1 - q_dim, layout=ops.lay("tile")) + k_start
+  q_pos = _iota(ops, shape, q_dim) + q_start
+  k_pos = _iota(ops, shape, 1 - q_dim) + k_start
   vis = None
   if cfg.causal:
     vis = k_pos <= q_pos
@@ -286,13 +301,14 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   off = off_ref[batch]
   range_kw = dict(block_q=bq, block_k=bk, num_q_blocks=nq, kv_len=cfg.kv_len, causal=cfg.causal,
                   has_segments=cfg.has_segments)
-  cta_lo, _ = q_block_range(kt * 2 * bk, off, **range_kw)  # the first warpgroup's q_lo
+  cta_lo, _ = q_block_range(kt * _DKV_WGS * bk, off, **range_kw)  # the first warpgroup's q_lo
   n_per = nq - cta_lo  # query blocks streamed per query head of the group
 
-  @pl.when(wg < 2)
+  @pl.when(wg < _DKV_WGS)
   def _compute():
-    plgpu.set_max_registers(232, action="increase")
-    row0 = kt * 2 * bk + wg * bk
+    if _DKV_WGS > 1:
+      plgpu.set_max_registers(232, action="increase")
+    row0 = kt * _DKV_WGS * bk + wg * bk
     q_lo, q_full = q_block_range(row0, off, **range_kw)
     rows = pl.ds(row0, bk)
     for (o, w), k_smem in zip(parts, k_smems):
@@ -303,9 +319,6 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, rows], seg_smems[0].at[wg], k_bar.at[wg])
     plgpu.barrier_wait(k_bar.at[wg])
     c = cfg.scale * LOG2E
-    kv_seg = None
-    if cfg.has_segments:
-      kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bk, bq), [0])
 
     def step(qi, carry, base, masked: bool):
       dks, dv = carry
@@ -313,17 +326,20 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       plgpu.barrier_wait(q_bar.at[slot])
       st = ops.dot_nt([(k.at[wg], q.at[slot]) for k, q in zip(k_smems, q_smems)], (bk, bq))
       if masked:
-        q_seg = None
-        if cfg.has_segments:
+        q_seg = kv_seg = None
+        if cfg.has_segments:  # re-read from shared memory: nothing held across steps
           q_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[1], slot, "col"), (bk, bq), [1])
+          kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bk, bq), [0])
         vis = _visible(ops, (bk, bq), 1, off + qi * bq, row0, cfg, q_seg, kv_seg)
         st = jnp.where(vis, st, -jnp.inf)
       lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
-      pt = jnp.exp2(st * c - lse)  # 0 where masked and on rows with lse = +inf
-      (dv,), dpt = ops.accumulate((dv,), pt.astype(dtype), [do_smem.at[slot]],
-                                  extra_nt=(v_smem.at[wg], do_smem.at[slot], (bk, bq)))
+      pt = jnp.exp2(st * c - lse).astype(dtype)  # 0 where masked and on rows with lse = +inf
+      # pT kept in dtype only, dV's wgmma and then dpT's in separate groups (fewer live
+      # registers): 96 bytes of spills instead of 208 with one compute warpgroup.
+      (dv,) = ops.accumulate((dv,), pt, [do_smem.at[slot]])
+      dpt = ops.dot_nt([(v_smem.at[wg], do_smem.at[slot])], (bk, bq))
       delta = lax.broadcast_in_dim(ops.load_row(delta_smem, slot, "col"), (bk, bq), [1])
-      dst = (pt * (dpt - delta)).astype(dtype)
+      dst = (pt.astype(jnp.float32) * (dpt - delta)).astype(dtype)
       dks = ops.accumulate(dks, dst, [q.at[slot] for q in q_smems])
       plgpu.barrier_arrive(q_done.at[slot])
       return dks, dv
@@ -352,9 +368,10 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == 2)
+  @pl.when(wg == _DKV_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    if _DKV_WGS > 1:
+      plgpu.set_max_registers(40, action="decrease")
     total = g * n_per
 
     def load(t, slot):
@@ -381,7 +398,7 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
   q [b, tq, h, dqk], k [b, tk, hk, dqk], v [b, tk, hk, dv], o/do [b, tq, h, dv]; off int32 [b];
   q_seg/kv_seg int32 [b, tq]/[b, tk] or None; lse: the forward's base-2 log-sum-exp [b, h, tq]
   float32 (+inf on rows with no visible key). cfg.blocks is a `BackwardBlockSizes`; tq must be
-  a multiple of 2 * block_q_dq and of block_q_dkv, tk of block_k_dq and of 2 * block_k_dkv.
+  a multiple of 2 * block_q_dq and of block_q_dkv, tk of block_k_dq and of block_k_dkv.
   parts: the (offset, width) column parts of q/k (the forward's).
   """
   blocks: BackwardBlockSizes = cfg.blocks
@@ -390,7 +407,8 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
   g = h // hk
   stages = blocks.max_concurrent_steps
   for name, n, m in (("q_len", tq, 2 * blocks.block_q_dq), ("q_len", tq, blocks.block_q_dkv),
-                     ("kv_len", tk, blocks.block_k_dq), ("kv_len", tk, 2 * blocks.block_k_dkv)):
+                     ("kv_len", tk, blocks.block_k_dq),
+                     ("kv_len", tk, _DKV_WGS * blocks.block_k_dkv)):
     if n % m:
       raise ValueError(f"padded {name} {n} must be a multiple of {m} ({blocks})")
   delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))
@@ -410,8 +428,8 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
   if cfg.has_segments:
     seg_smems = (plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32))
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, cfg=cfg, parts=parts, nk=pl.cdiv(cfg.kv_len, bk), nqt=nqt,
-                        g=g),
+      named(_dq_kernel, "mla_attention_dq", cfg=cfg, parts=parts, nk=pl.cdiv(cfg.kv_len, bk),
+            nqt=nqt, g=g),
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=(
           tuple(smem((2, bq, w), q.dtype) for _, w in parts), smem((2, bq, dv), do.dtype),
@@ -425,20 +443,22 @@ def backward(q, k, v, off, q_seg, kv_seg, o, lse, do, cfg: KernelConfig, parts):
   )(off, q, k, v, do, lse, delta, *seg_args)
 
   bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-  nkt = tk // (2 * bk)
+  nkt = tk // (_DKV_WGS * bk)
   seg_smems = None
   if cfg.has_segments:
-    seg_smems = (plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((stages, bq), jnp.int32))
+    seg_smems = (plgpu.SMEM((_DKV_WGS, bk), jnp.int32), plgpu.SMEM((stages, bq), jnp.int32))
   dk, dv_ = plgpu.kernel(
-      functools.partial(_dkv_kernel, cfg=cfg, parts=parts, nq=tq // bq, g=g),
+      named(_dkv_kernel, "mla_attention_dkv", cfg=cfg, parts=parts, nq=tq // bq, g=g),
       out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       scratch_types=(
-          tuple(smem((2, bk, w), k.dtype) for _, w in parts), smem((2, bk, dv), v.dtype),
+          tuple(smem((_DKV_WGS, bk, w), k.dtype) for _, w in parts),
+          smem((_DKV_WGS, bk, dv), v.dtype),
           tuple(smem((stages, bq, w), q.dtype) for _, w in parts),
           smem((stages, bq, dv), do.dtype), f32((stages, bq)), f32((stages, bq)), seg_smems,
-          (plgpu.Barrier(num_arrivals=len(parts) + 1 + extra, num_barriers=2),  # k, v
+          (plgpu.Barrier(num_arrivals=len(parts) + 1 + extra, num_barriers=_DKV_WGS),  # k, v
            plgpu.Barrier(num_arrivals=len(parts) + 3 + extra, num_barriers=stages),  # q side
-           plgpu.Barrier(num_arrivals=2, num_barriers=stages))),  # q slot consumed
-      grid=(hk, nkt, b), grid_names=("heads", "kv_seq", "batch"), **common,
+           plgpu.Barrier(num_arrivals=_DKV_WGS, num_barriers=stages))),  # q slot consumed
+      grid=(hk, nkt, b), grid_names=("heads", "kv_seq", "batch"),
+      **dict(common, num_threads=_DKV_WGS + 1),
   )(off, q, k, v, do, lse, delta, *seg_args)
   return dq, dk, dv_

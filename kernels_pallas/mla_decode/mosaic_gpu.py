@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, num_sms,
+from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, named, num_sms,
                                                    producer_ring)
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
@@ -176,9 +176,13 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, split, heads, pl.ds(col0, half)])
 
+  # Register budgets (setmaxnreg; 3 x 168 per thread in all): the score warpgroup holds its half
+  # of O and the [64, block_k] scores, the value warpgroup only its half of O, the memory one
+  # addresses. Compiled for sm_90a (bench/gpu_aot.py), an even 232 / 232 / 40 spilled ~450 bytes;
+  # 256 / 224 / 24 roughly halves that (the score warpgroup still spills, see bench/RESULTS.md).
   @pl.when(wg == 0)
   def _score():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(256, action="increase")
     for (o, w), q_smem in zip(parts, q_smems):
       plgpu.copy_gmem_to_smem(q_ref.at[batch, heads, pl.ds(o, w)], q_smem, q_bar)
     plgpu.barrier_wait(q_bar)
@@ -243,7 +247,7 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
 
   @pl.when(wg == 1)
   def _value():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(224, action="increase")
 
     def step(j, acc, masked: bool):
       slot = lax.rem(j, stages)
@@ -269,7 +273,7 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
 
   @pl.when(wg == 2)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(24, action="decrease")
 
     def load(j, slot):
       pos = (c0 + j) * bk
@@ -358,9 +362,9 @@ def mla_decode(q, latent, rope, lengths, layer, block_tables, *, scale: float,
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # cache slot consumed
   )
   kernel = plgpu.kernel(
-      functools.partial(_kernel, scale=float(scale), parts=parts, bk=bk, stages=stages,
-                        splits=splits, page=page, tokens=tokens,
-                        hb_per_token=hb_per_token, interpret=interpret),
+      named(_kernel, "mla_decode", scale=float(scale), parts=parts, bk=bk, stages=stages,
+            splits=splits, page=page, tokens=tokens, hb_per_token=hb_per_token,
+            interpret=interpret),
       out_type=(jax.ShapeDtypeStruct((b, splits, h, rank), q.dtype),
                 jax.ShapeDtypeStruct((b, splits, h), jnp.float32)),
       scratch_types=(q_smems, k_smems, p_smem, vec_smem, barriers),
