@@ -167,12 +167,13 @@ class Engine:
     self.prefill_chunk, self.speculative, self.tokenizer = prefill_chunk, speculative, tokenizer
     self.max_context = min(max_context or cfg.max_position_embeddings,
                            cfg.max_position_embeddings)
-    self.max_pages_per_seq = -(-(self.max_context + 2) // page_size)
+    self.max_pages_per_seq = -(-(self.max_context + speculative) // page_size)
     self.batch_buckets = tuple(sorted(batch_buckets or _pow2_buckets(max_batch)))
     self.page_buckets = tuple(sorted(page_buckets or _pow2_buckets(self.max_pages_per_seq)))
     if self.batch_buckets[-1] < max_batch or self.page_buckets[-1] < self.max_pages_per_seq:
-      raise UserError(f"the largest buckets ({self.batch_buckets[-1]}, {self.page_buckets[-1]}) "
-                      f"must cover max_batch={max_batch} and {self.max_pages_per_seq} pages")
+      raise UserError(f"--batch-buckets / --page-buckets: the largest ({self.batch_buckets[-1]}, "
+                      f"{self.page_buckets[-1]}) must cover --max-batch {max_batch} and the "
+                      f"{self.max_pages_per_seq} pages of a full context")
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     self.eos_ids = frozenset(() if eos is None else (eos,) if isinstance(eos, int) else eos)
     layers = cfg.num_hidden_layers + (1 if speculative else 0)
