@@ -38,10 +38,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.errors import UserError
 from dsv3_jax.inference.generate import Generator
+from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.serving import steps
 from dsv3_jax.sharding import use_rules
 
 __all__ = ["Engine", "RequestParams", "Request", "RequestError", "EngineClosed"]
+
+
+# Programs shared by engines on the same model structure, mesh, shardings and compiler options
+# (an engine also keeps its own, so serving never evicts and recompiles).
+COMPILED = CompiledCache(64)
 
 
 class RequestError(ValueError, UserError):
@@ -167,7 +173,7 @@ class Engine:
     self.prefill_chunk, self.speculative, self.tokenizer = prefill_chunk, speculative, tokenizer
     self.max_context = min(max_context or cfg.max_position_embeddings,
                            cfg.max_position_embeddings)
-    self.max_pages_per_seq = -(-(self.max_context + speculative) // page_size)
+    self.max_pages_per_seq = -(-self.max_context // page_size)
     self.batch_buckets = tuple(sorted(batch_buckets or _pow2_buckets(max_batch)))
     self.page_buckets = tuple(sorted(page_buckets or _pow2_buckets(self.max_pages_per_seq)))
     if self.batch_buckets[-1] < max_batch or self.page_buckets[-1] < self.max_pages_per_seq:
@@ -223,8 +229,9 @@ class Engine:
       raise RequestError("stop strings need a tokenizer (this checkpoint has none): use stop ids")
 
   def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
-    """Pages reserved for a request: every row it can write (+1 for a speculative step)."""
-    return -(-(prompt_len + max_tokens + (1 if self.speculative else 0)) // self.page_size)
+    """Pages reserved for a request: every row it can write, prompt_len + max_tokens - 1 (a
+    speculative step at output length k < max_tokens writes rows up to prompt_len + k)."""
+    return -(-(prompt_len + max_tokens) // self.page_size)
 
   def submit(self, prompt: Sequence[int], params: RequestParams = RequestParams(),
              on_event: Callable | None = None) -> Request:
@@ -386,8 +393,14 @@ class Engine:
   def _compiled_fn(self, kind: str, fn, args):
     key = (kind,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
     compiled = self._compiled.get(key)
+    g = self.gen
+    shared_key = (key, g.graphdef, self.mesh, g.rules, sharding_key(g.state_shardings),
+                  tuple(sorted(g.compiler_options.items())))
     if compiled is None:
-      g = self.gen
+      compiled = COMPILED.get(shared_key)
+      if compiled is not None:
+        self._compiled[key] = compiled
+    if compiled is None:
       n_pool = 3 if kind.startswith("spec") else 2
       rest = jax.tree.map(lambda _: self._rep, args[2 + n_pool:])
       jitted = jax.jit(functools.partial(fn, g.graphdef),
@@ -400,6 +413,7 @@ class Engine:
       self.compile_seconds += time.perf_counter() - t
       self.compile_count += 1
       self._compiled[key] = compiled
+      COMPILED.put(shared_key, compiled)
     return compiled
 
   def _rows(self, reqs: list[Request], T: int, starts: list[int]):
