@@ -495,24 +495,20 @@ class Engine:
       self._emit(r, [int(first[i]), int(bonus[i])] if ok else [int(first[i])])
 
   def warmup(self) -> None:
-    """Compiles every (batch bucket, page bucket) program of prefill and decode up front (runs
-    them on scratch rows only), so no request waits for a compile."""
-    for B in self.batch_buckets:
-      for P in self.page_buckets:
-        fake = [Request(-1, [0], RequestParams(), pages=[], slot=self.max_batch)] * B
-        self._run_fake(fake, P)
-
-  def _run_fake(self, reqs, P) -> None:
+    """Compiles the prefill-chunk and decode programs of every (batch bucket, page bucket) up
+    front by running them on padding rows (which touch only the scratch page), so no request
+    waits for a compile."""
     saved = self.page_buckets
-    self.page_buckets = (P,)
     try:
-      for r in reqs:
-        r.output = [0]
-      self._decode(list(reqs))
-      for r in reqs:
-        r.prefilled, r.prompt = 0, [0]
-      self._prefill(list(reqs))
+      for P in saved:
+        self.page_buckets = (P,)
+        for B in self.batch_buckets:
+          fake = [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0])
+                  for _ in range(B)]
+          self._decode(fake)
+          for r in fake:
+            r.output, r.prefilled = [], 0
+          self._prefill(fake)
     finally:
       self.page_buckets = saved
-    self.generated_tokens = 0
-    self.drafted = self.accepted = 0
+      self.generated_tokens = self.drafted = self.accepted = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -270,6 +271,9 @@ def serve(engine: Engine, app, *, host: str = "127.0.0.1", port: int = 8000,
         timer.daemon = True
         timer.start()
       super().handle_exit(sig, frame)
+      if sig == signal.SIGTERM and hasattr(self, "_captured_signals"):
+        # uvicorn re-raises captured signals after shutting down; SIGTERM is a clean exit (0).
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     async def startup(self, sockets=None):
       await super().startup(sockets)
