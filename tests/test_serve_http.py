@@ -40,8 +40,8 @@ def server(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAGS)
   proc = subprocess.Popen(
       [sys.executable, "-m", "dsv3_jax.cli", "serve", "--checkpoint", path, "--dtype", "float32",
-       "--port", str(port), "--api-key", KEY, "--max-batch", "4", "--page-size", "32",
-       "--num-pages", "64", "--batch-buckets", "4", "--page-buckets", "16",
+       "--port", str(port), "--api-key", KEY, "--max-batch", "8", "--page-size", "32",
+       "--num-pages", "64", "--batch-buckets", "8", "--page-buckets", "16",
        "--prefill-chunk", "16", "--warmup", "--shutdown-grace", "0"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   log = []
@@ -210,6 +210,37 @@ def test_dropped_stream_frees_pages(url):
   assert metric(url, "dsv3_running_requests") == 0
   assert metric(url, "dsv3_cache_pages_free") == 64
   assert metric(url, 'dsv3_requests_total{finish_reason="cancelled"}') == 1
+
+
+@pytest.mark.slow
+def test_load_64_clients_512_requests(url, client):
+  """512 requests from 64 concurrent clients: 32 prompts (3..40 tokens) each asked 16 times
+  with output lengths 1..12; every request completes exactly once with its max_tokens tokens,
+  and the greedy outputs of one prompt are prefixes of each other (no crossed streams)."""
+  rng = np.random.RandomState(2)
+  prompts = [rng.randint(2, 256, size=rng.randint(3, 41)).tolist() for _ in range(32)]
+  jobs = [(i % 32, int(rng.randint(1, 13))) for i in range(512)]
+
+  def one(job):
+    p, n = job
+    r = client.completions.create(model="ckpt", prompt=prompts[p], max_tokens=n, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    return r.id, r.choices[0].model_dump()["token_ids"]
+
+  t = time.time()
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    results = list(pool.map(one, jobs))
+  elapsed = time.time() - t
+  assert len({rid for rid, _ in results}) == 512
+  longest = {}
+  for (p, n), (_, ids) in zip(jobs, results):
+    assert len(ids) == n
+    if len(ids) > len(longest.get(p, [])):
+      longest[p] = ids
+  for (p, n), (_, ids) in zip(jobs, results):
+    assert longest[p][:n] == ids, f"prompt {p}"
+  assert metric(url, "dsv3_cache_pages_used") == 0 and metric(url, "dsv3_queue_length") == 0
+  print(f"512 requests from 64 clients in {elapsed:.1f} s")
 
 
 def test_sigterm_aborts_in_flight_and_exits_0(server, url):
