@@ -113,3 +113,22 @@ def test_seeded_sampling_ignores_batch_and_cancel_frees(model, prompts):
   assert crowded.output == alone.output and len(alone.output) == 10
   assert others[0].finish_reason == "cancelled" and len(others[0].output) < 8
   assert engine.pages_used == 0 and not engine.active
+
+
+def test_engine_imports_without_http_stack():
+  import subprocess
+  import sys
+  from tests.utils import ROOT
+  code = ("import sys; import dsv3_jax.serving.engine; "
+          "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
+          "if m in sys.modules]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                 env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def test_serve_cli_user_errors(capsys, tmp_path):
+  from tests.cli_helpers import assert_user_error, run_cli
+  assert_user_error(run_cli(capsys, "serve", "--checkpoint", tmp_path / "nope"), "serve",
+                    "--checkpoint", "not a directory")
+  assert_user_error(run_cli(capsys, "serve", "--checkpoint", tmp_path, "--port", "0"), "serve",
+                    "--port")
