@@ -416,10 +416,11 @@ class Engine:
       COMPILED.put(shared_key, compiled)
     return compiled
 
-  def _rows(self, reqs: list[Request], T: int, starts: list[int]):
-    """Bucketed per-row arrays: block tables [B, P], sampling, slots (padding rows: scratch)."""
+  def _rows(self, reqs: list[Request], ends: list[int]):
+    """Bucketed per-row arrays: block tables [B, P] covering rows < ends[i] (a chunk's padding
+    past them writes to the scratch page), sampling, slots (padding rows: scratch)."""
     B = _bucket(len(reqs), self.batch_buckets)
-    P = _bucket(max(-(-(s + T) // self.page_size) for s in starts), self.page_buckets)
+    P = _bucket(max(-(-e // self.page_size) for e in ends), self.page_buckets)
     tables = np.zeros((B, P), np.int32)
     temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
     top_k, seed, counter = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
@@ -434,8 +435,8 @@ class Engine:
 
   def _prefill(self, reqs: list[Request]) -> None:
     T = self.prefill_chunk
-    starts = [r.prefilled for r in reqs]
-    B, tables, sampling, slots = self._rows(reqs, T, starts)
+    ends = [min(r.prefilled + T, len(r.prompt)) for r in reqs]
+    B, tables, sampling, slots = self._rows(reqs, ends)
     tokens, nxt = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     start, pick, final = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, bool)
     for i, r in enumerate(reqs):
@@ -467,7 +468,7 @@ class Engine:
   def _decode(self, reqs: list[Request]) -> None:
     T = 2 if self.speculative else 1
     starts = [r.length for r in reqs]
-    B, tables, sampling, slots = self._rows(reqs, T, starts)
+    B, tables, sampling, slots = self._rows(reqs, [s + T for s in starts])
     last, start, draft = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
     for i, r in enumerate(reqs):
       last[i], start[i], draft[i] = r.output[-1], starts[i], r.draft
