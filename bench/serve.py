@@ -112,7 +112,9 @@ def throughput(args) -> str:
     gen.run(ps, max_new_tokens=max(ns), eos_token_id=())
   static = run_static(gen, prompts, outputs, args.max_batch)
   engine = Engine(model, max_batch=args.max_batch, page_size=16, num_pages=args.max_batch * 16,
-                  prefill_chunk=64, max_context=256, eos_token_id=(), mesh=mesh)
+                  prefill_chunk=64, max_context=256, eos_token_id=(), mesh=mesh,
+                  batch_buckets=(args.max_batch,), page_buckets=(4, 8, 16),
+                  decode_steps=args.decode_steps)
   engine.warmup()
   rows = [("static generate", "all at t=0", static)]
   for rate in args.rates:
@@ -120,7 +122,8 @@ def throughput(args) -> str:
                  run_continuous(engine, prompts, outputs, rate)))
   lines = [f"{len(prompts)} requests, prompts 8-64 tokens, outputs geometric (mean "
            f"{args.mean_output:g}, cap {args.max_output}; {sum(outputs)} tokens), max batch "
-           f"{args.max_batch}, model TINY with {args.layers} layers, float32, "
+           f"{args.max_batch}, decode steps per call {args.decode_steps}, model TINY with "
+           f"{args.layers} layers, float32, "
            f"{jax.devices()[0].platform}, jax {jax.__version__}",
            "",
            "| mode | offered load | tokens/s | vs static | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
@@ -203,6 +206,7 @@ def main():
   p.add_argument("--mean-output", type=float, default=24.0)
   p.add_argument("--max-output", type=int, default=128)
   p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--decode-steps", type=int, default=4, help="engine decode steps per call")
   p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.0])
   p.add_argument("--load", action="store_true", help="run the HTTP load test instead")
   p.add_argument("--clients", type=int, default=64)

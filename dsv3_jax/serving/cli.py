@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prefill-chunk", type=int, default=64,
                  help="prompt tokens per request per step (long prompts are prefilled in chunks "
                       "between decode steps)")
+  p.add_argument("--decode-steps", type=int, default=4,
+                 help="decode steps per device call (fewer host round trips; streams arrive in "
+                      "groups of this many tokens; 1 with --speculative)")
   p.add_argument("--max-context", type=int, help="most tokens per request, prompt + output "
                                                  "(default: max_position_embeddings)")
   p.add_argument("--batch-buckets", type=_buckets, help="compiled batch sizes, e.g. 1,4,8 "
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                   num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
                   max_context=args.max_context, speculative=args.speculative,
                   eos_token_id=eos, tokenizer=tokenizer, mesh=mesh,
-                  batch_buckets=args.batch_buckets, page_buckets=args.page_buckets)
+                  batch_buckets=args.batch_buckets, page_buckets=args.page_buckets,
+                  decode_steps=args.decode_steps)
   if args.warmup:
     ui.status("compiling every batch/page bucket ...")
     t = time.perf_counter()

@@ -29,6 +29,7 @@ import functools
 import itertools
 import threading
 import time
+import traceback
 from typing import Callable, Sequence
 
 import jax
@@ -151,6 +152,8 @@ class Engine:
   compiler_options: as for `inference.Generator` (whose weight placement and absorbed weights
   the engine reuses). batch_buckets / page_buckets: the compiled batch sizes and block-table
   widths (default: powers of two up to max_batch and to the pages of max_context).
+  decode_steps: plain decode steps per engine step (one device call, one host round trip; a
+  request that stops mid-way wastes the rest of its steps; 1 with speculative decoding).
   """
 
   def __init__(self, model, *, max_batch: int = 8, page_size: int = 16, num_pages: int = 256,
@@ -158,10 +161,10 @@ class Engine:
                speculative: bool = False, eos_token_id=None, tokenizer=None, mesh=None,
                rules=None, cache_dtype=None, compiler_options: dict | None = None,
                batch_buckets: Sequence[int] | None = None,
-               page_buckets: Sequence[int] | None = None):
+               page_buckets: Sequence[int] | None = None, decode_steps: int = 4):
     cfg = model.config
     for name, v in (("max_batch", max_batch), ("page_size", page_size), ("num_pages", num_pages),
-                    ("prefill_chunk", prefill_chunk)):
+                    ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
       if v < 1:
         raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if speculative and cfg.num_nextn_predict_layers < 1:
@@ -171,6 +174,7 @@ class Engine:
     self.config, self.mesh = cfg, self.gen.mesh
     self.max_batch, self.page_size, self.num_pages = max_batch, page_size, num_pages
     self.prefill_chunk, self.speculative, self.tokenizer = prefill_chunk, speculative, tokenizer
+    self.decode_steps = 1 if speculative else decode_steps
     self.max_context = min(max_context or cfg.max_position_embeddings,
                            cfg.max_position_embeddings)
     self.max_pages_per_seq = -(-self.max_context // page_size)
@@ -309,7 +313,25 @@ class Engine:
           self._wake.wait()
         if self._stop_thread:
           return
-      self.step()
+      try:
+        self.step()
+      except Exception as e:  # a failed step must not leave clients waiting forever
+        traceback.print_exc()
+        self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+  def _fail_all(self, message: str) -> None:
+    """Ends every queued and running request with finish_reason "abort" and `message`."""
+    with self._lock:
+      self.queue.extend(self._incoming)
+      self._incoming.clear()
+      reqs = self.queue + self.active
+    for r in reqs:
+      r.error = message
+      self._finish(r, "abort")
+    for name in ("latent", "rope", "q_buf"):  # donated to a step that failed: start afresh
+      buf = getattr(self, name)
+      if buf.is_deleted():
+        setattr(self, name, jax.device_put(jnp.zeros(buf.shape, buf.dtype), self._rep))
 
   def run_until_idle(self, max_steps: int = 1_000_000) -> None:
     """Steps on the calling thread until nothing is queued or running."""
@@ -466,20 +488,22 @@ class Engine:
         self._emit(r, [int(first[i])])
 
   def _decode(self, reqs: list[Request]) -> None:
-    T = 2 if self.speculative else 1
+    T = 2 if self.speculative else self.decode_steps
     starts = [r.length for r in reqs]
-    B, tables, sampling, slots = self._rows(reqs, [s + T for s in starts])
+    # Rows past a request's reserved pages (steps after its max_tokens) go to the scratch page.
+    B, tables, sampling, slots = self._rows(reqs, [min(s + T, len(r.pages) * self.page_size)
+                                                   for s, r in zip(starts, reqs)])
     last, start, draft = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
     for i, r in enumerate(reqs):
       last[i], start[i], draft[i] = r.output[-1], starts[i], r.draft
     if not self.speculative:
-      args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, last[:, None], start,
-              tables, np.zeros(B, np.int32), sampling)
-      fn = self._compiled_fn("decode", steps.forward_step, args)
+      args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, last, start, tables,
+              sampling)
+      fn = self._compiled_fn(f"decode{T}", functools.partial(steps.decode_steps, steps=T), args)
       self.latent, self.rope, tok = fn(*args)
       tok = np.asarray(tok)
       for i, r in enumerate(reqs):
-        self._emit(r, [int(tok[i])])
+        self._emit(r, tok[i].tolist())
       return
     args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, self.q_buf, last, draft,
             start, tables, slots, sampling)

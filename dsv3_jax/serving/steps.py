@@ -23,6 +23,7 @@ from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
 from dsv3_jax.inference.speculative import rejection_sample
 
 __all__ = ["RowSampling", "row_keys", "row_probabilities", "sample_rows", "forward_step",
+           "decode_steps",
            "speculative_prefill_step", "speculative_decode_step"]
 
 
@@ -94,6 +95,29 @@ def forward_step(graphdef, state, absorbed, latent, rope, tokens, start, tables,
   logits, _, cache = decode_forward(model, absorbed, cache, tokens, positions,
                                     block_tables=tables, logits_at=pick)
   return cache.latent, cache.rope, sample_rows(logits[:, 0], sampling)
+
+
+def decode_steps(graphdef, state, absorbed, latent, rope, last, start, tables,
+                 sampling: RowSampling, *, steps: int):
+  """`steps` decode steps in one call (one host round trip for several tokens): row b feeds
+  last[b] at position start[b], samples, feeds that at start[b] + 1, ... (keys advance with the
+  counter as one step per call would). Rows that finish earlier (a stop id, max_tokens) are
+  cut by the host; their extra rows lie past their length or on the scratch page.
+  Returns (latent, rope, tokens int32 [B, steps])."""
+  model = nnx.merge(graphdef, state)
+  B = last.shape[0]
+
+  def body(carry, _):
+    latent, rope, tok, pos, counter = carry
+    cache = LatentCache(latent, rope, jnp.zeros((B,), jnp.int32))
+    logits, _, cache = decode_forward(model, absorbed, cache, tok[:, None], pos[:, None],
+                                      block_tables=tables)
+    nxt = sample_rows(logits[:, 0], dataclasses.replace(sampling, counter=counter))
+    return (cache.latent, cache.rope, nxt, pos + 1, counter + 1), nxt
+
+  (latent, rope, *_), toks = jax.lax.scan(
+      body, (latent, rope, last, start, sampling.counter), None, length=steps)
+  return latent, rope, toks.T
 
 
 def _draft(mtp_logits, s: RowSampling):
