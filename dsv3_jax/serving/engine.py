@@ -415,14 +415,15 @@ class Engine:
   def _compiled_fn(self, kind: str, fn, args):
     key = (kind,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
     compiled = self._compiled.get(key)
+    if compiled is not None:
+      return compiled
     g = self.gen
     shared_key = (key, g.graphdef, self.mesh, g.rules, sharding_key(g.state_shardings),
                   tuple(sorted(g.compiler_options.items())))
-    if compiled is None:
-      compiled = COMPILED.get(shared_key)
-      if compiled is not None:
-        self._compiled[key] = compiled
-    if compiled is None:
+    compiled = COMPILED.get(shared_key)
+    if compiled is not None:
+      self._compiled[key] = compiled
+    else:
       n_pool = 3 if kind.startswith("spec") else 2
       rest = jax.tree.map(lambda _: self._rep, args[2 + n_pool:])
       jitted = jax.jit(functools.partial(fn, g.graphdef),
