@@ -7,7 +7,8 @@ Requests join the running batch at any engine step and leave when done. Each `En
      requests wait in the queue);
   2. runs one prefill chunk (up to `prefill_chunk` prompt tokens) of every request still being
      prefilled, so a long prompt takes several steps and never stalls the running requests;
-  3. runs one decode step (or one MTP-speculative step) for every request past its prefill.
+  3. runs `decode_steps` decode steps in one device call (or one MTP-speculative step) for
+     every request past its prefill; the host cuts each request at its stop condition.
 Prefill chunks and decode steps are the model's own `decode_forward` (absorbed MLA over the
 cache, causal among a chunk's tokens) with block tables: the latent cache is a pool of
 fixed-size pages, latent [L, pages, page, C] / rope [L, pages, R, page] (the layout of
