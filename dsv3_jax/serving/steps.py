@@ -77,10 +77,17 @@ def row_probabilities(logits: jax.Array, s: RowSampling) -> jax.Array:
 def sample_rows(logits: jax.Array, s: RowSampling, salt: int = 0) -> jax.Array:
   """logits [B, V] -> token ids int32 [B]: argmax where temperature == 0, else a draw from the
   row's top-k / top-p support at its temperature with the row's key."""
-  vals, ids = _sorted_support(logits, s)
-  j = jax.vmap(jax.random.categorical)(row_keys(s, salt), vals)
-  drawn = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
-  return jnp.where(s.temperature > 0, drawn, jnp.argmax(logits, -1).astype(jnp.int32))
+  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+  def draw(_):
+    vals, ids = _sorted_support(logits, s)
+    j = jax.vmap(jax.random.categorical)(row_keys(s, salt), vals)
+    drawn = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+    return jnp.where(s.temperature > 0, drawn, greedy)
+
+  # The sort and the per-row keys cost more than a small model's step: skip them when every
+  # row of the step is greedy.
+  return jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
 
 
 def forward_step(graphdef, state, absorbed, latent, rope, tokens, start, tables, pick,
