@@ -134,7 +134,7 @@ def test_serve_cli_user_errors(capsys, tmp_path):
                     "--port")
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [3])
 def test_paged_attention_kernel_equals_reference(tokens):
   """`paged_attention_steps` through the TPU kernel (interpret mode) per shard of an 8-device
   mesh (queries and block tables split on the batch, the page pools replicated) equals the
