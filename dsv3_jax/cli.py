@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "convert": ("dsv3_jax.convert.cli", "HF safetensors checkpoint -> Orbax"),
     "export": ("dsv3_jax.convert.export_cli", "Orbax checkpoint -> HF safetensors"),
     "generate": ("dsv3_jax.inference.cli", "generate text from a checkpoint"),
+    "serve": ("dsv3_jax.serving.cli", "OpenAI-compatible HTTP server (continuous batching)"),
     "train": ("dsv3_jax.train.cli", "train a model"),
     "eval": ("dsv3_jax.eval_cli", "perplexity of a checkpoint on a token file"),
     "tokenize": ("dsv3_jax.tokenize_cli", "text / jsonl -> a uint32 token file for `dsv3 train`"),

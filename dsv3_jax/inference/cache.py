@@ -33,7 +33,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 
 __all__ = ["LatentCache", "init_cache", "cache_values_per_token", "cache_bytes_per_token",
-           "write_layer_rows", "write_prefill", "cache_shardings"]
+           "write_layer_rows", "write_paged_rows", "write_prefill", "cache_shardings"]
 
 
 @jax.tree_util.register_dataclass
@@ -138,6 +138,26 @@ def _write_latent_rows(latent, c, positions, layer):
   def one(i, lat):
     return jax.lax.dynamic_update_slice(lat, c[i][None, None], (layer, i, positions[i, 0], 0))
   return jax.lax.fori_loop(0, c.shape[0], one, latent)
+
+
+def write_paged_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_pe: jax.Array,
+                     positions: jax.Array, block_tables: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """`write_layer_rows` for a paged cache: latent [L, P, page, C] and rope [L, P, R, page] page
+  pools, block_tables int32 [B, pages_per_seq] (logical page i of sequence b is pool page
+  block_tables[b, i]). Token t of sequence b (c [B, T, C], k_pe [B, T, R]) goes to row
+  positions[b, t] % page of its page; positions past the table go to pool page 0, which the
+  serving engine keeps as a scratch page that no sequence reads (so do padding rows: their
+  table entries are 0). A scatter (duplicate scratch writes allowed: no unique_indices)."""
+  page, n = latent.shape[2], block_tables.shape[1]
+  logical = positions // page
+  pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
+  pages = jnp.where(logical < n, pages, 0)  # [B, T]
+  offset = positions % page
+  layer = jnp.asarray(layer, jnp.int32)
+  latent = latent.at[layer, pages, offset].set(c.astype(latent.dtype))
+  rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
+  return latent, rope
 
 
 def write_prefill(latent: jax.Array, rope: jax.Array, start, c: jax.Array, k_pe: jax.Array

@@ -22,30 +22,19 @@ import time
 
 from dsv3_jax.errors import UserError
 
-__all__ = ["add_arguments", "run", "read_prompt_file"]
+__all__ = ["add_arguments", "add_model_arguments", "run", "read_prompt_file", "prepare", "load",
+           "load_model"]
 
 DTYPES = ("bfloat16", "float32")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+  """The flags `dsv3 generate` and `dsv3 serve` share: the checkpoint, tokenizer, EOS ids,
+  speculative decoding, dtype, FP8 handling, kernels and the mesh."""
   p.add_argument("--checkpoint", required=True,
                  help="HF or converted (Orbax) checkpoint directory, or a `dsv3 train` run "
                       "directory (its latest step) or step directory (RUN/checkpoints/STEP)")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--prompt", action="append",
-                   help="prompt text (needs tokenizer.json); repeat for a batch")
-  src.add_argument("--prompt-ids", action="append",
-                   help="comma-separated prompt token ids (no tokenizer needed); repeat for a batch")
-  src.add_argument("--prompt-file",
-                   help="one prompt per line (blank lines skipped); a .jsonl file holds one JSON "
-                        "string or {\"prompt\": ...} per line; '-' reads stdin")
   p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --checkpoint)")
-  p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-  p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-  p.add_argument("--top-k", type=int, default=0, help="0 = off")
-  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
   p.add_argument("--eos-id", type=int, action="append",
                  help="token id that ends generation (repeatable; default: the tokenizer's/config's)")
@@ -58,6 +47,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "platform (auto falls back to the reference where there are none)")
   from dsv3_jax.sharding.entry import add_mesh_arguments
   add_mesh_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  add_model_arguments(p)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", action="append",
+                   help="prompt text (needs tokenizer.json); repeat for a batch")
+  src.add_argument("--prompt-ids", action="append",
+                   help="comma-separated prompt token ids (no tokenizer needed); repeat for a batch")
+  src.add_argument("--prompt-file",
+                   help="one prompt per line (blank lines skipped); a .jsonl file holds one JSON "
+                        "string or {\"prompt\": ...} per line; '-' reads stdin")
+  p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -111,28 +118,18 @@ def _early_config(checkpoint: str):
   return None
 
 
-def run(args: argparse.Namespace) -> int:
-  import jax
-  import jax.numpy as jnp
-
-  from dsv3_jax import ui
-  from dsv3_jax.inference.generate import Generator
-  from dsv3_jax.inference.sampling import SamplingParams
+def prepare(args: argparse.Namespace):
+  """What `dsv3 generate` and `dsv3 serve` check before loading weights: multi-host start-up
+  and the --mesh (before anything touches a device), --kernels on this platform, the checkpoint
+  directory, its config.json (None when it has none) and tokenizer (None without
+  tokenizer.json). Returns (mesh, cfg, tokenizer)."""
   from dsv3_jax.inference.tokenizer import Tokenizer
-  from dsv3_jax.pretrained import from_pretrained
+  from dsv3_jax.param_tree import locate
   from dsv3_jax.sharding import cli_mesh
-
   mesh = cli_mesh(args)  # before anything touches a device
   _check_kernels(args.kernels)
   if not os.path.isdir(args.checkpoint):
     raise UserError(f"--checkpoint {args.checkpoint!r} is not a directory")
-  try:
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-  except ValueError as e:
-    raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
-  if args.max_new_tokens < 1:
-    raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  from dsv3_jax.param_tree import locate
   # A training run or step keeps config.json and the tokenizer in the run directory
   # (CheckpointNotFound, a UserError, for a run without a finished step).
   located = locate(args.checkpoint)
@@ -144,10 +141,59 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(tok_dir)
   elif args.tokenizer:
     raise UserError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+  return mesh, cfg, tokenizer
+
+
+def load(args: argparse.Namespace, mesh, cfg):
+  """The model of --checkpoint in --dtype with the --kernels backends, loaded into its
+  shardings on `mesh` (after `prepare`)."""
+  import jax
+  import jax.numpy as jnp
+
+  from dsv3_jax import ui
+  from dsv3_jax.config import RuntimeConfig
+  from dsv3_jax.pretrained import from_pretrained
+  if args.speculative and cfg is not None and cfg.num_nextn_predict_layers < 1:
+    raise UserError(f"--speculative needs an MTP layer: {args.checkpoint}/config.json has "
+                    f"num_nextn_predict_layers=0")
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
+                     moe_backend=args.kernels, linear_backend=args.kernels)
+  main = jax.process_index() == 0
+  say = ui.status if main else (lambda msg: None)
+  say(f"loading {args.checkpoint} ...")
+  t0 = time.perf_counter()
+  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh,
+                          progress=main)
+  say(f"loaded in {time.perf_counter() - t0:.1f} s")
+  return model
+
+
+def load_model(args: argparse.Namespace):
+  """`prepare` then `load`: (model, tokenizer or None, mesh)."""
+  mesh, cfg, tokenizer = prepare(args)
+  return load(args, mesh, cfg), tokenizer, mesh
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax
+
+  from dsv3_jax import ui
+  from dsv3_jax.inference.generate import Generator
+  from dsv3_jax.inference.sampling import SamplingParams
+
+  try:
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  except ValueError as e:
+    raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
+  if args.max_new_tokens < 1:
+    raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  mesh, cfg, tokenizer = prepare(args)
   texts = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
   if texts is not None:
     if tokenizer is None:
-      raise UserError(f"no tokenizer.json in {tok_dir}: pass --tokenizer DIR or --prompt-ids")
+      raise UserError(f"no tokenizer.json in {args.tokenizer or args.checkpoint}: pass "
+                      f"--tokenizer DIR or --prompt-ids")
     prompts = [tokenizer.encode_chat(t) if args.chat else tokenizer.encode(t) for t in texts]
   else:
     prompts = [_parse_ids(s) for s in args.prompt_ids]
@@ -163,21 +209,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{which} has {len(ids)} tokens; with --max-new-tokens "
                         f"{args.max_new_tokens} that exceeds max_position_embeddings="
                         f"{cfg.max_position_embeddings} of {args.checkpoint}/config.json")
-  if args.speculative and cfg is not None and cfg.num_nextn_predict_layers < 1:
-    raise UserError(f"--speculative needs an MTP layer: {args.checkpoint}/config.json has "
-                    f"num_nextn_predict_layers=0")
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  from dsv3_jax.config import RuntimeConfig
-  rt = RuntimeConfig(param_dtype=dtype, dtype=dtype, attention_backend=args.kernels,
-                     moe_backend=args.kernels, linear_backend=args.kernels)
+  model = load(args, mesh, cfg)
   main = jax.process_index() == 0  # every process generates; process 0 prints
   say = ui.status if main else (lambda msg: None)
-  say(f"loading {args.checkpoint} ...")
-  t0 = time.perf_counter()
-  model = from_pretrained(args.checkpoint, dtype, runtime=rt, fp8=args.fp8, mesh=mesh,
-                          progress=main)
-  say(f"loaded in {time.perf_counter() - t0:.1f} s; compiling prefill and decode (once per "
-      f"prompt-length bucket) ...")
+  say("compiling prefill and decode (once per prompt-length bucket) ...")
   vocab = model.config.vocab_size
   for ids in prompts:  # a checkpoint without config.json checked here, after loading
     if max(ids) >= vocab or min(ids) < 0:

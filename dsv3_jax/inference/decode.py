@@ -28,18 +28,21 @@ behind a sequence never influences it, and the rows it leaves in the cache lie p
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_prefill
+from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_paged_rows, write_prefill
 from dsv3_jax.kernels_pallas import mla_decode
-from dsv3_jax.kernels_pallas.mla_decode.reference import select_layer
+from dsv3_jax.kernels_pallas.mla_decode.reference import mla_decode_reference, select_layer
 from dsv3_jax.layers import apply_rope
 from dsv3_jax.sharding import current_rules, kernel_map, logical_to_spec
 
-__all__ = ["absorb_weights", "decode_attention", "decode_attention_steps", "prefill",
+__all__ = ["absorb_weights", "decode_attention", "decode_attention_steps",
+           "paged_attention_steps", "prefill",
            "decode_forward", "mtp_prefill", "mtp_decode_forward"]
 
 
@@ -145,12 +148,40 @@ def _split_hidden_for_lora(h):
   return h if spec == P() else jax.lax.with_sharding_constraint(h, spec)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=None):
+def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
+                          positions: jax.Array, scale: float, *, block_tables: jax.Array, layer,
+                          backend: str = "reference", platform: str | None = None,
+                          gpu_impl: str | None = None) -> jax.Array:
+  """`decode_attention_steps` over a paged cache: latent [L, P, page, C] and rope
+  [L, P, R, page] page pools (stacked over layers, read at `layer`), block_tables int32
+  [B, pages_per_seq] (logical page i of sequence b is pool page block_tables[b, i]); q
+  [B, T, H, C + R] at consecutive positions [B, T]. Returns [B, T, H, C] float32.
+  The reference gathers each sequence's pages; a kernel backend runs `mla_decode`'s paged route
+  (the pools replicated, queries and tables split on the batch under the ambient mesh)."""
+  lengths = (positions[:, -1] + 1).astype(jnp.int32)
+  if backend == "reference":
+    return mla_decode_reference(q.astype(jnp.float32), latent, rope, lengths, scale=scale,
+                                block_tables=block_tables, layer=layer).astype(jnp.float32)
+  heads = ("batch", None, "act_heads", None)
+  layer = jnp.asarray(layer, jnp.int32)
+
+  def kernel(q, latent, rope, lengths, tables, layer):
+    return mla_decode(q, latent, rope, lengths, scale=scale, layer=layer, block_tables=tables,
+                      backend=backend, platform=platform, gpu_impl=gpu_impl).astype(jnp.float32)
+
+  pool = (None, None, None, None)
+  return kernel_map(kernel, (heads, pool, pool, ("batch",), ("batch", None), None), heads,
+                    name="mla_decode_paged")(q, latent, rope, lengths, block_tables, layer)
+
+
+def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, block_tables=None,
+                    expert_layer=None):
   """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
   positions[:, 0]); writes their latent rows into cache = (latent [L, B, S, C], rope
   [L, B, R, S]) at layer `index` (int, may be traced) and attends over that layer in place.
-  expert_layer: the index into the whole routed-expert stacks `layer` holds (None: its own).
-  Returns (x, cache)."""
+  With block_tables [B, pages_per_seq] the cache parts are page pools (`write_paged_rows`,
+  `paged_attention_steps`). expert_layer: the index into the whole routed-expert stacks `layer`
+  holds (None: its own). Returns (x, cache)."""
   attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
   B, T, _ = x.shape
   with jax.named_scope("mla_decode"):
@@ -158,14 +189,20 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
-    latent, rope = write_layer_rows(*cache, index, c, k_pe.astype(c.dtype), positions,
-                                    backend=rt.attention_backend, platform=rt.kernel_platform)
+    if block_tables is None:
+      latent, rope = write_layer_rows(*cache, index, c, k_pe.astype(c.dtype), positions,
+                                      backend=rt.attention_backend, platform=rt.kernel_platform)
+    else:
+      latent, rope = write_paged_rows(*cache, index, c, k_pe.astype(c.dtype), positions,
+                                      block_tables)
     dt = latent.dtype
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
     q = jnp.concatenate([q_lat.astype(dt), q_pe.astype(dt)], -1)  # [B, T, H, C + R]
-    o = decode_attention_steps(q, latent, rope, positions, cfg.softmax_scale, layer=index,
-                               backend=rt.attention_backend, platform=rt.kernel_platform,
-                               gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
+    attend = decode_attention_steps if block_tables is None else functools.partial(
+        paged_attention_steps, block_tables=block_tables)
+    o = attend(q, latent, rope, positions, cfg.softmax_scale, layer=index,
+               backend=rt.attention_backend, platform=rt.kernel_platform,
+               gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
     o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
     x = x + attn.o_proj(o.reshape(B, T, -1))
   h = layer.post_attention_layernorm(x)
@@ -173,12 +210,17 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, expert_layer=
   return x + y, (latent, rope)
 
 
-def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array):
+def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array,
+                   *, block_tables: jax.Array | None = None, logits_at: jax.Array | None = None):
   """Main model on T new tokens per sequence through the latent cache.
 
   tokens int32 [B, T] at positions [B, T] (consecutive; row positions[b, 0] onward is written).
   Returns (logits [B, T, V] float32, final normed hidden h^0 [B, T, D], cache). cache.lengths is
   not changed (the caller decides how many of the new rows to keep).
+  block_tables int32 [B, pages_per_seq]: cache.latent [L, P, page, C] / cache.rope
+  [L, P, R, page] are page pools (the serving engine's paged cache; positions are logical).
+  logits_at int [B]: only the logits of token logits_at[b] are computed (logits [B, 1, V]; a
+  prefill chunk needs one row, not T x vocabulary).
   """
   x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for g, stack in enumerate(model.stacks):
@@ -191,14 +233,15 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
       layer = nnx.merge(graphdef, experts, layer_state) if moe else nnx.merge(graphdef,
                                                                               layer_state)
       x, parts = _absorbed_layer(layer, w_uk, w_uv, carry[1], index, carry[0], positions,
-                                 expert_layer=index - start if moe else None)
+                                 block_tables, expert_layer=index - start if moe else None)
       return (x, parts), None
 
     layers = jnp.arange(stack.start, stack.start + stack.count, dtype=jnp.int32)
     (x, parts), _ = jax.lax.scan(body, (x, parts), (state, absorbed["w_uk"][g],
                                                     absorbed["w_uv"][g], layers))
   hidden = model.norm(x)
-  return model.head(hidden), hidden, cache.with_parts(*parts)
+  picked = hidden if logits_at is None else hidden[jnp.arange(x.shape[0]), logits_at][:, None]
+  return model.head(picked), hidden, cache.with_parts(*parts)
 
 
 def _mtp_input(mtp_layer, model, next_tokens, h_prev):
@@ -207,18 +250,21 @@ def _mtp_input(mtp_layer, model, next_tokens, h_prev):
 
 
 def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Array,
-                       h_prev: jax.Array, positions: jax.Array):
+                       h_prev: jax.Array, positions: jax.Array, *,
+                       block_tables: jax.Array | None = None, logits_at: jax.Array | None = None):
   """The first MTP block on T new positions through its latent cache.
 
   next_tokens int32 [B, T]: t_{i+1} for each position i; h_prev [B, T, D]: the main model's h^0_i
   (final hidden after model.norm, vLLM's choice for serving). Returns (logits [B, T, V] float32,
-  predicting t_{i+2}; cache).
+  predicting t_{i+2}; cache). block_tables / logits_at: as for `decode_forward`.
   """
   L, G = model.config.num_hidden_layers, len(model.stacks)
   m = model.mtp[0]
   x = _mtp_input(m, model, next_tokens, h_prev)
   x, parts = _absorbed_layer(m.block, absorbed["w_uk"][G], absorbed["w_uv"][G],
-                             (cache.latent, cache.rope), L, x, positions)
+                             (cache.latent, cache.rope), L, x, positions, block_tables)
+  if logits_at is not None:
+    x = x[jnp.arange(x.shape[0]), logits_at][:, None]
   return model.head(m.shared_head_norm(x)), cache.with_parts(*parts)
 
 
