@@ -87,15 +87,23 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, positions, segment_ids=None, *, return_latent: bool = False):
     """x [B, T, D] -> (x [B, T, D], router stats dict or None); with `return_latent` also the
     attention's latent (c [B, T, C], k_pe [B, T, R]), what the decode cache stores."""
-    a = self.self_attn(self.input_layernorm(x), positions, segment_ids, return_latent=return_latent)
-    a, latent = a if return_latent else (a, None)
+    x, stats, latent = self.with_attention(
+        x, lambda h: self.self_attn(h, positions, segment_ids, return_latent=True))
+    return (x, stats, latent) if return_latent else (x, stats)
+
+  def with_attention(self, x, attend):
+    """The block around an attention: (a, aux) = attend(input_layernorm(x)) with a [B, T, D];
+    x += a; x += ffn(post_attention_layernorm(x)). Returns (x [B, T, D], router stats or None,
+    aux). The training/prefill forward passes `self_attn`; cached decoding
+    (`dsv3_jax.inference.decode`) passes the absorbed attention over the latent cache."""
+    a, aux = attend(self.input_layernorm(x))
     x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
       y, stats = self.mlp(h)
     else:
       y, stats = self.mlp(h), None
-    return (x + y, stats, latent) if return_latent else (x + y, stats)
+    return x + y, stats, aux
 
 
 def remat_block(fn, policy: str):
