@@ -140,7 +140,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfl
 def _nbytes(ckpt: HFCheckpoint, name: str) -> int:
   n = 0
   for t in (name, name + SCALE_SUFFIX):
-    if t in ckpt.location:
+    if t in ckpt:
       n += ckpt.shard(t).nbytes(t)
   return n
 

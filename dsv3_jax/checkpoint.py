@@ -177,14 +177,14 @@ class HFCheckpoint:
           weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
           raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-      self.location = dict(weight_map)
+      self._location = dict(weight_map)
       for file in sorted(set(weight_map.values())):
         if not os.path.isfile(os.path.join(self.path, file)):
           first = next(n for n, fl in weight_map.items() if fl == file)
           raise CheckpointError(f"{index}: shard {file} is missing from {self.path} "
                                 f"(it holds {first!r} among others)")
     elif os.path.exists(single):
-      self.location = {n: "model.safetensors" for n in self._open("model.safetensors").keys()}
+      self._location = {n: "model.safetensors" for n in self._open("model.safetensors").keys()}
     else:
       raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
 
@@ -194,23 +194,30 @@ class HFCheckpoint:
     return self._files[file]
 
   def names(self) -> list[str]:
-    return list(self.location)
+    return list(self._location)
+
+  def drop(self, names) -> None:
+    """Forgets the tensors `names` and their FP8 `_scale_inv`s (tensors that are there but not
+    to be loaded, e.g. skipped MTP layers): later checks and reads treat them as absent."""
+    for n in list(names):
+      self._location.pop(n, None)
+      self._location.pop(n + SCALE_SUFFIX, None)
 
   def shard(self, name: str) -> SafetensorsFile:
     """The opened shard that holds tensor `name` (header parsed, no tensor data read), for
     shape/dtype/nbytes checks. Raises CheckpointError naming the file when it is not there."""
-    if name not in self.location:
+    if name not in self._location:
       raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-    f = self._open(self.location[name])
+    f = self._open(self._location[name])
     if name not in f:
       raise CheckpointError(f"{f.path}: the index says it holds {name!r}, but it does not")
     return f
 
   def __contains__(self, name: str) -> bool:
-    return name in self.location
+    return name in self._location
 
   def file_of(self, name: str) -> str:
-    return os.path.join(self.path, self.location[name])
+    return os.path.join(self.path, self._location[name])
 
   def raw(self, name: str) -> np.ndarray:
     """The stored tensor (memory-mapped), or a CheckpointError naming the file."""
@@ -221,10 +228,10 @@ class HFCheckpoint:
     w = self.raw(name)
     scale = name + SCALE_SUFFIX
     if w.dtype == np.dtype(ml_dtypes.float8_e4m3fn) or w.dtype == np.dtype(ml_dtypes.float8_e5m2):
-      if scale not in self.location:
+      if scale not in self._location:
         raise CheckpointError(f"{self.file_of(name)}: FP8 tensor {name!r} has no {scale!r}")
       return dequantize_fp8(w, np.asarray(self.raw(scale)), block, name)
-    if scale in self.location:
+    if scale in self._location:
       raise CheckpointError(f"{self.file_of(scale)}: {scale!r} given for non-FP8 tensor {name!r} "
                             f"({w.dtype})")
     return w
@@ -263,9 +270,7 @@ def check_checkpoint(ckpt: HFCheckpoint, table: Mapping[str, Entry],
     raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {ckpt.path}, e.g. "
                           + ", ".join(f"{n!r} ({ckpt.file_of(n)})" for n in unexpected[:5])
                           + " (pass --ignore-unexpected / ignore_unexpected=True to skip them)")
-  for n in unexpected:
-    ckpt.location.pop(n)
-    ckpt.location.pop(n + SCALE_SUFFIX, None)
+  ckpt.drop(unexpected)
   names = set(ckpt.names())
   for s in sorted(n for n in names if n.endswith(SCALE_SUFFIX)):
     if s[:-len(SCALE_SUFFIX)] not in names:

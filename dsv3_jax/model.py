@@ -90,15 +90,25 @@ class DecoderLayer(nnx.Module):
     attention's latent (c [B, T, C], k_pe [B, T, R]), what the decode cache stores.
     expert_layer: the index into whole routed-expert layer stacks this layer holds (see
     `LayerStack(experts_at_layer=True)`); None for a layer's own experts."""
-    a = self.self_attn(self.input_layernorm(x), positions, segment_ids, return_latent=return_latent)
-    a, latent = a if return_latent else (a, None)
+    x, stats, latent = self.with_attention(
+        x, lambda h: self.self_attn(h, positions, segment_ids, return_latent=True),
+        expert_layer=expert_layer)
+    return (x, stats, latent) if return_latent else (x, stats)
+
+  def with_attention(self, x, attend, expert_layer=None):
+    """The block around an attention: (a, aux) = attend(input_layernorm(x)) with a [B, T, D];
+    x += a; x += ffn(post_attention_layernorm(x)). Returns (x [B, T, D], router stats or None,
+    aux). The training/prefill forward passes `self_attn`; cached decoding
+    (`dsv3_jax.inference.decode`) passes the absorbed attention over the latent cache.
+    expert_layer: as in `__call__`."""
+    a, aux = attend(self.input_layernorm(x))
     x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
       y, stats = self.mlp(h, layer=expert_layer)
     else:
       y, stats = self.mlp(h), None
-    return (x + y, stats, latent) if return_latent else (x + y, stats)
+    return x + y, stats, aux
 
 
 def remat_block(fn, policy: str):

@@ -43,7 +43,7 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.hlo_cost import HloCost, hlo_cost
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_sharding, use_rules,
-                               logical_to_spec, make_mesh, parse_mesh_shape, state_shardings)
+                               make_mesh, parse_mesh_shape, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
            "hbm_bytes_per_device", "default_mesh", "parse_rules", "count_collectives",
@@ -554,37 +554,22 @@ def _opt_shardings(optim, opt_abs, param_shardings, rep):
 
 
 def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep, data_shards, n):
-  from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
+  from dsv3_jax.inference import abstract_decode_step, init_cache, prefill
   B, S, T = req.decode_batch, req.context, _prompt_len(req)
-  cache_abs = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16, mtp_layers=0))
-  # Cache buffers latent [L, B, S, C] and rope [L, B, R, S] split over the batch (the layer
-  # stack replicated); lengths [B] likewise. Absorbed W_UK [..., H, N, C] / W_UV [..., H, V, C] split
-  # as the `heads` rule says.
-  def trailing(x, logical):
-    return NamedSharding(mesh, logical_to_spec((None,) * (x.ndim - len(logical)) + logical,
-                                               rules, mesh, x.shape))
-  cache_sh = jax.tree.map(lambda x: trailing(x, ("batch",) if x.ndim == 1 else
-                                             ("batch", None, None)), cache_abs)
-  len_sh = activation_sharding(("batch",), rules, mesh, (B,))
-  cache_a = _sds(cache_abs, cache_sh)
+  # Cache latent [L, B, S, C] / rope [L, B, R, S] and lengths [B] split over the batch (the layer
+  # stack replicated); absorbed W_UK / W_UV split as the `heads` rule says.
+  step, dec_args, (dlogit_sh, cache_sh) = abstract_decode_step(graphdef, params_a, rest_a, rules,
+                                                               mesh, B, S, mtp_layers=0)
+  cache_a = dec_args[3]
   cache_bytes = _shard_bytes(cache_a)
-  absorbed_abs = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)),
-                                params, rest_a)
-  absorbed_a = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=trailing(x, ("heads", None, None))), absorbed_abs)
+  len_sh = cache_sh.lengths
   p_sh = jax.tree.map(lambda x: x.sharding, params_a)
   r_sh = jax.tree.map(lambda x: x.sharding, rest_a)
-  a_sh = jax.tree.map(lambda x: x.sharding, absorbed_a)
 
   def prefill_step(p, r, tokens, lengths):
     model = nnx.merge(graphdef, p, r)
     cache = init_cache(model.config, B, S, jnp.bfloat16, mtp_layers=0)
     logits, _, cache = prefill(model, cache, tokens, lengths)
-    return logits, cache
-
-  def decode_step(p, r, absorbed, cache, tokens, positions):
-    model = nnx.merge(graphdef, p, r)
-    logits, _, cache = decode_forward(model, absorbed, cache, tokens, positions)
     return logits, cache
 
   ptok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (B, T))
@@ -594,15 +579,8 @@ def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep,
   pre = jax.jit(prefill_step, in_shardings=(p_sh, r_sh, ptok_sh, len_sh),
                 out_shardings=(logit_sh, cache_sh))
   pre_args = (params_a, rest_a, ptok, lens)
-  dtok_sh = activation_sharding(("batch", None), rules, mesh, (B, 1))
-  dtok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=dtok_sh)
-  dlogit_sh = activation_sharding(("batch", None, "act_vocab"), rules, mesh,
-                                  (B, 1, cfg.vocab_size))
-  dec = jax.jit(decode_step, in_shardings=(p_sh, r_sh, a_sh, cache_sh, dtok_sh, dtok_sh),
-                out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
-  dec_args = (params_a, rest_a, absorbed_a, cache_a, dtok, dtok)
-  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize
-                    for x in (cache_abs.latent, cache_abs.rope))
+  dec = jax.jit(step, out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
+  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in (cache_a.latent, cache_a.rope))
   # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
   pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
   df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)

@@ -313,9 +313,7 @@ def from_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, runtime: Runt
     table = name_table(cfg, shapes)
     if mtp is False:
       # The skipped MTP layers' tensors are expected, not unexpected.
-      for n in ckpt.names():
-        if any(n.startswith(pfx) for pfx in ignore):
-          ckpt.location.pop(n)
+      ckpt.drop([n for n in ckpt.names() if any(n.startswith(pfx) for pfx in ignore)])
     block = tuple(cfg.quantization_config.weight_block_size if cfg.quantization_config else (128, 128))
     check_checkpoint(ckpt, table, shapes, ignore_unexpected=ignore_unexpected)
     targets = read_targets(ckpt, table, shapes, dtypes, block=block, keep_fp8=fp8 == "keep")

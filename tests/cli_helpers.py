@@ -9,26 +9,17 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 import dsv3_jax
 from dsv3_jax.cli import main
-from dsv3_jax.pretrained import param_shapes
+from tests.utils import random_model
 
 # TINY cut to 2 layers (1 dense, 1 MoE) + 1 MTP layer: quick to load and compile.
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=2)
 
 
 def tiny_model(seed: int = 0, cfg=CFG):
-  """cfg with random weights built from numpy (no eager jax init); norms ~1, weights std 0.08."""
-  rng = np.random.RandomState(seed)
-  rt = dsv3_jax.RuntimeConfig()
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(cfg, rt)).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (0.08, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return dsv3_jax.model_from_arrays(cfg, rt, arrays)
+  """cfg with the tests' random weights (`tests.utils.random_model`: numpy, no eager jax init)."""
+  return random_model(cfg, seed)
 
 
 def write_checkpoint(model, path: str, *, shards: bool = True) -> str:

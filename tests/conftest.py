@@ -11,3 +11,10 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run first (the order is otherwise kept): pytest-xdist hands tests to its
+  workers in this order, so the longest ones start early and the workers finish together
+  instead of one of them running a long test alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -1,10 +1,23 @@
 """`dsv3 demo` (the README's first command) end to end, with a short training part."""
+import functools
 import re
 
+import pytest
+
 from dsv3_jax.cli import main as dsv3_main
+from dsv3_jax.inference import Generator
+from dsv3_jax.train.trainer import Trainer
+from tests.utils import FAST_COMPILE
 
 
-def test_demo_runs_trains_saves_and_generates(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_runs_trains_saves_and_generates(tmp_path, capsys, monkeypatch):
+  # CPU optimisations off for the training and generation programs: compiling them, not running
+  # 8 steps and 2 x 80 tokens of the tiny model, is what this test spends its time on.
+  monkeypatch.setattr(Trainer, "__init__", functools.partialmethod(
+      Trainer.__init__, compiler_options=FAST_COMPILE))
+  monkeypatch.setattr(Generator, "__init__", functools.partialmethod(
+      Generator.__init__, compiler_options=FAST_COMPILE))
   out = tmp_path / "demo"
   # A time budget far past 8 steps: the test checks the 8 steps, not this host's speed.
   assert dsv3_main(["demo", "--skip-671b", "--train-steps", "8", "--train-seconds", "1200",

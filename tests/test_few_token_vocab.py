@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from dsv3_jax.sharding import ShardingRules, logical_to_spec, make_mesh, use_rules
 from tests.utils import hlo_collectives
@@ -76,10 +76,9 @@ def decode_step_hlo(vocab: int, hidden: int, batch: int, context: int = 256) -> 
   from jax.experimental import topologies
 
   import dsv3_jax
-  from dsv3_jax.inference import absorb_weights, decode_forward, init_cache
-  from dsv3_jax.inference.cache import cache_shardings
+  from dsv3_jax.inference import abstract_decode_step
   from dsv3_jax.plan import POD_RULES
-  from dsv3_jax.sharding import activation_sharding, state_shardings
+  from dsv3_jax.sharding import state_shardings
   from tests.test_plan import small_config
 
   cfg = small_config(vocab_size=vocab, hidden_size=hidden)
@@ -90,25 +89,10 @@ def decode_step_hlo(vocab: int, hidden: int, batch: int, context: int = 256) -> 
   sds = lambda tree, sh: jax.tree.map(  # noqa: E731
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   pa, ra = (sds(t, state_shardings(t, rules, mesh)) for t in (params, rest))
-  cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, jnp.bfloat16))
-  cache = sds(cache, cache_shardings(cache, rules, mesh))
-  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
-  rep = NamedSharding(mesh, P())
-  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          absorbed)
-  tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, mesh, (batch, 1)))
-
-  def step(params, rest, absorbed, cache, tokens, positions):
-    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
-                                      positions)
-    return logits, cache
-
+  step, args, out_shardings = abstract_decode_step(graphdef, pa, ra, rules, mesh, batch, context)
   with jax.set_mesh(mesh), use_rules(rules), jax.default_matmul_precision("default"):
-    logits = activation_sharding(("batch", None, "act_vocab"), rules, mesh, (batch, 1, vocab))
-    cache_sh = jax.tree.map(lambda x: x.sharding, cache)
-    return jax.jit(step, donate_argnums=(3,), out_shardings=(logits, cache_sh)).trace(pa, ra, absorbed, cache, tok,
-                                                    tok).lower().compile().as_text()
+    return jax.jit(step, donate_argnums=(3,), out_shardings=out_shardings).trace(
+        *args).lower().compile().as_text()
 
 
 def test_tpu_decode_step_moves_no_vocab_table():

@@ -230,6 +230,7 @@ def reference_tokens(gen_arrays):
   return tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_greedy_generate_matches_reference(gen_arrays, reference_tokens, platform, monkeypatch):
   """Generator (prefill, on-device loop, capacity 64: the speculative two-token verify is one

@@ -85,6 +85,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology,mode,devices,hbm_gib,cfg", CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, devices, hbm_gib, cfg):
@@ -122,20 +123,29 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
     assert j["optimizer_bytes"] == 0
 
 
-def test_cli_json_and_text(tmp_path, capsys):
+def test_cli_json_and_text(tmp_path, capsys, monkeypatch):
+  """`dsv3 plan --json` and the text form of the same report, with reference kernels (reported
+  as such for attention and the MoE)."""
+  import dsv3_jax.plan
   path = tmp_path / "config.json"
-  path.write_text(json.dumps(small_config(layers=1, dense=1).to_hf_config()))
+  path.write_text(json.dumps(small_config(layers=1).to_hf_config()))
   args = ["plan", "--topology", "v6e:2x2", "--mode", "train", "--config", str(path), "--seq",
           "64", "--kernels", "reference", "--mesh", "fsdp=2,expert=2", "--opt-dtype", "bfloat16"]
+  reports = []
+  monkeypatch.setattr(dsv3_jax.plan, "plan", lambda req: reports.append(plan(req)) or reports[-1])
   assert cli.main(args + ["--json"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   assert len(out) == 1
   j = json.loads(out[0])
   check_consistent(j)
   assert j["mesh"] == {"fsdp": 2, "expert": 2} and j["config"]["global_batch"] == 4
+  assert j["kernels"] == {"attention": "reference", "decode": None, "moe": "reference",
+                          "fp8": None}
   # First moment in bf16 (half the float32 parameters), second in float32, plus step counters.
   assert 0 <= j["optimizer_bytes"] - 1.5 * j["parameter_bytes"] < 1024
   assert set(j["collectives"]) == set(COLLECTIVES)
+  # The text form of the same request (not compiled a second time: the same report).
+  monkeypatch.setattr(dsv3_jax.plan, "plan", lambda req: reports[0])
   assert cli.main(args) == 0
   text = capsys.readouterr().out
   assert "fits: yes" in text and "temporaries" in text and "collectives:" in text
@@ -209,14 +219,6 @@ def test_hbm_table_matches_libtpu():
                      "TPU v6 lite": 31.25, "TPU7x": 94.75}
 
 
-def test_reference_kernels_are_reported():
-  j = plan(PlanRequest(topology="v5e:2x2", mode="train", config=small_config(), seq=64,
-                       kernels="reference")).to_json()
-  check_consistent(j)
-  assert j["kernels"] == {"attention": "reference", "decode": None, "moe": "reference",
-                          "fp8": None}
-
-
 # Model figures and compiled figures ------------------------------------------------------------
 def matmul_params(cfg: ModelConfig, mtp: bool) -> tuple[int, int]:
   """(activated matmul weights per token, routed-expert weights in all) of the main model
@@ -281,6 +283,7 @@ def test_model_figures_closed_form():
   assert nbytes == pytest.approx(weights + B * cfg.hidden_size * 2 + cache, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_compiled_flops_count_scanned_layers_like_unrolled(monkeypatch):
   """The real reduced train step, layers scanned (2 MoE layers in one stack; EP's own loops)
   vs the same step with every lax.scan unrolled, whose XLA cost_analysis is complete: the

@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dsv3_jax
-from dsv3_jax.inference import absorb_weights, decode_forward, init_cache, prefill
+from dsv3_jax.inference import (absorb_weights, abstract_decode_step, decode_forward, init_cache,
+                                prefill)
 from dsv3_jax.inference.cache import cache_shardings
 from dsv3_jax.sharding import (Dim, KernelShardingError, ShardingRules, activation_sharding,
                                kernel_map, kernel_specs, make_mesh, shard_model,
@@ -335,22 +336,8 @@ def test_tpu_aot_sharded_decode_step_uses_kernels(tpu_mesh):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   pa = _abstract(params, state_shardings(params, rules, tpu_mesh))
   ra = _abstract(rest, state_shardings(rest, rules, tpu_mesh))
-  B, S = 4, 256
-  cache = jax.eval_shape(lambda: init_cache(TPU_CFG, B, S, jnp.bfloat16))
-  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
-                       cache_shardings(cache, rules, tpu_mesh))
-  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
-  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      tpu_mesh, P())), absorbed)
-  tok = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, tpu_mesh, (B, 1)))
-
-  def step(params, rest, absorbed, cache, tokens, positions):
-    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
-                                      positions)
-    return logits, cache
-
-  hlo, calls = _compile_tpu(step, tpu_mesh, pa, ra, absorbed, cache, tok, tok)
+  step, args, _ = abstract_decode_step(graphdef, pa, ra, rules, tpu_mesh, 4, 256)
+  hlo, calls = _compile_tpu(step, tpu_mesh, *args)
   names = sorted(n for n, _ in calls)
   # mla_rope_write: the new rows' rope keys into the transposed rope cache (in place).
   assert names == ["dsv3_fp8_matmul", "dsv3_fp8_matmul", "mla_decode", "mla_rope_write"], names

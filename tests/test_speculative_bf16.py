@@ -14,31 +14,22 @@ plain bf16 full forward of the shared prefix, the two tokens' logits differ by a
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import dsv3_jax
 from dsv3_jax.inference import Generator, make_mtp_agree
-from dsv3_jax.pretrained import param_shapes
 from dsv3_jax.sharding import make_mesh
-from tests.sharding_case import FAST_COMPILE
+from tests.utils import FAST_COMPILE, random_model
 
 CFG = dsv3_jax.TINY.replace(num_hidden_layers=2)
 N_PROMPTS, N_NEW = 32, 24
 
 
-def bf16_model(seed=0):
-  rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
-  rng = np.random.RandomState(seed)
-  arrays = {}
-  for path, shape in param_shapes(dsv3_jax.abstract_model(CFG, rt)).items():
-    std, mean = (0.1, 1.0) if path.endswith("norm.weight") else (
-        (0.3, 0.0) if path.endswith("e_score_correction_bias") else (0.08, 0.0))
-    arrays[path] = (mean + std * rng.randn(*shape)).astype(np.float32)
-  return dsv3_jax.model_from_arrays(CFG, rt, arrays)
-
-
+@pytest.mark.slow
 def test_bf16_speculative_greedy_agrees_with_plain():
-  model = bf16_model()
+  rt = dsv3_jax.RuntimeConfig(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  model = random_model(CFG, 0, rt)  # the tests' random weights (tests.utils), bfloat16
   make_mtp_agree(model, main_scale=0.1)  # context still moves the main model: ~50% acceptance
   one = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
   g = Generator(model, mesh=one, compiler_options=FAST_COMPILE)

@@ -19,7 +19,7 @@ from dsv3_jax.train.data import DataState, TokenDataset, segments_and_positions,
 from dsv3_jax.train.loss import LossConfig, balance_loss, training_loss
 from dsv3_jax.train.optim import OptimConfig, decay_mask, make_schedule
 from dsv3_jax.train.trainer import TrainConfig, Trainer
-from tests.utils import assert_close
+from tests.utils import FAST_COMPILE, assert_close
 
 # 1 dense layer + 1 MoE layer + 1 MTP depth (MoE): small enough to compile quickly on CPU.
 CFG = TINY.replace(num_hidden_layers=2)
@@ -141,7 +141,9 @@ def _trainer(path, tmp_dir=None, steps=6, model=None, runtime=RuntimeConfig(), d
   data = TokenDataset(path, seq_len=32, batch_size=4, eos_id=0, seed=data_seed, vocab_size=256)
   tc = TrainConfig(steps=steps, optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=steps),
                    save_every=3, keep=5, **train_kw)
-  return Trainer(CFG, runtime, tc, data, out_dir=tmp_dir, model=model)
+  # CPU optimisations off: compiling the step, not running a few tiny steps, is the cost here.
+  return Trainer(CFG, runtime, tc, data, out_dir=tmp_dir, model=model,
+                 compiler_options=FAST_COMPILE)
 
 
 def test_router_bias_has_no_gradient_and_follows_load(tmp_path):

@@ -1,13 +1,21 @@
 """`dsv3 train` end to end on the tiny preset: metrics, checkpoints, resume, and the PNG plot."""
+import functools
 import json
 
 import numpy as np
+import pytest
 
 from dsv3_jax.cli import main as dsv3_main
 from dsv3_jax.train.cli import read_metrics
+from dsv3_jax.train.trainer import Trainer
+from tests.utils import FAST_COMPILE
 
 
-def test_train_cli_logs_resumes_and_plots(tmp_path, capsys):
+@pytest.mark.slow
+def test_train_cli_logs_resumes_and_plots(tmp_path, capsys, monkeypatch):
+  # CPU optimisations off: compiling the step, not running 5 tiny steps, is this test's cost.
+  monkeypatch.setattr(Trainer, "__init__", functools.partialmethod(
+      Trainer.__init__, compiler_options=FAST_COMPILE))
   out = tmp_path / "run"
   common = ["train", "--config", "tiny", "--batch", "2", "--seq", "32", "--save-every", "2",
             "--out", str(out)]

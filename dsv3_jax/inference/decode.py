@@ -10,14 +10,17 @@ W_UV [H, V, C] (`absorb_weights`). Per new token:
   o_latent = softmax(scores) . c                [B, H, C]
   out      = o_proj(o_latent . W_UV)
 This reads 576 cached values per token per layer instead of per-head keys and values. The
-attention over the cache runs the jnp einsum (RuntimeConfig.attention_backend "reference") or
+attention over the cache runs the kernels' jnp reference attention (`latent_attention`, at the
+cache's precision; RuntimeConfig.attention_backend "reference") or
 the `kernels_pallas.mla_decode` kernel (any other backend, with RuntimeConfig.kernel_platform),
 which reads the layer's rows of the stacked cache parts (latent [L, B, S, C], rope
 [L, B, R, S], see `cache.py`) in place, given the layer index (per shard of the ambient mesh:
 batch and heads split, see `_sharded_mla_decode`).
 
-Prefill runs the model's own (non-absorbed) layers over the right-padded prompts, which is the
-compute-efficient form for many query tokens, and writes each layer's latent into the cache.
+Decode runs the model's own decoder block (`DecoderLayer.with_attention`: norms, residuals,
+FFN) around the absorbed attention. Prefill runs the model's own (non-absorbed) layers over the
+right-padded prompts, which is the compute-efficient form for many query tokens, and writes
+each layer's latent (returned by the attention that computed it) into the cache.
 
 Both scan over the model's layer stacks (`DeepseekV3.stacks`): the cache parts ride in the scan
 carry and each layer writes only its new rows into them. The routed experts' weight stacks stay
@@ -37,13 +40,14 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.inference.cache import LatentCache, write_layer_rows, write_paged_rows, write_prefill
 from dsv3_jax.kernels_pallas import mla_decode
-from dsv3_jax.kernels_pallas.mla_decode.reference import mla_decode_reference, select_layer
+from dsv3_jax.kernels_pallas.mla_decode.reference import (latent_attention, mla_decode_reference,
+                                                         select_layer)
 from dsv3_jax.layers import apply_rope
 from dsv3_jax.sharding import current_rules, kernel_map, logical_to_spec
 
 __all__ = ["absorb_weights", "decode_attention", "decode_attention_steps",
-           "paged_attention_steps", "prefill",
-           "decode_forward", "mtp_prefill", "mtp_decode_forward"]
+           "paged_attention_steps", "prefill", "decode_forward", "mtp_prefill",
+           "mtp_decode_forward", "abstract_decode_step"]
 
 
 def absorb_weights(model) -> dict[str, tuple[jax.Array, ...]]:
@@ -72,23 +76,19 @@ def decode_attention(q: jax.Array, latent: jax.Array, rope: jax.Array, lengths: 
   q [B, H, C + R]: q_latent (q_nope . W_UK) then the rotated q_pe; latent [B, S, C] and rope
   [B, R, S] (one layer of a `LatentCache`), or the stacked [L, ...] parts with `layer` (int,
   may be traced); lengths int [B]: rows s < lengths[b] are visible.
-  backend "reference" runs the jnp einsum below; any other value runs
-  `kernels_pallas.mla_decode` with that backend, `platform` and GPU flavour `gpu_impl` (see
-  `RuntimeConfig`). Returns o_latent [B, H, C] float32 (softmax in float32; zero for a sequence with no visible
-  row).
+  backend "reference" runs `mla_decode.reference.latent_attention`, the masked softmax of the
+  kernels' oracle, in the cache's precision (a bfloat16 cache stays bfloat16, probabilities
+  rounded to it for the value product, as the kernels do; the oracle itself runs in float32);
+  any other value runs `kernels_pallas.mla_decode` with that backend, `platform` and GPU
+  flavour `gpu_impl` (see `RuntimeConfig`). Returns o_latent [B, H, C] float32 (softmax in
+  float32; zero for a sequence with no visible row).
   """
   if backend != "reference":
     return _sharded_mla_decode(q, latent, rope, lengths, layer, scale, backend=backend,
                                platform=platform, gpu_impl=gpu_impl)
   latent, rope = select_layer(latent, rope, layer)
-  C = latent.shape[-1]
-  s = (jnp.einsum("bhc,bsc->bhs", q[..., :C], latent, preferred_element_type=jnp.float32)
-       + jnp.einsum("bhr,brs->bhs", q[..., C:], rope, preferred_element_type=jnp.float32)) * scale
-  valid = jnp.arange(latent.shape[1])[None, None, :] < lengths[:, None, None]
-  s = jnp.where(valid, s, -jnp.inf)
-  p = jnp.where(valid, jax.nn.softmax(s, axis=-1), 0.0)
-  return jnp.einsum("bhs,bsc->bhc", p.astype(latent.dtype), latent,
-                    preferred_element_type=jnp.float32)
+  return latent_attention(q[:, None], latent, rope, lengths[:, None], scale=scale,
+                          value_dtype=latent.dtype)[:, 0]
 
 
 def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, positions: jax.Array,
@@ -100,7 +100,7 @@ def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, pos
   already holding the new tokens' rows; positions int [B, T]: query t of sequence b sees rows
   0..positions[b, t]. Returns [B, T, H, C] float32.
 
-  Reference: vmap over t (shares, does not copy, the cache). Kernel: ONE `mla_decode` call with
+  Reference: `latent_attention` with rows < positions[b, t] + 1 per token. Kernel: ONE `mla_decode` call with
   the multi-token query [B, T, H, C + R] and lengths positions[:, -1] + 1, which reads each
   sequence's cache once for all T tokens (speculative verification costs about one step's
   attention). The kernel's convention (token t sees lengths - (T - 1 - t) rows) equals
@@ -108,13 +108,11 @@ def decode_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array, pos
   positions[b, 0] + t, as `decode_forward` requires.
   """
   lengths = positions + 1
-  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl)
   if backend == "reference":
     latent, rope = select_layer(latent, rope, layer)
-    return jax.vmap(lambda qt, lt: decode_attention(qt, latent, rope, lt, scale, **kw),
-                    in_axes=(1, 1), out_axes=1)(q, lengths)
+    return latent_attention(q, latent, rope, lengths, scale=scale, value_dtype=latent.dtype)
   return _sharded_mla_decode(q, latent, rope, lengths[:, -1].astype(jnp.int32), layer, scale,
-                             **kw)
+                             backend=backend, platform=platform, gpu_impl=gpu_impl)
 
 
 def _sharded_mla_decode(q, latent, rope, lengths, layer, scale, *, backend, platform,
@@ -174,18 +172,16 @@ def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
                     name="mla_decode_paged")(q, latent, rope, lengths, block_tables, layer)
 
 
-def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, block_tables=None,
-                    expert_layer=None):
-  """One decoder layer on T new tokens per sequence at `positions` [B, T] (consecutive from
-  positions[:, 0]); writes their latent rows into cache = (latent [L, B, S, C], rope
-  [L, B, R, S]) at layer `index` (int, may be traced) and attends over that layer in place.
-  With block_tables [B, pages_per_seq] the cache parts are page pools (`write_paged_rows`,
-  `paged_attention_steps`). expert_layer: the index into the whole routed-expert stacks `layer`
-  holds (None: its own). Returns (x, cache)."""
-  attn, cfg, rt = layer.self_attn, layer.self_attn.cfg, layer.self_attn.rt
-  B, T, _ = x.shape
+def _absorbed_attention(attn, w_uk, w_uv, cache, index, h, positions, block_tables=None):
+  """`attn` (an `MLA`) in absorbed form on T new tokens h [B, T, D] (already normed) at
+  `positions` [B, T] (consecutive from positions[:, 0]): writes their latent rows into
+  cache = (latent [L, B, S, C], rope [L, B, R, S]) at layer `index` (int, may be traced) and
+  attends over that layer in place. With block_tables [B, pages_per_seq] the cache parts are
+  page pools (`write_paged_rows`, `paged_attention_steps`). Returns (out [B, T, D], cache)."""
+  cfg, rt = attn.cfg, attn.rt
+  B, T, _ = h.shape
   with jax.named_scope("mla_decode"):
-    h = _split_hidden_for_lora(layer.input_layernorm(x))
+    h = _split_hidden_for_lora(h)
     q_nope, q_pe = attn.queries(h)  # [B, T, H, N], [B, T, H, R]
     q_pe = apply_rope(q_pe, positions, attn.inv_freq, attn.rope_mscale)
     c, k_pe = attn.latent(h, positions)  # [B, T, C], [B, T, R]
@@ -203,11 +199,20 @@ def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, block_tables=
     o = attend(q, latent, rope, positions, cfg.softmax_scale, layer=index,
                backend=rt.attention_backend, platform=rt.kernel_platform,
                gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
-    o = jnp.einsum("bthc,hvc->bthv", o.astype(x.dtype), w_uv.astype(x.dtype))
-    x = x + attn.o_proj(o.reshape(B, T, -1))
-  h = layer.post_attention_layernorm(x)
-  y = layer.mlp(h, layer=expert_layer)[0] if layer.is_moe else layer.mlp(h)
-  return x + y, (latent, rope)
+    o = jnp.einsum("bthc,hvc->bthv", o.astype(h.dtype), w_uv.astype(h.dtype))
+    return attn.o_proj(o.reshape(B, T, -1)), (latent, rope)
+
+
+def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, block_tables=None,
+                    expert_layer=None):
+  """One decoder layer on T new tokens per sequence: the model's own block
+  (`DecoderLayer.with_attention`: norms, residuals, FFN) around `_absorbed_attention`.
+  expert_layer: the index into the whole routed-expert stacks `layer` holds (None: its own).
+  Returns (x, cache)."""
+  x, _, cache = layer.with_attention(x, lambda h: _absorbed_attention(
+      layer.self_attn, w_uk, w_uv, cache, index, h, positions, block_tables),
+      expert_layer=expert_layer)
+  return x, cache
 
 
 def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array,
@@ -301,3 +306,46 @@ def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array
   parts = write_prefill(cache.latent, cache.rope, L, c[None], k_pe[None].astype(c.dtype))
   last = m.shared_head_norm(x[rows, lengths - 1])
   return model.head(last), cache.with_parts(*parts)
+
+
+def abstract_decode_step(graphdef, params, rest, rules, mesh, batch: int, context: int, *,
+                         cache_dtype=jnp.bfloat16, mtp_layers: int = 0):
+  """One `decode_forward` step (one new token per sequence) with abstract, sharded arguments,
+  ready to lower ahead of time: the serve decode step `dsv3 plan` compiles, and the one the
+  tests that inspect a compiled decode step compile.
+
+  graphdef, params, rest: `nnx.split(model, nnx.Param, ...)` of an abstract model whose leaves
+  are `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`; rules: the
+  `ShardingRules` they were placed with (trace under `jax.set_mesh(mesh), use_rules(rules)`).
+  Returns (step, args, out_shardings):
+    step(params, rest, absorbed, cache, tokens, positions) -> (logits [B, 1, V] float32, cache);
+    args: (params, rest, absorbed W_UK / W_UV [..., H, N|V, C] split over the `heads` rule,
+      the `init_cache(cfg, batch, context, cache_dtype, mtp_layers=...)` cache split on batch
+      (`cache_shardings`), tokens and positions int32 [B, 1] split on batch);
+    out_shardings: (logits split on batch and act_vocab, the cache's shardings).
+  Jit with `out_shardings` and donate_argnums=(3,) (the cache, updated in place).
+  """
+  from jax.sharding import NamedSharding
+
+  from dsv3_jax.inference.cache import cache_shardings, init_cache
+  from dsv3_jax.sharding import activation_sharding, logical_to_spec
+  cfg = nnx.merge(graphdef, params, rest).config
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch, context, cache_dtype,
+                                            mtp_layers=mtp_layers))
+  cache = jax.tree.map(sds, cache, cache_shardings(cache, rules, mesh))
+  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
+  absorbed = jax.tree.map(lambda x: sds(x, NamedSharding(mesh, logical_to_spec(
+      (None,) * (x.ndim - 3) + ("heads", None, None), rules, mesh, x.shape))), absorbed)
+  tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=activation_sharding(
+      ("batch", None), rules, mesh, (batch, 1)))
+
+  def step(params, rest, absorbed, cache, tokens, positions):
+    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
+                                      positions)
+    return logits, cache
+
+  logits = activation_sharding(("batch", None, "act_vocab"), rules, mesh,
+                               (batch, 1, cfg.vocab_size))
+  return (step, (params, rest, absorbed, cache, tokens, tokens),
+          (logits, jax.tree.map(lambda x: x.sharding, cache)))

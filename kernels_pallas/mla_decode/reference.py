@@ -21,8 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["mla_decode_reference", "check_inputs", "combine_splits", "gather_pages",
-           "token_lengths", "split_cache", "select_layer"]
+__all__ = ["mla_decode_reference", "latent_attention", "check_inputs", "combine_splits",
+           "gather_pages", "token_lengths", "split_cache", "select_layer"]
 
 
 def split_cache(fused, kv_lora_rank: int):
@@ -110,20 +110,36 @@ def mla_decode_reference(q, latent, rope, lengths, *, scale: float, block_tables
   latent, rope = select_layer(latent, rope, layer)
   if block_tables is not None:
     latent, rope = gather_pages(latent, rope, block_tables)
-  c = latent.shape[-1]
   q4 = (q if q.ndim == 4 else q[:, None]).astype(jnp.float32)
-  lt = token_lengths(lengths, q4.shape[1])  # [b, T]
-  lat = latent.astype(jnp.float32)
-  s = (jnp.einsum("bthc,blc->bthl", q4[..., :c], lat)
-       + jnp.einsum("bthr,brl->bthl", q4[..., c:], rope.astype(jnp.float32))) * scale
-  valid = jnp.arange(latent.shape[1])[None, None, None, :] < lt[:, :, None, None]
+  o = latent_attention(q4, latent, rope, token_lengths(lengths, q4.shape[1]), scale=scale,
+                       value_dtype=jnp.float32)
+  o = o if q.ndim == 4 else o[:, 0]
+  return o.astype(q.dtype)
+
+
+def latent_attention(q, latent, rope, visible, *, scale: float, value_dtype):
+  """The masked softmax attention both the kernels' oracle (`mla_decode_reference`) and the
+  model's reference decode path (`dsv3_jax.inference.decode_attention`) run.
+
+  q [b, T, h, c + r]; latent [b, l, c]; rope [b, r, l] (one layer, contiguous); visible int
+  [b, T]: token t of sequence b sees rows l < visible[b, t]. Scores are dots of the inputs as
+  given, accumulated in float32 (a bfloat16 cache is read as bfloat16: no float32 copy of it);
+  softmax in float32; the probabilities are rounded to `value_dtype` for the value product
+  with `latent` (accumulated in float32). The oracle passes float32 q and value_dtype float32
+  (everything in float32); the model passes its cache dtype, the precision the kernels use.
+  Returns [b, T, h, c] float32, zero for a token that sees no row.
+  """
+  c = latent.shape[-1]
+  f32 = jnp.float32
+  s = (jnp.einsum("bthc,blc->bthl", q[..., :c], latent, preferred_element_type=f32)
+       + jnp.einsum("bthr,brl->bthl", q[..., c:], rope, preferred_element_type=f32)) * scale
+  valid = jnp.arange(latent.shape[1])[None, None, None, :] < visible[:, :, None, None]
   s = jnp.where(valid, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
   l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bthl,blc->bthc", p, lat) / jnp.where(l == 0.0, 1.0, l)
-  o = o if q.ndim == 4 else o[:, 0]
-  return o.astype(q.dtype)
+  p = p / jnp.where(l == 0.0, 1.0, l)
+  return jnp.einsum("bthl,blc->bthc", p.astype(value_dtype), latent, preferred_element_type=f32)
 
 
 def combine_splits(o, lse):
