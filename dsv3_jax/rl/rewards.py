@@ -53,7 +53,7 @@ def split_think(completion: str) -> tuple[str, str] | None:
   if not s.startswith(THINK_OPEN) or s.count(THINK_OPEN) != 1 or s.count(THINK_CLOSE) != 1:
     return None
   thought, _, answer = s[len(THINK_OPEN):].partition(THINK_CLOSE)
-  if THINK_CLOSE not in s[len(THINK_OPEN):] or not answer.strip():
+  if not answer.strip():
     return None
   return thought, answer.strip()
 
