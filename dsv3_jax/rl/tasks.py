@@ -64,7 +64,7 @@ def write_byte_tokenizer(directory: str) -> None:
 class ArithTask:
   """Addition/subtraction questions with operands in [0, max_operand)."""
 
-  max_operand: int = 20
+  max_operand: int = 10
   ops: str = "+-"
 
   def sample(self, rng: np.random.Generator, n: int) -> list[Example]:
