@@ -48,20 +48,22 @@ def test_grpo_resume_after_kill9_matches(tmp_path):
   # The run to kill: a child process with this process's environment (8 CPU devices, the
   # default mesh), so that its numbers are those of an in-process run.
   env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
+  log = open(tmp_path / "killed.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", "grpo", *flags, "--out", run_dir],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
       if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(rows(run_dir)) >= 2:
         break
       time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
   finally:
     if proc.poll() is None:
       proc.kill()
+    log.close()
   killed_at = len(rows(run_dir))
   assert 2 <= killed_at < 4
   assert main(["grpo", *flags, "--out", ref_dir]) == 0

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
   import numpy as np
 
   from dsv3_jax.pretrained import from_pretrained
-  from dsv3_jax.rl.common import append_metrics, check_record, compiler_options, load_tokenizer
+  from dsv3_jax.rl.common import append_metrics, check_record, load_tokenizer
   from dsv3_jax.rl.grpo import GRPOConfig
   from dsv3_jax.rl.loop import evaluate, grpo_iteration, write_grpo_plot
   from dsv3_jax.rl.policy import PolicyTrainer
@@ -114,17 +114,19 @@ def run(args: argparse.Namespace) -> int:
   total = args.steps * args.inner_steps
   optim = OptimConfig(lr=args.lr, warmup_steps=0, total_steps=total, schedule="constant",
                       weight_decay=0.0)
-  copts = compiler_options()
-  policy = PolicyTrainer(model, optim, mesh=mesh, out_dir=args.out, compiler_options=copts)
+  policy = PolicyTrainer(model, optim, mesh=mesh, out_dir=args.out)
   del model
   ref = policy.frozen_copy()  # the --init weights, frozen
   if resuming and policy.restore() is not None:
     print(f"resumed from GRPO step {policy.step_count // args.inner_steps} in {args.out}/checkpoints")
   engine = RolloutEngine(policy, tok, max_new_tokens=args.max_new_tokens,
-                         speculative=args.speculative, compiler_options=copts)
+                         speculative=args.speculative)
   held_out = task.sample(np.random.default_rng([args.seed, 10**6]), args.eval_prompts)
   eval_path = os.path.join(args.out, "eval.json")
-  evals = json.load(open(eval_path)) if os.path.isfile(eval_path) else {}
+  evals = {}
+  if os.path.isfile(eval_path):
+    with open(eval_path) as f:
+      evals = json.load(f)
   if held_out and "before" not in evals:
     evals["before"] = evaluate(engine, held_out)
     with open(eval_path, "w") as f:

@@ -8,16 +8,7 @@ import time
 
 from dsv3_jax.errors import UserError
 
-__all__ = ["CPU_FAST_COMPILE", "compiler_options", "load_tokenizer", "check_record", "sft_loop",
-           "append_metrics"]
-
-# On CPU compile time dominates the tiny demo models' steps (see tests/utils.FAST_COMPILE).
-CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def compiler_options() -> dict | None:
-  import jax
-  return None  # measured: on CPU the fast-compile flags slow the demo steps more than they save
+__all__ = ["load_tokenizer", "check_record", "sft_loop", "append_metrics"]
 
 
 def load_tokenizer(init: str, flag: str = "--init"):

@@ -28,7 +28,7 @@ def pretrain_arith(out_dir: str, *, steps: int = 150, batch: int = 16, seq: int 
 
   from dsv3_jax.inference.tokenizer import Tokenizer
   from dsv3_jax.model import DeepseekV3
-  from dsv3_jax.rl.common import compiler_options, sft_loop
+  from dsv3_jax.rl.common import sft_loop
   from dsv3_jax.rl.policy import PolicyTrainer
   from dsv3_jax.rl.sft import SFTData, SFTObjective, pack, render_chat
   from dsv3_jax.rl.tasks import TASKS, pretrain_texts, write_byte_tokenizer
@@ -43,7 +43,7 @@ def pretrain_arith(out_dir: str, *, steps: int = 150, batch: int = 16, seq: int 
   model = DeepseekV3(cfg, training_runtime(jnp.float32), rngs=nnx.Rngs(seed))
   policy = PolicyTrainer(model, OptimConfig(lr=lr, warmup_steps=max(steps // 20, 1),
                                             total_steps=steps),
-                         mesh=mesh, out_dir=out_dir, compiler_options=compiler_options())
+                         mesh=mesh, out_dir=out_dir)
   if policy.restore() is not None and policy.step_count >= steps:
     say(f"pre-trained model found in {out_dir} (step {policy.step_count})")
     policy.close()

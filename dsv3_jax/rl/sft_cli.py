@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
   from dsv3_jax.pretrained import checkpoint_config, from_pretrained
-  from dsv3_jax.rl.common import check_record, compiler_options, load_tokenizer, sft_loop
+  from dsv3_jax.rl.common import check_record, load_tokenizer, sft_loop
   from dsv3_jax.rl.policy import PolicyTrainer
   from dsv3_jax.rl.sft import SFTData, SFTObjective, pack, read_chat_jsonl, render_chat
   from dsv3_jax.sharding import cli_mesh
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
   model = from_pretrained(args.init, runtime=training_runtime(jnp.float32), mesh=mesh)
   write_run_config(args.out, model.config)
   _copy_tokenizer(args.out, args.init)
-  policy = PolicyTrainer(model, optim, mesh=mesh, out_dir=args.out,
-                         compiler_options=compiler_options())
+  policy = PolicyTrainer(model, optim, mesh=mesh, out_dir=args.out)
   del model
   if resuming and policy.restore() is not None:
     print(f"resumed from step {policy.step_count} in {args.out}/checkpoints")
