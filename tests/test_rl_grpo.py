@@ -131,14 +131,15 @@ def test_rewards_edge_cases():
   ex = Example("12+7", "19")
   assert correctness_reward("<think>12+7</think>19", ex) == 1.0
   assert correctness_reward("<think>x</think> +19.0 ", ex) == 1.0
-  assert correctness_reward("19", ex) == 1.0  # correct without the format
+  assert correctness_reward("19", ex) == 0.0  # no verifiable answer outside the R1 format
   assert format_reward("19", ex) == 0.0
   assert format_reward("  <think>a</think>19", ex) == 1.0
   for bad in ("<think>12+7</think>", "<think>12+7 19", "12+7</think>19", "<think><think></think>1",
               "<think>a</think>1</think>2", "</think><think>19", ""):
     assert format_reward(bad, ex) == 0.0, bad
   for wrong in ("<think></think>18", "<think></think>19.5", "<think></think>1 9", "<think></think>19a",
-                "<think></think>1.9.", "<think></think>--19", "<think></think>1e1", "", "<think>19"):
+                "<think></think>1.9.", "<think></think>--19", "<think></think>1e1", "", "<think>19",
+                "<think>a</think>x</think>19", "19</think>19"):
     assert correctness_reward(wrong, ex) == 0.0, wrong
   assert correctness_reward("7", Example("q", "seven")) == 0.0  # reference not a number
   assert parse_number("-3") == -3 and parse_number(".5") * 2 == 1 and parse_number("2.50") * 2 == 5

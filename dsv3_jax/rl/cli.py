@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--group-size", type=int, default=8, help="completions per question (G)")
   p.add_argument("--max-new-tokens", type=int, default=24, help="completion budget")
   p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
-  p.add_argument("--lr", type=float, default=3e-4, help="learning rate (constant)")
+  p.add_argument("--lr", type=float, default=2e-4, help="learning rate (constant)")
   p.add_argument("--beta", type=float, default=0.04, help="KL penalty weight")
   p.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon")
   p.add_argument("--inner-steps", type=int, default=2, help="optimizer steps per rollout batch")
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="reward function (completion: str, example) -> float (default: "
                       "correctness + 0.5 x format)")
   p.add_argument("--eval-prompts", type=int, default=128, help="held-out questions, greedy")
-  p.add_argument("--pretrain-steps", type=int, default=120,
+  p.add_argument("--pretrain-steps", type=int, default=300,
                  help="without --init: SFT steps of the fresh tiny model")
   p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps")
   p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")

@@ -3,11 +3,12 @@ example) -> float, which a user can replace (`dsv3 grpo --reward module:function
 
 R1 format: the completion is `<think>REASONING</think>ANSWER`: it starts with `<think>` (leading
 whitespace allowed), has exactly one `<think>` and one `</think>`, in that order, and a non-empty
-ANSWER after `</think>`. The answer of a completion is the text after its last `</think>` (the
-whole text without one), stripped. Correctness compares it with the example's reference answer
-by exact verification: both parse as decimal numbers (an optional sign, digits, an optional
-fraction part; nothing else, no exponent) and are equal as exact rationals ("7", "+7" and "7.0"
-equal "7"); anything that does not parse scores 0.
+ANSWER after `</think>`. As in DeepSeek-R1 ("the final answer in a specified format, enabling
+reliable rule-based verification"), correctness reads the answer only from that place: a
+completion that is not in the format has no verifiable answer and scores 0. Exact verification:
+the ANSWER (stripped) and the reference both parse as decimal numbers (an optional sign, digits,
+an optional fraction part; nothing else, no exponent) and are equal as exact rationals ("7",
+"+7" and "7.0" equal "7"); anything that does not parse scores 0.
 """
 from __future__ import annotations
 
@@ -69,8 +70,12 @@ def format_reward(completion: str, example: Example) -> float:
 
 
 def correctness_reward(completion: str, example: Example) -> float:
-  """1.0 when the completion's answer equals the reference exactly as a number, else 0.0."""
-  got, want = parse_number(extract_answer(completion)), parse_number(example.answer)
+  """1.0 when the completion is in the R1 format and its ANSWER equals the reference exactly as
+  a number, else 0.0."""
+  parts = split_think(completion)
+  if parts is None:
+    return 0.0
+  got, want = parse_number(parts[1]), parse_number(example.answer)
   return 1.0 if got is not None and want is not None and got == want else 0.0
 
 
