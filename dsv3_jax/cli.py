@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "generate": ("dsv3_jax.inference.cli", "generate text from a checkpoint"),
     "serve": ("dsv3_jax.serving.cli", "OpenAI-compatible HTTP server (continuous batching)"),
     "train": ("dsv3_jax.train.cli", "train a model"),
+    "sft": ("dsv3_jax.rl.sft_cli", "supervised fine-tuning on chat JSONL (assistant tokens only)"),
+    "grpo": ("dsv3_jax.rl.cli", "GRPO with verifiable rewards (R1-Zero demo: --task arith)"),
     "eval": ("dsv3_jax.eval_cli", "perplexity of a checkpoint on a token file"),
     "tokenize": ("dsv3_jax.tokenize_cli", "text / jsonl -> a uint32 token file for `dsv3 train`"),
     "configs": ("dsv3_jax.configs_cli", "list the presets, show one as JSON, or check a config.json"),

@@ -56,9 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt text (needs tokenizer.json); repeat for a batch")
   src.add_argument("--prompt-ids", action="append",
                    help="comma-separated prompt token ids (no tokenizer needed); repeat for a batch")
-  src.add_argument("--prompt-file",
+  src.add_argument("--prompt-file", "--prompts",
                    help="one prompt per line (blank lines skipped); a .jsonl file holds one JSON "
                         "string or {\"prompt\": ...} per line; '-' reads stdin")
+  p.add_argument("--out", default=None, metavar="FILE.jsonl",
+                 help="write the JSON lines (prompt, completion, ids) to this file instead of "
+                      "stdout, never streaming (a distillation set for `dsv3 sft --data`)")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -188,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    raise UserError(f"--out {args.out}: its directory does not exist")
   mesh, cfg, tokenizer = prepare(args)
   texts = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
   if texts is not None:
@@ -221,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
   if eos is None and tokenizer is not None and tokenizer.eos_token_id is not None:
     eos = tokenizer.eos_token_id
   stdout = sys.stdout if main else open(os.devnull, "w")
-  stream = len(prompts) == 1
+  stream = len(prompts) == 1 and args.out is None
   generated: list[int] = []
   printed = [""]
 
@@ -246,12 +251,16 @@ def run(args: argparse.Namespace) -> int:
       stdout.write(tokenizer.decode(generated)[len(printed[0]):])
     stdout.write("\n")
   else:
+    dest = open(args.out, "w", encoding="utf-8") if args.out and main else stdout
     for i, toks in enumerate(res.tokens):
       row = {"prompt": texts[i] if texts is not None else prompts[i]}
       if tokenizer is not None:
         row["completion"] = tokenizer.decode(toks)
       row["ids"] = toks
-      stdout.write(json.dumps(row) + "\n")
+      dest.write(json.dumps(row) + "\n")
+    if dest is not stdout:
+      dest.close()
+      say(f"wrote {len(res.tokens)} prompt/completion lines to {args.out}")
   n = res.num_generated
   msg = (f"{n} tokens in {res.prefill_seconds + res.decode_seconds:.2f} s: "
          f"{res.tokens_per_second:.1f} tokens/s (prefill {res.prefill_seconds:.3f} s, decode "

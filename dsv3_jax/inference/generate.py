@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from dsv3_jax.errors import UserError
 from dsv3_jax.inference.cache import init_cache
 from dsv3_jax.inference.decode import absorb_weights, mtp_prefill, prefill
-from dsv3_jax.inference.sampling import SamplingParams, sample
+from dsv3_jax.inference.sampling import SamplingParams, sample, token_logprob
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
@@ -48,7 +48,8 @@ class GenerationError(ValueError, UserError):
 class GenerationOutput:
   """tokens: generated ids per prompt (the EOS token included when one ended it); text: their
   decoded text (None without a tokenizer); acceptance_rate: accepted / drafted MTP tokens
-  (None without speculative decoding); timings exclude compilation."""
+  (None without speculative decoding); timings exclude compilation; logprobs: per generated
+  token, log softmax(logits / temperature) of the logits that chose it (see `GenState.logp`)."""
 
   tokens: list[list[int]]
   text: list[str] | None
@@ -57,6 +58,7 @@ class GenerationOutput:
   decode_seconds: float
   compile_seconds: float
   steps: int
+  logprobs: list[list[float]] | None = None
 
   @property
   def num_generated(self) -> int:
@@ -90,8 +92,9 @@ def _prefill_fn(graphdef, state, absorbed, tokens, lengths, eos, key_data, *, ca
     mtp_logits, cache = mtp_prefill(model, cache, tokens, lengths, hidden, first)
     draft, draft_probs = draft_from(k_draft, mtp_logits, params)
   zero = jnp.zeros((), jnp.int32)
+  logp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(token_logprob(logits, first, params))
   return GenState(cache, first, out, jnp.ones((B,), jnp.int32), finished, eos, key, zero, draft,
-                  draft_probs, zero, zero)
+                  draft_probs, zero, zero, logp)
 
 
 def _step_fn(graphdef, state, absorbed, gs, *, params, speculative):
@@ -139,7 +142,8 @@ def _gen_state_shardings(cache_sh, batch: int, max_new: int, probs_width: int,
   """GenState of shardings: per-sequence fields on the batch, counters/eos/key replicated."""
   b = lambda *shape: _batch_sharding((batch,) + shape, 0, rules, mesh)  # noqa: E731
   rep = NamedSharding(mesh, logical_to_spec((), rules, mesh))
-  return GenState(cache_sh, b(), b(max_new), b(), b(), rep, rep, rep, b(), b(probs_width), rep, rep)
+  return GenState(cache_sh, b(), b(max_new), b(), b(), rep, rep, rep, b(), b(probs_width), rep, rep,
+                  b(max_new))
 
 
 class Generator:
@@ -279,13 +283,13 @@ class Generator:
         gs = step(self.state, self.absorbed, gs)
         seen = self._stream(gs, seen, on_step)
     t_decode = time.perf_counter() - t0
-    out, num = to_host(gs.out), to_host(gs.num)
+    out, num, logp = to_host(gs.out), to_host(gs.num), to_host(gs.logp)
     drafted, accepted = int(gs.drafted), int(gs.accepted)
     return GenerationOutput(
         tokens=[out[b, :num[b]].tolist() for b in range(B)], text=None,
         acceptance_rate=(accepted / drafted if drafted else 0.0) if speculative else None,
         prefill_seconds=t_prefill, decode_seconds=t_decode, compile_seconds=c0 + c1,
-        steps=int(gs.steps))
+        steps=int(gs.steps), logprobs=[logp[b, :num[b]].tolist() for b in range(B)])
 
   @staticmethod
   def _stream(gs, seen, on_step):

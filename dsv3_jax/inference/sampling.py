@@ -14,7 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SamplingParams", "candidates", "probabilities", "sample", "sample_from_probs"]
+__all__ = ["SamplingParams", "candidates", "probabilities", "sample", "sample_from_probs",
+           "token_logprob"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +83,12 @@ def sample_from_probs(key: jax.Array, probs: jax.Array) -> jax.Array:
   """probs [B, V] (rows summing to 1, zeros allowed) -> token ids int32 [B]."""
   logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
   return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def token_logprob(logits: jax.Array, tokens: jax.Array, params: SamplingParams) -> jax.Array:
+  """log softmax(logits / temperature)[token] (temperature 1 when greedy; top-k/top-p truncation
+  not applied): logits [..., V], tokens int [...] -> float32 [...]. The log-probability RL's
+  importance ratio uses; the training forward computes the same from its logits."""
+  t = params.temperature if params.temperature > 0 else 1.0
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+  return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

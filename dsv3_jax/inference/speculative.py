@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
-from dsv3_jax.inference.sampling import SamplingParams, probabilities, sample, sample_from_probs
-from dsv3_jax.inference.state import GenState, emit
+from dsv3_jax.inference.sampling import (SamplingParams, probabilities, sample, sample_from_probs,
+                                         token_logprob)
+from dsv3_jax.inference.state import GenState, emit, emit_logp
 
 __all__ = ["plain_step", "speculative_step", "rejection_sample", "draft_from", "make_mtp_agree"]
 
@@ -39,11 +40,12 @@ def plain_step(model, absorbed, gs: GenState, params: SamplingParams) -> GenStat
   n = gs.cache.lengths
   logits, _, cache = decode_forward(model, absorbed, gs.cache, gs.last[:, None], n[:, None])
   tok = sample(k, logits[:, 0], params)
+  logp = emit_logp(gs, tok[:, None], jnp.ones_like(n), token_logprob(logits[:, :1], tok[:, None], params))
   out, num, finished, _ = emit(gs, tok[:, None], jnp.ones_like(n))
   lengths = n + (~gs.finished).astype(jnp.int32)
   last = jnp.where(gs.finished, gs.last, tok)
   return GenState(cache.with_lengths(lengths), last, out, num, finished, gs.eos,
-                  key, gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted)
+                  key, gs.steps + 1, gs.draft, gs.draft_probs, gs.drafted, gs.accepted, logp)
 
 
 def draft_from(key, logits: jax.Array, params: SamplingParams):
@@ -87,6 +89,7 @@ def speculative_step(model, absorbed, gs: GenState, params: SamplingParams) -> G
     bonus = sample(k_bonus, logits[:, 1], params)
   new = jnp.stack([first, bonus], axis=1)
   count = 1 + accept.astype(jnp.int32)
+  logp = emit_logp(gs, new, count, token_logprob(logits[:, :2], new, params))
   out, num, finished, _ = emit(gs, new, count)
   active = ~gs.finished
   lengths = n + jnp.where(active, count, 0)
@@ -97,7 +100,7 @@ def speculative_step(model, absorbed, gs: GenState, params: SamplingParams) -> G
   return GenState(cache.with_lengths(lengths), last, out, num, finished, gs.eos,
                   key, gs.steps + 1, draft, draft_probs,
                   gs.drafted + active.sum().astype(jnp.int32),
-                  gs.accepted + (active & accept).sum().astype(jnp.int32))
+                  gs.accepted + (active & accept).sum().astype(jnp.int32), logp)
 
 
 def make_mtp_agree(model, main_scale: float = 0.0) -> None:
