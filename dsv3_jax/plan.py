@@ -43,7 +43,7 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.hlo_cost import HloCost, hlo_cost
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_sharding, use_rules,
-                               make_mesh, parse_mesh_shape, state_shardings)
+                               make_mesh, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
            "hbm_bytes_per_device", "default_mesh", "parse_rules", "count_collectives",

@@ -22,12 +22,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dsv3_jax
-from dsv3_jax.inference import absorb_weights, decode_forward, init_cache
-from dsv3_jax.inference.cache import cache_shardings
-from dsv3_jax.sharding import ShardingRules, activation_sharding, make_mesh, state_shardings
+from dsv3_jax.inference import abstract_decode_step
+from dsv3_jax.sharding import ShardingRules, make_mesh, state_shardings
 
 pytest.importorskip("libtpu", reason="TPU AOT compilation needs libtpu (the test extra)")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -103,22 +101,9 @@ def test_tpu_decode_step_keeps_the_cache_in_place(v6e_mesh, tokens):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   pa = sds(params, state_shardings(params, rules, mesh))
   ra = sds(rest, state_shardings(rest, rules, mesh))
-  cache = jax.eval_shape(lambda: init_cache(CFG, B, S, jnp.bfloat16))
-  cache = sds(cache, cache_shardings(cache, rules, mesh))
-  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
-  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      mesh, P())), absorbed)
-  tok = jax.ShapeDtypeStruct((B, tokens), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, mesh, (B, tokens)))
-
-  def step(params, rest, absorbed, cache, tokens, positions):
-    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
-                                      positions)
-    return logits, cache
-
+  step, args, _ = abstract_decode_step(graphdef, pa, ra, rules, mesh, B, S, tokens=tokens)
   with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-    compiled = jax.jit(step, donate_argnums=(3,)).trace(pa, ra, absorbed, cache, tok,
-                                                        tok).lower().compile()
+    compiled = jax.jit(step, donate_argnums=(3,)).trace(*args).lower().compile()
   hlo = compiled.as_text()
   assert hlo.count("mla_decode") > 0  # the Pallas kernel, not the reference einsum
   per_device_cache = CFG.num_hidden_layers * (B // 4) * S * 576 * 2
@@ -171,23 +156,9 @@ def test_tpu_moe_decode_step_reads_expert_stacks_in_place():
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   pa = sds(params, state_shardings(params, rules, mesh))
   ra = sds(rest, state_shardings(rest, rules, mesh))
-  b, s = 8, 1024
-  cache = jax.eval_shape(lambda: init_cache(cfg, b, s, jnp.bfloat16))
-  cache = sds(cache, cache_shardings(cache, rules, mesh))
-  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
-  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      mesh, P())), absorbed)
-  tok = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, mesh, (b, 1)))
-
-  def step(params, rest, absorbed, cache, tokens, positions):
-    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
-                                      positions)
-    return logits, cache
-
+  step, args, _ = abstract_decode_step(graphdef, pa, ra, rules, mesh, 8, 1024)
   with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-    compiled = jax.jit(step, donate_argnums=(3,)).trace(pa, ra, absorbed, cache, tok,
-                                                        tok).lower().compile()
+    compiled = jax.jit(step, donate_argnums=(3,)).trace(*args).lower().compile()
   hlo = compiled.as_text()
   kernels = [l for l in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in l]
   assert sum("dsv3_grouped_matmul_layer" in l for l in kernels) == 3, [l[:160] for l in kernels]

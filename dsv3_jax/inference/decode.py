@@ -309,8 +309,9 @@ def mtp_prefill(model, cache: LatentCache, tokens: jax.Array, lengths: jax.Array
 
 
 def abstract_decode_step(graphdef, params, rest, rules, mesh, batch: int, context: int, *,
-                         cache_dtype=jnp.bfloat16, mtp_layers: int = 0):
-  """One `decode_forward` step (one new token per sequence) with abstract, sharded arguments,
+                         cache_dtype=jnp.bfloat16, mtp_layers: int = 0, tokens: int = 1):
+  """One `decode_forward` step (`tokens` new tokens per sequence: 1, or more for speculative
+  verification) with abstract, sharded arguments,
   ready to lower ahead of time: the serve decode step `dsv3 plan` compiles, and the one the
   tests that inspect a compiled decode step compile.
 
@@ -318,10 +319,10 @@ def abstract_decode_step(graphdef, params, rest, rules, mesh, batch: int, contex
   are `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`; rules: the
   `ShardingRules` they were placed with (trace under `jax.set_mesh(mesh), use_rules(rules)`).
   Returns (step, args, out_shardings):
-    step(params, rest, absorbed, cache, tokens, positions) -> (logits [B, 1, V] float32, cache);
+    step(params, rest, absorbed, cache, tokens, positions) -> (logits [B, T, V] float32, cache);
     args: (params, rest, absorbed W_UK / W_UV [..., H, N|V, C] split over the `heads` rule,
       the `init_cache(cfg, batch, context, cache_dtype, mtp_layers=...)` cache split on batch
-      (`cache_shardings`), tokens and positions int32 [B, 1] split on batch);
+      (`cache_shardings`), tokens and positions int32 [B, T] split on batch);
     out_shardings: (logits split on batch and act_vocab, the cache's shardings).
   Jit with `out_shardings` and donate_argnums=(3,) (the cache, updated in place).
   """
@@ -337,8 +338,9 @@ def abstract_decode_step(graphdef, params, rest, rules, mesh, batch: int, contex
   absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
   absorbed = jax.tree.map(lambda x: sds(x, NamedSharding(mesh, logical_to_spec(
       (None,) * (x.ndim - 3) + ("heads", None, None), rules, mesh, x.shape))), absorbed)
-  tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, mesh, (batch, 1)))
+  new = tokens
+  tokens = jax.ShapeDtypeStruct((batch, new), jnp.int32, sharding=activation_sharding(
+      ("batch", None), rules, mesh, (batch, new)))
 
   def step(params, rest, absorbed, cache, tokens, positions):
     logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
@@ -346,6 +348,6 @@ def abstract_decode_step(graphdef, params, rest, rules, mesh, batch: int, contex
     return logits, cache
 
   logits = activation_sharding(("batch", None, "act_vocab"), rules, mesh,
-                               (batch, 1, cfg.vocab_size))
+                               (batch, new, cfg.vocab_size))
   return (step, (params, rest, absorbed, cache, tokens, tokens),
           (logits, jax.tree.map(lambda x: x.sharding, cache)))

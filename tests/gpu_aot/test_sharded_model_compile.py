@@ -15,11 +15,9 @@ import sys
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dsv3_jax
-from dsv3_jax.inference import absorb_weights, decode_forward, init_cache
-from dsv3_jax.inference.cache import cache_shardings
+from dsv3_jax.inference import abstract_decode_step
 from dsv3_jax.sharding import ShardingRules, activation_sharding, make_mesh, state_shardings
 from tests.utils import pallas_calls
 
@@ -102,21 +100,8 @@ def test_sharded_decode_step_compiles_for_8_h100s():
   graphdef, params, rest = nnx.split(_model(fp8=True), nnx.Param, ...)
   pa = _abstract(params, state_shardings(params, rules, mesh))
   ra = _abstract(rest, state_shardings(rest, rules, mesh))
-  b, s = 8, 256
-  cache = jax.eval_shape(lambda: init_cache(CFG, b, s, jnp.bfloat16))
-  cache = _abstract(cache, cache_shardings(cache, rules, mesh))
-  absorbed = jax.eval_shape(lambda p, r: absorb_weights(nnx.merge(graphdef, p, r)), params, rest)
-  absorbed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      mesh, P())), absorbed)
-  tok = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=activation_sharding(
-      ("batch", None), rules, mesh, (b, 1)))
-
-  def step(params, rest, absorbed, cache, tokens, positions):
-    logits, _, cache = decode_forward(nnx.merge(graphdef, params, rest), absorbed, cache, tokens,
-                                      positions)
-    return logits, cache
-
-  names, res = _compile(step, mesh, pa, ra, absorbed, cache, tok, tok)
+  step, args, _ = abstract_decode_step(graphdef, pa, ra, rules, mesh, 8, 256)
+  names, res = _compile(step, mesh, *args)
   assert "mla_decode" in names and names.count("dsv3_fp8_matmul") == 2, names
   # (a custom_vjp's traced jaxpr names a kernel in its forward and its fwd rule; the program
   # holds each once)
