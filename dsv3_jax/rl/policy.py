@@ -29,12 +29,12 @@ from jax.sharding import Mesh
 
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.param_tree import flatten, nest
-from dsv3_jax.pretrained import abstract_model, flat_variables, model_from_arrays
+from dsv3_jax.pretrained import flat_variables, model_from_arrays
 from dsv3_jax.rl.grpo import GRPOConfig, grpo_loss, token_logprobs
 from dsv3_jax.sharding import (ShardingRules, activation_sharding, global_batch, resolve_mesh,
                                tree_shardings, use_rules)
-from dsv3_jax.sharding.entry import replicated, variable_sharding
-from dsv3_jax.train.checkpointing import RunCheckpointer
+from dsv3_jax.sharding.entry import replicated
+from dsv3_jax.train.checkpointing import RunCheckpointer, abstract_params
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
 __all__ = ["PolicyTrainer", "GRPOObjective", "batch_shardings"]
@@ -174,11 +174,8 @@ class PolicyTrainer:
     """Loads the latest checkpoint; returns its meta (None when there is none)."""
     if self.checkpointer is None or self.checkpointer.latest_step() is None:
       return None
-    per_layer = variable_sharding(self.mesh, self.rules)
-    abstract = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                        sharding=per_layer(p, v))
-                for p, v in flat_variables(abstract_model(self.cfg, self.runtime)).items()}
-    items = {"params": nest(abstract), "opt": self.state["opt"],
+    items = {"params": abstract_params(self.cfg, self.runtime, self.mesh, self.rules),
+             "opt": self.state["opt"],
              "state": {"step": self.state["step"]}}
     out, meta, _ = self.checkpointer.restore(items)
     model = model_from_arrays(self.cfg, self.runtime, flatten(out["params"]))

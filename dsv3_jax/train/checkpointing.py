@@ -20,9 +20,22 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpointer", "ITEMS"]
+__all__ = ["RunCheckpointer", "ITEMS", "abstract_params"]
 
 ITEMS = ("params", "opt", "state")
+
+
+def abstract_params(cfg, runtime, mesh, rules) -> dict:
+  """The params/ item of a run checkpoint as abstract arrays (the per-layer tree of
+  `dsv3_jax.param_tree`, each leaf a `jax.ShapeDtypeStruct` with its sharding on `mesh` under
+  `rules`): what Orbax restores straight into place."""
+  from dsv3_jax.param_tree import nest
+  from dsv3_jax.pretrained import abstract_model, flat_variables
+  from dsv3_jax.sharding.entry import variable_sharding
+  per_layer = variable_sharding(mesh, rules)
+  return nest({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                       sharding=per_layer(p, v))
+               for p, v in flat_variables(abstract_model(cfg, runtime)).items()})
 
 
 class RunCheckpointer:

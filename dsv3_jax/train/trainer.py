@@ -37,12 +37,12 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.param_tree import flatten, nest
-from dsv3_jax.pretrained import abstract_model, count_params, flat_variables, model_from_arrays
+from dsv3_jax.pretrained import count_params, flat_variables, model_from_arrays
 from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
-from dsv3_jax.sharding.entry import replicated, variable_sharding
+from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.balance import load_ratio, update_router_bias
-from dsv3_jax.train.checkpointing import RunCheckpointer
+from dsv3_jax.train.checkpointing import RunCheckpointer, abstract_params
 from dsv3_jax.train.data import Batch, DataState, TokenDataset
 from dsv3_jax.train.loss import LossConfig, training_loss
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -318,11 +318,8 @@ class Trainer:
     """Loads the latest (or the given) checkpoint; False when there is none."""
     if self.checkpointer is None or (step is None and self.checkpointer.latest_step() is None):
       return False
-    per_layer = variable_sharding(self.mesh, self.rules)
-    abstract = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                        sharding=per_layer(p, v))
-                for p, v in flat_variables(abstract_model(self.cfg, self.runtime)).items()}
-    items = {"params": nest(abstract), "opt": self.state["opt"],
+    items = {"params": abstract_params(self.cfg, self.runtime, self.mesh, self.rules),
+             "opt": self.state["opt"],
              "state": {"step": self.state["step"]}}
     out, meta, step = self.checkpointer.restore(items, step)
     if meta["data_seed"] != self.data.seed:
