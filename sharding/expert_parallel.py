@@ -60,7 +60,7 @@ from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
-           "local_experts", "combine", "receive_capacity", "max_rounds", "exchange_rounds",
+           "local_experts", "combine", "inverse_permutation", "receive_capacity", "max_rounds", "exchange_rounds",
            "LOOP_COST_ROUNDS", "mesh_platform"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
@@ -230,110 +230,185 @@ def received_expert_ids(position, valid, local_counts):
   return jnp.where(valid, seg % El, El)
 
 
-def local_experts(recv_x, recv_ids, num_local: int, ffn: FFN, params):
-  """recv_x [R, D] with local expert ids [R] (num_local = padding) -> ys [R, D] same order."""
-  order = jnp.argsort(recv_ids, stable=True)
-  sizes = jnp.bincount(recv_ids, length=num_local + 1)[:num_local].astype(jnp.int32)
-  ys = ffn(recv_x[order], sizes, *params)  # rows past sum(sizes): padding
-  return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+def local_experts(recv, ids, num_local: int, local_fn):
+  """Received rows with local expert ids [R] (num_local = padding): `recv` a tuple of [R, Di]
+  arrays in the same row order; local_fn(rows grouped by local expert (tuple), group_sizes
+  [El]) -> (out [R, D], aux) -> (out in the received order, aux)."""
+  order = jnp.argsort(ids, stable=True)
+  sizes = jnp.bincount(ids, length=num_local + 1)[:num_local].astype(jnp.int32)
+  out, aux = local_fn(tuple(a[order] for a in recv), sizes)  # rows past sum(sizes): padding
+  return jnp.zeros_like(out).at[order].set(out, unique_indices=True), aux
 
 
-def ragged_round(xs, plan: RoundPlan, local_counts, capacity: int, ffn: FFN,
-                 params) -> jax.Array:
-  """One exact-size exchange round: xs [n*K, D] sorted by destination -> [n*K, D], the expert
-  outputs of this round's rows in place, zeros elsewhere. local_counts [S, El]: rows each
-  source sends me per local expert (over all rounds)."""
-  recv_x = jax.lax.ragged_all_to_all(xs, jnp.zeros((capacity, xs.shape[1]), xs.dtype),
-                                     plan.send_offsets, plan.send_sizes, plan.remote_offsets,
-                                     plan.recv_sizes, axis_name=EXPERT)
+def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn):
+  """One exact-size exchange round. sends: tuple of [n*K, Di] arrays sorted by destination, sent
+  to the shards owning their experts; there local_fn (see `local_experts`) maps them to [., D]
+  rows, which come back written into acc [n*K, D] at this round's rows (the other rows kept:
+  ragged_all_to_all writes only what it receives). local_counts [S, El]: rows each source sends
+  me per local expert (over all rounds). -> (acc, aux)."""
+  recv = tuple(jax.lax.ragged_all_to_all(s, jnp.zeros((capacity, s.shape[1]), s.dtype),
+                                         plan.send_offsets, plan.send_sizes, plan.remote_offsets,
+                                         plan.recv_sizes, axis_name=EXPERT) for s in sends)
   q = jnp.arange(capacity, dtype=jnp.int32)
   ids = received_expert_ids(plan.start + q, q < plan.recv_sizes.sum(), local_counts)
-  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
-  out = jnp.zeros(xs.shape, ys.dtype)
-  return jax.lax.ragged_all_to_all(ys, out, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
-                                   plan.send_sizes, axis_name=EXPERT)
+  out, aux = local_experts(recv, ids, local_counts.shape[1], local_fn)
+  acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
+                                  plan.send_sizes, axis_name=EXPERT)
+  return acc, aux
 
 
-def padded_round(xs, dest, plan: RoundPlan, local_counts, slot_rows: int, ffn: FFN,
-                 params) -> jax.Array:
+def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, slot_rows: int, local_fn):
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
   rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
-  pos = jnp.arange(xs.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in this round
+  pos = jnp.arange(acc.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in round
   mine = (pos >= 0) & (pos < plan.send_sizes[dest])
   slot = jnp.where(mine, dest * slot_rows + pos, S * slot_rows)       # out of range: dropped
-  buf = jnp.zeros((S * slot_rows, xs.shape[1]), xs.dtype).at[slot].set(xs, mode="drop")
-  recv_x = jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+
+  def send(s):
+    buf = jnp.zeros((S * slot_rows, s.shape[1]), s.dtype).at[slot].set(s, mode="drop")
+    return jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+
   q = jnp.arange(slot_rows, dtype=jnp.int32)[None, :]
   position = plan.start + plan.recv_offsets[:, None] + q       # [S, slot] place in my list
   ids = received_expert_ids(position.reshape(-1), (q < plan.recv_sizes[:, None]).reshape(-1),
                             local_counts)
-  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
-  back = jax.lax.all_to_all(ys, EXPERT, 0, 0, tiled=True)
+  out, aux = local_experts(tuple(send(s) for s in sends), ids, local_counts.shape[1], local_fn)
+  back = jax.lax.all_to_all(out, EXPERT, 0, 0, tiled=True)
   got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
-  return jnp.where(mine[:, None], got, jnp.zeros_like(got))
+  return jnp.where(mine[:, None], got, acc), aux
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """order [M] a permutation -> inv [M] with inv[order[j]] = j (an int32 scatter)."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
+                                             unique_indices=True)
 
 
 def combine(ys_sorted, order, weights):
   """ys_sorted [n*K, D] (expert-sorted pairs), order [n*K], weights [n, K] -> [n, D] float32:
-  sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`."""
+  sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`. The un-sort is a row gather
+  (XLA fuses it into the weighted sum: no [n*K, D] float32 buffer)."""
   n, K = weights.shape
-  y = jnp.zeros(ys_sorted.shape, jnp.float32).at[order].set(ys_sorted.astype(jnp.float32),
-                                                            unique_indices=True)
-  return jnp.einsum("nkd,nk->nd", y.reshape(n, K, -1), weights.astype(jnp.float32))
+  y = ys_sorted[inverse_permutation(order)].astype(jnp.float32).reshape(n, K, -1)
+  return (y * weights.astype(jnp.float32)[..., None]).sum(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+  """One shard's exchange: how (`exchange`, static sizes) and the routing (int arrays, built
+  inside the traced function that uses them: a custom VJP's rules must not close over them)."""
+
+  exchange: Exchange
+  capacity: int             # receive rows per round
+  rounds: int               # static bound on rounds
+  slot: int                 # PADDED: rows per (source, receiver) slot
+  sync_axes: tuple[str, ...]
+  counts: Any = None        # [S src, S dst] rows
+  local_counts: Any = None  # [S src, El] rows each source sends me per local expert
+  dest: Any = None          # [n*K] destination shard of each sorted row
+
+  def routed(self, dest, counts, local_counts) -> "_Exchange":
+    return dataclasses.replace(self, dest=dest, counts=counts, local_counts=local_counts)
+
+  def round(self, r, sends, acc, local_fn):
+    plan = round_plan(self.counts, jax.lax.axis_index(EXPERT), r, self.capacity)
+    if self.exchange is Exchange.RAGGED:
+      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn)
+    return padded_round(sends, acc, self.dest, plan, self.local_counts, self.slot, local_fn)
+
+  def run(self, sends, out_dtype, local_fn, add_aux):
+    """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
+    over the rounds with add_aux). Rounds past the first run under lax.cond in a scan, skipped
+    when no shard of the step needs them; acc and aux pass through a skipped round untouched (no
+    zero buffers) and a round that runs writes its rows into acc in place."""
+    rows = sends[0].shape[0]
+    acc, aux = self.round(0, sends, jnp.zeros((rows, sends[0].shape[1]), out_dtype), local_fn)
+    if self.rounds == 1:
+      return acc, aux
+    need = -(-jnp.max(self.counts.sum(0)) // self.capacity)  # the same on every shard of a group
+    need = jax.lax.pmax(need, self.sync_axes) if self.sync_axes else need  # one branch for all
+
+    def step(carry, r):
+      def run_round(carry):
+        acc, aux = carry
+        acc, more = self.round(r, sends, acc, local_fn)
+        return acc, add_aux(aux, more)
+      return jax.lax.cond(r < need, run_round, lambda carry: carry, carry), None
+
+    (acc, aux), _ = jax.lax.scan(step, (acc, aux), jnp.arange(1, self.rounds, dtype=jnp.int32))
+    return acc, aux
+
+
+def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
+  """The custom-VJP core of one shard: f(x [n, D], weights [n, K] f32, params, route) -> y [n, D]
+  float32; route = (order [n*K] the expert sort of the flattened pairs, dest [n*K] destination
+  shard of each sorted pair, counts [S, S], local_counts [S, El]), int32, no gradient.
+
+  Forward: gather x into the sorted pair rows, the exchange rounds (`_Exchange.run`), combine.
+  Residuals: the inputs and the expert outputs ys [n*K, D] (compute dtype). Backward, per round:
+  the sorted rows of x (re-gathered) and of the output cotangent w * dy go out together, the
+  receiver recomputes its experts' forward and takes their VJP (input rows back into one
+  [n*K, D] accumulator, expert-weight gradients added into one accumulator); then the un-sort
+  of the input rows (a gather summed over K) and the router-weight gradient <dy, y_k>. Nothing
+  is carried per round but the two accumulators, and no zero weight gradient is built."""
+
+  def primal(x, weights, params, route):
+    return fwd(x, weights, params, route)[0]
+
+  def fwd(x, weights, params, route):
+    order, K = route[0], weights.shape[1]
+    ys, _ = how.routed(*route[1:]).run(
+        (x[order // K],), x.dtype, lambda rows, sizes: (ffn(rows[0], sizes, *params), None),
+        lambda a, b: None)
+    return combine(ys, order, weights), (x, weights, params, route, ys)
+
+  def bwd(res, dy):
+    x, weights, params, route, ys = res
+    order, (n, K) = route[0], weights.shape
+    inv = inverse_permutation(order).reshape(n, K)
+    dweights = (ys[inv].astype(jnp.float32) * dy[:, None, :]).sum(-1)         # [n, K]
+    token = order // K
+    dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(ys.dtype)  # [n*K, D] sorted
+
+    def expert_vjp(rows, sizes):
+      xr, dyr = rows
+      _, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
+      return vjp(dyr)
+
+    dxs, dparams = how.routed(*route[1:]).run((x[token], dys), x.dtype, expert_vjp,
+                                             lambda a, b: jax.tree.map(jnp.add, a, b))
+    dx = dxs[inv].astype(jnp.float32).sum(1).astype(x.dtype)
+    return dx, dweights.astype(weights.dtype), dparams, None
+
+  if not custom_vjp:  # jax's autodiff of the same forward (tests compare the two)
+    return primal
+  f = jax.custom_vjp(primal)
+  f.defvjp(fwd, bwd)
+  return f
 
 
 def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: Exchange,
-              capacity_factor: float | None, sync_axes: tuple[str, ...]):
+              capacity_factor: float | None, sync_axes: tuple[str, ...], custom_vjp: bool = True):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
   local experts -> (y [n, D] float32, overflow [1] int32: rows this shard received beyond the
-  nominal capacity)."""
+  nominal capacity). custom_vjp False: jax differentiates the forward itself (for tests)."""
   n, K = experts.shape
   El = jax.tree.leaves(params)[0].shape[0]
-  xs, e_sorted, order, expert_counts = sort_by_destination(x, experts, El * shards)
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  expert_counts = jnp.bincount(flat, length=El * shards).astype(jnp.int32)
   by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
   me = jax.lax.axis_index(EXPERT)
   counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
   local_counts = jax.lax.dynamic_slice_in_dim(by_expert, me * El, El, axis=1)  # [S src, El]
   nominal, cap, rounds = exchange_rounds(n, K, El, shards, capacity_factor)
-  if exchange is Exchange.RAGGED:
-    def one_round(r, xs, params):
-      return ragged_round(xs, round_plan(counts, me, r, cap), local_counts, cap, ffn, params)
-  else:
-    # one source sends a receiver at most its own worst case (the one-shard bound) per round
-    slot = min(cap, receive_capacity(n, K, El, 1))
-    dest = e_sorted // El
-
-    def one_round(r, xs, params):
-      return padded_round(xs, dest, round_plan(counts, me, r, cap), local_counts, slot, ffn,
-                          params)
-
-  ys = one_round(0, xs, params)
-  totals = counts.sum(0)  # [S] rows each receiver gets in all
-  if rounds > 1:
-    need = -(-jnp.max(totals) // cap)  # the same on every shard of this expert group
-    need = jax.lax.pmax(need, sync_axes) if sync_axes else need  # one branch for all devices
-
-    # Remat around the cond: the scan then keeps only its loop-invariant inputs as residuals
-    # (a cond's own residuals would be stacked per round).
-    # The accumulator goes through the cond, so a skipped round returns it as it is: no zero
-    # buffer written and added (a skipped round moves nothing). Its backward needs no copy of
-    # the accumulator (the round's output is added linearly), so the scan saves none per round.
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def extra(acc, r, xs, params):
-      add = lambda acc, r, xs, p: acc + one_round(r, xs, p)
-      keep = lambda acc, r, xs, p: acc
-      return jax.lax.cond(r < need, add, keep, acc, r, xs, params)
-
-    def body(acc, r):
-      return extra(acc, r, xs, params), None
-
-    # Not carried from the first round: its backward need not wait for the loop's, so the
-    # scheduler can keep the first round's residuals and the loop's buffers apart in time.
-    more, _ = jax.lax.scan(body, jnp.zeros_like(ys), jnp.arange(1, rounds, dtype=jnp.int32))
-    ys = ys + more
-  overflow = jnp.maximum(totals[me] - nominal, 0).astype(jnp.int32)
-  return combine(ys, order, weights), overflow[None]
+  # one source sends a receiver at most its own worst case (the one-shard bound) per round
+  slot = min(cap, receive_capacity(n, K, El, 1))
+  how = _Exchange(exchange, cap, rounds, slot, sync_axes)
+  y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, (order, flat[order] // El, counts, local_counts))
+  overflow = jnp.maximum(counts.sum(0)[me] - nominal, 0).astype(jnp.int32)
+  return y, overflow[None]
 
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
