@@ -59,7 +59,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
-           "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
+           "RoundPlan", "round_plan", "round_groups", "expert_sort", "padded_round", "ragged_round",
            "local_experts", "combine", "inverse_permutation", "receive_capacity", "max_rounds", "exchange_rounds",
            "LOOP_COST_ROUNDS", "mesh_platform"]
 
@@ -168,15 +168,35 @@ def exchange_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shard
   return nominal, nominal, rounds
 
 
+def expert_sort(experts: jax.Array, num_experts: int):
+  """The stable sort of the flattened (token, expert) pairs by expert id, without a sort.
+
+  experts [n, K] int32 -> (order [n*K]: the pair index of each sorted row, i.e.
+  argsort(experts.reshape(-1), stable=True); inv [n*K]: each pair's sorted position;
+  counts [E] int32 pairs per expert). A pair's position is the rows of lower experts, plus the
+  pairs of earlier tokens with its expert (a cumsum over tokens of per-token expert counts
+  [n, E]), plus the earlier slots of its own token with the same expert (padding tokens repeat
+  one expert). Sorting 32k-49k rows dominated TPU compile time; this is elementwise + cumsum.
+  """
+  n, K = experts.shape
+  e = jnp.arange(num_experts, dtype=experts.dtype)
+  per_token = (experts[:, :, None] == e).sum(1, dtype=jnp.int32)            # [n, E]
+  counts = per_token.sum(0, dtype=jnp.int32)
+  earlier = _exclusive_cumsum(per_token, 0)                                  # [n, E]
+  k = jnp.arange(K)
+  same = (experts[:, :, None] == experts[:, None, :]) & (k[None, None, :] < k[None, :, None])
+  rank = jnp.take_along_axis(earlier, experts, axis=1) + same.sum(-1, dtype=jnp.int32)  # [n, K]
+  inv = (_exclusive_cumsum(counts)[experts] + rank).reshape(-1).astype(jnp.int32)
+  return inverse_permutation(inv), inv, counts
+
+
 def sort_by_destination(x: jax.Array, experts: jax.Array, num_experts: int):
   """x [n, D], experts [n, K] global ids -> (xs [n*K, D] sorted by expert, dest [n*K] expert id
   of each sorted row, order [n*K] (index of each sorted row in the flattened pair list),
   expert_counts [E] int32 rows per expert). Also the single-program MoE's `moe.permute`."""
   K = experts.shape[1]
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return x[order // K], flat[order], order, counts
+  order, _, counts = expert_sort(experts, num_experts)
+  return x[order // K], experts.reshape(-1)[order], order, counts
 
 
 def _exclusive_cumsum(a, axis=0):
@@ -217,27 +237,37 @@ def round_plan(counts: jax.Array, me, r, capacity: int) -> RoundPlan:
                    recv_offsets=dst[:, me], recv_sizes=size[:, me], back_offsets=src[:, me])
 
 
-def received_expert_ids(position, valid, local_counts):
-  """Local expert id of received rows, computed by the receiver (no id exchange).
+def round_groups(position, valid, spill, local_counts, start, capacity: int):
+  """Where the receiver puts each row of a round to group them by local expert (no sort).
 
-  position [R] int32: each row's place in my full row list (source-major, then by local expert,
-  as the senders sorted them); valid [R] bool; local_counts [S (src), El] rows per (source,
-  local expert) -> ids [R] int32, El (the padding group) where not valid.
+  position [R] int32: each received row's place in my full row list (source-major, then by
+  local expert, as the senders sorted them); valid [R] bool; spill [R]: each invalid row's rank
+  among the invalid rows; local_counts [S (src), El] rows per (source, local expert) over all
+  rounds; the round holds the list's window [start, start + capacity).
+  -> (dest [R]: each row's place in the grouped order, the stable sort by local expert with the
+  padding rows last (in received order); sizes [El] int32 rows per local expert this round).
+  The ids are never exchanged: a row's (source, expert) segment follows from its position.
   """
-  El = local_counts.shape[1]
-  ends = jnp.cumsum(local_counts.reshape(-1))  # [S*El] end of each (source, expert) segment
-  seg = jnp.searchsorted(ends, position, side="right").astype(jnp.int32)
-  return jnp.where(valid, seg % El, El)
+  S, El = local_counts.shape
+  size = local_counts.reshape(-1)
+  seg_start = _exclusive_cumsum(size)
+  lo = jnp.clip(start - seg_start, 0, size)              # [S*El] segment rows before the window
+  win = jnp.clip(start + capacity - seg_start, 0, size) - lo  # segment rows in the window
+  group = _exclusive_cumsum(win.reshape(S, El).T.reshape(-1)).reshape(El, S)  # [e, i] offsets
+  seg = jnp.searchsorted(seg_start + size, position, side="right").astype(jnp.int32)
+  seg = jnp.minimum(seg, S * El - 1)
+  t = position - seg_start[seg] - lo[seg]                 # rank inside the segment's window part
+  dest = jnp.where(valid, group[seg % El, seg // El] + t, win.sum() + spill)
+  return dest.astype(jnp.int32), win.reshape(S, El).sum(0).astype(jnp.int32)
 
 
-def local_experts(recv, ids, num_local: int, local_fn):
-  """Received rows with local expert ids [R] (num_local = padding): `recv` a tuple of [R, Di]
-  arrays in the same row order; local_fn(rows grouped by local expert (tuple), group_sizes
-  [El]) -> (out [R, D], aux) -> (out in the received order, aux)."""
-  order = jnp.argsort(ids, stable=True)
-  sizes = jnp.bincount(ids, length=num_local + 1)[:num_local].astype(jnp.int32)
+def local_experts(recv, dest, sizes, local_fn):
+  """recv: a tuple of [R, Di] received rows; dest [R] / sizes [El] from `round_groups`;
+  local_fn(rows grouped by local expert (tuple), group_sizes [El]) -> (out [R, D], aux)
+  -> (out in the received order, aux). Both permutations are row gathers."""
+  order = inverse_permutation(dest)
   out, aux = local_fn(tuple(a[order] for a in recv), sizes)  # rows past sum(sizes): padding
-  return jnp.zeros_like(out).at[order].set(out, unique_indices=True), aux
+  return out[dest], aux
 
 
 def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn):
@@ -250,14 +280,17 @@ def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local
                                          plan.send_offsets, plan.send_sizes, plan.remote_offsets,
                                          plan.recv_sizes, axis_name=EXPERT) for s in sends)
   q = jnp.arange(capacity, dtype=jnp.int32)
-  ids = received_expert_ids(plan.start + q, q < plan.recv_sizes.sum(), local_counts)
-  out, aux = local_experts(recv, ids, local_counts.shape[1], local_fn)
+  total = plan.recv_sizes.sum()  # the round's rows arrive packed at the front
+  dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
+                             capacity)
+  out, aux = local_experts(recv, dest, sizes, local_fn)
   acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
                                   plan.send_sizes, axis_name=EXPERT)
   return acc, aux
 
 
-def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, slot_rows: int, local_fn):
+def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int, slot_rows: int,
+                 local_fn):
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
   rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
@@ -271,9 +304,12 @@ def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, slot_rows: int
 
   q = jnp.arange(slot_rows, dtype=jnp.int32)[None, :]
   position = plan.start + plan.recv_offsets[:, None] + q       # [S, slot] place in my list
-  ids = received_expert_ids(position.reshape(-1), (q < plan.recv_sizes[:, None]).reshape(-1),
-                            local_counts)
-  out, aux = local_experts(tuple(send(s) for s in sends), ids, local_counts.shape[1], local_fn)
+  valid = q < plan.recv_sizes[:, None]
+  before = (_exclusive_cumsum(plan.recv_sizes) + plan.recv_sizes)[:, None]  # valid rows through i
+  spill = jnp.arange(S * slot_rows, dtype=jnp.int32).reshape(S, slot_rows) - before
+  dest, sizes = round_groups(position.reshape(-1), valid.reshape(-1), spill.reshape(-1),
+                             local_counts, plan.start, capacity)
+  out, aux = local_experts(tuple(send(s) for s in sends), dest, sizes, local_fn)
   back = jax.lax.all_to_all(out, EXPERT, 0, 0, tiled=True)
   got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
   return jnp.where(mine[:, None], got, acc), aux
@@ -289,8 +325,13 @@ def combine(ys_sorted, order, weights):
   """ys_sorted [n*K, D] (expert-sorted pairs), order [n*K], weights [n, K] -> [n, D] float32:
   sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`. The un-sort is a row gather
   (XLA fuses it into the weighted sum: no [n*K, D] float32 buffer)."""
+  return _unsort_sum(ys_sorted, inverse_permutation(order), weights)
+
+
+def _unsort_sum(ys_sorted, inv, weights):
+  """combine with inv [n*K] (each pair's sorted row) in place of order."""
   n, K = weights.shape
-  y = ys_sorted[inverse_permutation(order)].astype(jnp.float32).reshape(n, K, -1)
+  y = ys_sorted[inv].astype(jnp.float32).reshape(n, K, -1)
   return (y * weights.astype(jnp.float32)[..., None]).sum(1)
 
 
@@ -315,7 +356,8 @@ class _Exchange:
     plan = round_plan(self.counts, jax.lax.axis_index(EXPERT), r, self.capacity)
     if self.exchange is Exchange.RAGGED:
       return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn)
-    return padded_round(sends, acc, self.dest, plan, self.local_counts, self.slot, local_fn)
+    return padded_round(sends, acc, self.dest, plan, self.local_counts, self.capacity, self.slot,
+                        local_fn)
 
   def run(self, sends, out_dtype, local_fn, add_aux):
     """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
@@ -342,8 +384,9 @@ class _Exchange:
 
 def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
   """The custom-VJP core of one shard: f(x [n, D], weights [n, K] f32, params, route) -> y [n, D]
-  float32; route = (order [n*K] the expert sort of the flattened pairs, dest [n*K] destination
-  shard of each sorted pair, counts [S, S], local_counts [S, El]), int32, no gradient.
+  float32; route = (order [n*K] the expert sort of the flattened pairs, inv [n*K] its inverse,
+  dest [n*K] destination shard of each sorted pair, counts [S, S], local_counts [S, El]), int32,
+  no gradient.
 
   Forward: gather x into the sorted pair rows, the exchange rounds (`_Exchange.run`), combine.
   Residuals: the inputs and the expert outputs ys [n*K, D] (compute dtype). Backward, per round:
@@ -357,16 +400,16 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
     return fwd(x, weights, params, route)[0]
 
   def fwd(x, weights, params, route):
-    order, K = route[0], weights.shape[1]
-    ys, _ = how.routed(*route[1:]).run(
+    (order, inv), K = route[:2], weights.shape[1]
+    ys, _ = how.routed(*route[2:]).run(
         (x[order // K],), x.dtype, lambda rows, sizes: (ffn(rows[0], sizes, *params), None),
         lambda a, b: None)
-    return combine(ys, order, weights), (x, weights, params, route, ys)
+    return _unsort_sum(ys, inv, weights), (x, weights, params, route, ys)
 
   def bwd(res, dy):
     x, weights, params, route, ys = res
-    order, (n, K) = route[0], weights.shape
-    inv = inverse_permutation(order).reshape(n, K)
+    (order, inv), (n, K) = route[:2], weights.shape
+    inv = inv.reshape(n, K)
     dweights = (ys[inv].astype(jnp.float32) * dy[:, None, :]).sum(-1)         # [n, K]
     token = order // K
     dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(ys.dtype)  # [n*K, D] sorted
@@ -376,7 +419,7 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
       _, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
       return vjp(dyr)
 
-    dxs, dparams = how.routed(*route[1:]).run((x[token], dys), x.dtype, expert_vjp,
+    dxs, dparams = how.routed(*route[2:]).run((x[token], dys), x.dtype, expert_vjp,
                                              lambda a, b: jax.tree.map(jnp.add, a, b))
     dx = dxs[inv].astype(jnp.float32).sum(1).astype(x.dtype)
     return dx, dweights.astype(weights.dtype), dparams, None
@@ -395,9 +438,7 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
   nominal capacity). custom_vjp False: jax differentiates the forward itself (for tests)."""
   n, K = experts.shape
   El = jax.tree.leaves(params)[0].shape[0]
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  expert_counts = jnp.bincount(flat, length=El * shards).astype(jnp.int32)
+  order, inv, expert_counts = expert_sort(experts, El * shards)
   by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
   me = jax.lax.axis_index(EXPERT)
   counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
@@ -406,7 +447,8 @@ def _ep_shard(x, experts, weights, params, *, ffn: FFN, shards: int, exchange: E
   # one source sends a receiver at most its own worst case (the one-shard bound) per round
   slot = min(cap, receive_capacity(n, K, El, 1))
   how = _Exchange(exchange, cap, rounds, slot, sync_axes)
-  y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, (order, flat[order] // El, counts, local_counts))
+  route = (order, inv, experts.reshape(-1)[order] // El, counts, local_counts)
+  y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, route)
   overflow = jnp.maximum(counts.sum(0)[me] - nominal, 0).astype(jnp.int32)
   return y, overflow[None]
 
