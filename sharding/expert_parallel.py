@@ -12,26 +12,32 @@ Layout inside the shard_map (mesh axes by their conventional names, see `shardin
   No token buffer is ever all-reduced: every output row is computed whole on one shard, forward
   and backward (see "Why check_vma=False" below).
 Per shard, as small pure functions:
-  1. sort_by_destination: the n*K (token, expert) pairs sorted by expert id, hence by the shard
-     owning the expert (shard s owns experts [s*El, (s+1)*El)); rows per expert [E],
-     all-gathered over `expert` ([S, E] int32: the only metadata exchanged).
+  1. expert_sort: the n*K (token, expert) pairs sorted by expert id, hence by the shard owning
+     the expert (shard s owns experts [s*El, (s+1)*El)), computed without a sort (per-token
+     expert counts and a cumsum); rows per expert [E], all-gathered over `expert` ([S, E] int32:
+     the only metadata exchanged).
   2. rounds: receiver j lists the rows bound for it in source order (T_j = sum_i counts[i, j]
      rows); round r moves that list's rows [r*R, (r+1)*R). R = capacity_factor * n*K (the average
      load times the factor, a multiple of 8), so one round suffices unless a shard is overloaded;
      the rest (the "overflow", counted) goes in further rounds, statically at most
-     ceil(S*n*min(K, El) / R) (the dropless worst case), each under lax.cond (skipped when no
-     shard of the step needs it) and jax.checkpoint, so memory stays ~R rows, not the worst case.
+     ceil(S*n*min(K, El) / R) (the dropless worst case), each under lax.cond in a scan (skipped
+     when no shard of the step needs it), so memory stays ~R rows, not the worst case.
      Nothing is dropped. When the worst case is under LOOP_COST_ROUNDS rounds (few shards), one
      worst-case round is cheaper than the loop and is used instead (`exchange_rounds`).
   3. dispatch: all-to-all over `expert`. RAGGED (jax.lax.ragged_all_to_all; TPU and GPU) moves
      exactly the round's rows into an [R, D] buffer; PADDED (plain all_to_all; any backend,
      XLA:CPU has no ragged-all-to-all) sends S fixed slots of min(R, n*min(K, El)) rows.
-  4. local_experts: each received row's local expert id follows from its place in the
-     receiver's row list and the gathered counts (no id exchange); rows re-sorted by local
-     expert, `ffn` (the model's grouped FFN, a grouped matmul; padding rows go to a sentinel
-     group past the last expert).
+  4. local_experts: each received row's place in the round's rows grouped by local expert
+     follows from its place in the receiver's row list and the gathered counts (`round_groups`:
+     no id exchange, no sort); rows gathered into that order, `ffn` (the model's grouped FFN, a
+     grouped matmul; padding rows last, past the groups).
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
-  6. combine: un-sort and sum_k w_k y_k in float32.
+  6. combine: un-sort (a gather) and sum_k w_k y_k in float32.
+Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
+and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
+their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
+place), expert-weight gradients are added into another, and a skipped round passes both through
+untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
