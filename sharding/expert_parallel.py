@@ -34,10 +34,11 @@ Per shard, as small pure functions:
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
   6. combine: un-sort (a gather) and sum_k w_k y_k in float32.
 Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
-and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
-their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
-place), expert-weight gradients are added into another, and a skipped round passes both through
-untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
+and of w * dy through the same rounds, the receiver runs its experts' forward and their VJP;
+input-row gradients and expert outputs (for the router-weight gradient) come back into two
+accumulators (the return exchange writes them in place), expert-weight gradients are added into
+a third, and a skipped round passes all through untouched. Residuals: the inputs and the routing
+(int32) only, so under remat the backward pass does not rerun the forward exchange.
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
