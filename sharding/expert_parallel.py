@@ -34,11 +34,10 @@ Per shard, as small pure functions:
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
   6. combine: un-sort (a gather) and sum_k w_k y_k in float32.
 Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
-and of w * dy through the same rounds, the receiver runs its experts' forward and their VJP;
-input-row gradients and expert outputs (for the router-weight gradient) come back into two
-accumulators (the return exchange writes them in place), expert-weight gradients are added into
-a third, and a skipped round passes all through untouched. Residuals: the inputs and the routing
-(int32) only, so under remat the backward pass does not rerun the forward exchange.
+and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
+their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
+place), expert-weight gradients are added into another, and a skipped round passes both through
+untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
@@ -270,20 +269,19 @@ def round_groups(position, valid, spill, local_counts, start, capacity: int):
 
 def local_experts(recv, dest, sizes, local_fn):
   """recv: a tuple of [R, Di] received rows; dest [R] / sizes [El] from `round_groups`;
-  local_fn(rows grouped by local expert (tuple), group_sizes [El]) -> (outs, aux), outs a tuple
-  of [R, Dj] -> (outs in the received order, aux). Both permutations are row gathers."""
+  local_fn(rows grouped by local expert (tuple), group_sizes [El]) -> (out [R, D], aux)
+  -> (out in the received order, aux). Both permutations are row gathers."""
   order = inverse_permutation(dest)
-  outs, aux = local_fn(tuple(a[order] for a in recv), sizes)  # rows past sum(sizes): padding
-  return tuple(o[dest] for o in outs), aux
+  out, aux = local_fn(tuple(a[order] for a in recv), sizes)  # rows past sum(sizes): padding
+  return out[dest], aux
 
 
 def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn):
   """One exact-size exchange round. sends: tuple of [n*K, Di] arrays sorted by destination, sent
-  to the shards owning their experts; there local_fn (see `local_experts`) maps them to a tuple
-  of [., Dj] row arrays, which come back written into the tuple acc ([n*K, Dj] each) at this
-  round's rows (the other rows kept: ragged_all_to_all writes only what it receives).
-  local_counts [S, El]: rows each source sends me per local expert (over all rounds).
-  -> (acc, aux)."""
+  to the shards owning their experts; there local_fn (see `local_experts`) maps them to [., D]
+  rows, which come back written into acc [n*K, D] at this round's rows (the other rows kept:
+  ragged_all_to_all writes only what it receives). local_counts [S, El]: rows each source sends
+  me per local expert (over all rounds). -> (acc, aux)."""
   recv = tuple(jax.lax.ragged_all_to_all(s, jnp.zeros((capacity, s.shape[1]), s.dtype),
                                          plan.send_offsets, plan.send_sizes, plan.remote_offsets,
                                          plan.recv_sizes, axis_name=EXPERT) for s in sends)
@@ -291,10 +289,9 @@ def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local
   total = plan.recv_sizes.sum()  # the round's rows arrive packed at the front
   dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
                              capacity)
-  outs, aux = local_experts(recv, dest, sizes, local_fn)
-  acc = tuple(jax.lax.ragged_all_to_all(o, a, plan.recv_offsets, plan.recv_sizes,
-                                        plan.back_offsets, plan.send_sizes, axis_name=EXPERT)
-              for o, a in zip(outs, acc))
+  out, aux = local_experts(recv, dest, sizes, local_fn)
+  acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
+                                  plan.send_sizes, axis_name=EXPERT)
   return acc, aux
 
 
@@ -303,7 +300,7 @@ def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int,
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
   rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
-  pos = jnp.arange(dest.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in round
+  pos = jnp.arange(acc.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in round
   mine = (pos >= 0) & (pos < plan.send_sizes[dest])
   slot = jnp.where(mine, dest * slot_rows + pos, S * slot_rows)       # out of range: dropped
 
@@ -318,14 +315,10 @@ def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int,
   spill = jnp.arange(S * slot_rows, dtype=jnp.int32).reshape(S, slot_rows) - before
   dest, sizes = round_groups(position.reshape(-1), valid.reshape(-1), spill.reshape(-1),
                              local_counts, plan.start, capacity)
-  outs, aux = local_experts(tuple(send(s) for s in sends), dest, sizes, local_fn)
-
-  def back(o, a):
-    got = jax.lax.all_to_all(o, EXPERT, 0, 0, tiled=True)
-    got = got.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
-    return jnp.where(mine[:, None], got, a)
-
-  return tuple(back(o, a) for o, a in zip(outs, acc)), aux
+  out, aux = local_experts(tuple(send(s) for s in sends), dest, sizes, local_fn)
+  back = jax.lax.all_to_all(out, EXPERT, 0, 0, tiled=True)
+  got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
+  return jnp.where(mine[:, None], got, acc), aux
 
 
 def inverse_permutation(order: jax.Array) -> jax.Array:
@@ -372,13 +365,13 @@ class _Exchange:
     return padded_round(sends, acc, self.dest, plan, self.local_counts, self.capacity, self.slot,
                         local_fn)
 
-  def run(self, sends, acc, local_fn, add_aux):
-    """Every round: acc (a tuple of [n*K, Dj] zeros) -> (acc: the rows local_fn computed for
-    each sorted row, aux summed over the rounds with add_aux). Rounds past the first run under
-    lax.cond in a scan, skipped when no shard of the step needs them; acc and aux pass through a
-    skipped round untouched (no zero buffers) and a round that runs writes its rows into acc in
-    place."""
-    acc, aux = self.round(0, sends, acc, local_fn)
+  def run(self, sends, out_dtype, local_fn, add_aux):
+    """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
+    over the rounds with add_aux). Rounds past the first run under lax.cond in a scan, skipped
+    when no shard of the step needs them; acc and aux pass through a skipped round untouched (no
+    zero buffers) and a round that runs writes its rows into acc in place."""
+    rows = sends[0].shape[0]
+    acc, aux = self.round(0, sends, jnp.zeros((rows, sends[0].shape[1]), out_dtype), local_fn)
     if self.rounds == 1:
       return acc, aux
     need = -(-jnp.max(self.counts.sum(0)) // self.capacity)  # the same on every shard of a group
@@ -402,42 +395,38 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
   no gradient.
 
   Forward: gather x into the sorted pair rows, the exchange rounds (`_Exchange.run`), combine.
-  Residuals: the inputs only, so under remat the backward pass need not rerun the forward
-  exchange. Backward, per round: the sorted rows of x (re-gathered) and of the output cotangent
-  w * dy go out, the receiver runs its experts' forward and their VJP and sends back the input-row
-  gradients and the expert outputs (each written in place into one [n*K, D] accumulator);
-  expert-weight gradients are added into one accumulator. Then the un-sort of the input rows (a
-  gather summed over K) and the router-weight gradient <dy, y_k>. Nothing is carried per round
-  but the accumulators, and no zero weight gradient is built."""
+  Residuals: the inputs and the expert outputs ys [n*K, D] (compute dtype). Backward, per round:
+  the sorted rows of x (re-gathered) and of the output cotangent w * dy go out together, the
+  receiver recomputes its experts' forward and takes their VJP (input rows back into one
+  [n*K, D] accumulator, expert-weight gradients added into one accumulator); then the un-sort
+  of the input rows (a gather summed over K) and the router-weight gradient <dy, y_k>. Nothing
+  is carried per round but the two accumulators, and no zero weight gradient is built."""
 
   def primal(x, weights, params, route):
-    (order, inv), K = route[:2], weights.shape[1]
-    zeros = jnp.zeros((order.shape[0], x.shape[1]), x.dtype)
-    (ys,), _ = how.routed(*route[2:]).run(
-        (x[order // K],), (zeros,), lambda rows, sizes: ((ffn(rows[0], sizes, *params),), None),
-        lambda a, b: None)
-    return _unsort_sum(ys, inv, weights)
+    return fwd(x, weights, params, route)[0]
 
   def fwd(x, weights, params, route):
-    return primal(x, weights, params, route), (x, weights, params, route)
+    (order, inv), K = route[:2], weights.shape[1]
+    ys, _ = how.routed(*route[2:]).run(
+        (x[order // K],), x.dtype, lambda rows, sizes: (ffn(rows[0], sizes, *params), None),
+        lambda a, b: None)
+    return _unsort_sum(ys, inv, weights), (x, weights, params, route, ys)
 
   def bwd(res, dy):
-    x, weights, params, route = res
+    x, weights, params, route, ys = res
     (order, inv), (n, K) = route[:2], weights.shape
+    inv = inv.reshape(n, K)
+    dweights = (ys[inv].astype(jnp.float32) * dy[:, None, :]).sum(-1)         # [n, K]
     token = order // K
-    dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(x.dtype)  # [n*K, D] sorted
+    dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(ys.dtype)  # [n*K, D] sorted
 
     def expert_vjp(rows, sizes):
       xr, dyr = rows
-      yr, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
-      dxr, dp = vjp(dyr)
-      return (dxr, yr), dp
+      _, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
+      return vjp(dyr)
 
-    zeros = jnp.zeros((order.shape[0], x.shape[1]), x.dtype)
-    (dxs, ys), dparams = how.routed(*route[2:]).run(
-        (x[token], dys), (zeros, zeros), expert_vjp, lambda a, b: jax.tree.map(jnp.add, a, b))
-    inv = inv.reshape(n, K)
-    dweights = (ys[inv].astype(jnp.float32) * dy[:, None, :]).sum(-1)       # [n, K]
+    dxs, dparams = how.routed(*route[2:]).run((x[token], dys), x.dtype, expert_vjp,
+                                             lambda a, b: jax.tree.map(jnp.add, a, b))
     dx = dxs[inv].astype(jnp.float32).sum(1).astype(x.dtype)
     return dx, dweights.astype(weights.dtype), dparams, None
 
