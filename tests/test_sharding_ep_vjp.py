@@ -93,3 +93,33 @@ def test_skipped_rounds_cost_nothing_in_the_backward():
   _, _, _, autodiff = _grads({"expert": S}, args, 1.5, False)
   zeros = (E // S) * D * F * 3 * 4
   assert max(b for _, b in _round_loops(autodiff.as_text(), 5)) >= zeros
+
+
+def test_sort_free_permutations_equal_the_stable_argsort():
+  """`expert_sort` (per-token counts + cumsum) against numpy's stable argsort of the flattened
+  expert ids, padding tokens (K copies of expert 0) included; `round_groups` (the receiver's
+  grouping of a round's rows by local expert) against the stable argsort of the local expert ids
+  the old code computed (padding id El last), over random segment counts and round windows."""
+  r = np.random.default_rng(0)
+  for n, k, e in [(37, 3, 8), (128, 8, 256), (5, 2, 4)]:
+    experts = np.stack([r.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    experts[-2:] = 0
+    order, inv, counts = jax.jit(ep.expert_sort, static_argnums=1)(experts, e)
+    np.testing.assert_array_equal(order, np.argsort(experts.reshape(-1), kind="stable"))
+    np.testing.assert_array_equal(np.asarray(inv)[np.asarray(order)], np.arange(n * k))
+    np.testing.assert_array_equal(counts, np.bincount(experts.reshape(-1), minlength=e))
+  S, El = 4, 3
+  groups = jax.jit(ep.round_groups)  # one shape: R = 24 received rows, the capacity traced
+  q = np.arange(24)
+  for _ in range(60):
+    local_counts = r.integers(0, 5, (S, El)).astype(np.int32)
+    total = int(local_counts.sum())
+    cap = int(r.integers(1, min(total, 21) + 2))
+    start = int(r.integers(0, max(1, total))) // cap * cap
+    live = max(0, min(cap, total - start))
+    dest, sizes = groups(jnp.asarray(start + q, jnp.int32), jnp.asarray(q < live),
+                         jnp.asarray(q - live, jnp.int32), jnp.asarray(local_counts), start, cap)
+    seg = np.searchsorted(np.cumsum(local_counts.reshape(-1)), start + q, side="right")
+    ids = np.where(q < live, np.minimum(seg, S * El - 1) % El, El)
+    np.testing.assert_array_equal(np.asarray(dest)[np.argsort(ids, kind="stable")], q)
+    np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=El + 1)[:El])
