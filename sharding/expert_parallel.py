@@ -12,26 +12,32 @@ Layout inside the shard_map (mesh axes by their conventional names, see `shardin
   No token buffer is ever all-reduced: every output row is computed whole on one shard, forward
   and backward (see "Why check_vma=False" below).
 Per shard, as small pure functions:
-  1. sort_by_destination: the n*K (token, expert) pairs sorted by expert id, hence by the shard
-     owning the expert (shard s owns experts [s*El, (s+1)*El)); rows per expert [E],
-     all-gathered over `expert` ([S, E] int32: the only metadata exchanged).
+  1. expert_sort: the n*K (token, expert) pairs sorted by expert id, hence by the shard owning
+     the expert (shard s owns experts [s*El, (s+1)*El)), computed without a sort (per-token
+     expert counts and a cumsum); rows per expert [E], all-gathered over `expert` ([S, E] int32:
+     the only metadata exchanged).
   2. rounds: receiver j lists the rows bound for it in source order (T_j = sum_i counts[i, j]
      rows); round r moves that list's rows [r*R, (r+1)*R). R = capacity_factor * n*K (the average
      load times the factor, a multiple of 8), so one round suffices unless a shard is overloaded;
      the rest (the "overflow", counted) goes in further rounds, statically at most
-     ceil(S*n*min(K, El) / R) (the dropless worst case), each under lax.cond (skipped when no
-     shard of the step needs it) and jax.checkpoint, so memory stays ~R rows, not the worst case.
+     ceil(S*n*min(K, El) / R) (the dropless worst case), each under lax.cond in a scan (skipped
+     when no shard of the step needs it), so memory stays ~R rows, not the worst case.
      Nothing is dropped. When the worst case is under LOOP_COST_ROUNDS rounds (few shards), one
      worst-case round is cheaper than the loop and is used instead (`exchange_rounds`).
   3. dispatch: all-to-all over `expert`. RAGGED (jax.lax.ragged_all_to_all; TPU and GPU) moves
      exactly the round's rows into an [R, D] buffer; PADDED (plain all_to_all; any backend,
      XLA:CPU has no ragged-all-to-all) sends S fixed slots of min(R, n*min(K, El)) rows.
-  4. local_experts: each received row's local expert id follows from its place in the
-     receiver's row list and the gathered counts (no id exchange); rows re-sorted by local
-     expert, `ffn` (the model's grouped FFN, a grouped matmul; padding rows go to a sentinel
-     group past the last expert).
+  4. local_experts: each received row's place in the round's rows grouped by local expert
+     follows from its place in the receiver's row list and the gathered counts (`round_groups`:
+     no id exchange, no sort); rows gathered into that order, `ffn` (the model's grouped FFN, a
+     grouped matmul; padding rows last, past the groups).
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
-  6. combine: un-sort and sum_k w_k y_k in float32.
+  6. combine: un-sort (a gather) and sum_k w_k y_k in float32.
+Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
+and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
+their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
+place), expert-weight gradients are added into another, and a skipped round passes both through
+untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
@@ -59,8 +65,8 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 from dsv3_jax.sharding.mesh import EXPERT, TENSOR
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
-           "RoundPlan", "round_plan", "received_expert_ids", "padded_round", "ragged_round",
-           "local_experts", "combine", "receive_capacity", "max_rounds", "exchange_rounds",
+           "RoundPlan", "round_plan", "round_groups", "expert_sort", "padded_round", "ragged_round",
+           "local_experts", "combine", "inverse_permutation", "receive_capacity", "max_rounds", "exchange_rounds",
            "LOOP_COST_ROUNDS", "mesh_platform"]
 
 FFN = Callable[..., jax.Array]  # ffn(xs [M, D], group_sizes [El], w_gate, w_up, w_down) -> [M, D]
@@ -168,15 +174,35 @@ def exchange_rounds(tokens_per_shard: int, k: int, experts_per_shard: int, shard
   return nominal, nominal, rounds
 
 
+def expert_sort(experts: jax.Array, num_experts: int):
+  """The stable sort of the flattened (token, expert) pairs by expert id, without a sort.
+
+  experts [n, K] int32 -> (order [n*K]: the pair index of each sorted row, i.e.
+  argsort(experts.reshape(-1), stable=True); inv [n*K]: each pair's sorted position;
+  counts [E] int32 pairs per expert). A pair's position is the rows of lower experts, plus the
+  pairs of earlier tokens with its expert (a cumsum over tokens of per-token expert counts
+  [n, E]), plus the earlier slots of its own token with the same expert (padding tokens repeat
+  one expert). Sorting 32k-49k rows dominated TPU compile time; this is elementwise + cumsum.
+  """
+  n, K = experts.shape
+  e = jnp.arange(num_experts, dtype=experts.dtype)
+  per_token = (experts[:, :, None] == e).sum(1, dtype=jnp.int32)            # [n, E]
+  counts = per_token.sum(0, dtype=jnp.int32)
+  earlier = _exclusive_cumsum(per_token, 0)                                  # [n, E]
+  k = jnp.arange(K)
+  same = (experts[:, :, None] == experts[:, None, :]) & (k[None, None, :] < k[None, :, None])
+  rank = jnp.take_along_axis(earlier, experts, axis=1) + same.sum(-1, dtype=jnp.int32)  # [n, K]
+  inv = (_exclusive_cumsum(counts)[experts] + rank).reshape(-1).astype(jnp.int32)
+  return inverse_permutation(inv), inv, counts
+
+
 def sort_by_destination(x: jax.Array, experts: jax.Array, num_experts: int):
   """x [n, D], experts [n, K] global ids -> (xs [n*K, D] sorted by expert, dest [n*K] expert id
   of each sorted row, order [n*K] (index of each sorted row in the flattened pair list),
   expert_counts [E] int32 rows per expert). Also the single-program MoE's `moe.permute`."""
   K = experts.shape[1]
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return x[order // K], flat[order], order, counts
+  order, _, counts = expert_sort(experts, num_experts)
+  return x[order // K], experts.reshape(-1)[order], order, counts
 
 
 def _exclusive_cumsum(a, axis=0):
@@ -217,126 +243,224 @@ def round_plan(counts: jax.Array, me, r, capacity: int) -> RoundPlan:
                    recv_offsets=dst[:, me], recv_sizes=size[:, me], back_offsets=src[:, me])
 
 
-def received_expert_ids(position, valid, local_counts):
-  """Local expert id of received rows, computed by the receiver (no id exchange).
+def round_groups(position, valid, spill, local_counts, start, capacity: int):
+  """Where the receiver puts each row of a round to group them by local expert (no sort).
 
-  position [R] int32: each row's place in my full row list (source-major, then by local expert,
-  as the senders sorted them); valid [R] bool; local_counts [S (src), El] rows per (source,
-  local expert) -> ids [R] int32, El (the padding group) where not valid.
+  position [R] int32: each received row's place in my full row list (source-major, then by
+  local expert, as the senders sorted them); valid [R] bool; spill [R]: each invalid row's rank
+  among the invalid rows; local_counts [S (src), El] rows per (source, local expert) over all
+  rounds; the round holds the list's window [start, start + capacity).
+  -> (dest [R]: each row's place in the grouped order, the stable sort by local expert with the
+  padding rows last (in received order); sizes [El] int32 rows per local expert this round).
+  The ids are never exchanged: a row's (source, expert) segment follows from its position.
   """
-  El = local_counts.shape[1]
-  ends = jnp.cumsum(local_counts.reshape(-1))  # [S*El] end of each (source, expert) segment
-  seg = jnp.searchsorted(ends, position, side="right").astype(jnp.int32)
-  return jnp.where(valid, seg % El, El)
+  S, El = local_counts.shape
+  size = local_counts.reshape(-1)
+  seg_start = _exclusive_cumsum(size)
+  lo = jnp.clip(start - seg_start, 0, size)              # [S*El] segment rows before the window
+  win = jnp.clip(start + capacity - seg_start, 0, size) - lo  # segment rows in the window
+  group = _exclusive_cumsum(win.reshape(S, El).T.reshape(-1)).reshape(El, S)  # [e, i] offsets
+  seg = jnp.searchsorted(seg_start + size, position, side="right").astype(jnp.int32)
+  seg = jnp.minimum(seg, S * El - 1)
+  t = position - seg_start[seg] - lo[seg]                 # rank inside the segment's window part
+  dest = jnp.where(valid, group[seg % El, seg // El] + t, win.sum() + spill)
+  return dest.astype(jnp.int32), win.reshape(S, El).sum(0).astype(jnp.int32)
 
 
-def local_experts(recv_x, recv_ids, num_local: int, ffn: FFN, params):
-  """recv_x [R, D] with local expert ids [R] (num_local = padding) -> ys [R, D] same order."""
-  order = jnp.argsort(recv_ids, stable=True)
-  sizes = jnp.bincount(recv_ids, length=num_local + 1)[:num_local].astype(jnp.int32)
-  ys = ffn(recv_x[order], sizes, *params)  # rows past sum(sizes): padding
-  return jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+def local_experts(recv, dest, sizes, local_fn):
+  """recv: a tuple of [R, Di] received rows; dest [R] / sizes [El] from `round_groups`;
+  local_fn(rows grouped by local expert (tuple), group_sizes [El]) -> (out [R, D], aux)
+  -> (out in the received order, aux). Both permutations are row gathers."""
+  order = inverse_permutation(dest)
+  out, aux = local_fn(tuple(a[order] for a in recv), sizes)  # rows past sum(sizes): padding
+  return out[dest], aux
 
 
-def ragged_round(xs, plan: RoundPlan, local_counts, capacity: int, ffn: FFN,
-                 params) -> jax.Array:
-  """One exact-size exchange round: xs [n*K, D] sorted by destination -> [n*K, D], the expert
-  outputs of this round's rows in place, zeros elsewhere. local_counts [S, El]: rows each
-  source sends me per local expert (over all rounds)."""
-  recv_x = jax.lax.ragged_all_to_all(xs, jnp.zeros((capacity, xs.shape[1]), xs.dtype),
-                                     plan.send_offsets, plan.send_sizes, plan.remote_offsets,
-                                     plan.recv_sizes, axis_name=EXPERT)
+def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn):
+  """One exact-size exchange round. sends: tuple of [n*K, Di] arrays sorted by destination, sent
+  to the shards owning their experts; there local_fn (see `local_experts`) maps them to [., D]
+  rows, which come back written into acc [n*K, D] at this round's rows (the other rows kept:
+  ragged_all_to_all writes only what it receives). local_counts [S, El]: rows each source sends
+  me per local expert (over all rounds). -> (acc, aux)."""
+  recv = tuple(jax.lax.ragged_all_to_all(s, jnp.zeros((capacity, s.shape[1]), s.dtype),
+                                         plan.send_offsets, plan.send_sizes, plan.remote_offsets,
+                                         plan.recv_sizes, axis_name=EXPERT) for s in sends)
   q = jnp.arange(capacity, dtype=jnp.int32)
-  ids = received_expert_ids(plan.start + q, q < plan.recv_sizes.sum(), local_counts)
-  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
-  out = jnp.zeros(xs.shape, ys.dtype)
-  return jax.lax.ragged_all_to_all(ys, out, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
-                                   plan.send_sizes, axis_name=EXPERT)
+  total = plan.recv_sizes.sum()  # the round's rows arrive packed at the front
+  dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
+                             capacity)
+  out, aux = local_experts(recv, dest, sizes, local_fn)
+  acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
+                                  plan.send_sizes, axis_name=EXPERT)
+  return acc, aux
 
 
-def padded_round(xs, dest, plan: RoundPlan, local_counts, slot_rows: int, ffn: FFN,
-                 params) -> jax.Array:
+def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int, slot_rows: int,
+                 local_fn):
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
   rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
-  pos = jnp.arange(xs.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in this round
+  pos = jnp.arange(acc.shape[0], dtype=jnp.int32) - plan.send_offsets[dest]  # place in round
   mine = (pos >= 0) & (pos < plan.send_sizes[dest])
   slot = jnp.where(mine, dest * slot_rows + pos, S * slot_rows)       # out of range: dropped
-  buf = jnp.zeros((S * slot_rows, xs.shape[1]), xs.dtype).at[slot].set(xs, mode="drop")
-  recv_x = jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+
+  def send(s):
+    buf = jnp.zeros((S * slot_rows, s.shape[1]), s.dtype).at[slot].set(s, mode="drop")
+    return jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+
   q = jnp.arange(slot_rows, dtype=jnp.int32)[None, :]
   position = plan.start + plan.recv_offsets[:, None] + q       # [S, slot] place in my list
-  ids = received_expert_ids(position.reshape(-1), (q < plan.recv_sizes[:, None]).reshape(-1),
-                            local_counts)
-  ys = local_experts(recv_x, ids, local_counts.shape[1], ffn, params)
-  back = jax.lax.all_to_all(ys, EXPERT, 0, 0, tiled=True)
+  valid = q < plan.recv_sizes[:, None]
+  before = (_exclusive_cumsum(plan.recv_sizes) + plan.recv_sizes)[:, None]  # valid rows through i
+  spill = jnp.arange(S * slot_rows, dtype=jnp.int32).reshape(S, slot_rows) - before
+  dest, sizes = round_groups(position.reshape(-1), valid.reshape(-1), spill.reshape(-1),
+                             local_counts, plan.start, capacity)
+  out, aux = local_experts(tuple(send(s) for s in sends), dest, sizes, local_fn)
+  back = jax.lax.all_to_all(out, EXPERT, 0, 0, tiled=True)
   got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
-  return jnp.where(mine[:, None], got, jnp.zeros_like(got))
+  return jnp.where(mine[:, None], got, acc), aux
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """order [M] a permutation -> inv [M] with inv[order[j]] = j (an int32 scatter)."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype),
+                                             unique_indices=True)
 
 
 def combine(ys_sorted, order, weights):
   """ys_sorted [n*K, D] (expert-sorted pairs), order [n*K], weights [n, K] -> [n, D] float32:
-  sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`."""
+  sum_k w_k y_k. Also the single-program MoE's `moe.unpermute`. The un-sort is a row gather
+  (XLA fuses it into the weighted sum: no [n*K, D] float32 buffer)."""
+  return _unsort_sum(ys_sorted, inverse_permutation(order), weights)
+
+
+def _unsort_sum(ys_sorted, inv, weights):
+  """combine with inv [n*K] (each pair's sorted row) in place of order."""
   n, K = weights.shape
-  y = jnp.zeros(ys_sorted.shape, jnp.float32).at[order].set(ys_sorted.astype(jnp.float32),
-                                                            unique_indices=True)
-  return jnp.einsum("nkd,nk->nd", y.reshape(n, K, -1), weights.astype(jnp.float32))
+  y = ys_sorted[inv].astype(jnp.float32).reshape(n, K, -1)
+  return (y * weights.astype(jnp.float32)[..., None]).sum(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+  """One shard's exchange: how (`exchange`, static sizes) and the routing (int arrays, built
+  inside the traced function that uses them: a custom VJP's rules must not close over them)."""
+
+  exchange: Exchange
+  capacity: int             # receive rows per round
+  rounds: int               # static bound on rounds
+  slot: int                 # PADDED: rows per (source, receiver) slot
+  sync_axes: tuple[str, ...]
+  counts: Any = None        # [S src, S dst] rows
+  local_counts: Any = None  # [S src, El] rows each source sends me per local expert
+  dest: Any = None          # [n*K] destination shard of each sorted row
+
+  def routed(self, dest, counts, local_counts) -> "_Exchange":
+    return dataclasses.replace(self, dest=dest, counts=counts, local_counts=local_counts)
+
+  def round(self, r, sends, acc, local_fn):
+    plan = round_plan(self.counts, jax.lax.axis_index(EXPERT), r, self.capacity)
+    if self.exchange is Exchange.RAGGED:
+      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn)
+    return padded_round(sends, acc, self.dest, plan, self.local_counts, self.capacity, self.slot,
+                        local_fn)
+
+  def run(self, sends, out_dtype, local_fn, add_aux):
+    """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
+    over the rounds with add_aux). Rounds past the first run under lax.cond in a scan, skipped
+    when no shard of the step needs them; acc and aux pass through a skipped round untouched (no
+    zero buffers) and a round that runs writes its rows into acc in place."""
+    rows = sends[0].shape[0]
+    acc, aux = self.round(0, sends, jnp.zeros((rows, sends[0].shape[1]), out_dtype), local_fn)
+    if self.rounds == 1:
+      return acc, aux
+    need = -(-jnp.max(self.counts.sum(0)) // self.capacity)  # the same on every shard of a group
+    need = jax.lax.pmax(need, self.sync_axes) if self.sync_axes else need  # one branch for all
+
+    def step(carry, r):
+      def run_round(carry):
+        acc, aux = carry
+        acc, more = self.round(r, sends, acc, local_fn)
+        return acc, add_aux(aux, more)
+      return jax.lax.cond(r < need, run_round, lambda carry: carry, carry), None
+
+    (acc, aux), _ = jax.lax.scan(step, (acc, aux), jnp.arange(1, self.rounds, dtype=jnp.int32))
+    return acc, aux
+
+
+def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
+  """The custom-VJP core of one shard: f(x [n, D], weights [n, K] f32, params, route) -> y [n, D]
+  float32; route = (order [n*K] the expert sort of the flattened pairs, inv [n*K] its inverse,
+  dest [n*K] destination shard of each sorted pair, counts [S, S], local_counts [S, El]), int32,
+  no gradient.
+
+  Forward: gather x into the sorted pair rows, the exchange rounds (`_Exchange.run`), combine.
+  Residuals: the inputs and the expert outputs ys [n*K, D] (compute dtype). Backward, per round:
+  the sorted rows of x (re-gathered) and of the output cotangent w * dy go out together, the
+  receiver recomputes its experts' forward and takes their VJP (input rows back into one
+  [n*K, D] accumulator, expert-weight gradients added into one accumulator); then the un-sort
+  of the input rows (a gather summed over K) and the router-weight gradient <dy, y_k>. Nothing
+  is carried per round but the two accumulators, and no zero weight gradient is built."""
+
+  def primal(x, weights, params, route):
+    return fwd(x, weights, params, route)[0]
+
+  def fwd(x, weights, params, route):
+    (order, inv), K = route[:2], weights.shape[1]
+    ys, _ = how.routed(*route[2:]).run(
+        (x[order // K],), x.dtype, lambda rows, sizes: (ffn(rows[0], sizes, *params), None),
+        lambda a, b: None)
+    return _unsort_sum(ys, inv, weights), (x, weights, params, route, ys)
+
+  def bwd(res, dy):
+    x, weights, params, route, ys = res
+    (order, inv), (n, K) = route[:2], weights.shape
+    inv = inv.reshape(n, K)
+    dweights = (ys[inv].astype(jnp.float32) * dy[:, None, :]).sum(-1)         # [n, K]
+    token = order // K
+    dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(ys.dtype)  # [n*K, D] sorted
+
+    def expert_vjp(rows, sizes):
+      xr, dyr = rows
+      _, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
+      return vjp(dyr)
+
+    dxs, dparams = how.routed(*route[2:]).run((x[token], dys), x.dtype, expert_vjp,
+                                             lambda a, b: jax.tree.map(jnp.add, a, b))
+    dx = dxs[inv].astype(jnp.float32).sum(1).astype(x.dtype)
+    return dx, dweights.astype(weights.dtype), dparams, None
+
+  if not custom_vjp:  # jax's autodiff of the same forward (tests compare the two)
+    return primal
+  f = jax.custom_vjp(primal)
+  f.defvjp(fwd, bwd)
+  return f
 
 
 def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
-              exchange: Exchange, capacity_factor: float | None, sync_axes: tuple[str, ...]):
+              exchange: Exchange, capacity_factor: float | None, sync_axes: tuple[str, ...],
+              custom_vjp: bool = True):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
   local experts (layer stacks [L, El, ...] when `layer` is given, passed on to `ffn`) ->
   (y [n, D] float32, overflow [1] int32: rows this shard received beyond the nominal
-  capacity)."""
+  capacity). custom_vjp False: jax differentiates the forward itself (for tests)."""
   n, K = experts.shape
   El = jax.tree.leaves(params)[0].shape[0 if layer is None else 1]
   if layer is not None:
     ffn = functools.partial(ffn, layer=layer)
-  xs, e_sorted, order, expert_counts = sort_by_destination(x, experts, El * shards)
+  order, inv, expert_counts = expert_sort(experts, El * shards)
   by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
   me = jax.lax.axis_index(EXPERT)
   counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
   local_counts = jax.lax.dynamic_slice_in_dim(by_expert, me * El, El, axis=1)  # [S src, El]
   nominal, cap, rounds = exchange_rounds(n, K, El, shards, capacity_factor)
-  if exchange is Exchange.RAGGED:
-    def one_round(r, xs, params):
-      return ragged_round(xs, round_plan(counts, me, r, cap), local_counts, cap, ffn, params)
-  else:
-    # one source sends a receiver at most its own worst case (the one-shard bound) per round
-    slot = min(cap, receive_capacity(n, K, El, 1))
-    dest = e_sorted // El
-
-    def one_round(r, xs, params):
-      return padded_round(xs, dest, round_plan(counts, me, r, cap), local_counts, slot, ffn,
-                          params)
-
-  ys = one_round(0, xs, params)
-  totals = counts.sum(0)  # [S] rows each receiver gets in all
-  if rounds > 1:
-    need = -(-jnp.max(totals) // cap)  # the same on every shard of this expert group
-    need = jax.lax.pmax(need, sync_axes) if sync_axes else need  # one branch for all devices
-
-    # Remat around the cond: the scan then keeps only its loop-invariant inputs as residuals
-    # (a cond's own residuals would be stacked per round).
-    # The accumulator goes through the cond, so a skipped round returns it as it is: no zero
-    # buffer written and added (a skipped round moves nothing). Its backward needs no copy of
-    # the accumulator (the round's output is added linearly), so the scan saves none per round.
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def extra(acc, r, xs, params):
-      add = lambda acc, r, xs, p: acc + one_round(r, xs, p)
-      keep = lambda acc, r, xs, p: acc
-      return jax.lax.cond(r < need, add, keep, acc, r, xs, params)
-
-    def body(acc, r):
-      return extra(acc, r, xs, params), None
-
-    # Not carried from the first round: its backward need not wait for the loop's, so the
-    # scheduler can keep the first round's residuals and the loop's buffers apart in time.
-    more, _ = jax.lax.scan(body, jnp.zeros_like(ys), jnp.arange(1, rounds, dtype=jnp.int32))
-    ys = ys + more
-  overflow = jnp.maximum(totals[me] - nominal, 0).astype(jnp.int32)
-  return combine(ys, order, weights), overflow[None]
+  # one source sends a receiver at most its own worst case (the one-shard bound) per round
+  slot = min(cap, receive_capacity(n, K, El, 1))
+  how = _Exchange(exchange, cap, rounds, slot, sync_axes)
+  route = (order, inv, experts.reshape(-1)[order] // El, counts, local_counts)
+  y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, route)
+  overflow = jnp.maximum(counts.sum(0)[me] - nominal, 0).astype(jnp.int32)
+  return y, overflow[None]
 
 
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
