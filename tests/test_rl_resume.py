@@ -33,6 +33,13 @@ def make_init(path):
   write_byte_tokenizer(path)
 
 
+def varied_reward(completion: str, example) -> float:
+  """A reward that differs between the sampled completions of a group (correctness is 0 for every
+  completion of this random model on some jax versions, which gives zero advantages and a policy
+  that never moves): the resume check then covers a policy that changes every step."""
+  return float(sum(map(ord, completion)) % 7)
+
+
 def rows(path):
   with open(os.path.join(path, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -43,7 +50,7 @@ def test_grpo_resume_after_kill9_matches(tmp_path):
   make_init(init)
   flags = ["--init", init, "--steps", "4", "--prompts", "4", "--group-size", "2",
            "--max-new-tokens", "6", "--save-every", "1", "--eval-prompts", "0", "--lr", "1e-2",
-           "--temperature", "1.5"]
+           "--temperature", "1.5", "--reward", "tests.test_rl_resume:varied_reward"]
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
   # The run to kill: a child process with this process's environment (8 CPU devices, the
   # default mesh), so that its numbers are those of an in-process run.
