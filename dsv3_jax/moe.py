@@ -251,6 +251,7 @@ class Experts(nnx.Module):
     E = (w[0].value if isinstance(w[0], Fp8Experts) else w[0]).shape[0 if layer is None else 1]
     kw = dict(backend=self.rt.moe_backend, platform=self.rt.kernel_platform,
               gpu_impl=self.rt.gpu_kernels, layer=layer)
+    load = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
     layout = expert_parallel.ep_layout()  # the ambient mesh (jax.set_mesh) has an expert axis > 1
     if layout is not None:
       # FP8 projections cross the shard_map as (value, scale_inv) pairs, both split over E.
@@ -266,10 +267,8 @@ class Experts(nnx.Module):
       y, overflow = expert_parallel.expert_parallel_ffn(
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
           capacity_factor=self.rt.ep_capacity_factor, return_overflow=True, layer=layer)
-      return y, jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32), overflow
-    sizes = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
-    y = _local_experts(x.astype(dt), routing, w, E, kw)
-    return y, sizes, jnp.zeros((), jnp.int32)
+      return y, load, overflow
+    return _local_experts(x.astype(dt), routing, w, E, kw), load, jnp.zeros((), jnp.int32)
 
 
 def _local_experts(x, routing: Routing, w, num_experts: int, kw) -> jax.Array:
