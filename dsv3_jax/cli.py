@@ -58,6 +58,26 @@ def _add_global_flags(p: argparse.ArgumentParser, top: bool) -> None:
                  help="progress as plain lines or live bars (default auto: bars on a terminal)")
 
 
+def _accelerator_free_host(dev: str = "/dev") -> bool:
+  """True when this host has no TPU, NVIDIA or AMD device nodes (`accel*`, `vfio/N`, `nvidia*`,
+  `kfd`). There, a jax with libtpu installed (the test extra, or to run `dsv3 plan`) would still
+  try the TPU backend and print a screen of libtpu errors before falling back to the CPU."""
+  import glob
+  import os
+  patterns = ("accel[0-9]*", "vfio/[0-9]*", "nvidia[0-9]*", "kfd")
+  return not any(glob.glob(os.path.join(dev, p)) for p in patterns)
+
+
+def _default_platform() -> None:
+  """Pins jax to the CPU on a host without accelerators unless the user chose (`JAX_PLATFORMS`).
+  `dsv3 plan` compiles for TPU through the topology API, which does not need the TPU backend."""
+  import os
+  if "JAX_PLATFORMS" not in os.environ and _accelerator_free_host():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported by the package, backends not started yet: set it there too
+      sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def _quiet_libraries() -> None:
   """Orbax and absl log warnings (and a stack of messages on every failed save) that mean nothing
   to a user of the CLI; errors still reach the user through the one-line handler."""
@@ -103,6 +123,7 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  _default_platform()
   chosen = next((a for a in argv if a in SUBCOMMANDS), None)
   args = build_parser(chosen).parse_args(argv)
   from dsv3_jax import ui

@@ -1,4 +1,7 @@
 """`--log-format plain` / `--quiet`: plain progress lines (no carriage returns) or none."""
+import os
+import sys
+
 from dsv3_jax import ui
 
 
@@ -15,3 +18,37 @@ def test_plain_progress_lines_and_quiet(capsys, monkeypatch):
   assert capsys.readouterr().err == "" and ui.mode() == "quiet"
   ui.configure(type("A", (), {"log_format": "auto", "quiet": False})())  # stderr is not a tty here
   assert ui.mode() == "plain"
+
+
+def test_accelerator_free_host_reads_device_nodes(tmp_path):
+  """The CLI pins jax to the CPU only where /dev holds no TPU, NVIDIA or AMD nodes."""
+  from dsv3_jax.cli import _accelerator_free_host
+  assert _accelerator_free_host(str(tmp_path))
+  for node in ("accel0", "vfio/0", "nvidia0", "kfd"):
+    d = tmp_path / "hosts" / node.replace("/", "_")
+    (d / os.path.dirname(node)).mkdir(parents=True, exist_ok=True)
+    (d / node).touch()
+    assert not _accelerator_free_host(str(d)), node
+  (tmp_path / "nvidiactl").touch()  # a control node alone is not a GPU
+  assert _accelerator_free_host(str(tmp_path))
+
+
+def test_cli_on_a_cpu_host_with_libtpu_prints_no_tpu_errors():
+  """With libtpu installed (the test extra) and JAX_PLATFORMS unset, the CLI starts jax on the CPU
+  without libtpu's screen of worker-hostname errors; a user's JAX_PLATFORMS is left alone."""
+  import subprocess
+  from dsv3_jax.cli import _accelerator_free_host
+  assert _accelerator_free_host(), "this test expects a host without accelerators (the CI host)"
+  code = ("import os, sys\nfrom dsv3_jax import cli\ncli._default_platform()\nimport jax\n"
+          "print(os.environ['JAX_PLATFORMS'], jax.default_backend())")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["cpu", "cpu"]
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "libtpu" not in out.stderr, out.stderr
+  env["JAX_PLATFORMS"] = "cpu,"  # user's choice, kept verbatim
+  code = "import os\nfrom dsv3_jax import cli\ncli._default_platform()\nprint(os.environ['JAX_PLATFORMS'])"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.stdout.strip() == "cpu,", out.stderr
