@@ -74,6 +74,10 @@ def _default_platform() -> None:
   import os
   if "JAX_PLATFORMS" not in os.environ and _accelerator_free_host():
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # libtpu still starts for `dsv3 plan`'s topology; with no TPU VM metadata to read it prints
+    # its worker-hostname errors unless told there is one local worker.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if "jax" in sys.modules:  # imported by the package, backends not started yet: set it there too
       sys.modules["jax"].config.update("jax_platforms", "cpu")
 
