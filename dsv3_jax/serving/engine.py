@@ -14,12 +14,12 @@ Requests join the running batch at any engine step and leave when done. Each `En
      every request past its prefill (including those whose prefill ended in this step); the
      host cuts each request at its stop condition.
 Prefill chunks and decode steps are the model's own `decode_forward` (absorbed MLA over the
-cache, causal among a chunk's tokens) with block tables. Several rows of one prompt may share a
-call: each layer writes every row's latents into the pool before any row attends, so a row sees
-the earlier rows' positions as if they had been prefilled by earlier calls. the latent cache is a pool of
+cache, causal among a chunk's tokens) with block tables: the latent cache is a pool of
 fixed-size pages, latent [L, pages, page, C] / rope [L, pages, R, page] (the layout of
-`inference.cache`, positions paged), and each request owns a list of pages. Pool page 0 is a
-scratch page no request owns: padding rows of a step write there.
+`inference.cache`, positions paged), and each request owns a list of pages. Several rows of one
+prompt may share a prefill call: each layer writes every row's latents into the pool before any
+row attends, so a row sees the earlier rows' positions as if earlier calls had written them.
+Pool page 0 is a scratch page no request owns: padding rows of a step write there.
 
 Compiled shapes are fixed per bucket: the rows of a step are padded to a batch bucket and the
 block tables to a page-count bucket (powers of two by default), so serving never compiles after
@@ -453,11 +453,12 @@ class Engine:
       COMPILED.put(shared_key, compiled)
     return compiled
 
-  def _rows(self, reqs: list[Request], ends: list[int], buckets: Sequence[int]):
+  def _rows(self, reqs: list[Request], ends: list[int], buckets: Sequence[int] | None = None):
     """Bucketed per-row arrays (one row per entry of reqs; a request may fill several): block
     tables [B, P] covering rows < ends[i] (a chunk's padding past them writes to the scratch
-    page), sampling, slots (padding rows: scratch)."""
-    B = _bucket(len(reqs), buckets)
+    page), sampling, slots (padding rows: scratch). B: a bucket of `buckets` (default: the
+    batch buckets)."""
+    B = _bucket(len(reqs), buckets or self.batch_buckets)
     P = _bucket(max(-(-e // self.page_size) for e in ends), self.page_buckets)
     tables = np.zeros((B, P), np.int32)
     temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
@@ -528,8 +529,7 @@ class Engine:
     starts = [r.length for r in reqs]
     # Rows past a request's reserved pages (steps after its max_tokens) go to the scratch page.
     B, tables, sampling, slots = self._rows(reqs, [min(s + T, len(r.pages) * self.page_size)
-                                                   for s, r in zip(starts, reqs)],
-                                            self.batch_buckets)
+                                                   for s, r in zip(starts, reqs)])
     last, start, draft = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
     for i, r in enumerate(reqs):
       last[i], start[i], draft[i] = r.output[-1], starts[i], r.draft
