@@ -117,10 +117,9 @@ def test_seeded_sampling_ignores_batch_and_cancel_frees(model, prompts):
   engine.run_until_idle()
   others = [engine.submit(q, RequestParams(max_tokens=8, temperature=1.0, seed=s))
             for s, q in enumerate(prompts[1:3])]
-  engine.step()
-  crowded = engine.submit(prompts[0], p)
-  engine.step()
+  engine.step()  # others: prefilled and 4 decode steps (5 of their 8 tokens)
   engine.cancel(others[0])
+  crowded = engine.submit(prompts[0], p)  # shares its steps with others[1]
   engine.run_until_idle()
   assert crowded.output == alone.output and len(alone.output) == 10
   assert others[0].finish_reason == "cancelled" and len(others[0].output) < 8
