@@ -126,6 +126,8 @@ def throughput(args) -> str:
   median = {k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in runs.items()}
   static = median["static"]
   tps = lambda rs: ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs)  # noqa: E731
+  paired = np.median([c["tokens_per_s"] / s["tokens_per_s"]
+                      for s, c in zip(runs["static"], runs["continuous"])])
   rows = [("static generate", "all at t=0", static),
           ("continuous", "all at t=0", median["continuous"])]
   for rate in args.rates:
@@ -139,7 +141,7 @@ def throughput(args) -> str:
            f"{args.layers} layers, float32, saturation rows: median of {args.repeats} "
            f"alternating runs per mode (tokens/s of each: static "
            f"{tps(runs['static'])}; continuous "
-           f"{tps(runs['continuous'])}), "
+           f"{tps(runs['continuous'])}; median of the paired ratios {paired:.2f}x), "
            f"{jax.devices()[0].platform}, jax {jax.__version__}",
            "",
            "| mode | offered load | tokens/s | vs static | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
@@ -229,7 +231,7 @@ def main():
   p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
                  help="offered loads in requests/s for extra continuous rows (0: the "
                       "saturation rows, always run)")
-  p.add_argument("--repeats", type=int, default=3,
+  p.add_argument("--repeats", type=int, default=5,
                  help="alternating static / continuous runs at saturation (median reported)")
   p.add_argument("--load", action="store_true", help="run the HTTP load test instead")
   p.add_argument("--clients", type=int, default=64)
