@@ -5,7 +5,8 @@ Requests join the running batch at any engine step and leave when done. Each `En
      page pool holds the pages the request can ever need (prompt + max_tokens rows, reserved at
      admission: a running request never runs out of pages, and when the pool is full new
      requests wait in the queue);
-  2. runs one prefill call over the requests still being prefilled: their prompts cut into
+  2. runs one prefill call (when due: see `prefill_min`) over the requests still being
+     prefilled: their prompts cut into
      rows of `prefill_chunk` tokens, at most the largest prefill bucket of rows per step (each
      request gets its next row in turn, then its following ones while rows are left), so a
      long prompt takes several steps and never stalls the running requests, and a step's
@@ -110,6 +111,7 @@ class Request:
   pages: list[int] = dataclasses.field(default_factory=list)
   slot: int = -1
   prefilled: int = 0      # prompt tokens already in the cache
+  admitted_step: int = 0  # the engine step that gave it pages
   draft: int = 0          # speculative: the MTP draft for the token after output[-1]
   finish_reason: str | None = None
   error: str | None = None
@@ -163,6 +165,10 @@ class Engine:
   prefill_buckets: the compiled row counts of prefill calls (default: batch_buckets).
   decode_steps: plain decode steps per engine step (one device call, one host round trip; a
   request that stops mid-way wastes the rest of its steps; 1 with speculative decoding).
+  prefill_min / prefill_wait: while requests decode, a step runs its prefill call only when
+  prefill_min requests wait for prefill (default: max_batch // 4, at least 1) or one was
+  admitted prefill_wait steps ago (a call's fixed cost is shared by more prompts; TTFT grows
+  by at most prefill_wait steps); an idle batch prefills at once.
   """
 
   def __init__(self, model, *, max_batch: int = 8, page_size: int = 16, num_pages: int = 256,
@@ -171,7 +177,8 @@ class Engine:
                rules=None, cache_dtype=None, compiler_options: dict | None = None,
                batch_buckets: Sequence[int] | None = None,
                page_buckets: Sequence[int] | None = None, decode_steps: int = 4,
-               prefill_buckets: Sequence[int] | None = None):
+               prefill_buckets: Sequence[int] | None = None, prefill_min: int | None = None,
+               prefill_wait: int = 2):
     cfg = model.config
     for name, v in (("max_batch", max_batch), ("page_size", page_size), ("num_pages", num_pages),
                     ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
@@ -185,6 +192,8 @@ class Engine:
     self.max_batch, self.page_size, self.num_pages = max_batch, page_size, num_pages
     self.prefill_chunk, self.speculative, self.tokenizer = prefill_chunk, speculative, tokenizer
     self.decode_steps = 1 if speculative else decode_steps
+    self.prefill_min = max(1, max_batch // 4) if prefill_min is None else prefill_min
+    self.prefill_wait = prefill_wait
     self.max_context = min(max_context or cfg.max_position_embeddings,
                            cfg.max_position_embeddings)
     self.max_pages_per_seq = -(-self.max_context // page_size)
@@ -366,7 +375,9 @@ class Engine:
       self._finish(r, "abort" if r.error else "cancelled")
     self._admit()
     prefilling = [r for r in self.active if r.prefilled < len(r.prompt)]
-    if prefilling:
+    busy = any(r.prefilled == len(r.prompt) and not r.finished for r in self.active)
+    if prefilling and (not busy or len(prefilling) >= self.prefill_min or
+                       min(r.admitted_step for r in prefilling) + self.prefill_wait <= self.steps):
       self._prefill(prefilling)
     decoding = [r for r in self.active if r.prefilled == len(r.prompt) and not r.finished]
     if decoding:
@@ -381,7 +392,7 @@ class Engine:
         return  # FIFO: wait for pages to come back
       self.queue.pop(0)
       r.pages = [self._free_pages.pop() for _ in range(need)]
-      r.slot = self._free_slots.pop()
+      r.slot, r.admitted_step = self._free_slots.pop(), self.steps
       self.active.append(r)
 
   def _finish(self, r: Request, reason: str) -> None:
