@@ -6,11 +6,11 @@ Requests join the running batch at any engine step and leave when done. Each `En
      admission: a running request never runs out of pages, and when the pool is full new
      requests wait in the queue);
   2. runs one prefill call (when due: see `prefill_min`) over the requests still being
-     prefilled: their prompts cut into
-     rows of `prefill_chunk` tokens, at most the largest prefill bucket of rows per step (each
-     request gets its next row in turn, then its following ones while rows are left), so a
-     long prompt takes several steps and never stalls the running requests, and a step's
-     prefill costs about the prompt tokens it holds, not max batch x chunk;
+     prefilled: their prompts cut into rows of `prefill_chunk` tokens, at most the largest
+     prefill bucket of rows per step (each request gets its next row in turn, then its
+     following ones while rows are left), so a long prompt takes several steps and never
+     stalls the running requests, and a step's prefill costs about the prompt tokens it
+     holds, not max batch x chunk;
   3. runs `decode_steps` decode steps in one device call (or one MTP-speculative step) for
      every request past its prefill (including those whose prefill ended in this step); the
      host cuts each request at its stop condition.
