@@ -1,7 +1,7 @@
 """Continuous batching (`dsv3_jax.serving.Engine`) against static batches (`Generator`) on the
 same request mix, and a loopback load test of `dsv3 serve`.
 
-  python bench/serve.py [--requests 256] [--max-batch 16] [--rates 0,20,50] [--results]
+  python bench/serve.py [--requests 256] [--max-batch 16] [--rates 0,20,50] [--repeats 3]
   python bench/serve.py --load [--clients 64 --load-requests 512]
 
 Throughput part (in-process, no HTTP): requests with prompt lengths uniform in [8, 64] and output
@@ -10,7 +10,9 @@ exactly its length). Static: the requests in arrival order, --max-batch at a tim
 generating its longest request's length (what `dsv3 generate` does: the batch waits for its
 longest member). Continuous: every request submitted at its arrival time (Poisson at each
 offered rate in requests/s; 0 = all at once) to a running engine with the same max batch.
-Reported: useful tokens per second, time to first token and inter-token latency p50/p99.
+Reported: useful tokens per second, time to first token and inter-token latency p50/p99. At
+saturation the two modes alternate --repeats times (the host is shared: its load drifts) and
+each reports its median run.
 Both run the same model, float32, compile excluded (both warm up first).
 
 Load part: starts `dsv3 serve` on a tiny checkpoint in a subprocess and sends --load-requests
@@ -110,20 +112,36 @@ def throughput(args) -> str:
   for i in range(0, len(prompts), args.max_batch):
     ps, ns = prompts[i:i + args.max_batch], outputs[i:i + args.max_batch]
     gen.run(ps, max_new_tokens=max(ns), eos_token_id=())
-  static = run_static(gen, prompts, outputs, args.max_batch)
   engine = Engine(model, max_batch=args.max_batch, page_size=16, num_pages=args.max_batch * 16,
-                  prefill_chunk=64, max_context=256, eos_token_id=(), mesh=mesh,
+                  prefill_chunk=args.prefill_chunk, max_context=256, eos_token_id=(), mesh=mesh,
                   batch_buckets=(args.max_batch,), page_buckets=(4, 8, 16),
-                  decode_steps=args.decode_steps)
+                  prefill_buckets=args.prefill_buckets, decode_steps=args.decode_steps)
   engine.warmup()
-  rows = [("static generate", "all at t=0", static)]
+  # Saturation (all requests at t=0): static and continuous alternate --repeats times on this
+  # shared host; each mode reports its median run (by tokens/s).
+  runs = {"static": [], "continuous": []}
+  for _ in range(args.repeats):
+    runs["static"].append(run_static(gen, prompts, outputs, args.max_batch))
+    runs["continuous"].append(run_continuous(engine, prompts, outputs, 0.0))
+  median = {k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in runs.items()}
+  static = median["static"]
+  tps = lambda rs: ", ".join(f"{r['tokens_per_s']:.0f}" for r in rs)  # noqa: E731
+  paired = np.median([c["tokens_per_s"] / s["tokens_per_s"]
+                      for s, c in zip(runs["static"], runs["continuous"])])
+  rows = [("static generate", "all at t=0", static),
+          ("continuous", "all at t=0", median["continuous"])]
   for rate in args.rates:
-    rows.append(("continuous", f"{rate:g} req/s" if rate else "all at t=0",
-                 run_continuous(engine, prompts, outputs, rate)))
+    if rate > 0:
+      rows.append(("continuous", f"{rate:g} req/s", run_continuous(engine, prompts, outputs, rate)))
   lines = [f"{len(prompts)} requests, prompts 8-64 tokens, outputs geometric (mean "
            f"{args.mean_output:g}, cap {args.max_output}; {sum(outputs)} tokens), max batch "
-           f"{args.max_batch}, decode steps per call {args.decode_steps}, model TINY with "
-           f"{args.layers} layers, float32, "
+           f"{args.max_batch}, decode steps per call {args.decode_steps}, prefill rows of "
+           f"{args.prefill_chunk} tokens (row buckets "
+           f"{','.join(map(str, engine.prefill_buckets))}), model TINY with "
+           f"{args.layers} layers, float32, saturation rows: median of {args.repeats} "
+           f"alternating runs per mode (tokens/s of each: static "
+           f"{tps(runs['static'])}; continuous "
+           f"{tps(runs['continuous'])}; median of the paired ratios {paired:.2f}x), "
            f"{jax.devices()[0].platform}, jax {jax.__version__}",
            "",
            "| mode | offered load | tokens/s | vs static | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |",
@@ -207,7 +225,14 @@ def main():
   p.add_argument("--max-output", type=int, default=128)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--decode-steps", type=int, default=4, help="engine decode steps per call")
-  p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.0])
+  p.add_argument("--prefill-chunk", type=int, default=16, help="engine prompt tokens per row")
+  p.add_argument("--prefill-buckets", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[4, 8, 16], help="engine prefill calls' compiled row counts")
+  p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.0],
+                 help="offered loads in requests/s for extra continuous rows (0: the "
+                      "saturation rows, always run)")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="alternating static / continuous runs at saturation (median reported)")
   p.add_argument("--load", action="store_true", help="run the HTTP load test instead")
   p.add_argument("--clients", type=int, default=64)
   p.add_argument("--load-requests", type=int, default=512)

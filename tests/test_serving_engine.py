@@ -1,9 +1,9 @@
 """The continuous-batching engine against the static-batch `Generator` (the oracle, float32):
 greedy outputs of requests that arrive at different steps with different prompt lengths (several
-prefill chunks, sharing the batch with others) equal the offline ones token for token; MTP
-speculative decoding inside the batch equals plain; a full page pool queues requests instead of
-failing and every page comes back; a fixed-seed sampled request draws the same tokens whatever
-shares its batch; serving never compiles after the first use of a bucket."""
+prefill rows, several in one call, sharing the batch with others) equal the offline ones token
+for token; MTP speculative decoding inside the batch equals plain; a full page pool queues
+requests instead of failing and every page comes back; a fixed-seed sampled request draws the
+same tokens whatever shares its batch; serving never compiles after the first use of a bucket."""
 import numpy as np
 import pytest
 
@@ -87,6 +87,18 @@ def test_speculative_equals_plain(model, prompts, offline):
   assert engine.pages_used == 0
 
 
+def test_prefill_rows_share_the_step(model):
+  """A step's prefill rows (4 of 16 tokens here): each prompt's next chunk in turn, then the
+  following chunks of the longer ones while rows are left; the rest waits for the next step."""
+  from dsv3_jax.serving.engine import Request
+  engine = make_engine(model)
+  a, b = Request(0, [3] * 60, RequestParams()), Request(1, [3] * 5, RequestParams())
+  rows = [(r.id, s, e) for r, s, e in engine._prefill_rows([a, b])]
+  assert rows == [(0, 0, 16), (1, 0, 5), (0, 16, 32), (0, 32, 48)]
+  a.prefilled = 48
+  assert [(r.id, s, e) for r, s, e in engine._prefill_rows([a])] == [(0, 48, 60)]
+
+
 def test_requests_that_never_fit(model):
   engine = make_engine(model)
   with pytest.raises(RequestError, match="pages"):
@@ -105,10 +117,9 @@ def test_seeded_sampling_ignores_batch_and_cancel_frees(model, prompts):
   engine.run_until_idle()
   others = [engine.submit(q, RequestParams(max_tokens=8, temperature=1.0, seed=s))
             for s, q in enumerate(prompts[1:3])]
-  engine.step()
-  crowded = engine.submit(prompts[0], p)
-  engine.step()
+  engine.step()  # others: prefilled and 4 decode steps (5 of their 8 tokens)
   engine.cancel(others[0])
+  crowded = engine.submit(prompts[0], p)  # shares its steps with others[1]
   engine.run_until_idle()
   assert crowded.output == alone.output and len(alone.output) == 10
   assert others[0].finish_reason == "cancelled" and len(others[0].output) < 8

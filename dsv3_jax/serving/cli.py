@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--page-size", type=int, default=16, help="latent-cache rows per page")
   p.add_argument("--num-pages", type=int, default=512, help="pages in the latent-cache pool")
   p.add_argument("--prefill-chunk", type=int, default=64,
-                 help="prompt tokens per request per step (long prompts are prefilled in chunks "
-                      "between decode steps)")
+                 help="prompt tokens per prefill row (prompts are prefilled in rows between "
+                      "decode steps, at most the largest --prefill-buckets rows per step)")
   p.add_argument("--decode-steps", type=int, default=4,
                  help="decode steps per device call (fewer host round trips; streams arrive in "
                       "groups of this many tokens; 1 with --speculative)")
@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default: max_position_embeddings)")
   p.add_argument("--batch-buckets", type=_buckets, help="compiled batch sizes, e.g. 1,4,8 "
                                                         "(default: powers of two to --max-batch)")
+  p.add_argument("--prefill-buckets", type=_buckets,
+                 help="compiled row counts of prefill calls (default: --batch-buckets)")
   p.add_argument("--page-buckets", type=_buckets,
                  help="compiled block-table widths in pages (default: powers of two)")
   p.add_argument("--warmup", action="store_true",
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                   max_context=args.max_context, speculative=args.speculative,
                   eos_token_id=eos, tokenizer=tokenizer, mesh=mesh,
                   batch_buckets=args.batch_buckets, page_buckets=args.page_buckets,
-                  decode_steps=args.decode_steps)
+                  decode_steps=args.decode_steps, prefill_buckets=args.prefill_buckets)
   if args.warmup:
     ui.status("compiling every batch/page bucket ...")
     t = time.perf_counter()

@@ -5,15 +5,22 @@ Requests join the running batch at any engine step and leave when done. Each `En
      page pool holds the pages the request can ever need (prompt + max_tokens rows, reserved at
      admission: a running request never runs out of pages, and when the pool is full new
      requests wait in the queue);
-  2. runs one prefill chunk (up to `prefill_chunk` prompt tokens) of every request still being
-     prefilled, so a long prompt takes several steps and never stalls the running requests;
+  2. runs one prefill call (when due: see `prefill_min`) over the requests still being
+     prefilled: their prompts cut into rows of `prefill_chunk` tokens, at most the largest
+     prefill bucket of rows per step (each request gets its next row in turn, then its
+     following ones while rows are left), so a long prompt takes several steps and never
+     stalls the running requests, and a step's prefill costs about the prompt tokens it
+     holds, not max batch x chunk;
   3. runs `decode_steps` decode steps in one device call (or one MTP-speculative step) for
-     every request past its prefill; the host cuts each request at its stop condition.
+     every request past its prefill (including those whose prefill ended in this step); the
+     host cuts each request at its stop condition.
 Prefill chunks and decode steps are the model's own `decode_forward` (absorbed MLA over the
 cache, causal among a chunk's tokens) with block tables: the latent cache is a pool of
 fixed-size pages, latent [L, pages, page, C] / rope [L, pages, R, page] (the layout of
-`inference.cache`, positions paged), and each request owns a list of pages. Pool page 0 is a
-scratch page no request owns: padding rows of a step write there.
+`inference.cache`, positions paged), and each request owns a list of pages. Several rows of one
+prompt may share a prefill call: each layer writes every row's latents into the pool before any
+row attends, so a row sees the earlier rows' positions as if earlier calls had written them.
+Pool page 0 is a scratch page no request owns: padding rows of a step write there.
 
 Compiled shapes are fixed per bucket: the rows of a step are padded to a batch bucket and the
 block tables to a page-count bucket (powers of two by default), so serving never compiles after
@@ -104,6 +111,7 @@ class Request:
   pages: list[int] = dataclasses.field(default_factory=list)
   slot: int = -1
   prefilled: int = 0      # prompt tokens already in the cache
+  admitted_step: int = 0  # the engine step that gave it pages
   draft: int = 0          # speculative: the MTP draft for the token after output[-1]
   finish_reason: str | None = None
   error: str | None = None
@@ -146,15 +154,21 @@ class Engine:
 
   model: a DeepseekV3 (speculative needs an MTP layer). max_batch: most requests in flight
   (prefilling or decoding). page_size: cache rows per page. num_pages: pages in the pool (the
-  scratch page is extra). prefill_chunk: prompt tokens per request per step. max_context: most
+  scratch page is extra). prefill_chunk: prompt tokens per prefill row (a step prefills at most
+  prefill_buckets[-1] rows). max_context: most
   rows per request (default: max_position_embeddings). speculative: MTP self-speculative
   decoding (1 or 2 tokens per request per step). eos_token_id: id(s) that end a request (default:
   the config's). tokenizer: needed for stop strings only. mesh / rules / cache_dtype /
   compiler_options: as for `inference.Generator` (whose weight placement and absorbed weights
   the engine reuses). batch_buckets / page_buckets: the compiled batch sizes and block-table
-  widths (default: powers of two up to max_batch and to the pages of max_context).
+  widths (default: powers of two up to max_batch and to the pages of max_context);
+  prefill_buckets: the compiled row counts of prefill calls (default: batch_buckets).
   decode_steps: plain decode steps per engine step (one device call, one host round trip; a
   request that stops mid-way wastes the rest of its steps; 1 with speculative decoding).
+  prefill_min / prefill_wait: while requests decode, a step runs its prefill call only when
+  prefill_min requests wait for prefill (default: max_batch // 4, at least 1) or one was
+  admitted prefill_wait steps ago (a call's fixed cost is shared by more prompts; TTFT grows
+  by at most prefill_wait steps); an idle batch prefills at once.
   """
 
   def __init__(self, model, *, max_batch: int = 8, page_size: int = 16, num_pages: int = 256,
@@ -162,7 +176,9 @@ class Engine:
                speculative: bool = False, eos_token_id=None, tokenizer=None, mesh=None,
                rules=None, cache_dtype=None, compiler_options: dict | None = None,
                batch_buckets: Sequence[int] | None = None,
-               page_buckets: Sequence[int] | None = None, decode_steps: int = 4):
+               page_buckets: Sequence[int] | None = None, decode_steps: int = 4,
+               prefill_buckets: Sequence[int] | None = None, prefill_min: int | None = None,
+               prefill_wait: int = 2):
     cfg = model.config
     for name, v in (("max_batch", max_batch), ("page_size", page_size), ("num_pages", num_pages),
                     ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
@@ -176,11 +192,16 @@ class Engine:
     self.max_batch, self.page_size, self.num_pages = max_batch, page_size, num_pages
     self.prefill_chunk, self.speculative, self.tokenizer = prefill_chunk, speculative, tokenizer
     self.decode_steps = 1 if speculative else decode_steps
+    self.prefill_min = max(1, max_batch // 4) if prefill_min is None else prefill_min
+    self.prefill_wait = prefill_wait
     self.max_context = min(max_context or cfg.max_position_embeddings,
                            cfg.max_position_embeddings)
     self.max_pages_per_seq = -(-self.max_context // page_size)
     self.batch_buckets = tuple(sorted(batch_buckets or _pow2_buckets(max_batch)))
     self.page_buckets = tuple(sorted(page_buckets or _pow2_buckets(self.max_pages_per_seq)))
+    self.prefill_buckets = tuple(sorted(prefill_buckets or self.batch_buckets))
+    if self.prefill_buckets[0] < 1:
+      raise UserError(f"--prefill-buckets must be >= 1, got {self.prefill_buckets}")
     if self.batch_buckets[-1] < max_batch or self.page_buckets[-1] < self.max_pages_per_seq:
       raise UserError(f"--batch-buckets / --page-buckets: the largest ({self.batch_buckets[-1]}, "
                       f"{self.page_buckets[-1]}) must cover --max-batch {max_batch} and the "
@@ -343,8 +364,9 @@ class Engine:
     raise RuntimeError(f"engine still busy after {max_steps} steps")
 
   def step(self) -> None:
-    """One engine iteration: cancellations, admission, one prefill chunk per prefilling
-    request, one decode step per decoding request."""
+    """One engine iteration: cancellations, admission, one prefill call (a chunk of each
+    prefilling request), one decode call (`decode_steps` steps of each decoding request, those
+    whose prefill just ended included: a slot never idles for a step)."""
     with self._lock:
       self.queue.extend(self._incoming)
       self._incoming.clear()
@@ -353,9 +375,11 @@ class Engine:
       self._finish(r, "abort" if r.error else "cancelled")
     self._admit()
     prefilling = [r for r in self.active if r.prefilled < len(r.prompt)]
+    busy = any(r.prefilled == len(r.prompt) and not r.finished for r in self.active)
+    if prefilling and (not busy or len(prefilling) >= self.prefill_min or
+                       min(r.admitted_step for r in prefilling) + self.prefill_wait <= self.steps):
+      self._prefill(prefilling)
     decoding = [r for r in self.active if r.prefilled == len(r.prompt) and not r.finished]
-    if prefilling:
-      self._prefill(prefilling[:self.batch_buckets[-1]])
     if decoding:
       self._decode(decoding)
     self.steps += 1
@@ -368,7 +392,7 @@ class Engine:
         return  # FIFO: wait for pages to come back
       self.queue.pop(0)
       r.pages = [self._free_pages.pop() for _ in range(need)]
-      r.slot = self._free_slots.pop()
+      r.slot, r.admitted_step = self._free_slots.pop(), self.steps
       self.active.append(r)
 
   def _finish(self, r: Request, reason: str) -> None:
@@ -440,10 +464,12 @@ class Engine:
       COMPILED.put(shared_key, compiled)
     return compiled
 
-  def _rows(self, reqs: list[Request], ends: list[int]):
-    """Bucketed per-row arrays: block tables [B, P] covering rows < ends[i] (a chunk's padding
-    past them writes to the scratch page), sampling, slots (padding rows: scratch)."""
-    B = _bucket(len(reqs), self.batch_buckets)
+  def _rows(self, reqs: list[Request], ends: list[int], buckets: Sequence[int] | None = None):
+    """Bucketed per-row arrays (one row per entry of reqs; a request may fill several): block
+    tables [B, P] covering rows < ends[i] (a chunk's padding past them writes to the scratch
+    page), sampling, slots (padding rows: scratch). B: a bucket of `buckets` (default: the
+    batch buckets)."""
+    B = _bucket(len(reqs), buckets or self.batch_buckets)
     P = _bucket(max(-(-e // self.page_size) for e in ends), self.page_buckets)
     tables = np.zeros((B, P), np.int32)
     temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
@@ -457,19 +483,39 @@ class Engine:
       counter[i], slots[i] = len(r.output), r.slot
     return B, tables, steps.RowSampling(temp, top_k, top_p, seed, counter), slots
 
+  def _prefill_rows(self, reqs: list[Request]) -> list[tuple[Request, int, int]]:
+    """The rows of this step's prefill call, (request, first, end) prompt positions: each
+    request's next chunk of `prefill_chunk` tokens in turn, then their following chunks while
+    the largest prefill bucket has rows left."""
+    T, budget = self.prefill_chunk, self.prefill_buckets[-1]
+    rows, at = [], {id(r): r.prefilled for r in reqs}
+    while len(rows) < budget:
+      added = False
+      for r in reqs:
+        pos = at[id(r)]
+        if pos < len(r.prompt) and len(rows) < budget:
+          end = min(pos + T, len(r.prompt))
+          rows.append((r, pos, end))
+          at[id(r)], added = end, True
+      if not added:
+        break
+    return rows
+
   def _prefill(self, reqs: list[Request]) -> None:
     T = self.prefill_chunk
-    ends = [min(r.prefilled + T, len(r.prompt)) for r in reqs]
-    B, tables, sampling, slots = self._rows(reqs, ends)
+    rows = self._prefill_rows(reqs)
+    B, tables, sampling, slots = self._rows([r for r, _, _ in rows], [e for _, _, e in rows],
+                                            self.prefill_buckets)
     tokens, nxt = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     start, pick, final = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, bool)
-    for i, r in enumerate(reqs):
-      chunk = r.prompt[r.prefilled:r.prefilled + T]
-      tokens[i, :len(chunk)] = chunk
-      after = r.prompt[r.prefilled + 1:r.prefilled + T + 1]
+    for i, (r, pos, end) in enumerate(rows):
+      tokens[i, :end - pos] = r.prompt[pos:end]
+      after = r.prompt[pos + 1:pos + T + 1]
       nxt[i, :len(after)] = after
-      start[i], pick[i] = r.prefilled, len(chunk) - 1
-      final[i] = r.prefilled + len(chunk) == len(r.prompt)
+      start[i], pick[i] = pos, end - pos - 1
+      final[i] = end == len(r.prompt)
+      if not final[i]:
+        slots[i] = self.max_batch  # only a request's last row stores its draft distribution
     if self.speculative:
       args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, self.q_buf, tokens, nxt,
               start, tables, pick, slots, final, sampling)
@@ -482,8 +528,8 @@ class Engine:
       fn = self._compiled_fn("prefill", steps.forward_step, args)
       self.latent, self.rope, first = fn(*args)
     first = np.asarray(first)
-    for i, r in enumerate(reqs):
-      r.prefilled += int(pick[i]) + 1
+    for i, (r, pos, end) in enumerate(rows):
+      r.prefilled = max(r.prefilled, end)
       if final[i]:
         if self.speculative:
           r.draft = int(draft[i])
@@ -522,20 +568,22 @@ class Engine:
       self._emit(r, [int(first[i]), int(bonus[i])] if ok else [int(first[i])])
 
   def warmup(self) -> None:
-    """Compiles the prefill-chunk and decode programs of every (batch bucket, page bucket) up
-    front by running them on padding rows (which touch only the scratch page), so no request
-    waits for a compile."""
+    """Compiles the prefill-chunk and decode programs of every (batch bucket, page bucket) and
+    (prefill bucket, page bucket) up front by running them on padding rows (which touch only
+    the scratch page), so no request waits for a compile."""
     saved = self.page_buckets
+    fake = lambda n: [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0])
+                      for _ in range(n)]  # noqa: E731
     try:
       for P in saved:
         self.page_buckets = (P,)
         for B in self.batch_buckets:
-          fake = [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0])
-                  for _ in range(B)]
-          self._decode(fake)
-          for r in fake:
-            r.output, r.prefilled = [], 0
-          self._prefill(fake)
+          self._decode(fake(B))
+        for B in self.prefill_buckets:
+          reqs = fake(B)
+          for r in reqs:
+            r.output = []
+          self._prefill(reqs)
     finally:
       self.page_buckets = saved
       self.generated_tokens = self.drafted = self.accepted = 0
