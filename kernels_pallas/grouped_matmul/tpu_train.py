@@ -33,6 +33,13 @@ routed uniformly over the G groups, the expected items are `schedule.estimate_it
 = G (1 - (1 - 1/G)^rows) + ceil(rows / bm) - 1, so flops = 2 x items x bm x K x N (the tile
 granularity included: ~1.12x the live rows at rows = 32768, G = 16, bm = 256); bytes: the lhs
 (and dout) tiles once per output tile column they feed, each item's weight tile, the output once.
+
+The live rows under expert parallelism (`moe.Experts` passes them): a receive buffer of shard j
+holds the (token, expert) pairs routed to its El = E / S experts from all S token shards of its
+expert group. Each of the S sources has n tokens x K pairs; with uniform routing a pair lands on
+j's experts with probability El / E = 1 / S, so the expected rows are S x n K / S = n K (32768 at
+n = 4096, K = 8), whatever the capacity R = capacity_factor x n K (49152 at 1.5) of the buffer.
+Overflow rounds (load past R) run only when a shard is overloaded and are not counted.
 """
 from __future__ import annotations
 
@@ -116,7 +123,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array
   if not stacked:
     rhs, layer = rhs[None], 0
   num_layers, num_groups = rhs.shape[:2]
-  n = rhs.shape[2] if transpose_rhs else rhs.shape[3]
+  n, rhs_k = (rhs.shape[2], rhs.shape[3]) if transpose_rhs else (rhs.shape[3], rhs.shape[2])
+  if rhs.ndim != 4 or rhs_k != k or group_sizes.shape != (num_groups,):
+    want = "[G, N, K]" if transpose_rhs else "[G, K, N]"
+    raise ValueError(f"gmm: lhs {lhs.shape} needs rhs {want} (or [L, ...] with layer) with "
+                     f"K = {k} and group_sizes [G]; got rhs {rhs.shape[int(not stacked):]}, "
+                     f"group_sizes {group_sizes.shape}")
   tiles = tiles or GMM_TILES
   _check_tiles(tiles)
   bm, bk, bn = (fp8_tpu.tile_size(d, p) for d, p in zip((t, k, n), tiles))
@@ -212,6 +224,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
   t, k = lhs.shape
   n = dout.shape[1]
   g = group_sizes.shape[0]
+  if dout.shape[0] != t:
+    raise ValueError(f"tgmm: lhs {lhs.shape} and dout {dout.shape} must have the same rows")
   if num_groups is not None and num_groups != g:
     raise ValueError(f"tgmm: num_groups {num_groups} != len(group_sizes) {g}")
   tiles = tiles or TGMM_TILES

@@ -174,6 +174,8 @@ def test_tile_validation():
   x, w = jnp.zeros((8, 128)), jnp.zeros((2, 128, 128))
   with pytest.raises(ValueError, match="multiples of"):
     tpu_train.gmm(x, w, jnp.array([4, 4]), tiles=(8, 100, 128), interpret=True)
+  with pytest.raises(ValueError, match="K = 128"):
+    tpu_train.gmm(x, jnp.zeros((2, 128, 256)), jnp.array([4, 4]), transpose_rhs=True)
   with pytest.raises(ValueError, match="num_groups"):
     tpu_train.tgmm(x, x, jnp.array([4, 4]), num_groups=3, interpret=True)
 
