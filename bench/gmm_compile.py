@@ -3,7 +3,7 @@ matmul kernels used for training, ours (kernels_pallas/grouped_matmul/tpu_train.
 megablox, at the DeepSeek-V3 expert-parallel shapes of one receive buffer: R rows (capacity 1.5 x
 the average load n*K = 4096 x 8), K 7168, N 2048, 16 local experts.
 
-    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python bench/gmm_compile.py [--topology v5p:2x2x1]
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python bench/gmm_compile.py [--topology T]
 
 One line per (kernel, implementation): compile seconds of a jit holding that one call (the
 schedule / padding ops around it included), and its cost estimate's flops over the flops of the

@@ -3,7 +3,7 @@ against the same layer without a mesh (the single-program dropless path), and th
 for a real TPU topology (libtpu AOT on CPU): Pallas kernels inside the EP shard_map, ragged
 all-to-all, and no all-reduce of token rows.
 
-Tolerances: float32 with matmul precision "highest"; the Pallas (our TPU kernels, interpret mode) and
+Tolerances: float32 with matmul precision "highest"; the Pallas (our TPU kernels, interpreted) and
 ragged_dot paths agree to 1e-5 on outputs/gradients of size ~1e-1; FP8 forward: the same e4m3
 weights and scales on both sides, 1e-5.
 """
@@ -58,7 +58,7 @@ def _x():
 
 
 def test_pallas_grouped_matmul_under_ep_matches_single_device():
-  """moe_backend="interpret" (our TPU grouped matmul kernels, forward and custom-VJP dlhs/drhs) inside
+  """moe_backend="interpret" (our TPU grouped matmuls, forward and custom-VJP dlhs/drhs) inside
   the EP shard_map, capacity factor 1.0 (overflow rounds taken), equals the single-program
   reference MoE; the overflow counter equals numpy's from the routed experts."""
   x = _x()
