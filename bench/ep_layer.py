@@ -48,7 +48,9 @@ def main(argv=None) -> int:
               sds((N, K), jnp.float32, sharding=tok),
               sds((E, D, F), jnp.bfloat16, sharding=ex), sds((E, D, F), jnp.bfloat16, sharding=ex),
               sds((E, F, D), jnp.bfloat16, sharding=ex))
-  ffn = functools.partial(grouped_ffn, backend="pallas", platform="tpu")
+  # rows: a receive buffer's average live rows, n*K (what moe.Experts passes; cost estimates only)
+  ffn = functools.partial(grouped_ffn, backend="pallas", platform="tpu",
+                          rows=args.tokens_per_device * K)
 
   @jax.checkpoint
   def layer(x, experts, weights, wg, wu, wd):

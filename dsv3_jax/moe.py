@@ -117,7 +117,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array | Fp8Experts, group_sizes: jax
     if layer is not None:
       return kernel(lhs, rhs, group_sizes, out_dtype=lhs.dtype, backend=backend,
                     platform=platform, gpu_impl=gpu_impl, layer=layer, rows=rows)
-    return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform, gpu_impl=gpu_impl)
+    return kernel(lhs, rhs, group_sizes, backend=backend, platform=platform, gpu_impl=gpu_impl,
+                  rows=rows)
   if layer is not None:
     from dsv3_jax.kernels_pallas.grouped_matmul.reference import at_layer
     rhs = at_layer(rhs, layer).astype(lhs.dtype)

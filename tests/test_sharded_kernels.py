@@ -321,9 +321,11 @@ def test_tpu_aot_sharded_train_step_uses_kernels(tpu_mesh):
     return jax.value_and_grad(loss)(params)
 
   hlo, calls = _compile_tpu(train, tpu_mesh, pa, ra, tok)
-  # megablox's pallas_calls carry no name: 3 forward gmm, 3 backward gmm (dlhs) + 3 tgmm (drhs).
-  assert sorted(n for n, _ in calls) == ["None"] * 9 + ["mla_attention_dkv", "mla_attention_dq",
-                                                       "mla_attention_fwd"], calls
+  # 3 forward gmm, 3 backward gmm (dlhs) + 3 tgmm (drhs), all ours.
+  assert sorted(n for n, _ in calls) == (["dsv3_grouped_matmul"] * 6
+                                         + ["dsv3_transposed_grouped_matmul"] * 3
+                                         + ["mla_attention_dkv", "mla_attention_dq",
+                                            "mla_attention_fwd"]), calls
   assert hlo.count('custom_call_target="tpu_custom_call"') == 12
 
 

@@ -14,7 +14,8 @@ index map), so a decode step never copies a layer's experts out of the stack. Fo
 
 Backward of grouped_matmul uses the same kernels: dlhs = gmm(dout, rhs^T) (rhs read transposed
 in the kernel, never materialised) and drhs[g] = lhs_g^T . dout_g (a transposed grouped matmul,
-[G, K, N]; empty groups get zero gradients).
+[G, K, N]; empty groups get zero gradients). On TPU all are our kernels (tpu_train.py), which
+compute only the row tiles holding rows of some group and whose cost estimates count those.
 """
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ class _Config:
   @property
   def kernels(self):
     return tpu if self.kind == "tpu" else gpu
+
+  @property
+  def cost_kw(self) -> dict:
+    """The TPU kernels' cost-estimate argument (the GPU kernels take none)."""
+    return {"rows": self.rows} if self.kind == "tpu" else {}
 
 
 def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, interpret,
@@ -98,7 +104,7 @@ def _gmm(lhs, rhs, group_sizes, cfg: _Config):
     return _mosaic_gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, interpret=cfg.interpret,
                        forced=cfg.forced)
   return cfg.kernels.gmm(lhs, rhs, group_sizes, out_dtype=cfg.out_dtype, tiles=cfg.tiles,
-                         interpret=cfg.interpret)
+                         interpret=cfg.interpret, **cfg.cost_kw)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, cfg):
@@ -115,9 +121,9 @@ def _gmm_bwd(cfg, residuals, dout):
                         interpret=cfg.interpret, forced=cfg.forced)
     return dlhs, drhs, None
   dlhs = cfg.kernels.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
-                         interpret=cfg.interpret)
+                         interpret=cfg.interpret, **cfg.cost_kw)
   drhs = cfg.kernels.tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0],
-                          out_dtype=rhs.dtype, interpret=cfg.interpret)
+                          out_dtype=rhs.dtype, interpret=cfg.interpret, **cfg.cost_kw)
   return dlhs, drhs, None
 
 
@@ -157,8 +163,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
       [0, L)). On TPU a kernel reads that layer's tiles of the stack in place (no slice of the
       stack is materialised; weight tiles are cast to the compute dtype in VMEM); the reference
       and GPU paths slice it. Inference only: its gradient raises TypeError.
-    rows: the live rows (sum(group_sizes)) our TPU kernels' cost estimates assume, e.g. the
-      average load of a capacity-sized buffer; default T. Figures only: never changes results.
+    rows: the live rows (sum(group_sizes)) our TPU kernels' cost estimates assume (forward and
+      backward), e.g. the average load of a capacity-sized buffer; default T. Figures only:
+      never changes results (the kernels skip the rows past the groups whatever it says).
     group_sizes: [G] integer, sum <= T (a larger sum is clipped to T); empty groups allowed.
     out_dtype: output dtype, default the operands' dtype; accumulation is float32.
     tiling: forward (bm, bk, bn) override: powers of two on GPU, multiples of (8, 128, 128) on
@@ -196,7 +203,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     raise _forced_error("grouped_matmul", "`tiling` is for the Triton/TPU kernels")
   mosaic = mosaic and tiling is None
   return _gmm(lhs, rhs, group_sizes,
-              _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic, forced))
+              _Config(impl.kind, impl.interpret, tiling, out_dtype, mosaic, forced, rows=rows))
 
 
 def _grouped_matmul_at_layer(lhs, rhs, group_sizes, layer, out_dtype, tiling, backend, platform,

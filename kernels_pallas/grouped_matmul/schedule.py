@@ -10,6 +10,10 @@ boundary appears once per group, each item writing only its own rows [lo, hi). E
 With n_tiles = ceil(T / block_m), there are at most n_tiles + G items (G + 1 groups counting the
 virtual one), so arrays have that static length; entries past `num_items` repeat the last real
 item with an empty row range.
+
+`group_tile_schedule` (the weight-gradient kernel's list) has no virtual group (rows past the sum
+contribute nothing) and gives every empty group one item with an empty row range (its output is
+written as zeros); also at most n_tiles + G items.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Schedule", "row_tile_schedule", "group_bounds"]
+__all__ = ["Schedule", "row_tile_schedule", "group_tile_schedule", "group_bounds",
+           "estimate_items"]
 
 
 class Schedule(NamedTuple):
@@ -63,3 +68,48 @@ def row_tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> Sc
   hi = jnp.where(valid, jnp.minimum(ends[group], tile * block_m + block_m), lo)
   return Schedule(tile.astype(jnp.int32), group, lo.astype(jnp.int32), hi.astype(jnp.int32),
                   num_items)
+
+
+def group_tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> Schedule:
+  """The work list of a per-group reduction over rows (the transposed grouped matmul): the
+  (row tile, group) items of `row_tile_schedule` for the real groups, in group order, plus one
+  item with lo == hi for each empty group (at the previous item's tile, so a kernel re-reads
+  nothing); no item for rows past sum(group_sizes). Every group has >= 1 consecutive items."""
+  num_groups = group_sizes.shape[0]
+  n_tiles = -(-num_rows // block_m)
+  starts, ends = group_bounds(group_sizes, num_rows)
+  nonempty = ends > starts
+  first = jnp.where(nonempty, starts // block_m,
+                    jnp.minimum(jnp.maximum(starts - 1, 0) // block_m, n_tiles - 1))
+  counts = jnp.where(nonempty, (ends - 1) // block_m - starts // block_m + 1, 1)
+  max_items = n_tiles + num_groups
+  item = jnp.arange(max_items, dtype=jnp.int32)
+  group = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), counts,
+                     total_repeat_length=max_items)
+  offsets = jnp.cumsum(counts) - counts
+  tile = first[group] + item - offsets[group]
+  num_items = jnp.sum(counts).astype(jnp.int32)
+  valid = item < num_items
+  last_item = num_items - 1
+  tile = jnp.where(valid, tile, tile[last_item])
+  group = jnp.where(valid, group, group[last_item])
+  lo = jnp.where(nonempty[group], jnp.maximum(starts[group], tile * block_m), starts[group])
+  hi = jnp.where(valid & nonempty[group], jnp.minimum(ends[group], tile * block_m + block_m), lo)
+  return Schedule(tile.astype(jnp.int32), group, lo.astype(jnp.int32), hi.astype(jnp.int32),
+                  num_items)
+
+
+def estimate_items(rows: int, num_groups: int, bm: int) -> float:
+  """Expected work items (row tile, group) with rows for `rows` live rows routed uniformly at
+  random over `num_groups` groups, each item computing a whole bm-row tile: the static stand-in
+  for the runtime count (`row_tile_schedule`) that a `pl.CostEstimate` needs.
+
+  Closed form: the expected non-empty groups, G (1 - (1 - 1/G)^rows), plus one item per tile
+  boundary inside [0, rows), ceil(rows / bm) - 1 (each splits the group that straddles it; a
+  group starting exactly on a boundary, which saves one, is rare with random sizes). Items that
+  compute nothing (the virtual group's, empty groups') are not counted.
+  """
+  if rows <= 0:
+    return 0.0
+  nonempty = num_groups * (1.0 - (1.0 - 1.0 / num_groups) ** rows)
+  return nonempty + (-(-rows // bm) - 1)

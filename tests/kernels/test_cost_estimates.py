@@ -8,6 +8,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from dsv3_jax.kernels_pallas import (fp8_matmul, fp8_weight_matmul, grouped_matmul,
                                      grouped_matmul_fp8, mla_attention, mla_decode,
@@ -111,7 +112,26 @@ def test_grouped_matmul_kernels_have_cost_estimates():
                       _z((64, k)), _z((3, g, n, k), jnp.float8_e4m3fn),
                       jnp.ones((3, g, 3, 2), jnp.float32), sizes)
   assert est[0] == round(2 * items(8, 64) * 64 * k * n) and est[2] < 3 * g * n * k
-  # bf16 grouped matmul (megablox, jax's own kernel) forward and backward.
-  grad = jax.grad(lambda x, w: grouped_matmul(x, w, sizes, **TPU).astype(jnp.float32).sum(),
-                  argnums=(0, 1))
-  assert all(e[0] > 0 for e in _estimates(grad, _z((t, k)), _z((g, k, n))))
+
+
+def test_training_grouped_matmul_counts_the_rows_it_computes():
+  """The bf16 grouped matmul's training kernels (forward gmm, input-gradient gmm with rhs read
+  transposed, weight-gradient tgmm) count `rows` live rows of a T-row buffer (a capacity-sized
+  expert-parallel receive buffer), not T: each call's flops are 2 x items x bm x K x N, items
+  the expected (row tile, group) pairs with rows = 4 groups + 3 tile boundaries inside 1024 rows
+  of 256-row tiles = 7.0 (what the kernels compute: whole tiles, see the schedule tests)."""
+  t, k, n, g, rows, bm = 2048, 256, 384, 4, 1024, 256
+  sizes = jnp.array([300, 0, 500, 224], jnp.int32)
+  grad = jax.value_and_grad(lambda x, w: grouped_matmul(x, w, sizes, rows=rows, **TPU)
+                  .astype(jnp.float32).sum(), argnums=(0, 1))
+  ests = _estimates(grad, _z((t, k)), _z((g, k, n)))
+  items = g * (1 - (1 - 1 / g) ** rows) + 3
+  assert len(ests) == 3 and items == pytest.approx(7.0)
+  for flops, _, _ in ests:
+    assert flops == round(2 * items * bm * k * n), ests
+  # forward bytes: x tiles (one N tile), each item's weight tile, the whole bf16 output
+  assert ests[0][2] == round(items * bm * k * 2 + items * k * n * 2 + t * n * 2)
+  # Without rows the whole buffer counts as live: 8 tile boundaries + 4 groups - 1.
+  full = _estimates(lambda x, w: grouped_matmul(x, w, sizes, **TPU), _z((t, k)), _z((g, k, n)))
+  assert full[0][0] == round(2 * (g * (1 - (1 - 1 / g) ** t) + 7) * bm * k * n)
+  assert full[0][2] > ests[0][2]

@@ -2,7 +2,7 @@
 
 Group layouts cover empty groups (first, middle, last), uneven sizes, a sum below T (trailing
 rows must come out zero), tiles straddling group boundaries and T not a multiple of the row tile.
-Kernels run in Pallas interpret mode (TPU: megablox for bf16/f32 and our FP8 kernel; GPU: our
+Kernels run in Pallas interpret mode (TPU: our gmm/tgmm for bf16/f32 and our FP8 kernel; GPU: our
 Triton kernels) and are lowered for TPU and CUDA on this CPU-only install.
 """
 import jax
