@@ -65,6 +65,12 @@ def check_consistent(j: dict) -> None:
   assert j["fits"] is True and j["advice"] == []
   assert j["peak_bytes"] == max(s["peak_bytes"] for s in j["steps"].values())
   assert j["compile_seconds"] > 0
+  for s in j["steps"].values():  # jax's lowering and XLA's compile timed apart, wall and CPU
+    laps = s["compile_times"]
+    assert set(laps) == {"lower", "xla"} and laps["xla"]["cpu"] > 0, laps
+    assert sum(lap["wall"] for lap in laps.values()) <= s["compile_seconds"] + 0.05
+  assert j["compile_cpu_seconds"] == pytest.approx(
+      sum(lap["cpu"] for s in j["steps"].values() for lap in s["compile_times"].values()), abs=0.02)
   assert set(j["kernels"]) == set(HOT_PATHS)
   assert j["flops_ratio"] == pytest.approx(j["compiled_flops"] / j["model_flops"], rel=1e-3)
   for s in j["steps"].values():
