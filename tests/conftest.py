@@ -37,7 +37,10 @@ SHARED_FIXTURE_GROUPS = {
 
 # Tests not marked slow that still take a minute of CPU or so (GPU interpret mode): started
 # early with the slow ones, so no worker is left running one alone at the end.
-HEAVY = ("tests/kernels/test_mla_attention_mosaic_gpu.py::test_forward_and_grad_match_reference",)
+# (CPU seconds measured: 21-61 per attention case, 27 and 52 for the two split-K decode tests.)
+HEAVY = ("tests/kernels/test_mla_attention_mosaic_gpu.py::test_forward_and_grad_match_reference",
+         "tests/kernels/test_mla_decode_mosaic_gpu.py::test_two_tokens_ragged_split_k",
+         "tests/kernels/test_mla_decode_mosaic_gpu.py::test_contiguous_ragged_split_k")
 
 
 def _default_xdist_run(config) -> bool:
