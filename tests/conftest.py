@@ -9,12 +9,74 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# Modules whose module- or session-scoped fixtures compile or run a model (a server process, a
+# reference forward/backward, a training run, a generated token list, converted checkpoints):
+# under pytest-xdist each group runs on one worker, so those fixtures are built once per run
+# instead of once per worker that happens to get one of the module's tests.
+SHARED_FIXTURE_GROUPS = {
+    "tests/test_serve_http.py": "serve_http",
+    "tests/test_inference.py": "inference",
+    "tests/test_kernels_in_model.py": "kernels_in_model",
+    "tests/test_mesh_entry.py": "mesh_entry",
+    "tests/test_serving_engine.py": "serving_engine",
+    "tests/test_sharded_kernels.py": "sharded_kernels",
+    "tests/test_sharding_model.py": "sharding_model",
+    "tests/test_fp8_model.py": "fp8_model",
+    "tests/test_rl_consistency.py": "rl_consistency",
+    "tests/test_cli_generate.py": "cli_generate",
+    # the session-scoped transformers-made checkpoints of test_convert_fixtures.py
+    "tests/test_convert_fixtures.py": "convert",
+    "tests/test_convert.py": "convert",
+    "tests/test_convert_errors.py": "convert",
+}
+
+# Tests not marked slow that still take a minute of CPU or so (GPU interpret mode): started
+# early with the slow ones, so no worker is left running one alone at the end.
+# (CPU seconds measured: 21-61 per attention case, 27 and 52 for the two split-K decode tests.)
+HEAVY = ("tests/kernels/test_mla_attention_mosaic_gpu.py::test_forward_and_grad_match_reference",
+         "tests/kernels/test_mla_decode_mosaic_gpu.py::test_two_tokens_ragged_split_k",
+         "tests/kernels/test_mla_decode_mosaic_gpu.py::test_contiguous_ragged_split_k")
+
+
+def _default_xdist_run(config) -> bool:
+  """`-n N` without an explicit --dist/-d (the README's command)."""
+  args = " ".join(map(str, config.invocation_params.args))
+  return config.getvalue("dist") == "load" and not config.getvalue("distload") \
+      and "--dist" not in args
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+  """Under `-n N` (the README's command): xdist's scope scheduler with each
+  SHARED_FIXTURE_GROUPS module one unit (one worker) and every other test a unit of its own,
+  handed out in collection order (pytest_collection_modifyitems) as workers free up. An explicit
+  --dist is left alone. (xdist's own --dist loadgroup cannot be used: with pytest 9 its workers
+  no longer tag the test ids with the group.)"""
+  if not _default_xdist_run(config):
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class SharedFixtureScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return SHARED_FIXTURE_GROUPS.get(nodeid.split("::")[0], nodeid)
+
+  config.option.loadscopereorder = False  # keep the slow-first order
+  return SharedFixtureScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-  """Tests marked `slow` run first (the order is otherwise kept): pytest-xdist hands tests to its
-  workers in this order, so the longest ones start early and the workers finish together
-  instead of one of them running a long test alone at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """Tests marked `slow` (and the HEAVY ones) run first, then the SHARED_FIXTURE_GROUPS modules,
+  then the rest (the order is otherwise kept): pytest-xdist hands tests to its workers in this
+  order, so the longest ones start early and the workers finish together instead of one of them
+  running a long test alone at the end."""
+  def rank(item):
+    if item.get_closest_marker("slow") is not None or item.nodeid.startswith(HEAVY):
+      return 0
+    return 1 if item.nodeid.split("::")[0] in SHARED_FIXTURE_GROUPS else 2
+
+  items.sort(key=rank)

@@ -20,7 +20,7 @@ from dsv3_jax.inference import (Generator, SamplingParams, Tokenizer, absorb_wei
                                 generate, init_cache, make_mtp_agree, prefill)
 from dsv3_jax.pretrained import flat_variables, param_shapes
 from dsv3_jax.safetensors_io import save_file
-from tests.utils import assert_close, random_model
+from tests.utils import FAST_COMPILE, assert_close, random_model
 
 # TINY cut to 2 layers (1 dense, 1 MoE) to keep compile times down; plus 1 MTP layer (MoE),
 # q LoRA, 4 heads, grouped routing with the selection bias.
@@ -43,7 +43,22 @@ def model():
 
 @pytest.fixture(scope="module")
 def generator(model):
-  return Generator(model)
+  # XLA's CPU optimisations off: compiling, not running, the tiny model is what costs here.
+  return Generator(model, compiler_options=FAST_COMPILE)
+
+
+_FULL = {}
+
+
+def full_logits(model, tokens):
+  """model.forward(tokens).logits (fp32, [B, T, V]) for tokens of FULL_SHAPE, compiled once per
+  model (FAST_COMPILE) and shared by the tests that use it as the no-cache oracle."""
+  assert tokens.shape == FULL_SHAPE, tokens.shape
+  graphdef, state = nnx.split(model)
+  if id(model) not in _FULL:
+    f = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t).logits)
+    _FULL[id(model)] = (model, f.lower(state, tokens).compile(compiler_options=FAST_COMPILE))
+  return np.asarray(_FULL[id(model)][1](state, tokens))
 
 
 PROMPTS = [[5, 17, 33], [7 + 3 * i for i in range(11)], [200, 9, 9, 41, 2, 250]]
@@ -83,7 +98,7 @@ def test_cached_decode_logits_match_full_forward(model, moe):
   B, steps1, steps2, T_pad, S = 3, 4, 2, 16, 32
   seqs = rng.randint(0, CFG.vocab_size, FULL_SHAPE).astype(np.int32)
   assert FULL_SHAPE[1] == 13 + steps1 + 2 * steps2
-  full = np.asarray(nnx.jit(lambda m, t: m.forward(t).logits)(model, jnp.asarray(seqs)))
+  full = full_logits(model, jnp.asarray(seqs))
   if moe != "reference":
     model = random_model(CFG, 0, dsv3_jax.RuntimeConfig(moe_backend="interpret",
                                                         kernel_platform="tpu"))
@@ -94,18 +109,25 @@ def test_cached_decode_logits_match_full_forward(model, moe):
   graphdef, state = nnx.split(model)
   absorbed = absorb_weights(model)
 
-  @jax.jit
   def pre(state, toks, lens):
     m = nnx.merge(graphdef, state)
     logits, _, cache = prefill(m, init_cache(m.config, B, S, jnp.float32), toks, lens)
     return logits, cache
 
-  @jax.jit
   def step(state, absorbed, cache, toks, pos):
     logits, _, cache = decode_forward(nnx.merge(graphdef, state), absorbed, cache, toks, pos)
     return logits, cache
 
-  logits, cache = pre(state, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32))
+  compiled = {}  # tokens per step -> the step compiled (FAST_COMPILE) for it
+
+  def run_step(*args):
+    t = args[3].shape[1]
+    if t not in compiled:
+      compiled[t] = jax.jit(step).lower(*args).compile(compiler_options=FAST_COMPILE)
+    return compiled[t](*args)
+
+  pre_args = (state, jnp.asarray(prompt), jnp.asarray(lens, jnp.int32))
+  logits, cache = jax.jit(pre).lower(*pre_args).compile(compiler_options=FAST_COMPILE)(*pre_args)
   rows = np.arange(B)
   assert_close(logits, full[rows, lens - 1], atol=1e-4, what="prefill logits")
   pos = lens.copy()
@@ -113,7 +135,7 @@ def test_cached_decode_logits_match_full_forward(model, moe):
     t = 1 if k < steps1 else 2
     p = pos[:, None] + np.arange(t)[None, :]
     toks = seqs[rows[:, None], p]
-    logits, cache = step(state, absorbed, cache, jnp.asarray(toks), jnp.asarray(p, jnp.int32))
+    logits, cache = run_step(state, absorbed, cache, jnp.asarray(toks), jnp.asarray(p, jnp.int32))
     assert_close(logits, full[rows[:, None], p], atol=1e-4, what=f"step {k} ({t} tokens)")
     pos = pos + t
 
@@ -134,7 +156,7 @@ def test_greedy_speculative_equals_plain_forced_agreement():
   main model still runs every layer and the cache; the random-MTP test covers rejections."""
   m = tiny_model(3)
   make_mtp_agree(m, main_scale=0.0)
-  g = Generator(m)
+  g = Generator(m, compiler_options=FAST_COMPILE)
   plain = g.run(PROMPTS, max_new_tokens=12, eos_token_id=())
   spec = g.run(PROMPTS, max_new_tokens=12, eos_token_id=(), speculative=True)
   assert spec.tokens == plain.tokens
@@ -193,12 +215,11 @@ def test_cli_generate_streams_greedy_text(model, tmp_path, capsys):
   # Oracle: greedy decoding with the full forward (no cache), stopping at EOS id 1. The CLI runs
   # MTP speculative decoding, whose greedy output must be the same.
   ids, n_new = [0, 5, 6, 7], 5
-  fwd = nnx.jit(lambda m, t: m.forward(t).logits)
   expect = []
   for _ in range(n_new):
     t = np.zeros(FULL_SHAPE, np.int32)
     t[0, :len(ids)] = ids
-    nxt = int(np.argmax(np.asarray(fwd(model, jnp.asarray(t)))[0, len(ids) - 1]))
+    nxt = int(np.argmax(full_logits(model, jnp.asarray(t))[0, len(ids) - 1]))
     expect.append(nxt)
     ids.append(nxt)
     if nxt == 1:

@@ -14,7 +14,7 @@ from dsv3_jax.rl.demo import demo_config
 from dsv3_jax.rl.sft import (SFTData, SFTObjective, TemplateError, pack, read_chat_jsonl,
                              render_chat)
 from dsv3_jax.rl.tasks import write_byte_tokenizer
-from tests.utils import assert_close, random_model
+from tests.utils import FAST_COMPILE, assert_close, random_model
 
 USER, ASSISTANT, EOS = 257, 258, 256
 CFG = demo_config().replace(num_hidden_layers=1, first_k_dense_replace=0)
@@ -98,8 +98,11 @@ def test_chat_jsonl_errors(tmp_path):
                                       {"role": "assistant", "content": "b"}]]
 
 
-def test_distillation_generate_then_sft(tmp_path, capsys):
+def test_distillation_generate_then_sft(tmp_path, capsys, monkeypatch):
+  import functools
+
   from dsv3_jax.cli import main
+  from dsv3_jax.inference import Generator
   from dsv3_jax.rl.policy import PolicyTrainer
   from dsv3_jax.sharding import make_mesh
   from dsv3_jax.train.optim import OptimConfig
@@ -112,6 +115,11 @@ def test_distillation_generate_then_sft(tmp_path, capsys):
   pol.close()
   write_run_config(teacher, CFG)
   write_byte_tokenizer(teacher)
+  # CPU optimisations off for the commands' programs (as tests/test_demo.py): compiling them, not
+  # running 3 prompts x 6 tokens and 2 steps of a 1-layer model, is this test's cost.
+  for cls in (Generator, PolicyTrainer):
+    monkeypatch.setattr(cls, "__init__", functools.partialmethod(cls.__init__,
+                                                                 compiler_options=FAST_COMPILE))
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("1+1\n2+5\n7-3\n")
   out = str(tmp_path / "distill.jsonl")
