@@ -141,18 +141,36 @@ def _write_latent_rows(latent, c, positions, layer):
 
 
 def write_paged_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_pe: jax.Array,
-                     positions: jax.Array, block_tables: jax.Array
+                     positions: jax.Array, block_tables: jax.Array, *, split: bool = False,
+                     backend: str = "reference", platform: str | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """`write_layer_rows` for a paged cache: latent [L, P, page, C] and rope [L, P, R, page] page
   pools, block_tables int32 [B, pages_per_seq] (logical page i of sequence b is pool page
   block_tables[b, i]). Token t of sequence b (c [B, T, C], k_pe [B, T, R]) goes to row
   positions[b, t] % page of its page; positions past the table go to pool page 0, which the
   serving engine keeps as a scratch page that no sequence reads (so do padding rows: their
-  table entries are 0). A scatter (duplicate scratch writes allowed: no unique_indices)."""
+  table entries are 0). A scatter (duplicate scratch writes allowed: no unique_indices).
+  split: the pools' page dim is split over the batch's mesh axes like the rows (see
+  `inference.decode.paged_attention_steps`): each batch shard writes its own rows into its
+  own pool shard (page ids taken modulo the local pool, so page 0 is every shard's scratch).
+  backend / platform: as for `mla_decode` (reserved for a TPU kernel write; the scatter runs
+  everywhere today)."""
+  del backend, platform
+  if not split:
+    return _write_paged(latent, rope, layer, c, k_pe, positions, block_tables)
+  from dsv3_jax.sharding import kernel_map
+  pool, rows = (None, "batch", None, None), ("batch", None, None)
+  return kernel_map(_write_paged, (pool, pool, None, rows, rows, ("batch", None),
+                                   ("batch", None)), (pool, pool), name="paged_cache_write")(
+      latent, rope, jnp.asarray(layer, jnp.int32), c.astype(latent.dtype),
+      k_pe.astype(rope.dtype), positions, block_tables)
+
+
+def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables):
   page, n = latent.shape[2], block_tables.shape[1]
   logical = positions // page
   pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
-  pages = jnp.where(logical < n, pages, 0)  # [B, T]
+  pages = jnp.where(logical < n, pages, 0) % latent.shape[1]  # [B, T] (local when split)
   offset = positions % page
   layer = jnp.asarray(layer, jnp.int32)
   latent = latent.at[layer, pages, offset].set(c.astype(latent.dtype))

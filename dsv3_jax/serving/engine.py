@@ -42,7 +42,7 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.inference.generate import Generator
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.serving import steps
-from dsv3_jax.sharding import use_rules
+from dsv3_jax.sharding import resolve_mesh, use_rules
 
 __all__ = ["Engine", "RequestParams", "Request", "RequestError", "EngineClosed"]
 
@@ -103,6 +103,7 @@ class Request:
   output: list[int] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)
   slot: int = -1
+  shard: int = 0          # the pool shard holding its pages (its rows: that shard's row block)
   prefilled: int = 0      # prompt tokens already in the cache
   draft: int = 0          # speculative: the MTP draft for the token after output[-1]
   finish_reason: str | None = None
@@ -155,6 +156,11 @@ class Engine:
   widths (default: powers of two up to max_batch and to the pages of max_context).
   decode_steps: plain decode steps per engine step (one device call, one host round trip; a
   request that stops mid-way wastes the rest of its steps; 1 with speculative decoding).
+  rules default to `steps.serving_rules(mesh)`. split_pool: split the page pool over the
+  batch's mesh axes (`steps.pool_sharding`: each device holds its own requests' pages, not the
+  whole pool; num_pages is then rounded up to a multiple of the shards and a request's pages
+  come from one shard); None (default): split when there are several batch shards and each
+  shard can still hold a full-context request.
   """
 
   def __init__(self, model, *, max_batch: int = 8, page_size: int = 16, num_pages: int = 256,
@@ -162,7 +168,8 @@ class Engine:
                speculative: bool = False, eos_token_id=None, tokenizer=None, mesh=None,
                rules=None, cache_dtype=None, compiler_options: dict | None = None,
                batch_buckets: Sequence[int] | None = None,
-               page_buckets: Sequence[int] | None = None, decode_steps: int = 4):
+               page_buckets: Sequence[int] | None = None, decode_steps: int = 4,
+               split_pool: bool | None = None):
     cfg = model.config
     for name, v in (("max_batch", max_batch), ("page_size", page_size), ("num_pages", num_pages),
                     ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
@@ -170,6 +177,8 @@ class Engine:
         raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if speculative and cfg.num_nextn_predict_layers < 1:
       raise UserError("--speculative needs an MTP layer: the model has num_nextn_predict_layers=0")
+    mesh = resolve_mesh(mesh)
+    rules = rules if rules is not None else steps.serving_rules(mesh)
     self.gen = Generator(model, cache_dtype=cache_dtype, compiler_options=compiler_options,
                          mesh=mesh, rules=rules)
     self.config, self.mesh = cfg, self.gen.mesh
@@ -185,17 +194,29 @@ class Engine:
       raise UserError(f"--batch-buckets / --page-buckets: the largest ({self.batch_buckets[-1]}, "
                       f"{self.page_buckets[-1]}) must cover --max-batch {max_batch} and the "
                       f"{self.max_pages_per_seq} pages of a full context")
+    self.layout = lay = steps.pool_layout(steps.batch_shards(self.mesh, self.gen.rules),
+                                          num_pages, max_batch, self.max_pages_per_seq,
+                                          self.batch_buckets, split_pool)
+    self.pool_split, self.shards, self.shard_pages = lay.split, lay.shards, lay.shard_pages
+    self.shard_rows, self.row_buckets = lay.shard_rows, lay.row_buckets
+    self.num_pages = self.shards * self.shard_pages  # usable (scratch pages not counted)
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     self.eos_ids = frozenset(() if eos is None else (eos,) if isinstance(eos, int) else eos)
     layers = cfg.num_hidden_layers + (1 if speculative else 0)
     dt = self.gen.cache_dtype
     self._rep = NamedSharding(self.mesh, PartitionSpec())
     put = lambda x: jax.device_put(x, self._rep)  # noqa: E731
-    self.latent = put(jnp.zeros((layers, num_pages + 1, page_size, cfg.kv_lora_rank), dt))
-    self.rope = put(jnp.zeros((layers, num_pages + 1, cfg.qk_rope_head_dim, page_size), dt))
+    self._pool_sh = steps.pool_sharding(self.mesh, self.gen.rules, self.pool_split)
+    pool = lay.pool_pages
+    self.latent = jax.device_put(
+        jnp.zeros((layers, pool, page_size, cfg.kv_lora_rank), dt), self._pool_sh)
+    self.rope = jax.device_put(
+        jnp.zeros((layers, pool, cfg.qk_rope_head_dim, page_size), dt), self._pool_sh)
     self.q_buf = put(jnp.zeros((max_batch + 1, cfg.vocab_size if speculative else 0),
                                jnp.float32))
-    self._free_pages = list(range(num_pages, 0, -1))  # pop() hands out low pages first
+    # Per shard, pop() hands out low pages first; page k * (shard_pages + 1) is scratch.
+    self._free_pages = [list(range(k * (self.shard_pages + 1) + self.shard_pages,
+                                   k * (self.shard_pages + 1), -1)) for k in range(self.shards)]
     self._free_slots = list(range(max_batch - 1, -1, -1))
     self._compiled: dict = {}
     self.compile_count = 0
@@ -227,9 +248,10 @@ class Engine:
     if len(prompt) + params.max_tokens > self.max_context:
       raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                          f"exceeds the context length {self.max_context}")
-    if self.pages_needed(len(prompt), params.max_tokens) > self.num_pages:
+    if self.pages_needed(len(prompt), params.max_tokens) > self.shard_pages:
       raise RequestError(f"prompt + max_tokens needs {self.pages_needed(len(prompt), params.max_tokens)} "
-                         f"pages of {self.page_size} rows; the pool has {self.num_pages}")
+                         f"pages of {self.page_size} rows; the pool has {self.shard_pages}"
+                         + (" per shard" if self.shards > 1 else ""))
     if params.stop and self.tokenizer is None:
       raise RequestError("stop strings need a tokenizer (this checkpoint has none): use stop ids")
 
@@ -273,7 +295,7 @@ class Engine:
 
   @property
   def pages_used(self) -> int:
-    return self.num_pages - len(self._free_pages)
+    return self.num_pages - sum(map(len, self._free_pages))
 
   @property
   def idle(self) -> bool:
@@ -284,7 +306,7 @@ class Engine:
     """A snapshot for metrics: pages used/free, queued, running, totals."""
     with self._lock:
       queued = len(self._incoming) + len(self.queue)
-    return dict(pages_used=self.pages_used, pages_free=len(self._free_pages),
+    return dict(pages_used=self.pages_used, pages_free=sum(map(len, self._free_pages)),
                 queued=queued, running=len(self.active), steps=self.steps,
                 generated_tokens=self.generated_tokens, drafted=self.drafted,
                 accepted=self.accepted, compile_count=self.compile_count)
@@ -332,7 +354,8 @@ class Engine:
     for name in ("latent", "rope", "q_buf"):  # donated to a step that failed: start afresh
       buf = getattr(self, name)
       if buf.is_deleted():
-        setattr(self, name, jax.device_put(jnp.zeros(buf.shape, buf.dtype), self._rep))
+        sh = self._rep if name == "q_buf" else self._pool_sh
+        setattr(self, name, jax.device_put(jnp.zeros(buf.shape, buf.dtype), sh))
 
   def run_until_idle(self, max_steps: int = 1_000_000) -> None:
     """Steps on the calling thread until nothing is queued or running."""
@@ -364,10 +387,16 @@ class Engine:
     while self.queue and self._free_slots:
       r = self.queue[0]
       need = self.pages_needed(len(r.prompt), r.params.max_tokens)
-      if need > len(self._free_pages):
+      rows = [0] * self.shards
+      for a in self.active:
+        rows[a.shard] += 1
+      fit = [k for k in range(self.shards)
+             if need <= len(self._free_pages[k]) and rows[k] < self.shard_rows]
+      if not fit:
         return  # FIFO: wait for pages to come back
       self.queue.pop(0)
-      r.pages = [self._free_pages.pop() for _ in range(need)]
+      r.shard = max(fit, key=lambda k: (len(self._free_pages[k]), -k))
+      r.pages = [self._free_pages[r.shard].pop() for _ in range(need)]
       r.slot = self._free_slots.pop()
       self.active.append(r)
 
@@ -380,7 +409,7 @@ class Engine:
         self.queue.remove(r)
     if r in self.active:
       self.active.remove(r)
-      self._free_pages.extend(reversed(r.pages))
+      self._free_pages[r.shard].extend(reversed(r.pages))
       self._free_slots.append(r.slot)
     r.pages = []
     if r.on_event is not None:
@@ -425,12 +454,9 @@ class Engine:
     if compiled is not None:
       self._compiled[key] = compiled
     else:
-      n_pool = 3 if kind.startswith("spec") else 2
-      rest = jax.tree.map(lambda _: self._rep, args[2 + n_pool:])
-      jitted = jax.jit(functools.partial(fn, g.graphdef),
-                       in_shardings=(g.state_shardings, g.absorbed_shardings)
-                       + (self._rep,) * n_pool + tuple(rest),
-                       donate_argnums=tuple(range(2, 2 + n_pool)))
+      pools = (self._pool_sh, self._pool_sh) + ((self._rep,) if kind.startswith("spec") else ())
+      jitted = steps.jit_step(fn, g.graphdef, g.state_shardings, g.absorbed_shardings, pools,
+                              self._rep, len(args) - 2 - len(pools), pool_split=self.pool_split)
       t = time.perf_counter()
       with jax.set_mesh(self.mesh), use_rules(g.rules):
         compiled = jitted.lower(*args).compile(compiler_options=g.compiler_options or None)
@@ -442,28 +468,36 @@ class Engine:
 
   def _rows(self, reqs: list[Request], ends: list[int]):
     """Bucketed per-row arrays: block tables [B, P] covering rows < ends[i] (a chunk's padding
-    past them writes to the scratch page), sampling, slots (padding rows: scratch)."""
-    B = _bucket(len(reqs), self.batch_buckets)
+    past them writes to the scratch page), sampling, slots (padding rows: scratch), and the row
+    of each request (B = shards x a row bucket; shard k's requests in row block k)."""
+    counts = [0] * self.shards
+    rows = []
+    for r in reqs:
+      rows.append(counts[r.shard])
+      counts[r.shard] += 1
+    b = _bucket(max(counts), self.row_buckets)
+    rows = [r.shard * b + i for r, i in zip(reqs, rows)]
+    B = b * self.shards
     P = _bucket(max(-(-e // self.page_size) for e in ends), self.page_buckets)
     tables = np.zeros((B, P), np.int32)
     temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
     top_k, seed, counter = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
     slots = np.full(B, self.max_batch, np.int32)
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       n = min(len(r.pages), P)
       tables[i, :n] = r.pages[:n]
       p = r.params
       temp[i], top_p[i], top_k[i], seed[i] = p.temperature, p.top_p, p.top_k, p.seed
       counter[i], slots[i] = len(r.output), r.slot
-    return B, tables, steps.RowSampling(temp, top_k, top_p, seed, counter), slots
+    return B, tables, steps.RowSampling(temp, top_k, top_p, seed, counter), slots, rows
 
   def _prefill(self, reqs: list[Request]) -> None:
     T = self.prefill_chunk
     ends = [min(r.prefilled + T, len(r.prompt)) for r in reqs]
-    B, tables, sampling, slots = self._rows(reqs, ends)
+    B, tables, sampling, slots, rows = self._rows(reqs, ends)
     tokens, nxt = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     start, pick, final = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, bool)
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       chunk = r.prompt[r.prefilled:r.prefilled + T]
       tokens[i, :len(chunk)] = chunk
       after = r.prompt[r.prefilled + 1:r.prefilled + T + 1]
@@ -482,7 +516,7 @@ class Engine:
       fn = self._compiled_fn("prefill", steps.forward_step, args)
       self.latent, self.rope, first = fn(*args)
     first = np.asarray(first)
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       r.prefilled += int(pick[i]) + 1
       if final[i]:
         if self.speculative:
@@ -493,18 +527,18 @@ class Engine:
     T = 2 if self.speculative else self.decode_steps
     starts = [r.length for r in reqs]
     # Rows past a request's reserved pages (steps after its max_tokens) go to the scratch page.
-    B, tables, sampling, slots = self._rows(reqs, [min(s + T, len(r.pages) * self.page_size)
-                                                   for s, r in zip(starts, reqs)])
+    B, tables, sampling, slots, rows = self._rows(
+        reqs, [min(s + T, len(r.pages) * self.page_size) for s, r in zip(starts, reqs)])
     last, start, draft = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
-    for i, r in enumerate(reqs):
-      last[i], start[i], draft[i] = r.output[-1], starts[i], r.draft
+    for i, s, r in zip(rows, starts, reqs):
+      last[i], start[i], draft[i] = r.output[-1], s, r.draft
     if not self.speculative:
       args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, last, start, tables,
               sampling)
       fn = self._compiled_fn(f"decode{T}", functools.partial(steps.decode_steps, steps=T), args)
       self.latent, self.rope, tok = fn(*args)
       tok = np.asarray(tok)
-      for i, r in enumerate(reqs):
+      for i, r in zip(rows, reqs):
         self._emit(r, tok[i].tolist())
       return
     args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, self.q_buf, last, draft,
@@ -512,7 +546,7 @@ class Engine:
     fn = self._compiled_fn("spec_decode", steps.speculative_decode_step, args)
     self.latent, self.rope, self.q_buf, first, bonus, accept, nxt = fn(*args)
     first, bonus, accept, nxt = map(np.asarray, (first, bonus, accept, nxt))
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       r.drafted += 1
       self.drafted += 1
       ok = bool(accept[i])
@@ -529,9 +563,9 @@ class Engine:
     try:
       for P in saved:
         self.page_buckets = (P,)
-        for B in self.batch_buckets:
-          fake = [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0])
-                  for _ in range(B)]
+        for b in self.row_buckets:
+          fake = [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0],
+                          shard=i // b) for i in range(b * self.shards)]
           self._decode(fake)
           for r in fake:
             r.output, r.prefilled = [], 0
