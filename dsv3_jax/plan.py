@@ -88,7 +88,9 @@ class PlanRequest:
   a tensor axis, else `POD_RULES`. train: batch_per_device x seq tokens per data shard, remat,
   param_dtype / opt_dtype (opt_dtype: the first Adam moment; the second follows param_dtype).
   serve: decode_batch sequences (the engine's max batch), context cache rows per sequence (its
-  max context), page_size rows per page, num_pages pool pages (None: decode_batch full
+  max context), page_size rows per page (128 by default: the TPU lanes; XLA:TPU lays a rope
+  pool [L, pages, R, page] with fewer rows out page-major and copies it to row-major around
+  each step), num_pages pool pages (None: decode_batch full
   contexts), prefill_chunk prompt tokens per row of a prefill step, decode_steps tokens per
   decode call (the engine's defaults); prompt_len is not used by serve (kept for the CLI).
   kernels: "pallas" (the TPU kernels) or "reference" (the jnp references).
@@ -104,7 +106,7 @@ class PlanRequest:
   decode_batch: int = 64
   context: int = 8192
   prompt_len: int | None = None
-  page_size: int = 16
+  page_size: int = 128
   num_pages: int | None = None
   prefill_chunk: int = 64
   decode_steps: int = 4

@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--context", type=int, default=8192, help="cache rows per sequence")
   g.add_argument("--prompt-len", type=int, default=None,
                  help="unused: the engine prefills in --prefill-chunk pieces (kept for scripts)")
-  g.add_argument("--page-size", type=int, default=16, help="latent-cache rows per page (as serve)")
+  g.add_argument("--page-size", type=int, default=128,
+                 help="latent-cache rows per page (TPU: 128 keeps the rope pages lane-aligned)")
   g.add_argument("--num-pages", type=int, default=None,
                  help="pages in the pool (default: --decode-batch full --context sequences)")
   g.add_argument("--prefill-chunk", type=int, default=64,

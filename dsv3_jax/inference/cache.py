@@ -25,6 +25,7 @@ R rope dims.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -153,28 +154,47 @@ def write_paged_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_
   split: the pools' page dim is split over the batch's mesh axes like the rows (see
   `inference.decode.paged_attention_steps`): each batch shard writes its own rows into its
   own pool shard (page ids taken modulo the local pool, so page 0 is every shard's scratch).
-  backend / platform: as for `mla_decode` (reserved for a TPU kernel write; the scatter runs
-  everywhere today)."""
-  del backend, platform
+  backend / platform: as for `mla_decode`; where that runs the TPU kernel, the rope columns are
+  written in place by `kernels_pallas.mla_decode.tpu_write` (one call per page a row's T
+  tokens can touch): a scatter of columns of [.., R, page] makes XLA:TPU keep the whole rope
+  pool with R minor and copy it to row-major around every `mla_decode` call, as for the
+  contiguous cache (`write_rope`)."""
+  from dsv3_jax.kernels_pallas.backend import select
+  tpu = backend != "reference" and select(backend, platform=platform).kind == "tpu"
+  interpret = tpu and select(backend, platform=platform).interpret
+  fn = functools.partial(_write_paged, tpu=tpu, interpret=interpret)
   if not split:
-    return _write_paged(latent, rope, layer, c, k_pe, positions, block_tables)
+    return fn(latent, rope, layer, c, k_pe, positions, block_tables)
   from dsv3_jax.sharding import kernel_map
   pool, rows = (None, "batch", None, None), ("batch", None, None)
-  return kernel_map(_write_paged, (pool, pool, None, rows, rows, ("batch", None),
+  return kernel_map(fn, (pool, pool, None, rows, rows, ("batch", None),
                                    ("batch", None)), (pool, pool), name="paged_cache_write")(
       latent, rope, jnp.asarray(layer, jnp.int32), c.astype(latent.dtype),
       k_pe.astype(rope.dtype), positions, block_tables)
 
 
-def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables):
+def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables, *, tpu=False,
+                 interpret=False):
   page, n = latent.shape[2], block_tables.shape[1]
+
+  def pool_page(logical):  # [B, ...] logical pages -> pool pages (local when split)
+    pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
+    return jnp.where(logical < n, pages, 0) % latent.shape[1]
+
   logical = positions // page
-  pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
-  pages = jnp.where(logical < n, pages, 0) % latent.shape[1]  # [B, T] (local when split)
-  offset = positions % page
+  pages, offset = pool_page(logical), positions % page  # [B, T]
   layer = jnp.asarray(layer, jnp.int32)
   latent = latent.at[layer, pages, offset].set(c.astype(latent.dtype))
-  rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
+  if not tpu:
+    rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
+    return latent, rope
+  from dsv3_jax.kernels_pallas.mla_decode import tpu_write
+  T = positions.shape[1]
+  for j in range(1 + -(-(T - 1) // page)):  # each page the T consecutive tokens can touch
+    first = logical[:, :1] + j  # [B, 1]
+    rope = tpu_write.write_rope(rope, layer.reshape(1), k_pe.astype(rope.dtype),
+                                positions[:, 0] - first[:, 0] * page, seq=pool_page(first)[:, 0],
+                                interpret=interpret)
   return latent, rope
 
 
