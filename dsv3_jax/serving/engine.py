@@ -13,7 +13,10 @@ Prefill chunks and decode steps are the model's own `decode_forward` (absorbed M
 cache, causal among a chunk's tokens) with block tables: the latent cache is a pool of
 fixed-size pages, latent [L, pages, page, C] / rope [L, pages, R, page] (the layout of
 `inference.cache`, positions paged), and each request owns a list of pages. Pool page 0 is a
-scratch page no request owns: padding rows of a step write there.
+scratch page no request owns: padding rows of a step write there. On a mesh whose batch shards
+can each hold a full-context request, the pool is split over them (`steps.pool_layout`): each
+device holds its shard's pages (the first its scratch page), a request takes its pages from one
+shard and its rows of every step lie in that shard's row block, so no device holds the pool.
 
 Compiled shapes are fixed per bucket: the rows of a step are padded to a batch bucket and the
 block tables to a page-count bucket (powers of two by default), so serving never compiles after
