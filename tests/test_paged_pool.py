@@ -99,3 +99,28 @@ def test_split_pool_engine_equals_offline():
   for i, r in enumerate(reqs):
     assert r.finish_reason == "length" and r.output == offline[i][:12], f"request {i}"
   assert engine.pages_used == 0
+
+
+def test_paged_attention_in_query_row_groups(monkeypatch):
+  """A prefill chunk's queries go to the paged kernel in groups of PAGED_QUERY_ROWS rows
+  (VMEM): with groups of one token (4 heads, 4 rows) the TPU kernel (interpret mode, pool split
+  over the 8 devices) equals the jnp reference on the whole pool, float32, 1e-5."""
+  from dsv3_jax.inference import decode
+  from tests.utils import assert_close
+  rng = np.random.RandomState(1)
+  L, shard_pages, page, C, R, B, T, H, P = 1, 4, 8, 32, 8, 8, 3, 4, 3
+  latent = jnp.asarray(rng.randn(L, 8 * shard_pages, page, C), jnp.float32)
+  rope = jnp.asarray(rng.randn(L, 8 * shard_pages, R, page), jnp.float32)
+  q = jnp.asarray(rng.randn(B, T, H, C + R), jnp.float32)
+  tables = jnp.asarray(np.stack([b * shard_pages + rng.permutation(np.arange(1, shard_pages))
+                                 for b in range(B)]), jnp.int32)
+  start = rng.randint(0, P * page - T, size=B)
+  positions = jnp.asarray(start[:, None] + np.arange(T)[None, :], jnp.int32)
+  kw = dict(block_tables=tables, layer=0)
+  want = decode.paged_attention_steps(q, latent, rope, positions, 0.3, backend="reference", **kw)
+  monkeypatch.setattr(decode, "PAGED_QUERY_ROWS", H)
+  with jax.set_mesh(default_mesh()), use_rules(ShardingRules()):
+    got = jax.jit(lambda *a: decode.paged_attention_steps(
+        *a, 0.3, backend="interpret", platform="tpu", pool_split=True, **kw))(
+            q, latent, rope, positions)
+  assert_close(got, want, atol=1e-5, what="paged attention in token groups")

@@ -146,6 +146,11 @@ def _split_hidden_for_lora(h):
   return h if spec == P() else jax.lax.with_sharding_constraint(h, spec)
 
 
+# Query rows (tokens x local heads) per paged `mla_decode` call: a 64-token prefill chunk with
+# DeepSeek-V3's 128 heads is 8192 rows, 84 MB of VMEM in the TPU kernel (v5p has 64 MB).
+PAGED_QUERY_ROWS = 2048
+
+
 def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
                           positions: jax.Array, scale: float, *, block_tables: jax.Array, layer,
                           backend: str = "reference", platform: str | None = None,
@@ -172,8 +177,15 @@ def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
     if backend == "reference":
       return mla_decode_reference(q.astype(jnp.float32), latent, rope, lengths, scale=scale,
                                   block_tables=tables, layer=layer).astype(jnp.float32)
-    return mla_decode(q, latent, rope, lengths, scale=scale, layer=layer, block_tables=tables,
-                      backend=backend, platform=platform, gpu_impl=gpu_impl).astype(jnp.float32)
+    # A prefill chunk has T x heads query rows: the kernel holds them all in VMEM, so take at
+    # most PAGED_QUERY_ROWS per call (tokens t0..t1-1 see lengths - (T - 1 - t) rows: a call
+    # for them passes lengths - (T - t1)).
+    T, per = q.shape[1], max(1, PAGED_QUERY_ROWS // q.shape[2])
+    out = [mla_decode(q[:, t0:min(T, t0 + per)], latent, rope,
+                      lengths - (T - min(T, t0 + per)), scale=scale, layer=layer,
+                      block_tables=tables, backend=backend, platform=platform,
+                      gpu_impl=gpu_impl).astype(jnp.float32) for t0 in range(0, T, per)]
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
   pool = (None, "batch" if pool_split else None, None, None)
   return kernel_map(kernel, (heads, pool, pool, ("batch",), ("batch", None), None), heads,
