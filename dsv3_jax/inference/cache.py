@@ -184,7 +184,7 @@ def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables, *, tpu=F
   logical = positions // page
   pages, offset = pool_page(logical), positions % page  # [B, T]
   layer = jnp.asarray(layer, jnp.int32)
-  latent = latent.at[layer, pages, offset].set(c.astype(latent.dtype))
+  latent = _write_latent_pages(latent, layer, c.astype(latent.dtype), positions, pool_page)
   if not tpu:
     rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
     return latent, rope
@@ -196,6 +196,31 @@ def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables, *, tpu=F
                                 positions[:, 0] - first[:, 0] * page, seq=pool_page(first)[:, 0],
                                 interpret=interpret)
   return latent, rope
+
+
+def _write_latent_pages(latent, layer, c, positions, pool_page):
+  """latent [L, P, page, C] with c [B, T, C] written at rows positions[b, t] of each row's pages
+  (pool_page: logical pages [B, k] -> pool pages), by dynamic-update-slices in a loop over the
+  rows, in place: one row per sequence for T = 1; else, per page the T consecutive tokens can
+  touch, the page read, merged with its new rows and written back. (A scatter of several
+  sequences' rows is counted, and may be laid out, as a pass over the whole pool.)"""
+  page, (B, T) = latent.shape[2], positions.shape
+  segs = 1 + -(-(T - 1) // page)
+  first = positions[:, :1] // page  # [B, 1]
+  pages = pool_page(first + jnp.arange(segs)[None, :])  # [B, segs]
+
+  def one(b, lat):
+    if T == 1:
+      return jax.lax.dynamic_update_slice(lat, c[b][None, None],
+                                          (layer, pages[b, 0], positions[b, 0] % page, 0))
+    for j in range(segs):
+      old = jax.lax.dynamic_slice(lat, (layer, pages[b, j], 0, 0), (1, 1, page, lat.shape[3]))
+      t = jnp.arange(page) + (first[b, 0] + j) * page - positions[b, 0]  # token of each row
+      new = jnp.where(((t >= 0) & (t < T))[:, None], c[b][jnp.clip(t, 0, T - 1)], old[0, 0])
+      lat = jax.lax.dynamic_update_slice(lat, new[None, None], (layer, pages[b, j], 0, 0))
+    return lat
+
+  return jax.lax.fori_loop(0, B, one, latent)
 
 
 def write_prefill(latent: jax.Array, rope: jax.Array, start, c: jax.Array, k_pe: jax.Array
