@@ -8,10 +8,16 @@ What is compiled (never a copy of it):
 - train: `dsv3_jax.train.trainer.train_step_fn` (forward with MTP, loss, gradients, clip + AdamW,
   router-bias update), state donated; parameters and Adam moments abstract (nothing allocated),
   sharded by `ShardingRules`; float32 parameters and moments by default.
-- serve: `dsv3_jax.inference.prefill` (prompts into a fresh latent cache) and one
-  `decode_forward` step (one new token per sequence, absorbed MLA weights from
-  `absorb_weights`, cache donated); bfloat16 parameters, without the MTP blocks (plain decoding). Both are compiled and reported; the
-  top-level figures are those of the step with the larger footprint.
+- serve: the serving engine's own programs (`dsv3_jax.serving.steps`, jitted by `steps.jit_step`
+  as `Engine` jits them, with its shardings: `steps.serving_rules` unless --rules, the page pool
+  split over the batch shards as `Engine` would split it): the prefill-chunk step
+  (`forward_step`: decode_batch rows x prefill_chunk prompt tokens into the paged latent cache)
+  and the decode step (`decode_steps`: decode_steps tokens per row in one call), at the largest
+  bucket the engine would compile for max batch = decode_batch, max context = context
+  (block tables covering it) and a pool of num_pages pages of page_size rows (default: every
+  row at full context); pools donated; bfloat16 parameters, without the MTP blocks (plain
+  decoding). Both are compiled and reported; the top-level figures are those of the step with
+  the larger footprint.
 
 Figures are per device. `total = argument + output - alias + temp` (XLA's accounting);
 `peak` is XLA's own peak where this jax exposes it (`peak_memory_in_bytes`), else `total`. A
@@ -81,7 +87,12 @@ class PlanRequest:
   mesh: {axis: size} (None: `default_mesh`); rules: None picks ShardingRules() when the mesh has
   a tensor axis, else `POD_RULES`. train: batch_per_device x seq tokens per data shard, remat,
   param_dtype / opt_dtype (opt_dtype: the first Adam moment; the second follows param_dtype).
-  serve: decode_batch sequences, context cache rows, prompt_len prefill tokens per sequence.
+  serve: decode_batch sequences (the engine's max batch), context cache rows per sequence (its
+  max context), page_size rows per page (128 by default: the TPU lanes; XLA:TPU lays a rope
+  pool [L, pages, R, page] with fewer rows out page-major and copies it to row-major around
+  each step), num_pages pool pages (None: decode_batch full
+  contexts), prefill_chunk prompt tokens per row of a prefill step, decode_steps tokens per
+  decode call (the engine's defaults); prompt_len is not used by serve (kept for the CLI).
   kernels: "pallas" (the TPU kernels) or "reference" (the jnp references).
   """
 
@@ -95,6 +106,10 @@ class PlanRequest:
   decode_batch: int = 64
   context: int = 8192
   prompt_len: int | None = None
+  page_size: int = 128
+  num_pages: int | None = None
+  prefill_chunk: int = 64
+  decode_steps: int = 4
   remat: str = "full"
   param_dtype: Any = None
   opt_dtype: Any = None
@@ -105,7 +120,8 @@ class PlanRequest:
       raise PlanError(f"--mode must be 'train' or 'serve', got {self.mode!r}")
     if self.kernels not in ("pallas", "reference"):
       raise PlanError(f"--kernels must be 'pallas' or 'reference', got {self.kernels!r}")
-    for name in ("batch_per_device", "seq", "decode_batch", "context"):
+    for name in ("batch_per_device", "seq", "decode_batch", "context", "page_size",
+                 "prefill_chunk", "decode_steps") + (("num_pages",) if self.num_pages else ()):
       if getattr(self, name) < 1:
         raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
     if self.prompt_len is not None and not 1 <= self.prompt_len <= self.context:
@@ -480,8 +496,9 @@ def plan(req: PlanRequest) -> PlanReport:
   mesh = _build_mesh(sizes, devices)
   sizes = dict(zip(mesh.axis_names, map(int, mesh.axis_sizes)))
   rules = req.rules or parse_rules(None, sizes)
-  if req.rules is None and req.mode == "serve" and rules == POD_RULES:
-    rules = SERVE_POD_RULES
+  if req.rules is None and req.mode == "serve":
+    from dsv3_jax.serving.steps import serving_rules  # the engine's (`dsv3 serve`'s) rules
+    rules = serving_rules(mesh)
   rt = _runtime(req)
   model = abstract_model(cfg, rt)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -493,6 +510,7 @@ def plan(req: PlanRequest) -> PlanReport:
   with use_rules(rules):  # the model's explicit collectives assume the parameters' rules
     steps, opt_bytes, cache_bytes = build(req, cfg, mesh, rules, graphdef, params, params_a,
                                           rest_a, rep, data_shards, len(devices))
+  serve_geometry = steps.pop("geometry", {})
   hbm = hbm_bytes_per_device(devices[0])
   main = max(steps, key=lambda k: steps[k].peak_bytes)
   report = PlanReport(
@@ -507,16 +525,12 @@ def plan(req: PlanRequest) -> PlanReport:
               **({"batch_per_device": req.batch_per_device, "seq": req.seq,
                   "global_batch": req.batch_per_device * data_shards} if req.mode == "train" else
                  {"decode_batch": req.decode_batch, "context": req.context,
-                  "prompt_len": _prompt_len(req)})},
+                  **serve_geometry})},
       hbm_bytes=hbm, parameter_bytes=_shard_bytes(params_a), optimizer_bytes=opt_bytes,
       cache_bytes=cache_bytes, kernels=_kernel_map(req, cfg, steps), steps=steps,
       main_step=main, advice=[])
   report.advice = advice(report, req)
   return report
-
-
-def _prompt_len(req: PlanRequest) -> int:
-  return req.prompt_len or min(req.context, 1024)
 
 
 def _kernel_map(req, cfg, steps) -> dict[str, str | None]:
@@ -532,7 +546,8 @@ def _kernel_map(req, cfg, steps) -> dict[str, str | None]:
     out = {"attention": state("attention", ["train"]), "decode": None}
     out["moe"] = state("moe", ["train"]) if moe else None
   else:
-    out = {"attention": state("attention", ["prefill"]), "decode": state("decode", ["decode"])}
+    # The engine's prefill chunks also attend over the (paged) cache: the decode kernel.
+    out = {"attention": None, "decode": state("decode", ["prefill", "decode"])}
     out["moe"] = state("moe", ["prefill", "decode"]) if moe else None
   out["fp8"] = None  # plan compiles dense (bf16/fp32) weights: no FP8 matmul in the program
   return out
@@ -579,38 +594,56 @@ def _opt_shardings(optim, opt_abs, param_shardings, rep):
 
 
 def _serve_steps(req, cfg, mesh, rules, graphdef, params, params_a, rest_a, rep, data_shards, n):
-  from dsv3_jax.inference import abstract_decode_step, init_cache, prefill
-  B, S, T = req.decode_batch, req.context, _prompt_len(req)
-  # Cache latent [L, B, S, C] / rope [L, B, R, S] and lengths [B] split over the batch (the layer
-  # stack replicated); absorbed W_UK / W_UV split as the `heads` rule says.
-  step, dec_args, (dlogit_sh, cache_sh) = abstract_decode_step(graphdef, params_a, rest_a, rules,
-                                                               mesh, B, S, mtp_layers=0)
-  cache_a = dec_args[3]
-  cache_bytes = _shard_bytes(cache_a)
-  len_sh = cache_sh.lengths
-  p_sh = jax.tree.map(lambda x: x.sharding, params_a)
-  r_sh = jax.tree.map(lambda x: x.sharding, rest_a)
-
-  def prefill_step(p, r, tokens, lengths):
-    model = nnx.merge(graphdef, p, r)
-    cache = init_cache(model.config, B, S, jnp.bfloat16, mtp_layers=0)
-    logits, _, cache = prefill(model, cache, tokens, lengths)
-    return logits, cache
-
-  ptok_sh = activation_sharding(("batch", "sequence"), rules, mesh, (B, T))
-  ptok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=ptok_sh)
-  lens = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=len_sh)
-  logit_sh = activation_sharding(("batch", "act_vocab"), rules, mesh, (B, cfg.vocab_size))
-  pre = jax.jit(prefill_step, in_shardings=(p_sh, r_sh, ptok_sh, len_sh),
-                out_shardings=(logit_sh, cache_sh))
-  pre_args = (params_a, rest_a, ptok, lens)
-  dec = jax.jit(step, out_shardings=(dlogit_sh, cache_sh), donate_argnums=(3,))
-  total_cache = sum(math.prod(x.shape) * x.dtype.itemsize for x in (cache_a.latent, cache_a.rope))
-  # Prefill: causal attention sees T/2 rows on average and writes T of the S cache rows.
-  pf, pb = _serve_model_figures(cfg, params, B, T, T / 2, total_cache * T // S, absorbed=False)
-  df, db = _serve_model_figures(cfg, params, B, 1, S, total_cache, absorbed=True)
-  return ({"prefill": _compile("prefill", mesh, pre, pre_args, n, pf, pb),
-           "decode": _compile("decode", mesh, dec, dec_args, n, df, db)}, 0, cache_bytes)
+  """The engine's prefill-chunk and decode programs (see the module docstring)."""
+  from dsv3_jax.inference import absorb_weights
+  from dsv3_jax.serving import steps
+  from dsv3_jax.sharding import logical_to_spec, tree_shardings
+  B, S, page, T = req.decode_batch, req.context, req.page_size, req.prefill_chunk
+  pages_per_seq = -(-S // page)
+  num_pages = req.num_pages or B * pages_per_seq
+  # As `Engine` builds them: its state split, `Generator`'s shardings, its pool layout and
+  # largest buckets (rows: shards x the largest row bucket; tables: a full context).
+  full_graphdef, state = nnx.split(nnx.merge(graphdef, params, rest_a))
+  state_sh = tree_shardings(state, rules, mesh)
+  state_a = _sds(state, state_sh)
+  absorbed = jax.eval_shape(lambda st: absorb_weights(nnx.merge(full_graphdef, st)), state_a)
+  absorbed_sh = jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(
+      (None,) * (x.ndim - 3) + ("heads", None, None), rules, mesh, x.shape)), absorbed)
+  absorbed_a = _sds(absorbed, absorbed_sh)
+  buckets = []
+  b = 1
+  while b < B:
+    buckets.append(b)
+    b *= 2
+  lay = steps.pool_layout(steps.batch_shards(mesh, rules), num_pages, B, pages_per_seq,
+                          buckets + [B])
+  rows = lay.shards * lay.row_buckets[-1]
+  pool_sh = steps.pool_sharding(mesh, rules, lay.split)
+  L, dt = cfg.num_hidden_layers, jnp.bfloat16
+  latent = jax.ShapeDtypeStruct((L, lay.pool_pages, page, cfg.kv_lora_rank), dt, sharding=pool_sh)
+  rope = jax.ShapeDtypeStruct((L, lay.pool_pages, cfg.qk_rope_head_dim, page), dt,
+                              sharding=pool_sh)
+  cache_bytes = _shard_bytes((latent, rope))
+  programs = {}
+  for kind, fn, statics in (("prefill", steps.forward_step, {}),
+                            ("decode", steps.decode_steps, {"steps": req.decode_steps})):
+    row_args = steps.abstract_rows(kind, rows, T, pages_per_seq, rep)
+    jitted = steps.jit_step(fn, full_graphdef, state_sh, absorbed_sh, (pool_sh, pool_sh), rep,
+                            len(row_args), pool_split=lay.split, **statics)
+    programs[kind] = (jitted, (state_a, absorbed_a, latent, rope) + row_args)
+  # Model figures: every row at a full context (the bucket's worst case); the cache rows the
+  # step reads are B x S (not the pool's padding), once per token of a decode call.
+  row_bytes = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * np.dtype(dt).itemsize
+  ctx_bytes = B * S * row_bytes
+  pf, pb = _serve_model_figures(cfg, params, B, T, S, ctx_bytes, absorbed=True)
+  df, db = _serve_model_figures(cfg, params, B, 1, S, ctx_bytes, absorbed=True)
+  k = req.decode_steps
+  geometry = {"max_batch": B, "page_size": page, "num_pages": lay.shards * lay.shard_pages,
+              "pool_split": lay.split, "pool_shards": lay.shards, "step_rows": rows,
+              "pages_per_seq": pages_per_seq, "prefill_chunk": T, "decode_steps": k}
+  return ({"prefill": _compile("prefill", mesh, *programs["prefill"], n, pf, pb),
+           "decode": _compile("decode", mesh, *programs["decode"], n, k * df, k * db),
+           "geometry": geometry}, 0, cache_bytes)
 
 
 # Advice ------------------------------------------------------------------------------------------

@@ -52,7 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   g.add_argument("--decode-batch", type=int, default=64, help="sequences decoded together")
   g.add_argument("--context", type=int, default=8192, help="cache rows per sequence")
   g.add_argument("--prompt-len", type=int, default=None,
-                 help="prefill tokens per sequence (default min(context, 1024))")
+                 help="unused: the engine prefills in --prefill-chunk pieces (kept for scripts)")
+  g.add_argument("--page-size", type=int, default=128,
+                 help="latent-cache rows per page (TPU: 128 keeps the rope pages lane-aligned)")
+  g.add_argument("--num-pages", type=int, default=None,
+                 help="pages in the pool (default: --decode-batch full --context sequences)")
+  g.add_argument("--prefill-chunk", type=int, default=64,
+                 help="prompt tokens per row of a prefill step (as serve)")
+  g.add_argument("--decode-steps", type=int, default=4,
+                 help="decode steps per device call (as serve)")
   p.add_argument("--kernels", choices=("pallas", "reference"), default="pallas",
                  help="attention / decode / MoE as TPU Pallas kernels or the jnp references")
   p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -97,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
   req = PlanRequest(
       topology=args.topology, mode=args.mode, config=_config(args), mesh=mesh, rules=rules,
       batch_per_device=args.batch_per_device, seq=args.seq, decode_batch=args.decode_batch,
-      context=args.context, prompt_len=args.prompt_len, remat=args.remat,
+      context=args.context, prompt_len=args.prompt_len, page_size=args.page_size,
+      num_pages=args.num_pages, prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+      remat=args.remat,
       param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
   report = plan(req)
   if args.json:

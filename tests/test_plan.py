@@ -106,7 +106,9 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
   moe = cfg.n_routed_experts and cfg.first_k_dense_replace < cfg.num_hidden_layers
   # Default mesh: expert shards = gcd(devices, 8 experts), so EP over every device.
   assert j["mesh"] == {"fsdp": 1, "expert": devices}
-  expect = {"attention": "pallas", "decode": "pallas" if mode == "serve" else None,
+  # Serving runs the engine's steps: prefill chunks attend over the paged cache too (mla_decode).
+  expect = {"attention": "pallas" if mode == "train" else None,
+            "decode": "pallas" if mode == "serve" else None,
             "moe": "pallas" if moe else None, "fp8": None}
   assert j["kernels"] == expect
   if moe:  # the EP exchange is resolved for the TPU target, not for this CPU host
@@ -122,9 +124,10 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
   else:
     assert set(j["steps"]) == {"prefill", "decode"}
     dec = j["steps"]["decode"]
-    # Decode arguments: bf16 params + absorbed weights + the cache (batch split over devices).
-    rows = cfg.num_hidden_layers * 1 * 128 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # context 128
-    assert j["cache_bytes"] == rows * 2 + 4  # bf16 rows of one sequence + its int32 length
+    # Decode arguments: bf16 params + absorbed weights + the page pool (one sequence's page of
+    # 128 rows + the scratch page per device: the pool split over the batch shards).
+    rows = cfg.num_hidden_layers * 2 * 128 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert j["config"]["pool_split"] and j["cache_bytes"] == rows * 2
     assert dec["argument_bytes"] >= j["parameter_bytes"] + j["cache_bytes"]
     assert j["optimizer_bytes"] == 0
 

@@ -25,6 +25,7 @@ R rope dims.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -141,23 +142,85 @@ def _write_latent_rows(latent, c, positions, layer):
 
 
 def write_paged_rows(latent: jax.Array, rope: jax.Array, layer, c: jax.Array, k_pe: jax.Array,
-                     positions: jax.Array, block_tables: jax.Array
+                     positions: jax.Array, block_tables: jax.Array, *, split: bool = False,
+                     backend: str = "reference", platform: str | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """`write_layer_rows` for a paged cache: latent [L, P, page, C] and rope [L, P, R, page] page
   pools, block_tables int32 [B, pages_per_seq] (logical page i of sequence b is pool page
   block_tables[b, i]). Token t of sequence b (c [B, T, C], k_pe [B, T, R]) goes to row
   positions[b, t] % page of its page; positions past the table go to pool page 0, which the
   serving engine keeps as a scratch page that no sequence reads (so do padding rows: their
-  table entries are 0). A scatter (duplicate scratch writes allowed: no unique_indices)."""
+  table entries are 0). A scatter (duplicate scratch writes allowed: no unique_indices).
+  split: the pools' page dim is split over the batch's mesh axes like the rows (see
+  `inference.decode.paged_attention_steps`): each batch shard writes its own rows into its
+  own pool shard (page ids taken modulo the local pool, so page 0 is every shard's scratch).
+  backend / platform: as for `mla_decode`; where that runs the TPU kernel, the rope columns are
+  written in place by `kernels_pallas.mla_decode.tpu_write` (one call per page a row's T
+  tokens can touch): a scatter of columns of [.., R, page] makes XLA:TPU keep the whole rope
+  pool with R minor and copy it to row-major around every `mla_decode` call, as for the
+  contiguous cache (`write_rope`)."""
+  from dsv3_jax.kernels_pallas.backend import select
+  tpu = backend != "reference" and select(backend, platform=platform).kind == "tpu"
+  interpret = tpu and select(backend, platform=platform).interpret
+  fn = functools.partial(_write_paged, tpu=tpu, interpret=interpret)
+  if not split:
+    return fn(latent, rope, layer, c, k_pe, positions, block_tables)
+  from dsv3_jax.sharding import kernel_map
+  pool, rows = (None, "batch", None, None), ("batch", None, None)
+  return kernel_map(fn, (pool, pool, None, rows, rows, ("batch", None),
+                                   ("batch", None)), (pool, pool), name="paged_cache_write")(
+      latent, rope, jnp.asarray(layer, jnp.int32), c.astype(latent.dtype),
+      k_pe.astype(rope.dtype), positions, block_tables)
+
+
+def _write_paged(latent, rope, layer, c, k_pe, positions, block_tables, *, tpu=False,
+                 interpret=False):
   page, n = latent.shape[2], block_tables.shape[1]
+
+  def pool_page(logical):  # [B, ...] logical pages -> pool pages (local when split)
+    pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
+    return jnp.where(logical < n, pages, 0) % latent.shape[1]
+
   logical = positions // page
-  pages = jnp.take_along_axis(block_tables, jnp.minimum(logical, n - 1), axis=1)
-  pages = jnp.where(logical < n, pages, 0)  # [B, T]
-  offset = positions % page
+  pages, offset = pool_page(logical), positions % page  # [B, T]
   layer = jnp.asarray(layer, jnp.int32)
-  latent = latent.at[layer, pages, offset].set(c.astype(latent.dtype))
-  rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
+  latent = _write_latent_pages(latent, layer, c.astype(latent.dtype), positions, pool_page)
+  if not tpu:
+    rope = rope.at[layer, pages, :, offset].set(k_pe.astype(rope.dtype))  # update [B, T, R]
+    return latent, rope
+  from dsv3_jax.kernels_pallas.mla_decode import tpu_write
+  T = positions.shape[1]
+  for j in range(1 + -(-(T - 1) // page)):  # each page the T consecutive tokens can touch
+    first = logical[:, :1] + j  # [B, 1]
+    rope = tpu_write.write_rope(rope, layer.reshape(1), k_pe.astype(rope.dtype),
+                                positions[:, 0] - first[:, 0] * page, seq=pool_page(first)[:, 0],
+                                interpret=interpret)
   return latent, rope
+
+
+def _write_latent_pages(latent, layer, c, positions, pool_page):
+  """latent [L, P, page, C] with c [B, T, C] written at rows positions[b, t] of each row's pages
+  (pool_page: logical pages [B, k] -> pool pages), by dynamic-update-slices in a loop over the
+  rows, in place: one row per sequence for T = 1; else, per page the T consecutive tokens can
+  touch, the page read, merged with its new rows and written back. (A scatter of several
+  sequences' rows is counted, and may be laid out, as a pass over the whole pool.)"""
+  page, (B, T) = latent.shape[2], positions.shape
+  segs = 1 + -(-(T - 1) // page)
+  first = positions[:, :1] // page  # [B, 1]
+  pages = pool_page(first + jnp.arange(segs)[None, :])  # [B, segs]
+
+  def one(b, lat):
+    if T == 1:
+      return jax.lax.dynamic_update_slice(lat, c[b][None, None],
+                                          (layer, pages[b, 0], positions[b, 0] % page, 0))
+    for j in range(segs):
+      old = jax.lax.dynamic_slice(lat, (layer, pages[b, j], 0, 0), (1, 1, page, lat.shape[3]))
+      t = jnp.arange(page) + (first[b, 0] + j) * page - positions[b, 0]  # token of each row
+      new = jnp.where(((t >= 0) & (t < T))[:, None], c[b][jnp.clip(t, 0, T - 1)], old[0, 0])
+      lat = jax.lax.dynamic_update_slice(lat, new[None, None], (layer, pages[b, j], 0, 0))
+    return lat
+
+  return jax.lax.fori_loop(0, B, one, latent)
 
 
 def write_prefill(latent: jax.Array, rope: jax.Array, start, c: jax.Array, k_pe: jax.Array

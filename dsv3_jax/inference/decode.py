@@ -146,38 +146,60 @@ def _split_hidden_for_lora(h):
   return h if spec == P() else jax.lax.with_sharding_constraint(h, spec)
 
 
+# Query rows (tokens x local heads) per paged `mla_decode` call: a 64-token prefill chunk with
+# DeepSeek-V3's 128 heads is 8192 rows, 84 MB of VMEM in the TPU kernel (v5p has 64 MB).
+PAGED_QUERY_ROWS = 2048
+
+
 def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
                           positions: jax.Array, scale: float, *, block_tables: jax.Array, layer,
                           backend: str = "reference", platform: str | None = None,
-                          gpu_impl: str | None = None) -> jax.Array:
+                          gpu_impl: str | None = None, pool_split: bool = False) -> jax.Array:
   """`decode_attention_steps` over a paged cache: latent [L, P, page, C] and rope
   [L, P, R, page] page pools (stacked over layers, read at `layer`), block_tables int32
   [B, pages_per_seq] (logical page i of sequence b is pool page block_tables[b, i]); q
   [B, T, H, C + R] at consecutive positions [B, T]. Returns [B, T, H, C] float32.
   The reference gathers each sequence's pages; a kernel backend runs `mla_decode`'s paged route
-  (the pools replicated, queries and tables split on the batch under the ambient mesh)."""
+  per shard of the ambient mesh (queries and tables split on the batch).
+  pool_split: the pools' page dim is split over the batch's mesh axes like the rows (the serving
+  engine's layout on a mesh, `serving.steps.pool_sharding`): the rows of batch shard k hold
+  pages of pool shard k only, and each shard reads its local page block_tables[b, i] % (its
+  pages). False: the pools are replicated (every shard reads them whole)."""
   lengths = (positions[:, -1] + 1).astype(jnp.int32)
-  if backend == "reference":
+  if backend == "reference" and not pool_split:
     return mla_decode_reference(q.astype(jnp.float32), latent, rope, lengths, scale=scale,
                                 block_tables=block_tables, layer=layer).astype(jnp.float32)
   heads = ("batch", None, "act_heads", None)
   layer = jnp.asarray(layer, jnp.int32)
 
   def kernel(q, latent, rope, lengths, tables, layer):
-    return mla_decode(q, latent, rope, lengths, scale=scale, layer=layer, block_tables=tables,
-                      backend=backend, platform=platform, gpu_impl=gpu_impl).astype(jnp.float32)
+    tables = tables % latent.shape[1]  # pool ids -> this shard's (no-op for a whole pool)
+    if backend == "reference":
+      return mla_decode_reference(q.astype(jnp.float32), latent, rope, lengths, scale=scale,
+                                  block_tables=tables, layer=layer).astype(jnp.float32)
+    # A prefill chunk has T x heads query rows: the kernel holds them all in VMEM, so take at
+    # most PAGED_QUERY_ROWS per call (tokens t0..t1-1 see lengths - (T - 1 - t) rows: a call
+    # for them passes lengths - (T - t1)).
+    T, per = q.shape[1], max(1, PAGED_QUERY_ROWS // q.shape[2])
+    out = [mla_decode(q[:, t0:min(T, t0 + per)], latent, rope,
+                      lengths - (T - min(T, t0 + per)), scale=scale, layer=layer,
+                      block_tables=tables, backend=backend, platform=platform,
+                      gpu_impl=gpu_impl).astype(jnp.float32) for t0 in range(0, T, per)]
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
-  pool = (None, None, None, None)
+  pool = (None, "batch" if pool_split else None, None, None)
   return kernel_map(kernel, (heads, pool, pool, ("batch",), ("batch", None), None), heads,
                     name="mla_decode_paged")(q, latent, rope, lengths, block_tables, layer)
 
 
-def _absorbed_attention(attn, w_uk, w_uv, cache, index, h, positions, block_tables=None):
+def _absorbed_attention(attn, w_uk, w_uv, cache, index, h, positions, block_tables=None,
+                        pool_split=False):
   """`attn` (an `MLA`) in absorbed form on T new tokens h [B, T, D] (already normed) at
   `positions` [B, T] (consecutive from positions[:, 0]): writes their latent rows into
   cache = (latent [L, B, S, C], rope [L, B, R, S]) at layer `index` (int, may be traced) and
   attends over that layer in place. With block_tables [B, pages_per_seq] the cache parts are
-  page pools (`write_paged_rows`, `paged_attention_steps`). Returns (out [B, T, D], cache)."""
+  page pools (`write_paged_rows`, `paged_attention_steps`, split over the batch's mesh axes
+  when `pool_split`). Returns (out [B, T, D], cache)."""
   cfg, rt = attn.cfg, attn.rt
   B, T, _ = h.shape
   with jax.named_scope("mla_decode"):
@@ -190,12 +212,13 @@ def _absorbed_attention(attn, w_uk, w_uv, cache, index, h, positions, block_tabl
                                       backend=rt.attention_backend, platform=rt.kernel_platform)
     else:
       latent, rope = write_paged_rows(*cache, index, c, k_pe.astype(c.dtype), positions,
-                                      block_tables)
+                                      block_tables, split=pool_split,
+                                      backend=rt.attention_backend, platform=rt.kernel_platform)
     dt = latent.dtype
     q_lat = jnp.einsum("bthn,hnc->bthc", q_nope, w_uk.astype(q_nope.dtype))
     q = jnp.concatenate([q_lat.astype(dt), q_pe.astype(dt)], -1)  # [B, T, H, C + R]
     attend = decode_attention_steps if block_tables is None else functools.partial(
-        paged_attention_steps, block_tables=block_tables)
+        paged_attention_steps, block_tables=block_tables, pool_split=pool_split)
     o = attend(q, latent, rope, positions, cfg.softmax_scale, layer=index,
                backend=rt.attention_backend, platform=rt.kernel_platform,
                gpu_impl=rt.gpu_kernels)  # [B, T, H, C] f32
@@ -204,19 +227,20 @@ def _absorbed_attention(attn, w_uk, w_uv, cache, index, h, positions, block_tabl
 
 
 def _absorbed_layer(layer, w_uk, w_uv, cache, index, x, positions, block_tables=None,
-                    expert_layer=None):
+                    expert_layer=None, pool_split=False):
   """One decoder layer on T new tokens per sequence: the model's own block
   (`DecoderLayer.with_attention`: norms, residuals, FFN) around `_absorbed_attention`.
   expert_layer: the index into the whole routed-expert stacks `layer` holds (None: its own).
   Returns (x, cache)."""
   x, _, cache = layer.with_attention(x, lambda h: _absorbed_attention(
-      layer.self_attn, w_uk, w_uv, cache, index, h, positions, block_tables),
+      layer.self_attn, w_uk, w_uv, cache, index, h, positions, block_tables, pool_split),
       expert_layer=expert_layer)
   return x, cache
 
 
 def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, positions: jax.Array,
-                   *, block_tables: jax.Array | None = None, logits_at: jax.Array | None = None):
+                   *, block_tables: jax.Array | None = None, logits_at: jax.Array | None = None,
+                   pool_split: bool = False):
   """Main model on T new tokens per sequence through the latent cache.
 
   tokens int32 [B, T] at positions [B, T] (consecutive; row positions[b, 0] onward is written).
@@ -226,6 +250,7 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
   [L, P, R, page] are page pools (the serving engine's paged cache; positions are logical).
   logits_at int [B]: only the logits of token logits_at[b] are computed (logits [B, 1, V]; a
   prefill chunk needs one row, not T x vocabulary).
+  pool_split: the page pools are split over the batch's mesh axes (`paged_attention_steps`).
   """
   x, parts = model.embed(tokens), (cache.latent, cache.rope)
   for g, stack in enumerate(model.stacks):
@@ -238,7 +263,8 @@ def decode_forward(model, absorbed, cache: LatentCache, tokens: jax.Array, posit
       layer = nnx.merge(graphdef, experts, layer_state) if moe else nnx.merge(graphdef,
                                                                               layer_state)
       x, parts = _absorbed_layer(layer, w_uk, w_uv, carry[1], index, carry[0], positions,
-                                 block_tables, expert_layer=index - start if moe else None)
+                                 block_tables, expert_layer=index - start if moe else None,
+                                 pool_split=pool_split)
       return (x, parts), None
 
     layers = jnp.arange(stack.start, stack.start + stack.count, dtype=jnp.int32)
@@ -256,18 +282,20 @@ def _mtp_input(mtp_layer, model, next_tokens, h_prev):
 
 def mtp_decode_forward(model, absorbed, cache: LatentCache, next_tokens: jax.Array,
                        h_prev: jax.Array, positions: jax.Array, *,
-                       block_tables: jax.Array | None = None, logits_at: jax.Array | None = None):
+                       block_tables: jax.Array | None = None, logits_at: jax.Array | None = None,
+                       pool_split: bool = False):
   """The first MTP block on T new positions through its latent cache.
 
   next_tokens int32 [B, T]: t_{i+1} for each position i; h_prev [B, T, D]: the main model's h^0_i
   (final hidden after model.norm, vLLM's choice for serving). Returns (logits [B, T, V] float32,
-  predicting t_{i+2}; cache). block_tables / logits_at: as for `decode_forward`.
+  predicting t_{i+2}; cache). block_tables / logits_at / pool_split: as for `decode_forward`.
   """
   L, G = model.config.num_hidden_layers, len(model.stacks)
   m = model.mtp[0]
   x = _mtp_input(m, model, next_tokens, h_prev)
   x, parts = _absorbed_layer(m.block, absorbed["w_uk"][G], absorbed["w_uv"][G],
-                             (cache.latent, cache.rope), L, x, positions, block_tables)
+                             (cache.latent, cache.rope), L, x, positions, block_tables,
+                             pool_split=pool_split)
   if logits_at is not None:
     x = x[jnp.arange(x.shape[0]), logits_at][:, None]
   return model.head(m.shared_head_norm(x)), cache.with_parts(*parts)

@@ -20,7 +20,11 @@ fixed-size pages, latent [L, pages, page, C] / rope [L, pages, R, page] (the lay
 `inference.cache`, positions paged), and each request owns a list of pages. Several rows of one
 prompt may share a prefill call: each layer writes every row's latents into the pool before any
 row attends, so a row sees the earlier rows' positions as if earlier calls had written them.
-Pool page 0 is a scratch page no request owns: padding rows of a step write there.
+Pool page 0 is a scratch page no request owns: padding rows of a step write there. On a mesh
+whose batch shards can each hold a full-context request, the pool is split over them
+(`steps.pool_layout`): each device holds its shard's pages (the first its scratch page), a
+request takes its pages from one shard and its rows of every step lie in that shard's row
+block, so no device holds the pool.
 
 Compiled shapes are fixed per bucket: the rows of a step are padded to a batch bucket and the
 block tables to a page-count bucket (powers of two by default), so serving never compiles after
@@ -49,7 +53,7 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.inference.generate import Generator
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.serving import steps
-from dsv3_jax.sharding import use_rules
+from dsv3_jax.sharding import resolve_mesh, use_rules
 
 __all__ = ["Engine", "RequestParams", "Request", "RequestError", "EngineClosed"]
 
@@ -110,6 +114,7 @@ class Request:
   output: list[int] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)
   slot: int = -1
+  shard: int = 0          # the pool shard holding its pages (its rows: that shard's row block)
   prefilled: int = 0      # prompt tokens already in the cache
   admitted_step: int = 0  # the engine step that gave it pages
   draft: int = 0          # speculative: the MTP draft for the token after output[-1]
@@ -169,6 +174,11 @@ class Engine:
   prefill_min requests wait for prefill (default: max_batch // 4, at least 1) or one was
   admitted prefill_wait steps ago (a call's fixed cost is shared by more prompts; TTFT grows
   by at most prefill_wait steps); an idle batch prefills at once.
+  rules default to `steps.serving_rules(mesh)`. split_pool: split the page pool over the
+  batch's mesh axes (`steps.pool_sharding`: each device holds its own requests' pages, not the
+  whole pool; num_pages is then rounded up to a multiple of the shards and a request's pages
+  come from one shard); None (default): split when there are several batch shards and each
+  shard can still hold a full-context request.
   """
 
   def __init__(self, model, *, max_batch: int = 8, page_size: int = 16, num_pages: int = 256,
@@ -178,7 +188,7 @@ class Engine:
                batch_buckets: Sequence[int] | None = None,
                page_buckets: Sequence[int] | None = None, decode_steps: int = 4,
                prefill_buckets: Sequence[int] | None = None, prefill_min: int | None = None,
-               prefill_wait: int = 2):
+               prefill_wait: int = 2, split_pool: bool | None = None):
     cfg = model.config
     for name, v in (("max_batch", max_batch), ("page_size", page_size), ("num_pages", num_pages),
                     ("prefill_chunk", prefill_chunk), ("decode_steps", decode_steps)):
@@ -186,6 +196,8 @@ class Engine:
         raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if speculative and cfg.num_nextn_predict_layers < 1:
       raise UserError("--speculative needs an MTP layer: the model has num_nextn_predict_layers=0")
+    mesh = resolve_mesh(mesh)
+    rules = rules if rules is not None else steps.serving_rules(mesh)
     self.gen = Generator(model, cache_dtype=cache_dtype, compiler_options=compiler_options,
                          mesh=mesh, rules=rules)
     self.config, self.mesh = cfg, self.gen.mesh
@@ -206,17 +218,31 @@ class Engine:
       raise UserError(f"--batch-buckets / --page-buckets: the largest ({self.batch_buckets[-1]}, "
                       f"{self.page_buckets[-1]}) must cover --max-batch {max_batch} and the "
                       f"{self.max_pages_per_seq} pages of a full context")
+    self.layout = lay = steps.pool_layout(steps.batch_shards(self.mesh, self.gen.rules),
+                                          num_pages, max_batch, self.max_pages_per_seq,
+                                          self.batch_buckets, split_pool)
+    self.pool_split, self.shards, self.shard_pages = lay.split, lay.shards, lay.shard_pages
+    self.shard_rows, self.row_buckets = lay.shard_rows, lay.row_buckets
+    self.num_pages = self.shards * self.shard_pages  # usable (scratch pages not counted)
+    # prefill rows per shard (a prefill bucket counts the rows of the whole call)
+    self.prefill_row_buckets = tuple(sorted({-(-b // self.shards) for b in self.prefill_buckets}))
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     self.eos_ids = frozenset(() if eos is None else (eos,) if isinstance(eos, int) else eos)
     layers = cfg.num_hidden_layers + (1 if speculative else 0)
     dt = self.gen.cache_dtype
     self._rep = NamedSharding(self.mesh, PartitionSpec())
     put = lambda x: jax.device_put(x, self._rep)  # noqa: E731
-    self.latent = put(jnp.zeros((layers, num_pages + 1, page_size, cfg.kv_lora_rank), dt))
-    self.rope = put(jnp.zeros((layers, num_pages + 1, cfg.qk_rope_head_dim, page_size), dt))
+    self._pool_sh = steps.pool_sharding(self.mesh, self.gen.rules, self.pool_split)
+    pool = lay.pool_pages
+    self.latent = jax.device_put(
+        jnp.zeros((layers, pool, page_size, cfg.kv_lora_rank), dt), self._pool_sh)
+    self.rope = jax.device_put(
+        jnp.zeros((layers, pool, cfg.qk_rope_head_dim, page_size), dt), self._pool_sh)
     self.q_buf = put(jnp.zeros((max_batch + 1, cfg.vocab_size if speculative else 0),
                                jnp.float32))
-    self._free_pages = list(range(num_pages, 0, -1))  # pop() hands out low pages first
+    # Per shard, pop() hands out low pages first; page k * (shard_pages + 1) is scratch.
+    self._free_pages = [list(range(k * (self.shard_pages + 1) + self.shard_pages,
+                                   k * (self.shard_pages + 1), -1)) for k in range(self.shards)]
     self._free_slots = list(range(max_batch - 1, -1, -1))
     self._compiled: dict = {}
     self.compile_count = 0
@@ -248,9 +274,10 @@ class Engine:
     if len(prompt) + params.max_tokens > self.max_context:
       raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                          f"exceeds the context length {self.max_context}")
-    if self.pages_needed(len(prompt), params.max_tokens) > self.num_pages:
+    if self.pages_needed(len(prompt), params.max_tokens) > self.shard_pages:
       raise RequestError(f"prompt + max_tokens needs {self.pages_needed(len(prompt), params.max_tokens)} "
-                         f"pages of {self.page_size} rows; the pool has {self.num_pages}")
+                         f"pages of {self.page_size} rows; the pool has {self.shard_pages}"
+                         + (" per shard" if self.shards > 1 else ""))
     if params.stop and self.tokenizer is None:
       raise RequestError("stop strings need a tokenizer (this checkpoint has none): use stop ids")
 
@@ -294,7 +321,7 @@ class Engine:
 
   @property
   def pages_used(self) -> int:
-    return self.num_pages - len(self._free_pages)
+    return self.num_pages - sum(map(len, self._free_pages))
 
   @property
   def idle(self) -> bool:
@@ -305,7 +332,7 @@ class Engine:
     """A snapshot for metrics: pages used/free, queued, running, totals."""
     with self._lock:
       queued = len(self._incoming) + len(self.queue)
-    return dict(pages_used=self.pages_used, pages_free=len(self._free_pages),
+    return dict(pages_used=self.pages_used, pages_free=sum(map(len, self._free_pages)),
                 queued=queued, running=len(self.active), steps=self.steps,
                 generated_tokens=self.generated_tokens, drafted=self.drafted,
                 accepted=self.accepted, compile_count=self.compile_count)
@@ -353,7 +380,8 @@ class Engine:
     for name in ("latent", "rope", "q_buf"):  # donated to a step that failed: start afresh
       buf = getattr(self, name)
       if buf.is_deleted():
-        setattr(self, name, jax.device_put(jnp.zeros(buf.shape, buf.dtype), self._rep))
+        sh = self._rep if name == "q_buf" else self._pool_sh
+        setattr(self, name, jax.device_put(jnp.zeros(buf.shape, buf.dtype), sh))
 
   def run_until_idle(self, max_steps: int = 1_000_000) -> None:
     """Steps on the calling thread until nothing is queued or running."""
@@ -388,10 +416,16 @@ class Engine:
     while self.queue and self._free_slots:
       r = self.queue[0]
       need = self.pages_needed(len(r.prompt), r.params.max_tokens)
-      if need > len(self._free_pages):
+      rows = [0] * self.shards
+      for a in self.active:
+        rows[a.shard] += 1
+      fit = [k for k in range(self.shards)
+             if need <= len(self._free_pages[k]) and rows[k] < self.shard_rows]
+      if not fit:
         return  # FIFO: wait for pages to come back
       self.queue.pop(0)
-      r.pages = [self._free_pages.pop() for _ in range(need)]
+      r.shard = max(fit, key=lambda k: (len(self._free_pages[k]), -k))
+      r.pages = [self._free_pages[r.shard].pop() for _ in range(need)]
       r.slot, r.admitted_step = self._free_slots.pop(), self.steps
       self.active.append(r)
 
@@ -404,7 +438,7 @@ class Engine:
         self.queue.remove(r)
     if r in self.active:
       self.active.remove(r)
-      self._free_pages.extend(reversed(r.pages))
+      self._free_pages[r.shard].extend(reversed(r.pages))
       self._free_slots.append(r.slot)
     r.pages = []
     if r.on_event is not None:
@@ -449,12 +483,9 @@ class Engine:
     if compiled is not None:
       self._compiled[key] = compiled
     else:
-      n_pool = 3 if kind.startswith("spec") else 2
-      rest = jax.tree.map(lambda _: self._rep, args[2 + n_pool:])
-      jitted = jax.jit(functools.partial(fn, g.graphdef),
-                       in_shardings=(g.state_shardings, g.absorbed_shardings)
-                       + (self._rep,) * n_pool + tuple(rest),
-                       donate_argnums=tuple(range(2, 2 + n_pool)))
+      pools = (self._pool_sh, self._pool_sh) + ((self._rep,) if kind.startswith("spec") else ())
+      jitted = steps.jit_step(fn, g.graphdef, g.state_shardings, g.absorbed_shardings, pools,
+                              self._rep, len(args) - 2 - len(pools), pool_split=self.pool_split)
       t = time.perf_counter()
       with jax.set_mesh(self.mesh), use_rules(g.rules):
         compiled = jitted.lower(*args).compile(compiler_options=g.compiler_options or None)
@@ -467,48 +498,56 @@ class Engine:
   def _rows(self, reqs: list[Request], ends: list[int], buckets: Sequence[int] | None = None):
     """Bucketed per-row arrays (one row per entry of reqs; a request may fill several): block
     tables [B, P] covering rows < ends[i] (a chunk's padding past them writes to the scratch
-    page), sampling, slots (padding rows: scratch). B: a bucket of `buckets` (default: the
-    batch buckets)."""
-    B = _bucket(len(reqs), buckets or self.batch_buckets)
+    page), sampling, slots (padding rows: scratch), and the row of each entry. B = shards x a
+    bucket of `buckets` (per-shard row counts; default: the decode row buckets); shard k's
+    entries lie in row block k."""
+    counts = [0] * self.shards
+    rows = []
+    for r in reqs:
+      rows.append(counts[r.shard])
+      counts[r.shard] += 1
+    b = _bucket(max(counts), buckets or self.row_buckets)
+    rows = [r.shard * b + i for r, i in zip(reqs, rows)]
+    B = b * self.shards
     P = _bucket(max(-(-e // self.page_size) for e in ends), self.page_buckets)
     tables = np.zeros((B, P), np.int32)
     temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
     top_k, seed, counter = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
     slots = np.full(B, self.max_batch, np.int32)
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       n = min(len(r.pages), P)
       tables[i, :n] = r.pages[:n]
       p = r.params
       temp[i], top_p[i], top_k[i], seed[i] = p.temperature, p.top_p, p.top_k, p.seed
       counter[i], slots[i] = len(r.output), r.slot
-    return B, tables, steps.RowSampling(temp, top_k, top_p, seed, counter), slots
+    return B, tables, steps.RowSampling(temp, top_k, top_p, seed, counter), slots, rows
 
   def _prefill_rows(self, reqs: list[Request]) -> list[tuple[Request, int, int]]:
     """The rows of this step's prefill call, (request, first, end) prompt positions: each
     request's next chunk of `prefill_chunk` tokens in turn, then their following chunks while
-    the largest prefill bucket has rows left."""
-    T, budget = self.prefill_chunk, self.prefill_buckets[-1]
-    rows, at = [], {id(r): r.prefilled for r in reqs}
-    while len(rows) < budget:
+    its shard has rows left in the largest prefill bucket."""
+    T, budget = self.prefill_chunk, self.prefill_row_buckets[-1]
+    rows, at, used = [], {id(r): r.prefilled for r in reqs}, [0] * self.shards
+    added = True
+    while added:
       added = False
       for r in reqs:
         pos = at[id(r)]
-        if pos < len(r.prompt) and len(rows) < budget:
+        if pos < len(r.prompt) and used[r.shard] < budget:
           end = min(pos + T, len(r.prompt))
           rows.append((r, pos, end))
           at[id(r)], added = end, True
-      if not added:
-        break
+          used[r.shard] += 1
     return rows
 
   def _prefill(self, reqs: list[Request]) -> None:
     T = self.prefill_chunk
-    rows = self._prefill_rows(reqs)
-    B, tables, sampling, slots = self._rows([r for r, _, _ in rows], [e for _, _, e in rows],
-                                            self.prefill_buckets)
+    entries = self._prefill_rows(reqs)
+    B, tables, sampling, slots, rows = self._rows(
+        [r for r, _, _ in entries], [e for _, _, e in entries], self.prefill_row_buckets)
     tokens, nxt = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     start, pick, final = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, bool)
-    for i, (r, pos, end) in enumerate(rows):
+    for i, (r, pos, end) in zip(rows, entries):
       tokens[i, :end - pos] = r.prompt[pos:end]
       after = r.prompt[pos + 1:pos + T + 1]
       nxt[i, :len(after)] = after
@@ -528,7 +567,7 @@ class Engine:
       fn = self._compiled_fn("prefill", steps.forward_step, args)
       self.latent, self.rope, first = fn(*args)
     first = np.asarray(first)
-    for i, (r, pos, end) in enumerate(rows):
+    for i, (r, pos, end) in zip(rows, entries):
       r.prefilled = max(r.prefilled, end)
       if final[i]:
         if self.speculative:
@@ -539,18 +578,18 @@ class Engine:
     T = 2 if self.speculative else self.decode_steps
     starts = [r.length for r in reqs]
     # Rows past a request's reserved pages (steps after its max_tokens) go to the scratch page.
-    B, tables, sampling, slots = self._rows(reqs, [min(s + T, len(r.pages) * self.page_size)
-                                                   for s, r in zip(starts, reqs)])
+    B, tables, sampling, slots, rows = self._rows(
+        reqs, [min(s + T, len(r.pages) * self.page_size) for s, r in zip(starts, reqs)])
     last, start, draft = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
-    for i, r in enumerate(reqs):
-      last[i], start[i], draft[i] = r.output[-1], starts[i], r.draft
+    for i, s, r in zip(rows, starts, reqs):
+      last[i], start[i], draft[i] = r.output[-1], s, r.draft
     if not self.speculative:
       args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, last, start, tables,
               sampling)
       fn = self._compiled_fn(f"decode{T}", functools.partial(steps.decode_steps, steps=T), args)
       self.latent, self.rope, tok = fn(*args)
       tok = np.asarray(tok)
-      for i, r in enumerate(reqs):
+      for i, r in zip(rows, reqs):
         self._emit(r, tok[i].tolist())
       return
     args = (self.gen.state, self.gen.absorbed, self.latent, self.rope, self.q_buf, last, draft,
@@ -558,7 +597,7 @@ class Engine:
     fn = self._compiled_fn("spec_decode", steps.speculative_decode_step, args)
     self.latent, self.rope, self.q_buf, first, bonus, accept, nxt = fn(*args)
     first, bonus, accept, nxt = map(np.asarray, (first, bonus, accept, nxt))
-    for i, r in enumerate(reqs):
+    for i, r in zip(rows, reqs):
       r.drafted += 1
       self.drafted += 1
       ok = bool(accept[i])
@@ -572,15 +611,15 @@ class Engine:
     (prefill bucket, page bucket) up front by running them on padding rows (which touch only
     the scratch page), so no request waits for a compile."""
     saved = self.page_buckets
-    fake = lambda n: [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0])
-                      for _ in range(n)]  # noqa: E731
+    fake = lambda b: [Request(-1, [0], RequestParams(seed=0), slot=self.max_batch, output=[0],
+                              shard=i // b) for i in range(b * self.shards)]  # noqa: E731
     try:
       for P in saved:
         self.page_buckets = (P,)
-        for B in self.batch_buckets:
-          self._decode(fake(B))
-        for B in self.prefill_buckets:
-          reqs = fake(B)
+        for b in self.row_buckets:
+          self._decode(fake(b))
+        for b in self.prefill_row_buckets:
+          reqs = fake(b)
           for r in reqs:
             r.output = []
           self._prefill(reqs)

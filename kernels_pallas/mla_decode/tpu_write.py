@@ -11,6 +11,11 @@ Mosaic DMAs need lane offsets that are multiples of 128, so the window is W = 12
 token) or 256 (T <= 129 consecutive tokens may straddle a tile boundary) starting at a multiple
 of 128; a capacity S <= 256 is handled as one window of S lanes; otherwise S must be a multiple
 of 128 (the Generator rounds its capacity so).
+
+Paged pools [L, pages, R, page] (the serving engine's) are the same array with `seq` naming the
+page each row writes (`seq`) and `start` the position relative to that page's first column
+(negative or past the page for a chunk straddling pages: only the columns inside the page are
+set; the caller calls once per page a chunk can touch).
 """
 from __future__ import annotations
 
@@ -44,17 +49,19 @@ def window(capacity: int, tokens: int) -> int:
   return LANES if tokens == 1 else 2 * LANES
 
 
-def _kernel(layer_ref, start_ref, new_ref, rope_in, rope_out, buf, sems, *, seqs: int, w: int,
-            capacity: int, tokens: int):
+def _kernel(layer_ref, start_ref, seq_ref, new_ref, rope_in, rope_out, buf, sems, *, seqs: int,
+            w: int, capacity: int, tokens: int):
   del rope_in  # aliased to rope_out
   layer, b0 = layer_ref[0], pl.program_id(0) * seqs
 
   def lo(i):
-    lo_ = jnp.minimum(lax.div(start_ref[b0 + i], LANES) * LANES, capacity - w)
+    if w == capacity:
+      return 0
+    lo_ = jnp.clip(lax.div(start_ref[b0 + i], LANES) * LANES, 0, capacity - w)
     return pl.multiple_of(lo_, LANES) if w % LANES == 0 else lo_
 
   def dma(i, read: bool):
-    hbm = rope_out.at[layer, b0 + i, :, pl.ds(lo(i), w)]
+    hbm = rope_out.at[layer, seq_ref[b0 + i], :, pl.ds(lo(i), w)]
     src, dst = (hbm, buf.at[i]) if read else (buf.at[i], hbm)
     return pltpu.make_async_copy(src, dst, sems.at[i])
 
@@ -78,12 +85,16 @@ def _kernel(layer_ref, start_ref, new_ref, rope_in, rope_out, buf, sems, *, seqs
       dma(i, read).wait()
 
 
-def write_rope(rope, layer, new, start, *, interpret: bool = False):
-  """rope [L, B, R, S] with new [B, T, R] written at columns start[b] .. start[b] + T - 1 of
-  layer `layer` (int32 [1]); start int32 [B] with start + T <= S. Returns the updated rope
-  (the same buffer when the caller donates it / inside a scan carry)."""
-  L, B, R, S = rope.shape
-  T = new.shape[1]
+def write_rope(rope, layer, new, start, *, seq=None, interpret: bool = False):
+  """rope [L, N, R, S] with new [B, T, R] written at columns start[b] .. start[b] + T - 1 of
+  rope[layer, seq[b]] (those inside 0..S-1); layer int32 [1]; start int32 [B]; seq int32 [B]
+  (default b, N = B: one sequence per row). Returns the updated rope (the same buffer when the
+  caller donates it / inside a scan carry). Rows naming the same seq must not write it in the
+  same call (except a scratch page whose contents do not matter)."""
+  L, N, R, S = rope.shape
+  B, T = new.shape[0], new.shape[1]
+  if seq is None:
+    seq = jnp.arange(B, dtype=jnp.int32)
   w = window(S, T)
   seqs = max(d for d in range(1, min(B, MAX_SEQS_PER_STEP) + 1) if B % d == 0)
   new_t = jnp.swapaxes(new, 1, 2).astype(rope.dtype)  # [B, R, T]
@@ -92,7 +103,7 @@ def write_rope(rope, layer, new, start, *, interpret: bool = False):
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
+          num_scalar_prefetch=3,
           grid=(B // seqs,),
           in_specs=[pl.BlockSpec((seqs, R, T), lambda i, *_: (i, 0, 0)),
                     pl.BlockSpec(memory_space=pl.ANY)],
@@ -101,10 +112,10 @@ def write_rope(rope, layer, new, start, *, interpret: bool = False):
                           pltpu.SemaphoreType.DMA((seqs,))],
       ),
       out_shape=jax.ShapeDtypeStruct(rope.shape, rope.dtype),
-      input_output_aliases={3: 0},  # operands: layer, start, new_t, rope
+      input_output_aliases={4: 0},  # operands: layer, start, seq, new_t, rope
       compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
       interpret=interpret,
       name="mla_rope_write",
       cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
                                     bytes_accessed=2 * window_bytes + nbytes(new_t)),
-  )(layer, start.astype(jnp.int32), new_t, rope)
+  )(layer, start.astype(jnp.int32), seq.astype(jnp.int32), new_t, rope)
