@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import gpu_aot  # noqa: E402
 
 SPILL_BOUND = {
-    "mla_decode_mosaic_gpu_kernel": 320,         # T=1 232, T=2 288, paged 216 (was 412-524)
     "mla_attention_dkv_mosaic_gpu_kernel": 128,  # causal 96, with segment ids 32 (was 392)
     "mla_attention_fwd_mosaic_gpu_kernel": 8,    # with segment ids 4 (without: 0)
 }
