@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, named, num_sms,
-                                                   producer_ring)
+                                                   opaque_zero, producer_ring)
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
@@ -204,11 +204,9 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
                                 preferred_element_type=jnp.float32)
           s = dot if s is None else s + dot
       else:
-        # Q's 36 wgmma descriptors depend only on its fixed shared-memory address: LLVM hoists
-        # them out of the loop and they sat in ~50 registers for the whole loop (the score
-        # warpgroup's spills). An opaque zero (an optimisation barrier LLVM cannot see through)
-        # makes Q's address loop-variant, so each step derives them from one base like K's.
-        zero = lax.optimization_barrier(slot) - slot
+        # Q's 36 wgmma descriptors hoisted out of the loop held ~50 registers across it (the
+        # score warpgroup's spills): an opaque zero index makes them loop-variant.
+        zero = opaque_zero(slot)
 
         def qk(acc_ref):
           for q_smem, k_smem, num in zip(q_smems, k_smems, nums):
