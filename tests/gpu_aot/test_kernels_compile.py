@@ -6,8 +6,7 @@ the test checks that the program holds exactly the expected number of Triton or 
 custom calls (none of the other flavour), and that ptxas, run on every Pallas kernel of the
 program, reports 0 bytes of spill stores. ptxas reports come from MOSAIC_GPU_DUMP_PTXAS=1 (Mosaic
 GPU; a kernel already compiled earlier in the process is cached and not reported again) and from
-ptxas -v on the PTX XLA dumps (Triton; jax 0.12's XLA dumps no PTX, so there only the Mosaic GPU
-kernels' ptxas reports are checked).
+ptxas -v on the PTX XLA dumps (Triton).
 
 One Mosaic GPU kernel still spills, outside its loop (`SPILL_BOUND`, bytes of spill stores,
 bench/RESULTS.md "GPU AOT"): the bound is what it spills now, so a change that spills more fails
