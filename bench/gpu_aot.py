@@ -168,8 +168,7 @@ def _ptxas_binary() -> str | None:
 
 def ptxas_of_dumped_ptx(dump_dir: str) -> list[Ptxas] | None:
   """ptxas -v (sm_90a) on the PTX that XLA dumped: registers and spills of XLA's own and the
-  Triton kernels. None when XLA dumped no PTX (jax 0.12's XLA does not with xla_dump_to) or
-  there is no ptxas."""
+  Triton kernels. None when XLA dumped no PTX or there is no ptxas."""
   ptxas = _ptxas_binary()
   files = sorted(glob.glob(os.path.join(dump_dir, "*.ptx")))
   if ptxas is None or not files:
@@ -206,6 +205,12 @@ def custom_calls(hlo: str) -> dict[str, int]:
           for k, pat in _TARGETS.items()}
 
 
+# jax 0.12's XLA writes the PTX (and LLVM IR) of a kernel only when its emitter matches
+# xla_dump_emitter_re (empty by default: xla_dump_to alone dumps no PTX); jax 0.10's dumps it
+# either way, and the same set of files with this option.
+_DUMP_OPTIONS = {"xla_dump_emitter_re": ".*"}
+
+
 def compile_case(fn: Callable, args, mesh=None, name: str = "") -> Result:
   """jit(fn).lower(*args).compile() for the mesh's CUDA devices (default: one H100); args are
   ShapeDtypeStructs (placed replicated on the mesh when they carry no sharding)."""
@@ -222,7 +227,7 @@ def compile_case(fn: Callable, args, mesh=None, name: str = "") -> Result:
     with captured_output() as out, _mosaic_smem_recorder() as smem:
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         lowered = jax.jit(fn).trace(*args).lower()
-        compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+        compiled = lowered.compile(compiler_options=_DUMP_OPTIONS | {"xla_dump_to": dump})
     seconds = time.perf_counter() - t0
     hlo = compiled.as_text()
     log = out[0]
@@ -362,6 +367,11 @@ def run_case(case: Case) -> Result:
   return compile_case(fn, args, name=case.name)
 
 
+# ptxas's note when it compiles relocatable code (jax 0.12's Mosaic GPU path): every warpgroup is
+# then held to the launch bound, whatever its setmaxnreg budget, and spills accordingly.
+SETMAXNREG_IGNORED = "'setmaxnreg' ignored"
+
+
 def _row(case: Case, res: Result | None, error: str | None) -> str:
   if res is None:
     return f"| {case.name} | no: {error} | | | |"
@@ -373,6 +383,8 @@ def _row(case: Case, res: Result | None, error: str | None) -> str:
   label = (lambda p: f"{short(p)} ") if len(ks) > 1 else (lambda p: "")
   none = "(cached)" if case.flavour == MOSAIC or res.ptx_dumped else "(no PTX dump)"
   regs = ", ".join(f"{label(p)}{p.registers}" for p in ks) or none
+  if SETMAXNREG_IGNORED in res.log:  # jax 0.12's relocatable Mosaic GPU compile (bench/RESULTS.md)
+    regs += " (setmaxnreg ignored)"
   spills = ", ".join(f"{label(p)}{p.spill_stores}" for p in ks) or none
   smem = (", ".join(f"{s // 1024} KiB" for s in res.smem) if res.smem
           else "(Triton: XLA checks the limit)")

@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["named", "num_sms", "grid_size", "interpret_context", "interpret_params",
            "warpgroup_compiler_params", "loop_index", "load_ref", "snake", "wgmma_t", "wgmma_iota",
-           "store_rows", "producer_ring"]
+           "store_rows", "producer_ring", "opaque_zero"]
 
 _H100_SMS = 132
 _INTERPRET_CTAS = 4  # persistent CTAs in interpret mode (each is a simulated thread)
@@ -136,6 +136,21 @@ def wgmma_iota(shape, dim: int, interpret: bool = False) -> jax.Array:
   """int32 iota along `dim` in the WGMMA register layout (the layout hint is hardware-only)."""
   iota = lax.broadcasted_iota(jnp.int32, shape, dim)
   return iota if interpret else plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
+
+
+def opaque_zero(x, interpret: bool = False):
+  """int32 0 that LLVM cannot prove is 0, derived from the loop-variant scalar `x`.
+
+  Index a loop-invariant shared-memory operand of a wgmma with `i + opaque_zero(j)` inside a
+  loop over j: otherwise LLVM hoists its wgmma descriptors (one 64-bit value per 16-wide K step,
+  e.g. 36 for a [64, 576] Q tile) out of the loop and ptxas holds them in registers across it,
+  where an accumulator-heavy warpgroup has none to spare (the register spills bench/gpu_aot.py
+  reported); this way each step derives them from one base address, as for the streamed tiles.
+  Interpret mode: a plain 0.
+  """
+  if interpret:
+    return 0
+  return lax.optimization_barrier(x) - x
 
 
 def store_rows(o_smem, o_gmem, row0, start, size, col_slice, max_rows):

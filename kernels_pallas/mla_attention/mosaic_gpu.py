@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, named, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import (interpret_params, load_ref, named, opaque_zero,
+                                                   producer_ring)
 from dsv3_jax.kernels_pallas.mla_attention import gpu as triton_gpu
 from dsv3_jax.kernels_pallas.mla_attention import mosaic_gpu_backward as mgpu_bwd
 from dsv3_jax.kernels_pallas.mla_attention.mosaic_gpu_backward import BackwardBlockSizes
@@ -191,8 +192,9 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig, parts, nk: i
       slot = lax.rem(j, stages)
 
       def qk(acc_ref):
+        qw = wg + opaque_zero(slot)  # Q's descriptors not held across the loop (`opaque_zero`)
         for q_smem, k_smem in zip(q_smems, k_smems):
-          plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, q_smem.at[qw], k_smem.at[slot].transpose((1, 0)))
         schedule_barrier()
         return acc_ref[...]
 

@@ -5,10 +5,11 @@ Two kernels after an XLA preprocess delta = rowsum(dO * O) [b, h, tq] float32:
   block_q rows each and keep dQ in f32 registers, a memory warpgroup streams K (as its column
   parts) and V blocks through `max_concurrent_steps` shared-memory slots. Per key block:
   s = Q K^T, p = exp2(s * c - lse), dp = dO V^T, ds = p (dp - delta), dQ += ds K.
-- dk/dv: one CTA owns block_k key rows of one (kv head, batch); one compute warpgroup
-  (`_DKV_WGS`) keeps dK [block_k, dqk] and dV [block_k, dv] in f32 registers; the memory
-  warpgroup streams, for each query head of the kv head's group (GQA/MQA: the sum over the group
-  happens in registers), the query blocks that see the CTA's keys: Q parts, dO, lse, delta.
+- dk/dv: one CTA owns 2 * block_k key rows of one (kv head, batch); two compute warpgroups
+  (`_DKV_WGS`) take block_k rows each and keep dK [block_k, dqk] and dV [block_k, dv] in f32
+  registers; the memory warpgroup streams, for each query head of the kv head's group (GQA/MQA:
+  the sum over the group happens in registers), the query blocks that see the CTA's keys: Q
+  parts, dO, lse, delta.
   Per query block: sT = K Q^T, pT = exp2(sT * c - lse), dV += pT dO, dpT = V dO^T,
   dsT = pT (dpT - delta), dK += dsT Q. Atomics-free: no kernel writes another's output.
 
@@ -34,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsv3_jax.kernels_pallas.mosaic_common import interpret_params, load_ref, named, producer_ring
+from dsv3_jax.kernels_pallas.mosaic_common import (interpret_params, load_ref, named, opaque_zero,
+                                                   producer_ring)
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
                                                              may_mask, q_block_range)
 
@@ -42,11 +44,13 @@ __all__ = ["BackwardBlockSizes", "backward", "smem_bytes", "unsupported_reason"]
 
 LOG2E = math.log2(math.e)
 # Compute warpgroups of the dk/dv kernel. dK and dV hold 160 f32 registers per thread at
-# DeepSeek-V3 dims (192 + 128): with two compute warpgroups (384 threads, setmaxnreg 232) ptxas
-# spilled ~300-400 bytes; one compute warpgroup and the memory one (256 threads, up to 255
-# registers each) spill 96 (bench/gpu_aot.py, bench/RESULTS.md). The dq kernel keeps two (96
-# accumulator registers, no spills).
-_DKV_WGS = 1
+# DeepSeek-V3 dims (192 + 128); with K's and V's wgmma descriptors kept out of registers across
+# the loop (`opaque_zero`), two compute warpgroups at setmaxnreg 240 (the memory one at 24:
+# 2 * 240 + 24 = 3 * 168, the launch allocation) compile for sm_90a without spills (with
+# segment ids one register, 8 bytes, outside the loop; bench/RESULTS.md "GPU AOT"). Two rather
+# than one: one warpgroup's softmax-side work overlaps the other's wgmmas, and each streamed
+# Q / dO block serves 2 * block_k keys. The dq kernel has two as well (96 accumulator registers).
+_DKV_WGS = 2
 _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
             "col": plgpu.Layout.WGMMA.reduce(0)}
 
@@ -307,7 +311,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   @pl.when(wg < _DKV_WGS)
   def _compute():
     if _DKV_WGS > 1:
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(240, action="increase")
     row0 = kt * _DKV_WGS * bk + wg * bk
     q_lo, q_full = q_block_range(row0, off, **range_kw)
     rows = pl.ds(row0, bk)
@@ -324,7 +328,10 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       dks, dv = carry
       slot = lax.rem(base + qi, stages)
       plgpu.barrier_wait(q_bar.at[slot])
-      st = ops.dot_nt([(k.at[wg], q.at[slot]) for k, q in zip(k_smems, q_smems)], (bk, bq))
+      # K's and V's wgmma descriptors recomputed per step, not held in registers across the
+      # loop (`opaque_zero`): hoisted, they made ptxas spill ~100 bytes here.
+      kw = wg + opaque_zero(slot, cfg.interpret)
+      st = ops.dot_nt([(k.at[kw], q.at[slot]) for k, q in zip(k_smems, q_smems)], (bk, bq))
       if masked:
         q_seg = kv_seg = None
         if cfg.has_segments:  # re-read from shared memory: nothing held across steps
@@ -335,9 +342,9 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
       pt = jnp.exp2(st * c - lse).astype(dtype)  # 0 where masked and on rows with lse = +inf
       # pT kept in dtype only, dV's wgmma and then dpT's in separate groups (fewer live
-      # registers): 96 bytes of spills instead of 208 with one compute warpgroup.
+      # registers than one group for both).
       (dv,) = ops.accumulate((dv,), pt, [do_smem.at[slot]])
-      dpt = ops.dot_nt([(v_smem.at[wg], do_smem.at[slot])], (bk, bq))
+      dpt = ops.dot_nt([(v_smem.at[kw], do_smem.at[slot])], (bk, bq))
       delta = lax.broadcast_in_dim(ops.load_row(delta_smem, slot, "col"), (bk, bq), [1])
       dst = (pt.astype(jnp.float32) * (dpt - delta)).astype(dtype)
       dks = ops.accumulate(dks, dst, [q.at[slot] for q in q_smems])
@@ -371,7 +378,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   @pl.when(wg == _DKV_WGS)
   def _memory():
     if _DKV_WGS > 1:
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(24, action="decrease")
     total = g * n_per
 
     def load(t, slot):

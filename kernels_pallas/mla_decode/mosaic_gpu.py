@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsv3_jax.kernels_pallas.mosaic_common import (interpret_context, load_ref, named, num_sms,
-                                                   producer_ring)
+                                                   opaque_zero, producer_ring)
 from dsv3_jax.kernels_pallas.mla_decode.reference import combine_splits
 
 __all__ = ["BlockSizes", "mla_decode", "unsupported_reason", "smem_bytes", "HEADS_PER_CTA"]
@@ -119,7 +119,8 @@ def unsupported_reason(q, latent, rope, block_tables, blocks: BlockSizes | None 
   return None
 
 
-_LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1)}
+_LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
+            "col": plgpu.Layout.WGMMA.reduce(0)}
 
 
 def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref, q_smems,
@@ -149,9 +150,11 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
 
   def zero_rows_past_end(v_smem, j):
     """Zeroes the value rows at or past `length` of relative block j in shared memory."""
-    rows = plgpu.broadcasted_iota(jnp.int32, v_smem.shape, 0, layout=lay("tile")) + (c0 + j) * bk
+    # A 1-d row iota broadcast (an iota in the tile layout would be [bk, C/2] int32 registers).
+    rows = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=lay("row")) + (c0 + j) * bk
+    keep = lax.broadcast_in_dim(rows < length, v_smem.shape, [0])
     v = v_smem[...]
-    v_smem[...] = jnp.where(rows < length, v, jnp.zeros_like(v))
+    v_smem[...] = jnp.where(keep, v, jnp.zeros_like(v))
 
   def pv(acc, v_smem, alpha):
     """alpha * acc + P . v (P from shared memory)."""
@@ -177,14 +180,14 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[batch, split, heads, pl.ds(col0, half)])
 
   # Register budgets (setmaxnreg; 3 x 168 per thread in all): the score warpgroup holds its half
-  # of O and the [64, block_k] scores, the value warpgroup only its half of O, the memory one
-  # addresses. Compiled for sm_90a (bench/gpu_aot.py), an even 232 / 232 / 40 spilled ~450 bytes;
-  # 256 / 224 / 24 roughly halves that (the score warpgroup still spills, see bench/RESULTS.md).
+  # of O (128) and the [64, block_k] scores (32), the value warpgroup only its half of O, the
+  # memory one addresses. Compiled for sm_90a (bench/gpu_aot.py): no spills at 256 / 224 / 24
+  # with Q's descriptors kept out of registers (see `qk`) and the masked block a single step.
   @pl.when(wg == 0)
   def _score():
     plgpu.set_max_registers(256, action="increase")
     for (o, w), q_smem in zip(parts, q_smems):
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, heads, pl.ds(o, w)], q_smem, q_bar)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, heads, pl.ds(o, w)], q_smem.at[0], q_bar)
     plgpu.barrier_wait(q_bar)
     c = scale * LOG2E
 
@@ -197,20 +200,26 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
       if interpret:  # the interpreter's wgmma cannot read a transposed operand
         s = None
         for q_smem, k_smem, num in zip(q_smems, k_smems, nums):
-          dot = lax.dot_general(q_smem[...], k_smem.at[slot][...], num,
+          dot = lax.dot_general(q_smem[0], k_smem.at[slot][...], num,
                                 preferred_element_type=jnp.float32)
           s = dot if s is None else s + dot
       else:
+        # Q's 36 wgmma descriptors hoisted out of the loop held ~50 registers across it (the
+        # score warpgroup's spills): an opaque zero index makes them loop-variant.
+        zero = opaque_zero(slot)
+
         def qk(acc_ref):
           for q_smem, k_smem, num in zip(q_smems, k_smems, nums):
+            q_smem = q_smem.at[zero]
             k = k_smem.at[slot]
             plgpu.wgmma(acc_ref, q_smem, k.transpose((1, 0)) if num is NT else k)
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((nh, bk), jnp.float32))
       s = s * c
       if masked:
-        pos = plgpu.broadcasted_iota(jnp.int32, (nh, bk), 1, layout=lay("tile")) + (c0 + j) * bk
-        s = jnp.where(pos < length, s, -jnp.inf)  # m starts finite: masked entries give 0
+        pos = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=lay("col")) + (c0 + j) * bk
+        keep = lax.broadcast_in_dim(pos < length, s.shape, [1])
+        s = jnp.where(keep, s, -jnp.inf)  # m starts finite: masked entries give 0
       m_next = jnp.maximum(m, s.max(axis=1))
       alpha = jnp.exp2(m - m_next)
       p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
@@ -232,7 +241,10 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
       carry = (plgpu.layout_cast(carry[0], lay("tile")), plgpu.layout_cast(carry[1], lay("row")),
                plgpu.layout_cast(carry[2], lay("row")))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, nblk, functools.partial(step, masked=True), carry)
+    # At most one block is masked (the sequence's last): a conditional step, not a loop, so
+    # LLVM hoists none of its (swizzled shared-memory) addresses into registers held across it.
+    acc, m, l = lax.cond(nblk > n_full, functools.partial(step, n_full, masked=True),
+                         lambda c: c, carry)
     pl.when(nblk > 0)(lambda: plgpu.barrier_wait(p_free))
     seen = l > 0.0
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
@@ -241,7 +253,7 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
     vec_smem.at[0][...] = jnp.where(seen, m + log_l, -jnp.inf)  # alpha's row is free now
     plgpu.commit_smem()
     plgpu.barrier_arrive(p_bar)  # the partner's final phase: 1 / l is ready
-    store_out(acc, inv, q_smems[0], 0)  # Q is dead: its first part holds the output tile
+    store_out(acc, inv, q_smems[0].at[0], 0)  # Q is dead: its first part holds the output tile
     plgpu.copy_smem_to_gmem(vec_smem.at[0], lse_ref.at[batch, split, heads])
     plgpu.wait_smem_to_gmem(0)
 
@@ -266,9 +278,9 @@ def _kernel(len_ref, layer_ref, bt_ref, q_ref, lat_ref, rope_ref, o_ref, lse_ref
     if not interpret:
       acc = plgpu.layout_cast(acc, lay("tile"))
     acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
-    acc = lax.fori_loop(n_full, nblk, functools.partial(step, masked=True), acc)
+    acc = lax.cond(nblk > n_full, functools.partial(step, n_full, masked=True), lambda a: a, acc)
     plgpu.barrier_wait(p_bar)
-    store_out(acc, load_vec(1), q_smems[1], half)  # the score warpgroup is done with Q
+    store_out(acc, load_vec(1), q_smems[1].at[0], half)  # the score warpgroup is done with Q
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 2)
@@ -350,7 +362,8 @@ def mla_decode(q, latent, rope, lengths, layer, block_tables, *, scale: float,
   tiling = plgpu.TilingTransform((8, 64))
   swizzle = plgpu.SwizzleTransform(128)
   smem = lambda shape: plgpu.SMEM(shape, q.dtype, transforms=(tiling, swizzle))
-  q_smems = tuple(smem((HEADS_PER_CTA, w)) for _, w in parts)
+  # Q parts [1, 64, w]: indexed by an opaque zero in the loop (see `qk` in the kernel).
+  q_smems = tuple(smem((1, HEADS_PER_CTA, w)) for _, w in parts)
   k_smems = tuple(smem((stages, bk, w)) for _, w in parts[:2]) + (smem((stages, d - rank, bk)),)
   p_smem = smem((HEADS_PER_CTA, bk))
   vec_smem = plgpu.SMEM((2, HEADS_PER_CTA), jnp.float32)  # alpha (then base-2 lse), 1 / l
