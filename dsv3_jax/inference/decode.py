@@ -147,8 +147,9 @@ def _split_hidden_for_lora(h):
 
 
 # Query rows (tokens x local heads) per paged `mla_decode` call: a 64-token prefill chunk with
-# DeepSeek-V3's 128 heads is 8192 rows, 84 MB of VMEM in the TPU kernel (v5p has 64 MB).
-PAGED_QUERY_ROWS = 2048
+# DeepSeek-V3's 128 heads is 8192 rows, 84 MB of VMEM in the TPU kernel (~10 KB a row; v5p has
+# 64 MB, and 2048 rows still exceeded v5p's scoped VMEM limit, while v6e took them).
+PAGED_QUERY_ROWS = 1024
 
 
 def paged_attention_steps(q: jax.Array, latent: jax.Array, rope: jax.Array,
