@@ -174,7 +174,7 @@ class Liveness:
     self.comps = comps
     self.memo: dict[str, tuple[int, int, list]] = {}
 
-  def _fusion_alias(self, ins: Instr, shape) -> int | None:
+  def _fusion_alias(self, ins: Instr) -> int | None:
     """Operand index a fusion updates in place (its root is a dynamic-update-slice / scatter of
     a fusion parameter), else None."""
     for c in _called(ins):
@@ -223,16 +223,14 @@ class Liveness:
         values[ins.name] = ops
       elif op in ("while",):
         values[ins.name] = ops[0] if ops else None
-      elif op in VIEW_OPS or op == "copy-start":
-        if op == "copy-start":
-          v = new(ins.shape, ins, t)
-          values[ins.name] = v
-        else:
-          values[ins.name] = ops[0] if ops and op not in ("constant",) else None
+      elif op == "copy-start":
+        values[ins.name] = new(ins.shape, ins, t)
+      elif op in VIEW_OPS:
+        values[ins.name] = ops[0] if ops and op != "constant" else None
       else:
         alias = INPLACE_OPERAND.get(op)
         if op == "fusion":
-          alias = self._fusion_alias(ins, ins.shape)
+          alias = self._fusion_alias(ins)
         m = re.search(r"output_to_operand_aliasing=\{\{\}:\s*\((\d+)", ins.attrs)
         if m:
           alias = int(m.group(1))
@@ -272,10 +270,7 @@ class Liveness:
       total = live + inner.get(t, (0, []))[0]
       if total > peak:
         peak, at = total, t
-    last = {}
-    for t2, ins2 in enumerate(comp.instrs):
-      last[t2] = ins2.name
-    here = [(b.size, f"{b.desc} {b.name}->{last[min(b.end, n - 1)]}", b.op_name, None)
+    here = [(b.size, f"{b.desc} {b.name}->{comp.instrs[min(b.end, n - 1)].name}", b.op_name, None)
             for b in bufs if b.size and b.start <= at <= b.end]
     if at in inner:
       here.append((inner[at][0], f"inside {comp.instrs[at].opcode} {name}@{at}/{n} "
