@@ -170,8 +170,9 @@ def _called(ins: Instr) -> list[str]:
 
 
 class Liveness:
-  def __init__(self, comps: dict[str, Comp]):
+  def __init__(self, comps: dict[str, Comp], drop: set[str] = frozenset()):
     self.comps = comps
+    self.drop = drop  # instruction names whose outputs are not counted (what-if analyses)
     self.memo: dict[str, tuple[int, int, list]] = {}
 
   def _fusion_alias(self, ins: Instr) -> int | None:
@@ -205,7 +206,7 @@ class Liveness:
       if isinstance(shape, list):
         return [new(s, ins, t) for s in shape]
       size, desc = shape
-      if size == 0:
+      if size == 0 or ins.name in self.drop:
         return None
       bufs.append(Buf(size, desc, ins.op_name, t, t, ins.name))
       return len(bufs) - 1
@@ -280,10 +281,12 @@ class Liveness:
     return self.memo[name]
 
 
-def report(text: str, top: int = 40, depth: int = 3) -> dict:
+def report(text: str, top: int = 40, depth: int = 3, drop=frozenset()) -> dict:
+  """The peak and what is live there (see the module docstring); `drop`: names of instructions
+  whose outputs are left out (to ask what the peak would be without them)."""
   comps = parse(text)
   entry = next(c for c in comps.values() if c.entry)
-  lv = Liveness(comps)
+  lv = Liveness(comps, set(drop))
   peak, at, live = lv.analyse(entry.name)
   return {"peak_bytes": peak, "at": entry.instrs[at].name, "live": _rows(live, top, depth)}
 
@@ -317,8 +320,9 @@ def main(argv=None):
   ap.add_argument("--top", type=int, default=40)
   ap.add_argument("--depth", type=int, default=3)
   ap.add_argument("--json", action="store_true")
+  ap.add_argument("--drop", default="", help="comma-separated instruction names not to count")
   a = ap.parse_args(argv)
-  r = report(open(a.hlo).read(), a.top, a.depth)
+  r = report(open(a.hlo).read(), a.top, a.depth, frozenset(filter(None, a.drop.split(","))))
   if a.json:
     print(json.dumps(r))
     return
