@@ -29,6 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.attention import MLA
 from dsv3_jax.config import ModelConfig, RuntimeConfig
@@ -122,7 +123,7 @@ def remat_block(fn, policy: str):
         offload_src="device", offload_dst="pinned_host")
 
     def named(x, *a):
-      return fn(jax.ad_checkpoint.checkpoint_name(x, "decoder_layer_input"), *a)
+      return fn(checkpoint_name(x, "decoder_layer_input"), *a)
     return jax.checkpoint(named, policy=p)
   p = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
   return jax.checkpoint(fn, policy=p)

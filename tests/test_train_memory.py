@@ -109,3 +109,25 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
   assert r["peak_bytes"] == 4096 + 16384, r
   assert r["at"] == "w"
   assert any(row["bytes"] == 16384 for row in r["live"][0]["inside"])
+
+
+def test_offload_remat_traces():
+  """remat="offload" names the saved block input with `checkpoint_name` (it used to reach for
+  `jax.ad_checkpoint` as an attribute, which plain `import jax` does not provide on jax 0.10,
+  and `dsv3 plan --remat offload` died with an AttributeError). Tracing the gradient is enough:
+  the offload itself needs a TPU/GPU memory space."""
+  from flax import nnx
+
+  import dsv3_jax
+  from dsv3_jax.train.optim import training_runtime
+  cfg = dsv3_jax.TINY.replace(num_hidden_layers=2, first_k_dense_replace=1)
+  model = dsv3_jax.DeepseekV3(cfg, training_runtime(jnp.bfloat16, remat="offload"),
+                              rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+
+  def loss(p):
+    return nnx.merge(graphdef, p, rest).forward(tokens).logits.sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+  assert "decoder_layer_input" in str(jaxpr)
