@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
-from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight,
+from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight, compute_cast,
                              fp8_inference_only)
 from dsv3_jax.sharding import expert_parallel, kernel_map
 
@@ -233,7 +233,7 @@ class Experts(nnx.Module):
                               getattr(self, f"{name}_weight_scale_inv").get_value()))
       else:
         w = getattr(self, name).get_value()
-        out.append(w.astype(self.rt.dtype) if cast else w)
+        out.append(compute_cast(w, self.rt.dtype) if cast else w)
     return out
 
   def __call__(self, x: jax.Array, routing: Routing,
