@@ -43,6 +43,20 @@ def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.
   return starts, ends
 
 
+def _enumerate(first: jax.Array, counts: jax.Array, max_items: int):
+  """Items of groups with counts[g] consecutive row tiles from tile first[g], in group order:
+  (item, tile, group, num_items), int32 [max_items] (the unused items past num_items repeat
+  the last used one, so a kernel's index maps re-read nothing)."""
+  item = jnp.arange(max_items, dtype=jnp.int32)
+  group = jnp.repeat(jnp.arange(counts.shape[0], dtype=jnp.int32), counts,
+                     total_repeat_length=max_items)
+  tile = first[group] + item - (jnp.cumsum(counts) - counts)[group]
+  num_items = jnp.sum(counts).astype(jnp.int32)
+  valid, last_item = item < num_items, num_items - 1
+  return (item, jnp.where(valid, tile, tile[last_item]), jnp.where(valid, group, group[last_item]),
+          num_items)
+
+
 def row_tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> Schedule:
   """Builds the work list for lhs rows [0, num_rows) tiled by block_m (see module docstring)."""
   num_groups = group_sizes.shape[0]
@@ -53,17 +67,8 @@ def row_tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> Sc
   first = starts // block_m
   last = (ends - 1) // block_m
   counts = jnp.where(ends > starts, last - first + 1, 0)
-  max_items = -(-num_rows // block_m) + num_groups
-  item = jnp.arange(max_items, dtype=jnp.int32)
-  group = jnp.repeat(jnp.arange(num_groups + 1, dtype=jnp.int32), counts,
-                     total_repeat_length=max_items)
-  offsets = jnp.cumsum(counts) - counts
-  tile = first[group] + item - offsets[group]
-  num_items = jnp.sum(counts).astype(jnp.int32)
+  item, tile, group, num_items = _enumerate(first, counts, -(-num_rows // block_m) + num_groups)
   valid = item < num_items
-  last_item = num_items - 1
-  tile = jnp.where(valid, tile, tile[last_item])
-  group = jnp.where(valid, group, group[last_item])
   lo = jnp.maximum(starts[group], tile * block_m)
   hi = jnp.where(valid, jnp.minimum(ends[group], tile * block_m + block_m), lo)
   return Schedule(tile.astype(jnp.int32), group, lo.astype(jnp.int32), hi.astype(jnp.int32),
@@ -82,17 +87,8 @@ def group_tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> 
   first = jnp.where(nonempty, starts // block_m,
                     jnp.minimum(jnp.maximum(starts - 1, 0) // block_m, n_tiles - 1))
   counts = jnp.where(nonempty, (ends - 1) // block_m - starts // block_m + 1, 1)
-  max_items = n_tiles + num_groups
-  item = jnp.arange(max_items, dtype=jnp.int32)
-  group = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), counts,
-                     total_repeat_length=max_items)
-  offsets = jnp.cumsum(counts) - counts
-  tile = first[group] + item - offsets[group]
-  num_items = jnp.sum(counts).astype(jnp.int32)
+  item, tile, group, num_items = _enumerate(first, counts, n_tiles + num_groups)
   valid = item < num_items
-  last_item = num_items - 1
-  tile = jnp.where(valid, tile, tile[last_item])
-  group = jnp.where(valid, group, group[last_item])
   lo = jnp.where(nonempty[group], jnp.maximum(starts[group], tile * block_m), starts[group])
   hi = jnp.where(valid & nonempty[group], jnp.minimum(ends[group], tile * block_m + block_m), lo)
   return Schedule(tile.astype(jnp.int32), group, lo.astype(jnp.int32), hi.astype(jnp.int32),
