@@ -429,8 +429,7 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
     # it XLA:TPU fused the two rounds' [R, D] row masks into one multi-output fusion (they share
     # the group sizes), keeping the forward's receive-side expert outputs live through the
     # backward's grouped matmuls (~2 GiB per device at DeepSeek-V3 scale).
-    x, weights, route, ys, dy = jax.lax.optimization_barrier((res[0], res[1], res[3], res[4], dy))
-    params = res[2]
+    x, weights, params, route, ys = res
     (order, inv), (n, K) = route[:2], weights.shape
     inv = inv.reshape(n, K)
     dweights = jnp.stack([(ys[inv[:, k]].astype(jnp.float32) * dy).sum(-1) for k in range(K)],
