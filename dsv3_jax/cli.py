@@ -72,12 +72,14 @@ def _default_platform() -> None:
   """Pins jax to the CPU on a host without accelerators unless the user chose (`JAX_PLATFORMS`).
   `dsv3 plan` compiles for TPU through the topology API, which does not need the TPU backend."""
   import os
-  if "JAX_PLATFORMS" not in os.environ and _accelerator_free_host():
+  if not _accelerator_free_host():
+    return
+  # libtpu still starts for `dsv3 plan`'s topology; with no TPU VM metadata to read it prints
+  # its worker-hostname errors unless told there is one local worker.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  if "JAX_PLATFORMS" not in os.environ:
     os.environ["JAX_PLATFORMS"] = "cpu"
-    # libtpu still starts for `dsv3 plan`'s topology; with no TPU VM metadata to read it prints
-    # its worker-hostname errors unless told there is one local worker.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if "jax" in sys.modules:  # imported by the package, backends not started yet: set it there too
       sys.modules["jax"].config.update("jax_platforms", "cpu")
 
