@@ -68,10 +68,13 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def _check_tiles(tiles):
+def _blocks(tiles, t: int, k: int, n: int) -> tuple[int, int, int]:
+  """Checks the preferred (bm, bk, bn) tiles and returns the blocks used for a [t, k] x [k, n]
+  product (`fp8_tpu.tile_size` of each dim)."""
   bm, bk, bn = tiles
   if bk % 128 or bn % 128 or bm % 8:
     raise ValueError(f"TPU tiles (bm, bk, bn) must be multiples of (8, 128, 128), got {tiles}")
+  return tuple(fp8_tpu.tile_size(d, p) for d, p in zip((t, k, n), tiles))
 
 
 def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, layer_ref, x_ref, w_ref, o_ref, acc_ref, *,
@@ -129,9 +132,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array
     raise ValueError(f"gmm: lhs {lhs.shape} needs rhs {want} (or [L, ...] with layer) with "
                      f"K = {k} and group_sizes [G]; got rhs {rhs.shape[int(not stacked):]}, "
                      f"group_sizes {group_sizes.shape}")
-  tiles = tiles or GMM_TILES
-  _check_tiles(tiles)
-  bm, bk, bn = (fp8_tpu.tile_size(d, p) for d, p in zip((t, k, n), tiles))
+  bm, bk, bn = _blocks(tiles or GMM_TILES, t, k, n)
   nk, nn = _cdiv(k, bk), _cdiv(n, bn)
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   sched = row_tile_schedule(group_sizes, t, bm)
@@ -228,9 +229,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
     raise ValueError(f"tgmm: lhs {lhs.shape} and dout {dout.shape} must have the same rows")
   if num_groups is not None and num_groups != g:
     raise ValueError(f"tgmm: num_groups {num_groups} != len(group_sizes) {g}")
-  tiles = tiles or TGMM_TILES
-  _check_tiles(tiles)
-  bm, bk, bn = (fp8_tpu.tile_size(d, p) for d, p in zip((t, k, n), tiles))
+  bm, bk, bn = _blocks(tiles or TGMM_TILES, t, k, n)
   nk, nn = _cdiv(k, bk), _cdiv(n, bn)
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   sched = group_tile_schedule(group_sizes, t, bm)
