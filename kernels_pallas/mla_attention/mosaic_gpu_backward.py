@@ -18,7 +18,8 @@ products over dqk are sums of per-part wgmmas and dQ / dK are one accumulator pe
 The log-sum-exp is the forward's: base 2 of the scores times scale * log2(e), +inf on rows that
 see no key (p = 0 there, so those rows get zero gradients). Masking follows `reference.py`
 (causal with per-batch q_offset, key padding, segment ids) with `kv_block_range` /
-`q_block_range` deciding which blocks are skipped, masked or fully visible.
+`q_block_range` deciding which blocks are skipped, masked or fully visible (the dk/dv kernel
+masks segment ids alone, without positions, outside the causal-diagonal and padded blocks).
 
 Interpret mode (CPU) runs the same pipelines and barriers, with plain dots of the shared-memory
 tiles in place of wgmma (the interpreter takes neither transposed nor register operands).
@@ -45,11 +46,12 @@ __all__ = ["BackwardBlockSizes", "backward", "smem_bytes", "unsupported_reason"]
 LOG2E = math.log2(math.e)
 # Compute warpgroups of the dk/dv kernel. dK and dV hold 160 f32 registers per thread at
 # DeepSeek-V3 dims (192 + 128); with K's and V's wgmma descriptors kept out of registers across
-# the loop (`opaque_zero`), two compute warpgroups at setmaxnreg 240 (the memory one at 24:
-# 2 * 240 + 24 = 3 * 168, the launch allocation) compile for sm_90a without spills (with
-# segment ids one register, 8 bytes, outside the loop; bench/RESULTS.md "GPU AOT"). Two rather
-# than one: one warpgroup's softmax-side work overlaps the other's wgmmas, and each streamed
-# Q / dO block serves 2 * block_k keys. The dq kernel has two as well (96 accumulator registers).
+# the loop (`opaque_zero`) and the position iotas confined to the causal-diagonal / padded
+# blocks (`_dkv_kernel`'s `mask`), two compute warpgroups at setmaxnreg 240 (the memory one at
+# 24: 2 * 240 + 24 = 3 * 168, the launch allocation) compile for sm_90a without spills, with
+# segment ids too (bench/RESULTS.md "GPU AOT"). Two rather than one: one warpgroup's
+# softmax-side work overlaps the other's wgmmas, and each streamed Q / dO block serves
+# 2 * block_k keys. The dq kernel has two as well (96 accumulator registers).
 _DKV_WGS = 2
 _LAYOUTS = {"tile": plgpu.Layout.WGMMA, "row": plgpu.Layout.WGMMA.reduce(1),
             "col": plgpu.Layout.WGMMA.reduce(0)}
@@ -313,7 +315,10 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     if _DKV_WGS > 1:
       plgpu.set_max_registers(240, action="increase")
     row0 = kt * _DKV_WGS * bk + wg * bk
-    q_lo, q_full = q_block_range(row0, off, **range_kw)
+    # [q_lo, q_full): blocks cut by the causal diagonal or holding key padding (positions
+    # needed); [q_full, nq): with segment ids only the segment mask (no iotas: with them live
+    # across that loop too, ptxas spilled 8 bytes), else no mask.
+    q_lo, q_full = q_block_range(row0, off, **dict(range_kw, has_segments=False))
     rows = pl.ds(row0, bk)
     for (o, w), k_smem in zip(parts, k_smems):
       plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head, pl.ds(o, w)], k_smem.at[wg],
@@ -324,7 +329,7 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     plgpu.barrier_wait(k_bar.at[wg])
     c = cfg.scale * LOG2E
 
-    def step(qi, carry, base, masked: bool):
+    def step(qi, carry, base, mask: str | None):  # mask: None, "segments" or "all"
       dks, dv = carry
       slot = lax.rem(base + qi, stages)
       plgpu.barrier_wait(q_bar.at[slot])
@@ -332,15 +337,20 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       # loop (`opaque_zero`): hoisted, they made ptxas spill ~100 bytes here.
       kw = wg + opaque_zero(slot, cfg.interpret)
       st = ops.dot_nt([(k.at[kw], q.at[slot]) for k, q in zip(k_smems, q_smems)], (bk, bq))
-      if masked:
+      lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
+      pt = jnp.exp2(st * c - lse).astype(dtype)  # 0 on rows with lse = +inf
+      # The mask selects on pT (bf16, st's registers already free) rather than -inf into st:
+      # fewer live registers while the segment ids are loaded, and st * c - lse stays one FMA.
+      if mask is not None:
         q_seg = kv_seg = None
         if cfg.has_segments:  # re-read from shared memory: nothing held across steps
           q_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[1], slot, "col"), (bk, bq), [1])
           kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bk, bq), [0])
-        vis = _visible(ops, (bk, bq), 1, off + qi * bq, row0, cfg, q_seg, kv_seg)
-        st = jnp.where(vis, st, -jnp.inf)
-      lse = lax.broadcast_in_dim(ops.load_row(lse_smem, slot, "col"), (bk, bq), [1])
-      pt = jnp.exp2(st * c - lse).astype(dtype)  # 0 where masked and on rows with lse = +inf
+        if mask == "segments":
+          vis = q_seg == kv_seg
+        else:
+          vis = _visible(ops, (bk, bq), 1, off + qi * bq, row0, cfg, q_seg, kv_seg)
+        pt = jnp.where(vis, pt, jnp.zeros_like(pt))
       # pT kept in dtype only, dV's wgmma and then dpT's in separate groups (fewer live
       # registers than one group for both).
       (dv,) = ops.accumulate((dv,), pt, [do_smem.at[slot]])
@@ -359,10 +369,11 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     def per_head(hi, carry):
       base = hi * n_per - cta_lo  # global step of query block qi is base + qi
       lax.fori_loop(cta_lo, q_lo, functools.partial(drain, base=base), None)
-      if may_mask(cfg, bk):
-        carry = lax.fori_loop(q_lo, q_full, functools.partial(step, base=base, masked=True),
+      if cfg.causal or cfg.kv_len % bk:
+        carry = lax.fori_loop(q_lo, q_full, functools.partial(step, base=base, mask="all"),
                               carry)
-      return lax.fori_loop(q_full, nq, functools.partial(step, base=base, masked=False), carry)
+      rest = "segments" if cfg.has_segments else None
+      return lax.fori_loop(q_full, nq, functools.partial(step, base=base, mask=rest), carry)
 
     carry = (tuple(ops.zeros((bk, w)) for _, w in parts), ops.zeros((bk, v_ref.shape[-1])))
     dks, dv = lax.fori_loop(0, g, per_head, carry)
