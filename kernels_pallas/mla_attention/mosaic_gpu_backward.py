@@ -18,8 +18,8 @@ products over dqk are sums of per-part wgmmas and dQ / dK are one accumulator pe
 The log-sum-exp is the forward's: base 2 of the scores times scale * log2(e), +inf on rows that
 see no key (p = 0 there, so those rows get zero gradients). Masking follows `reference.py`
 (causal with per-batch q_offset, key padding, segment ids) with `kv_block_range` /
-`q_block_range` deciding which blocks are skipped, masked or fully visible (the dk/dv kernel
-masks segment ids alone, without positions, outside the causal-diagonal and padded blocks).
+`q_block_range` deciding which blocks are skipped, masked or fully visible (segment ids alone,
+without positions, outside the causal-diagonal and padded blocks).
 
 Interpret mode (CPU) runs the same pipelines and barriers, with plain dots of the shared-memory
 tiles in place of wgmma (the interpreter takes neither transposed nor register operands).
@@ -39,7 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from dsv3_jax.kernels_pallas.mosaic_common import (interpret_params, load_ref, named, opaque_zero,
                                                    producer_ring)
 from dsv3_jax.kernels_pallas.mla_attention.reference import (NN, NT, KernelConfig, kv_block_range,
-                                                             may_mask, q_block_range)
+                                                             q_block_range)
 
 __all__ = ["BackwardBlockSizes", "backward", "smem_bytes", "unsupported_reason"]
 
@@ -213,14 +213,19 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   off = off_ref[batch]
   range_kw = dict(block_q=bq, block_k=bk, num_k_blocks=nk, kv_len=cfg.kv_len, causal=cfg.causal,
                   has_segments=cfg.has_segments)
-  _, cta_steps = kv_block_range(off + tile * 2 * bq + bq, **range_kw)
+
+  def cta_steps():  # key blocks streamed: those the CTA's last query row sees
+    # Evaluated where needed, from a fresh read of off_ref (not held across the compute loops).
+    return kv_block_range(off_ref[batch] + tile * 2 * bq + bq, **range_kw)[1]
 
   @pl.when(wg < 2)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
     row0 = tile * 2 * bq + wg * bq
     q_start = off + row0
-    n_full, n_end = kv_block_range(q_start, **range_kw)
+    # [0, n_full): with segment ids only the segment mask, else none; [n_full, n_end): blocks
+    # cut by the causal diagonal or holding key padding (positions needed), as in the dk/dv kernel.
+    n_full, n_end = kv_block_range(q_start, **dict(range_kw, has_segments=False))
     rows = pl.ds(row0, bq)
     for (o, w), q_smem in zip(parts, q_smems):
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head, pl.ds(o, w)], q_smem.at[wg],
@@ -238,17 +243,20 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     if cfg.has_segments:
       q_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[0], wg, "row"), (bq, bk), [0])
 
-    def step(j, accs, masked: bool):
+    def step(j, accs, mask: str | None):  # mask: None, "segments" or "all"
       slot = lax.rem(j, stages)
       plgpu.barrier_wait(kv_bar.at[slot])
       s = ops.dot_nt([(q.at[wg], k.at[slot]) for q, k in zip(q_smems, k_smems)], (bq, bk))
-      if masked:
+      p = jnp.exp2(s * c - lse)  # 0 on rows with lse = +inf
+      if mask is not None:  # a select on p, as in the dk/dv kernel
         kv_seg = None
         if cfg.has_segments:
           kv_seg = lax.broadcast_in_dim(ops.load_row(seg_smems[1], slot, "col"), (bq, bk), [1])
-        vis = _visible(ops, (bq, bk), 0, q_start, j * bk, cfg, q_seg, kv_seg)
-        s = jnp.where(vis, s, -jnp.inf)
-      p = jnp.exp2(s * c - lse)  # 0 where masked and on rows with lse = +inf
+        if mask == "segments":
+          vis = q_seg == kv_seg
+        else:
+          vis = _visible(ops, (bq, bk), 0, q_start, j * bk, cfg, q_seg, kv_seg)
+        p = jnp.where(vis, p, jnp.zeros_like(p))
       dp = ops.dot_nt([(do_smem.at[wg], v_smem.at[slot])], (bq, bk))
       ds = (p * (dp - delta)).astype(dtype)
       accs = ops.accumulate(accs, ds, [k.at[slot] for k in k_smems])
@@ -261,10 +269,11 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       plgpu.barrier_arrive(kv_done.at[slot])
 
     accs = tuple(ops.zeros((bq, w)) for _, w in parts)
-    accs = lax.fori_loop(0, n_full, functools.partial(step, masked=False), accs)
-    if may_mask(cfg, bk):
-      accs = lax.fori_loop(n_full, n_end, functools.partial(step, masked=True), accs)
-    lax.fori_loop(n_end, cta_steps, drain, None)
+    rest = "segments" if cfg.has_segments else None
+    accs = lax.fori_loop(0, n_full, functools.partial(step, mask=rest), accs)
+    if cfg.causal or cfg.kv_len % bk:
+      accs = lax.fori_loop(n_full, n_end, functools.partial(step, mask="all"), accs)
+    lax.fori_loop(n_end, cta_steps(), drain, None)
     for acc, q_smem in zip(accs, q_smems):
       q_smem.at[wg][...] = (acc * cfg.scale).astype(dtype)
     plgpu.commit_smem()
@@ -287,7 +296,7 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
         plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], seg_smems[1].at[slot],
                                 kv_bar.at[slot])
 
-    producer_ring([(lambda slot: plgpu.barrier_wait(kv_done.at[slot]), load)], cta_steps, stages,
+    producer_ring([(lambda slot: plgpu.barrier_wait(kv_done.at[slot]), load)], cta_steps(), stages,
                   static_steps=k_ref.shape[1] // bk)
 
 
