@@ -246,7 +246,7 @@ class DeepseekV3(nnx.Module):
   def cfg(self) -> ModelConfig:
     return self.config
 
-  def _vocab_op(self, fn, few, x, var: nnx.Variable) -> jax.Array:
+  def _vocab_op(self, fn, few, x, var: nnx.Variable, parts: int = 1) -> jax.Array:
     """fn(x, table) for the vocab-sized `var` (embedding or head). When x [B, ...] holds at least
     as many tokens as the vocabulary (training, long prefills), the table is gathered whole in the
     compute dtype inside a shard_map over the batch (`sharding.with_whole_weight`: its gradient is
@@ -254,22 +254,24 @@ class DeepseekV3(nnx.Module):
     otherwise `few(x, table, axes, dtype)` moves the activations instead of the table
     (`sharding.few_token_lookup` / `few_token_logits`: the token ids or hidden states are gathered
     over the batch axes inside a shard_map and meet the table's local vocab shard; no table-sized
-    collective, the logits come out vocab-sharded)."""
+    collective, the logits come out vocab-sharded). parts: x holds that many equal calls'
+    tokens side by side (the path is chosen by one call's count, as if made separately)."""
     value = var.get_value()
     axes = var.get_metadata().get("axes") or (None,) * value.ndim
     n_tokens = x.size if jnp.issubdtype(x.dtype, jnp.integer) else x.size // x.shape[-1]
+    n_tokens //= parts
     if n_tokens < self.config.vocab_size:
       return few(x, value, axes, self.runtime.dtype)
     return with_whole_weight(fn, x, value, axes, self.runtime.dtype)
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+  def embed(self, tokens: jax.Array, parts: int = 1) -> jax.Array:
+    """tokens [B, T] int -> [B, T, D] in the compute dtype. parts: see `_vocab_op`."""
     rows = self._vocab_op(lambda t, table: jnp.take(table, t, axis=0), few_token_lookup, tokens,
-                          self.embed_tokens)
+                          self.embed_tokens, parts)
     return rows.astype(self.runtime.dtype)
 
-  def head(self, h: jax.Array) -> jax.Array:
-    """h [B, T, D] -> float32 logits [B, T, vocab]."""
+  def head(self, h: jax.Array, parts: int = 1) -> jax.Array:
+    """h [B, T, D] -> float32 logits [B, T, vocab]. parts: see `_vocab_op`."""
     if self.lm_head.is_fp8:
       return self.lm_head(h).astype(jnp.float32)
     dt = self.runtime.dtype
@@ -289,7 +291,14 @@ class DeepseekV3(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     remat = self.runtime.remat
-    x = self.embed(tokens)
+    depth = len(self.mtp) if mtp else 0
+    # With MTP, one embedding lookup and one head call serve the main model and every depth
+    # (inputs side by side along T): the vocab tables are gathered and their gradients
+    # reduce-scattered once, and the compiled step holds one copy of those ops, not 1 + depth.
+    # Emb(t_{i+k}) for depth k; the last k positions have no such token and are masked by the loss.
+    ids = [tokens] + [jnp.pad(tokens[:, k:], ((0, 0), (0, k))) for k in range(1, depth + 1)]
+    emb = self.embed(jnp.concatenate(ids, axis=1), parts=depth + 1) if depth else self.embed(tokens)
+    x = emb[:, :T]
     stats = []
     for stack in self.stacks:
       with jax.named_scope(f"layers_{stack.start}_{stack.start + stack.count - 1}"):
@@ -297,21 +306,20 @@ class DeepseekV3(nnx.Module):
       if s is not None:
         stats.append(s)
     hidden = self.norm(x)
-    logits = self.head(hidden)
-    mtp_logits = None
-    if mtp and len(self.mtp):
-      outs, h = [], hidden
+    if not depth:
+      logits, mtp_logits = self.head(hidden), None
+    else:
+      normed, h = [hidden], hidden
       for k, layer in enumerate(self.mtp, start=1):
-        # Emb(t_{i+k}); the last k positions have no such token and are masked by the loss.
-        shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
         graphdef, params, others = nnx.split(layer, nnx.Param, ...)
         params, h = _grads_before_input_grad(params, h)
         run = remat_block(lambda e, hp, st, o, *a: nnx.merge(graphdef, st, o)(e, hp, *a), remat)
-        h, normed, s = run(self.embed(shifted), h, params, others, positions, segment_ids)
+        h, n_k, s = run(emb[:, k * T:(k + 1) * T], h, params, others, positions, segment_ids)
         if s is not None:
           stats.append(jax.tree.map(lambda a: a[None], s))
-        outs.append(self.head(normed))
-      mtp_logits = jnp.stack(outs)
+        normed.append(n_k)
+      out = self.head(jnp.concatenate(normed, axis=1), parts=depth + 1).reshape(B, depth + 1, T, -1)
+      logits, mtp_logits = out[:, 0], jnp.moveaxis(out[:, 1:], 1, 0)
     router_stats = (jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None)
     return ModelOutput(logits, mtp_logits, hidden, router_stats)
 

@@ -120,3 +120,46 @@ def test_mtp_required_but_absent(tmp_path):
   with pytest.raises(ValueError, match="num_nextn_predict_layers=1 but the checkpoint holds 0"):
     dsv3_jax.from_pretrained(tmp_path, mtp=True)
   assert dsv3_jax.from_pretrained(tmp_path).config.num_nextn_predict_layers == 0
+
+
+def _eqns(jaxpr):
+  """Every equation of a (closed) jaxpr, nested jaxprs included."""
+  from tests.utils import _sub_jaxprs
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    yield eqn
+    for sub in _sub_jaxprs(eqn):
+      yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_shares_one_vocab_lookup_and_one_head(depth):
+  """With MTP the main model and every depth go through one embedding lookup and one head call
+  (fewer distinct ops for the compiler), and the outputs equal separate per-part calls:
+  logits = head(hidden), mtp_logits[k-1] = head(normed h^k), h^k from Emb(t_{i+k}) (float32,
+  1e-6)."""
+  import dataclasses
+
+  import jax
+  from flax import nnx
+  from tests.utils import random_model
+  cfg = dataclasses.replace(dsv3_jax.TINY, num_nextn_predict_layers=depth)
+  model = random_model(cfg, seed=5)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
+  graphdef, state = nnx.split(model)
+
+  def fwd(state, tokens):
+    return nnx.merge(graphdef, state).forward(tokens, mtp=True)
+  jaxpr = jax.make_jaxpr(fwd)(state, tokens)
+  V, D = cfg.vocab_size, cfg.hidden_size
+  shapes = [tuple(v.aval.shape) for e in _eqns(jaxpr) for v in e.invars[:2]
+            if e.primitive.name in ("gather", "dot_general") and hasattr(v, "aval")]
+  assert shapes.count((V, D)) == 1 and shapes.count((D, V)) == 1, shapes
+
+  out = fwd(state, tokens)
+  assert out.mtp_logits.shape == (depth, 2, 12, V)
+  assert_close(out.logits, model.head(out.hidden), atol=1e-6, what="main logits")
+  h = out.hidden
+  for k, layer in enumerate(model.mtp, start=1):
+    shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+    h, normed, _ = layer(model.embed(shifted), h, jnp.broadcast_to(jnp.arange(12), (2, 12)))
+    assert_close(out.mtp_logits[k - 1], model.head(normed), atol=1e-6, what=f"depth {k}")
