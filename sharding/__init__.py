@@ -25,6 +25,7 @@ __all__ = [
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
-    "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "wide_expert", "with_whole_weight",
+    "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "wide_expert",
+    "with_whole_weight",
     "few_token_logits", "few_token_lookup",
 ]

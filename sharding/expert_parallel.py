@@ -7,8 +7,11 @@ Layout inside the shard_map (mesh axes by their conventional names, see `shardin
   tokens  x [N, D], experts/weights [N, K]  split over every mesh axis of size > 1 (`tensor`
           included, last, so its split is a local slice of the data-parallel shard)
   experts w_gate/w_up [E, D, F], w_down [E, F, D] (or any pytree with a leading E axis, e.g. FP8
-          values + block scales)  split over `expert` only; GSPMD gathers the other dims
-          (FSDP-style) before the shard_map, and the weight gradients are reduced after it.
+          values + block scales)  split over the expert axes only (the rules' `expert` entry:
+          `expert` by default; wide expert parallelism, `sharding.wide_expert`: e.g. (fsdp,
+          expert), whole experts on each device); GSPMD gathers the other dims (FSDP-style)
+          before the shard_map and reduces the weight gradients after it, which the wide layout
+          avoids (no other dim is split). "The expert axis" below: those axes together.
   No token buffer is ever all-reduced: every output row is computed whole on one shard, forward
   and backward (see "Why check_vma=False" below).
 Per shard, as small pure functions:
@@ -302,7 +305,8 @@ def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local
   to the shards owning their experts; there local_fn (see `local_experts`) maps them to [., D]
   rows, which come back written into acc [n*K, D] at this round's rows (the other rows kept:
   ragged_all_to_all writes only what it receives). local_counts [S, El]: rows each source sends
-  me per local expert (over all rounds); axis_name: the expert mesh axis or tuple of axes. -> (acc, aux)."""
+  me per local expert (over all rounds); axis_name: the expert mesh axis (or a tuple of them).
+  -> (acc, aux)."""
   recv = tuple(jax.lax.ragged_all_to_all(s, jnp.zeros((capacity, s.shape[1]), s.dtype),
                                          plan.send_offsets, plan.send_sizes, plan.remote_offsets,
                                          plan.recv_sizes, axis_name=axis_name) for s in sends)
@@ -525,8 +529,8 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   """
   layout = layout or ep_layout()
   if layout is None:
-    raise ValueError("expert_parallel_ffn needs a mesh with an 'expert' axis of size > 1 "
-                     "(set it with jax.set_mesh(mesh))")
+    raise ValueError("expert_parallel_ffn needs a mesh whose expert axes (the rules' `expert` "
+                     "entry) have size > 1 (set it with jax.set_mesh(mesh))")
   params = (w_gate, w_up, w_down)
   e_dim = 0 if layer is None else 1
   E, S = jax.tree.leaves(w_gate)[0].shape[e_dim], layout.num_shards

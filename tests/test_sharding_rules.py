@@ -30,7 +30,8 @@ def test_make_mesh_and_parse():
 def test_rules_map_and_reject_collisions():
   mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
   r = ShardingRules()
-  assert logical_to_spec(("expert", "moe_embed", "moe_mlp"), r, mesh) == P("expert", "fsdp", "tensor")
+  assert logical_to_spec(("expert", "moe_embed", "moe_mlp"), r, mesh) == P("expert", "fsdp",
+                                                                            "tensor")
   assert logical_to_spec(("batch", "sequence"), r, mesh) == P(("fsdp", "expert"))
   # Absent / size-1 mesh axes are dropped; non-divisible dims are replicated.
   assert logical_to_spec(("vocab", "embed"), r, make_mesh({"expert": 8})) == P()
