@@ -4,7 +4,7 @@ Every parameter carries logical axis names in its `axes` metadata; `dsv3_jax.sha
 them to mesh axes. Logical weight axes used in this package:
   vocab, embed (hidden size), lora_in (the hidden-size input of q_a_proj / kv_a_proj_with_mqa),
   q_lora, kv_lora, heads (a fused heads*head_dim axis), mlp (dense/shared FFN width), expert,
-  moe_mlp (routed-expert FFN width), None (replicated).
+  moe_embed (the routed experts' hidden size), moe_mlp (routed-expert FFN width), None (replicated).
 
 Einsum letters: B batch, T sequence, D hidden, F FFN width, I/O a linear's input/output.
 

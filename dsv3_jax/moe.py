@@ -194,9 +194,9 @@ class Experts(nnx.Module):
     def init(shape):
       return (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(rt.param_dtype)
 
-    self.gate_proj = nnx.Param(init((E, D, F)), axes=("expert", "embed", "moe_mlp"))
-    self.up_proj = nnx.Param(init((E, D, F)), axes=("expert", "embed", "moe_mlp"))
-    self.down_proj = nnx.Param(init((E, F, D)), axes=("expert", "moe_mlp", "embed"))
+    self.gate_proj = nnx.Param(init((E, D, F)), axes=("expert", "moe_embed", "moe_mlp"))
+    self.up_proj = nnx.Param(init((E, D, F)), axes=("expert", "moe_embed", "moe_mlp"))
+    self.down_proj = nnx.Param(init((E, F, D)), axes=("expert", "moe_mlp", "moe_embed"))
     self.rt = rt
     self.fp8 = ()  # names of the projections held as FP8 (see to_fp8)
 

@@ -49,6 +49,7 @@ from dsv3_jax.errors import UserError
 from dsv3_jax.hlo_cost import HloCost, hlo_cost
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_sharding, use_rules,
+                               wide_expert,
                                make_mesh, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
@@ -85,7 +86,8 @@ class PlanRequest:
 
   topology: libtpu topology name (`TOPOLOGY_FORMS`, e.g. "v5p:4x4x16"); mode: "train" | "serve";
   mesh: {axis: size} (None: `default_mesh`); rules: None picks ShardingRules() when the mesh has
-  a tensor axis, else `POD_RULES`. train: batch_per_device x seq tokens per data shard, remat,
+  a tensor axis, else `POD_RULES`; a string is a `parse_rules` spec (e.g. "wide"), read against
+  the mesh. train: batch_per_device x seq tokens per data shard, remat,
   param_dtype / opt_dtype (opt_dtype: the first Adam moment; the second follows param_dtype).
   serve: decode_batch sequences (the engine's max batch), context cache rows per sequence (its
   max context), page_size rows per page (128 by default: the TPU lanes; XLA:TPU lays a rope
@@ -100,7 +102,7 @@ class PlanRequest:
   mode: str
   config: ModelConfig
   mesh: Mapping[str, int] | None = None
-  rules: ShardingRules | None = None
+  rules: ShardingRules | str | None = None
   batch_per_device: int = 1
   seq: int = 4096
   decode_batch: int = 64
@@ -273,11 +275,15 @@ def _fmt_mesh(sizes) -> str:
 
 
 def parse_rules(spec: str | None, mesh_sizes: Mapping[str, int]) -> ShardingRules:
-  """"default" | "pod" | "name=axis[+axis],..." (over the defaults) | None (pick by mesh)."""
+  """"default" | "pod" | "wide" | "name=axis[+axis],..." (over the defaults) | None (pick by
+  mesh). "wide": the rules None picks, with the routed experts spread whole over every non-tensor
+  mesh axis (`sharding.wide_expert`: one expert per device when there are as many)."""
   if spec is None:
     return ShardingRules() if mesh_sizes.get(TENSOR, 1) > 1 else POD_RULES
   if spec in ("default", "pod"):
     return ShardingRules() if spec == "default" else POD_RULES
+  if spec == "wide":
+    return wide_expert(parse_rules(None, mesh_sizes), mesh_sizes)
   kw = {}
   for part in filter(None, spec.split(",")):
     name, sep, axes = part.partition("=")
@@ -495,7 +501,13 @@ def plan(req: PlanRequest) -> PlanReport:
                     f"the axis sizes must multiply to {len(devices)}")
   mesh = _build_mesh(sizes, devices)
   sizes = dict(zip(mesh.axis_names, map(int, mesh.axis_sizes)))
-  rules = req.rules or parse_rules(None, sizes)
+  rules = parse_rules(req.rules if isinstance(req.rules, str) else None, sizes)
+  rules = rules if req.rules is None or isinstance(req.rules, str) else req.rules
+  E = cfg.n_routed_experts
+  ep = math.prod(sizes.get(a, 1) for a in rules.mesh_axes("expert"))
+  if E and ep > 1 and E % ep:
+    raise PlanError(f"--mesh {_fmt_mesh(sizes)}: {E} routed experts do not split over the "
+                    f"{ep} expert shards of the rules' expert={rules.expert!r}")
   if req.rules is None and req.mode == "serve":
     from dsv3_jax.serving.steps import serving_rules  # the engine's (`dsv3 serve`'s) rules
     rules = serving_rules(mesh)

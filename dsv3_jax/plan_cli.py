@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="named axis sizes, e.g. fsdp=16,expert=16 (default: expert shards = "
                       "gcd(devices, routed experts), the rest fsdp)")
   p.add_argument("--rules", default=None,
-                 help="sharding rules: 'default', 'pod' (dense head/FFN/vocab dims over expert) "
+                 help="sharding rules: 'default', 'pod' (dense head/FFN/vocab dims over expert), "
+                      "'wide' (pod, with the routed experts whole and spread over every "
+                      "non-tensor mesh axis: one expert per device at 256 devices) "
                       "or name=axis[+axis],... over the defaults (default: pod unless the mesh "
                       "has a tensor axis)")
   p.add_argument("--layers", type=int, default=None,
@@ -99,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
   # keeps its traceback.
   try:
     mesh = parse_mesh_shape(args.mesh) if args.mesh else None
-    rules = None if args.rules is None else parse_rules(args.rules, mesh or {})
+    # a spec is read against the mesh `plan` builds ("wide" depends on it); checked here first
+    rules = None if args.rules is None else args.rules
+    if rules is not None:
+      parse_rules(rules, mesh or {})
   except ValueError as e:
     raise PlanError(str(e)) from None
   req = PlanRequest(

@@ -8,7 +8,7 @@ from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, DistributedConfi
                                     parse_mesh_shape)
 from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sharded,
                                      logical_to_spec, shard_model, state_shardings, state_specs,
-                                     variable_spec, use_rules, current_rules)
+                                     variable_spec, use_rules, current_rules, wide_expert)
 from dsv3_jax.sharding.gather import few_token_logits, few_token_lookup, with_whole_weight
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
 from dsv3_jax.sharding.kernel_map import Dim, KernelShardingError, kernel_map, kernel_specs
@@ -25,6 +25,7 @@ __all__ = [
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
-    "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "with_whole_weight",
+    "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "wide_expert",
+    "with_whole_weight",
     "few_token_logits", "few_token_lookup",
 ]

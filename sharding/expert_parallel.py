@@ -7,8 +7,11 @@ Layout inside the shard_map (mesh axes by their conventional names, see `shardin
   tokens  x [N, D], experts/weights [N, K]  split over every mesh axis of size > 1 (`tensor`
           included, last, so its split is a local slice of the data-parallel shard)
   experts w_gate/w_up [E, D, F], w_down [E, F, D] (or any pytree with a leading E axis, e.g. FP8
-          values + block scales)  split over `expert` only; GSPMD gathers the other dims
-          (FSDP-style) before the shard_map, and the weight gradients are reduced after it.
+          values + block scales)  split over the expert axes only (the rules' `expert` entry:
+          `expert` by default; wide expert parallelism, `sharding.wide_expert`: e.g. (fsdp,
+          expert), whole experts on each device); GSPMD gathers the other dims (FSDP-style)
+          before the shard_map and reduces the weight gradients after it, which the wide layout
+          avoids (no other dim is split). "The expert axis" below: those axes together.
   No token buffer is ever all-reduced: every output row is computed whole on one shard, forward
   and backward (see "Why check_vma=False" below).
 Per shard, as small pure functions:
@@ -63,6 +66,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from dsv3_jax.sharding.mesh import EXPERT, TENSOR
+from dsv3_jax.sharding.rules import ShardingRules, current_rules
 
 __all__ = ["Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn", "sort_by_destination",
            "RoundPlan", "round_plan", "round_groups", "expert_sort", "padded_round", "ragged_round",
@@ -105,31 +109,50 @@ class Exchange(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class EPLayout:
-  """The mesh axes the expert-parallel shard_map uses (derived from the ambient mesh)."""
+  """The mesh axes the expert-parallel shard_map uses (derived from the ambient mesh and the
+  rules' `expert` entry)."""
 
   mesh: Mesh | AbstractMesh
   token_axes: tuple[str, ...]   # axes splitting the tokens: every axis of size > 1, tensor last
+  expert_axes: tuple[str, ...] = (EXPERT,)  # axes splitting the routed experts (major first)
 
   @property
   def num_shards(self) -> int:
-    return self.mesh.shape[EXPERT]
+    return math.prod(self.mesh.shape[a] for a in self.expert_axes)
+
+  @property
+  def axis_name(self) -> str | tuple[str, ...]:
+    """The collectives' axis name: one mesh axis, or a tuple (linearised major to minor, as
+    the weights' PartitionSpec orders their expert shards)."""
+    return self.expert_axes[0] if len(self.expert_axes) == 1 else self.expert_axes
 
   @property
   def token_shards(self) -> int:
     return math.prod(self.mesh.shape[a] for a in self.token_axes)
 
 
-def ep_layout(mesh: Mesh | AbstractMesh | None = None) -> EPLayout | None:
-  """The EP layout of `mesh` (default: the ambient mesh, `jax.set_mesh`), or None when it has no
-  `expert` axis of size > 1 (then the MoE runs its single-program path under GSPMD)."""
+def ep_layout(mesh: Mesh | AbstractMesh | None = None,
+              rules: ShardingRules | None = None) -> EPLayout | None:
+  """The EP layout of `mesh` (default: the ambient mesh, `jax.set_mesh`) under `rules` (default:
+  `current_rules()`): the experts are split over the mesh axes of the rules' `expert` entry
+  (default `expert`; wide expert parallelism: e.g. (fsdp, expert), one expert per device).
+  None when those axes have size 1 (then the MoE runs its single-program path under GSPMD).
+  Raises ValueError when an expert axis is `tensor` (the token split's last, local axis)."""
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  if mesh is None or mesh.empty or mesh.shape.get(EXPERT, 1) <= 1:
+  if mesh is None or mesh.empty:
     return None
   sizes = mesh.shape
+  rules = current_rules() if rules is None else rules
+  experts = tuple(a for a in rules.mesh_axes("expert") if sizes.get(a, 1) > 1)
+  if not experts:
+    return None
+  if TENSOR in experts:
+    raise ValueError(f"sharding rules expert={rules.expert!r}: the routed experts cannot be "
+                     f"split over the {TENSOR!r} axis (it splits each data shard's tokens)")
   tokens = tuple(a for a in mesh.axis_names if a != TENSOR and sizes[a] > 1)
   if sizes.get(TENSOR, 1) > 1:
     tokens += (TENSOR,)
-  return EPLayout(mesh, tokens)
+  return EPLayout(mesh, tokens, experts)
 
 
 def receive_capacity(tokens_per_shard: int, k: int, experts_per_shard: int, shards: int,
@@ -276,27 +299,29 @@ def local_experts(recv, dest, sizes, local_fn):
   return out[dest], aux
 
 
-def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn):
+def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local_fn,
+                 axis_name=EXPERT):
   """One exact-size exchange round. sends: tuple of [n*K, Di] arrays sorted by destination, sent
   to the shards owning their experts; there local_fn (see `local_experts`) maps them to [., D]
   rows, which come back written into acc [n*K, D] at this round's rows (the other rows kept:
   ragged_all_to_all writes only what it receives). local_counts [S, El]: rows each source sends
-  me per local expert (over all rounds). -> (acc, aux)."""
+  me per local expert (over all rounds); axis_name: the expert mesh axis (or a tuple of them).
+  -> (acc, aux)."""
   recv = tuple(jax.lax.ragged_all_to_all(s, jnp.zeros((capacity, s.shape[1]), s.dtype),
                                          plan.send_offsets, plan.send_sizes, plan.remote_offsets,
-                                         plan.recv_sizes, axis_name=EXPERT) for s in sends)
+                                         plan.recv_sizes, axis_name=axis_name) for s in sends)
   q = jnp.arange(capacity, dtype=jnp.int32)
   total = plan.recv_sizes.sum()  # the round's rows arrive packed at the front
   dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
                              capacity)
   out, aux = local_experts(recv, dest, sizes, local_fn)
   acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
-                                  plan.send_sizes, axis_name=EXPERT)
+                                  plan.send_sizes, axis_name=axis_name)
   return acc, aux
 
 
 def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int, slot_rows: int,
-                 local_fn):
+                 local_fn, axis_name=EXPERT):
   """One fixed-slot exchange round (S slots of `slot_rows` per shard; any backend): the same
   rows and result as `ragged_round`. dest [n*K]: the destination shard of each sorted row."""
   S = plan.send_sizes.shape[0]
@@ -306,7 +331,7 @@ def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int,
 
   def send(s):
     buf = jnp.zeros((S * slot_rows, s.shape[1]), s.dtype).at[slot].set(s, mode="drop")
-    return jax.lax.all_to_all(buf, EXPERT, 0, 0, tiled=True)  # [S (source), slot_rows] rows
+    return jax.lax.all_to_all(buf, axis_name, 0, 0, tiled=True)  # [S (source), slot_rows] rows
 
   q = jnp.arange(slot_rows, dtype=jnp.int32)[None, :]
   position = plan.start + plan.recv_offsets[:, None] + q       # [S, slot] place in my list
@@ -316,7 +341,7 @@ def padded_round(sends, acc, dest, plan: RoundPlan, local_counts, capacity: int,
   dest, sizes = round_groups(position.reshape(-1), valid.reshape(-1), spill.reshape(-1),
                              local_counts, plan.start, capacity)
   out, aux = local_experts(tuple(send(s) for s in sends), dest, sizes, local_fn)
-  back = jax.lax.all_to_all(out, EXPERT, 0, 0, tiled=True)
+  back = jax.lax.all_to_all(out, axis_name, 0, 0, tiled=True)
   got = back.at[jnp.minimum(slot, S * slot_rows - 1)].get(mode="clip")
   return jnp.where(mine[:, None], got, acc), aux
 
@@ -363,6 +388,7 @@ class _Exchange:
   rounds: int               # static bound on rounds
   slot: int                 # PADDED: rows per (source, receiver) slot
   sync_axes: tuple[str, ...]
+  axis_name: Any = EXPERT   # the expert mesh axis, or a tuple of them
   counts: Any = None        # [S src, S dst] rows
   local_counts: Any = None  # [S src, El] rows each source sends me per local expert
   dest: Any = None          # [n*K] destination shard of each sorted row
@@ -371,11 +397,12 @@ class _Exchange:
     return dataclasses.replace(self, dest=dest, counts=counts, local_counts=local_counts)
 
   def round(self, r, sends, acc, local_fn):
-    plan = round_plan(self.counts, jax.lax.axis_index(EXPERT), r, self.capacity)
+    plan = round_plan(self.counts, jax.lax.axis_index(self.axis_name), r, self.capacity)
     if self.exchange is Exchange.RAGGED:
-      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn)
+      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn,
+                          self.axis_name)
     return padded_round(sends, acc, self.dest, plan, self.local_counts, self.capacity, self.slot,
-                        local_fn)
+                        local_fn, self.axis_name)
 
   def run(self, sends, out_dtype, local_fn, add_aux):
     """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
@@ -456,7 +483,7 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
 
 def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
               exchange: Exchange, capacity_factor: float | None, sync_axes: tuple[str, ...],
-              custom_vjp: bool = True):
+              axis_name=EXPERT, custom_vjp: bool = True):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
   local experts (layer stacks [L, El, ...] when `layer` is given, passed on to `ffn`) ->
   (y [n, D] float32, overflow [1] int32: rows this shard received beyond the nominal
@@ -466,14 +493,14 @@ def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
   if layer is not None:
     ffn = functools.partial(ffn, layer=layer)
   order, inv, expert_counts = expert_sort(experts, El * shards)
-  by_expert = jax.lax.all_gather(expert_counts, EXPERT)       # [S src, E]
-  me = jax.lax.axis_index(EXPERT)
+  by_expert = jax.lax.all_gather(expert_counts, axis_name)    # [S src, E]
+  me = jax.lax.axis_index(axis_name)
   counts = by_expert.reshape(shards, shards, El).sum(-1)      # [S src, S dst]
   local_counts = jax.lax.dynamic_slice_in_dim(by_expert, me * El, El, axis=1)  # [S src, El]
   nominal, cap, rounds = exchange_rounds(n, K, El, shards, capacity_factor)
   # one source sends a receiver at most its own worst case (the one-shard bound) per round
   slot = min(cap, receive_capacity(n, K, El, 1))
-  how = _Exchange(exchange, cap, rounds, slot, sync_axes)
+  how = _Exchange(exchange, cap, rounds, slot, sync_axes, axis_name)
   route = (order, inv, experts.reshape(-1)[order] // El, counts, local_counts)
   y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, route)
   overflow = jnp.maximum(counts.sum(0)[me] - nominal, 0).astype(jnp.int32)
@@ -502,8 +529,8 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   """
   layout = layout or ep_layout()
   if layout is None:
-    raise ValueError("expert_parallel_ffn needs a mesh with an 'expert' axis of size > 1 "
-                     "(set it with jax.set_mesh(mesh))")
+    raise ValueError("expert_parallel_ffn needs a mesh whose expert axes (the rules' `expert` "
+                     "entry) have size > 1 (set it with jax.set_mesh(mesh))")
   params = (w_gate, w_up, w_down)
   e_dim = 0 if layer is None else 1
   E, S = jax.tree.leaves(w_gate)[0].shape[e_dim], layout.num_shards
@@ -520,10 +547,12 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
     experts = jnp.pad(experts, ((0, pad), (0, 0)))
     weights = jnp.pad(weights, ((0, pad), (0, 0)))
   tok = P(layout.token_axes)
-  sync = tuple(a for a in layout.token_axes if a != EXPERT)
+  sync = tuple(a for a in layout.token_axes if a not in layout.expert_axes)
   body = functools.partial(_ep_shard, ffn=ffn, shards=S, exchange=exchange.resolve(layout.mesh),
-                           capacity_factor=capacity_factor, sync_axes=sync)
-  w_spec, extra = (P(EXPERT), ()) if layer is None else (P(None, EXPERT), (P(),))
+                           capacity_factor=capacity_factor, sync_axes=sync,
+                           axis_name=layout.axis_name)
+  e_spec = layout.axis_name
+  w_spec, extra = (P(e_spec), ()) if layer is None else (P(None, e_spec), (P(),))
   body = jax.shard_map(body, mesh=layout.mesh, in_specs=(tok, tok, tok, w_spec) + extra,
                        out_specs=(tok, tok), check_vma=False)
   args = () if layer is None else (jnp.asarray(layer, jnp.int32),)

@@ -1,8 +1,8 @@
 """Logical axis names -> mesh axes: the one table that decides the parallelism.
 
 Every model variable carries logical axis names in its `axes` metadata (vocab, embed, q_lora,
-kv_lora, heads, mlp, expert, moe_mlp, layers (the leading axis of a scanned layer stack), or
-None). `ShardingRules` maps each name to zero, one or
+kv_lora, heads, mlp, expert, moe_embed, moe_mlp, layers (the leading axis of a scanned layer
+stack), or None). `ShardingRules` maps each name to zero, one or
 several mesh axes; changing the parallelism is editing this table, never the model.
 
 Weight axes and activation axes are separate fields (an activation's hidden dim is usually
@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 from flax import nnx
@@ -27,12 +27,12 @@ from dsv3_jax.sharding.mesh import DATA, EXPERT, FSDP, TENSOR
 
 __all__ = ["ShardingRules", "WEIGHT_AXES", "ACTIVATION_AXES", "logical_to_spec",
            "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
-           "activation_sharding", "use_rules", "current_rules"]
+           "activation_sharding", "use_rules", "current_rules", "wide_expert"]
 
 MeshAxes = str | tuple[str, ...] | None
 
-WEIGHT_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "mlp", "expert", "moe_mlp",
-               "layers", "lora_in")
+WEIGHT_AXES = ("vocab", "embed", "q_lora", "kv_lora", "heads", "mlp", "expert", "moe_embed",
+               "moe_mlp", "layers", "lora_in")
 ACTIVATION_AXES = ("batch", "sequence", "act_embed", "act_heads", "act_vocab")
 
 
@@ -60,6 +60,10 @@ class ShardingRules:
   heads: MeshAxes = TENSOR
   mlp: MeshAxes = TENSOR
   expert: MeshAxes = EXPERT
+  # The hidden-size dim of the routed experts' weights (FSDP like `embed` by default). Wide expert
+  # parallelism (`wide_expert`) puts it on None and spreads `expert` over the FSDP axis as well:
+  # each device then holds whole experts, never gathered, their gradients never reduced.
+  moe_embed: MeshAxes = FSDP
   moe_mlp: MeshAxes = TENSOR
   layers: MeshAxes = None  # the leading axis of scanned layer stacks (scan needs it whole)
   # The hidden-size input dim of the low-rank down-projections q_a_proj / kv_a_proj_with_mqa
@@ -82,7 +86,7 @@ class ShardingRules:
     # collide ("colliding physical axes"): e.g. embed and moe_mlp both on "tensor".
     for group in (("vocab", "embed"), ("lora_in", "q_lora"), ("lora_in", "kv_lora"),
                   ("q_lora", "heads"), ("kv_lora", "heads"), ("heads", "embed"),
-                  ("embed", "mlp"), ("expert", "embed", "moe_mlp")):
+                  ("embed", "mlp"), ("expert", "moe_embed", "moe_mlp")):
       seen: dict[str, str] = {}
       for name in group:
         for ax in _as_tuple(getattr(self, name)):
@@ -104,6 +108,24 @@ class ShardingRules:
     if logical not in WEIGHT_AXES + ACTIVATION_AXES:
       raise KeyError(f"unknown logical axis {logical!r}; known: {WEIGHT_AXES + ACTIVATION_AXES}")
     return _as_tuple(getattr(self, logical))
+
+
+def wide_expert(rules: ShardingRules, mesh_sizes: Mapping[str, int],
+                num_experts: int | None = None) -> ShardingRules:
+  """`rules` with the routed experts spread over every mesh axis of size > 1 but `tensor` (in
+  mesh order, e.g. expert=(fsdp, expert)) and their hidden dim (`moe_embed`) whole: on a mesh of
+  as many such devices as experts, each device holds whole experts (one each at E = devices),
+  which the expert-parallel exchange reaches over all those axes. No expert weight is
+  all-gathered and no expert-weight gradient is reduced; dense weights keep `rules`.
+  Raises ValueError when `num_experts` does not split evenly over those devices."""
+  axes = tuple(a for a, n in mesh_sizes.items() if a != TENSOR and n > 1)
+  shards = math.prod(mesh_sizes[a] for a in axes)
+  if num_experts is not None and shards > 1 and num_experts % shards:
+    raise ValueError(f"wide expert parallelism: {num_experts} routed experts do not split over "
+                     f"the {shards} devices of mesh axes {'x'.join(axes)}")
+  if not axes:
+    return rules.replace(moe_embed=None)
+  return rules.replace(expert=axes[0] if len(axes) == 1 else axes, moe_embed=None)
 
 
 def logical_to_spec(logical: tuple[str | None, ...], rules: ShardingRules, mesh: Mesh,

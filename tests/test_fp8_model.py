@@ -125,7 +125,7 @@ def _check_fp8_layout(model, fp8_dir):
   # Logical axes: the FP8 value's are the dense kernel's, last two swapped.
   assert names["layers.1.self_attn.o_proj.weight"].get_metadata()["axes"] == ("embed", "heads")
   assert names["layers.1.mlp.experts.up_proj_weight"].get_metadata()["axes"] == (
-      "expert", "moe_mlp", "embed")
+      "expert", "moe_mlp", "moe_embed")
 
 
 # Kernel call sites of the 2-layer FP8 model's forward (each stack's layer body traced once):

@@ -35,7 +35,7 @@ def test_layer_groups_follow_the_config():
   abstract = dsv3_jax.abstract_model(dsv3_jax.DEEPSEEK_V3)
   k = nnx.state(abstract)["stacks"][1]["block"]["mlp"]["experts"]["gate_proj"]
   assert k.get_value().shape == (58, 256, 7168, 2048)
-  assert k.get_metadata()["axes"] == ("layers", "expert", "embed", "moe_mlp")
+  assert k.get_metadata()["axes"] == ("layers", "expert", "moe_embed", "moe_mlp")
   assert stacked_location(abstract, "layers.5.mlp.gate.kernel") == ("stacks.1.block.mlp.gate.kernel", 2)
   assert stacked_location(abstract, "layers.2.mlp.up_proj.kernel") == ("stacks.0.block.mlp.up_proj.kernel", 2)
   assert stacked_location(abstract, "mtp.0.enorm.weight") == ("mtp.0.enorm.weight", None)

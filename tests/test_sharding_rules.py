@@ -30,12 +30,13 @@ def test_make_mesh_and_parse():
 def test_rules_map_and_reject_collisions():
   mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
   r = ShardingRules()
-  assert logical_to_spec(("expert", "embed", "moe_mlp"), r, mesh) == P("expert", "fsdp", "tensor")
+  assert logical_to_spec(("expert", "moe_embed", "moe_mlp"), r, mesh) == P("expert", "fsdp",
+                                                                            "tensor")
   assert logical_to_spec(("batch", "sequence"), r, mesh) == P(("fsdp", "expert"))
   # Absent / size-1 mesh axes are dropped; non-divisible dims are replicated.
   assert logical_to_spec(("vocab", "embed"), r, make_mesh({"expert": 8})) == P()
   assert logical_to_spec(("embed", "heads"), r, mesh, (6, 3)) == P("fsdp")
-  with pytest.raises(ValueError, match="used by both 'embed' and 'moe_mlp'"):
+  with pytest.raises(ValueError, match="used by both 'moe_embed' and 'moe_mlp'"):
     ShardingRules(moe_mlp="fsdp")
   with pytest.raises(ValueError, match="names a mesh axis twice"):
     ShardingRules(batch=("data", "data"))

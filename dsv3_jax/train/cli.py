@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
   from dsv3_jax.sharding.entry import add_mesh_arguments
   add_mesh_arguments(p)
+  p.add_argument("--wide-experts", action="store_true",
+                 help="routed experts whole, spread over every non-tensor --mesh axis (one per "
+                      "device when there are as many): never gathered, gradients never reduced")
 
 
 def load_model_config(spec: str):
@@ -261,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
   from dsv3_jax import ui
-  from dsv3_jax.sharding import ShardingRules, activation_sharding, cli_mesh, process_rows
+  from dsv3_jax.sharding import (ShardingRules, activation_sharding, cli_mesh, process_rows,
+                                 wide_expert)
   from dsv3_jax.train.data import TokenDataset, check_token_files
   from dsv3_jax.train.loss import LossConfig
   from dsv3_jax.train.optim import OptimConfig, training_runtime
@@ -289,6 +293,12 @@ def run(args: argparse.Namespace) -> int:
   record = _run_record(cfg, optim)
   check_resume(args.out, record, args.allow_schedule_change)
   rules = ShardingRules()
+  if args.wide_experts:
+    try:
+      rules = wide_expert(rules, dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
+                          cfg.n_routed_experts)
+    except ValueError as e:
+      raise UserError(f"--wide-experts: {e}") from None
   # Each process reads the rows of the global batch its devices hold.
   shard, shards = process_rows(activation_sharding(("batch", "sequence"), rules, mesh,
                                                    (args.batch, args.seq)), (args.batch, args.seq))
