@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
-import re
 import time
 from typing import Any, Mapping
 
@@ -45,8 +43,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig, RuntimeConfig
-from dsv3_jax.errors import UserError
 from dsv3_jax.hlo_cost import HloCost, hlo_cost
+from dsv3_jax.plan_hlo import (COLLECTIVES, GiB, HBM_GIB, HOT_PATHS, TOPOLOGY_FORMS, PlanError,
+                              count_collectives, count_kernels, first_line, get_topology,
+                              hbm_bytes_per_device, oom_figures)
 from dsv3_jax.pretrained import abstract_model
 from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_sharding, use_rules,
                                wide_expert,
@@ -54,18 +54,8 @@ from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_s
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
            "hbm_bytes_per_device", "default_mesh", "parse_rules", "count_collectives",
-           "count_kernels", "TOPOLOGY_FORMS", "HOT_PATHS", "COLLECTIVES"]
+           "count_kernels", "TOPOLOGY_FORMS", "HOT_PATHS", "COLLECTIVES", "HBM_GIB"]
 
-GiB = 1024 ** 3
-# Usable HBM per device as libtpu reports it ("exceeds available HBM (95.74G)"; G = GiB), used
-# when the topology's device does not expose its memory (compile-only devices do not).
-HBM_GIB = {"TPU v4": 15.25, "TPU v5 lite": 15.75, "TPU v5": 95.74, "TPU v6 lite": 31.25,
-           "TPU7x": 94.75}
-TOPOLOGY_FORMS = {"v4": "v4:XxYxZ", "v5e": "v5e:RxC", "v5p": "v5p:XxYxZ", "v6e": "v6e:RxC",
-                  "tpu7x": "tpu7x:XxYxZ"}
-HOT_PATHS = ("attention", "decode", "moe", "fp8")
-COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
-               "collective-permute")
 # The rules the pod measurements use: dense head / FFN / vocab dims over `expert` too, so a mesh
 # without a `tensor` axis still shards every weight (ZeRO-3 over fsdp x expert).
 POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT)
@@ -74,10 +64,6 @@ POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT)
 SERVE_POD_RULES = POD_RULES.replace(lora_in=(FSDP, EXPERT))
 COST_COUNTING = ("compiled_flops/compiled_bytes: optimized HLO per device, " + HloCost.counting
                  + "; xla_flops/xla_bytes: XLA cost_analysis(), each loop body once")
-
-
-class PlanError(ValueError, UserError):
-  """A request `plan` cannot compile (bad topology, mesh, flags, missing libtpu)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +187,8 @@ class PlanReport:
     out["peak_bytes"] = max(s.peak_bytes for s in self.steps.values())
     out["fits"] = self.fits
     out["compile_seconds"] = round(sum(s.compile_seconds for s in self.steps.values()), 2)
-    out["compile_cpu_seconds"] = round(sum(sum(lap["cpu"] for lap in (s.compile_times or {}).values())
-                                           for s in self.steps.values()), 2)
+    laps = [lap for s in self.steps.values() for lap in (s.compile_times or {}).values()]
+    out["compile_cpu_seconds"] = round(sum(lap["cpu"] for lap in laps), 2)
     out["flops_ratio"] = _ratio(m.compiled_flops, m.model_flops)
     out["bytes_ratio"] = _ratio(m.compiled_bytes, m.model_bytes)
     out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
@@ -220,40 +206,7 @@ def _ratio(a, b):
   return None if a is None or not b else round(a / b, 4)
 
 
-# Topology, HBM, mesh ---------------------------------------------------------------------------
-def get_topology(name: str):
-  """libtpu's compile-only description of `name` (e.g. "v5p:4x4x16"); PlanError when the name
-  is malformed or libtpu is missing."""
-  fam, _, dims = name.partition(":")
-  ndims = 3 if fam in ("v4", "v5p", "tpu7x") else 2
-  if fam not in TOPOLOGY_FORMS or not re.fullmatch(r"\d+(x\d+){%d}" % (ndims - 1), dims):
-    raise PlanError(f"--topology {name!r} is not a libtpu topology name; use one of "
-                    f"{', '.join(TOPOLOGY_FORMS.values())} (chips per dimension, e.g. v5p:4x4x16 "
-                    f"= 256 v5p chips, v6e:16x16); 'v5p-256'-style names are not accepted")
-  if importlib.util.find_spec("libtpu") is None:
-    raise PlanError(f"compiling for TPU needs libtpu: pip install \"jax[tpu]=={jax.__version__}\"")
-  from jax.experimental import topologies
-  try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu")
-  except Exception as e:  # noqa: BLE001  (libtpu raises assorted runtime errors)
-    raise PlanError(f"libtpu rejected --topology {name!r}: {_first_line(e)} (at least 2x2 chips; "
-                    f"forms: {', '.join(TOPOLOGY_FORMS.values())})") from None
-
-
-def hbm_bytes_per_device(device) -> int:
-  """Usable HBM of one device: from the device when it reports it, else `HBM_GIB`."""
-  try:
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-    if limit:
-      return int(limit)
-  except Exception:  # noqa: BLE001  compile-only devices have no memory stats
-    pass
-  kind = device.device_kind
-  if kind not in HBM_GIB:
-    raise PlanError(f"unknown HBM size for device kind {kind!r}; known: {sorted(HBM_GIB)}")
-  return int(HBM_GIB[kind] * GiB)
-
-
+# Mesh and rules --------------------------------------------------------------------------------
 def default_mesh(n_devices: int, cfg: ModelConfig) -> dict[str, int]:
   """Every device used: as many expert shards as divide both the device count and the routed
   expert count, the rest FSDP."""
@@ -295,62 +248,6 @@ def parse_rules(spec: str | None, mesh_sizes: Mapping[str, int]) -> ShardingRule
     return ShardingRules(**kw)
   except (TypeError, ValueError) as e:
     raise PlanError(f"--rules {spec!r}: {e}") from None
-
-
-# HLO inspection ----------------------------------------------------------------------------------
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Collective instructions by kind in compiled HLO text. An async pair counts once: by its
-  `op-start`, or by its `op-done` where the start is a generic async wrapper (newer XLA)."""
-  out = {}
-  for op in COLLECTIVES:
-    started = len(re.findall(rf"= [^=\n]*? {op}(?:-start)?\(", hlo_text))
-    done = len(re.findall(rf"= [^=\n]*? {op}-done\(", hlo_text))
-    out[op] = max(started, done)
-  return out
-
-
-def _kernel_path(name: str) -> str:
-  n = name.lower()
-  if "fp8" in n:
-    return "fp8"
-  if "mla_decode" in n:
-    return "decode"
-  if "attention" in n or "splash" in n or "flash" in n:
-    return "attention"
-  if "gmm" in n or "grouped" in n:
-    return "moe"
-  return "other"
-
-
-def count_kernels(hlo_text: str) -> dict[str, int]:
-  """Mosaic (Pallas TPU) calls in compiled HLO text by hot path, from each call's kernel name
-  (the instruction name, which is the pallas_call's name: mla_attention_fwd, mla_decode, gmm,
-  dsv3_fp8_matmul, ...). A grouped FP8 matmul counts for both moe and fp8."""
-  out = dict.fromkeys(HOT_PATHS + ("other",), 0)
-  for m in re.finditer(r"%([\w.-]+) = [^\n]*custom_call_target=\"tpu_custom_call\"", hlo_text):
-    name = m.group(1)
-    path = _kernel_path(name)
-    out[path] += 1
-    if path == "fp8" and "grouped" in name.lower():
-      out["moe"] += 1
-  return out
-
-
-def _first_line(e: BaseException) -> str:
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
-
-
-_SIZE = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
-
-
-def _oom_figures(msg: str) -> tuple[int | None, int | None]:
-  """(required, available) bytes from libtpu's RESOURCE_EXHAUSTED message, if it states them."""
-  num = r"([\d.]+)([KMGT]?)"
-  req = re.search(rf"required for [^()]*\({num}\)", msg) or re.search(rf"Used {num} of", msg)
-  avail = re.search(rf"available HBM \({num}\)", msg) or re.search(rf"of {num} hbm", msg)
-  conv = lambda m: int(float(m.group(1)) * _SIZE[m.group(2)]) if m else None
-  return conv(req), conv(avail)
 
 
 # Per-device sizes and model figures --------------------------------------------------------------
@@ -425,14 +322,14 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
       hint = (" (the Pallas kernels cannot yet run in this sharded model: retry with --kernels "
               "reference)" if "Mosaic kernels cannot be automatically partitioned" in msg
               or "manual_axis_type" in msg else "")
-      raise PlanError(f"compiling the {name} step failed: {_first_line(e)}{hint}") from e
+      raise PlanError(f"compiling the {name} step failed: {first_line(e)}{hint}") from e
     arg_bytes, out_bytes = _shard_bytes(args), _shard_bytes(lowered.out_info)
-    required, _ = _oom_figures(msg)
+    required, _ = oom_figures(msg)
     total = required if required is not None else arg_bytes + out_bytes
     return StepReport(name, False, round(secs, 2), arg_bytes, out_bytes, None, None, total,
                       total, None, None, model_flops / n_devices, model_bytes / n_devices,
                       dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(HOT_PATHS + ("other",), 0),
-                      error=_first_line(e), compile_times=clock.laps)
+                      error=first_line(e), compile_times=clock.laps)
   secs = clock.total()
   ma = compiled.memory_analysis()
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -447,7 +344,7 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
   except Exception as e:  # noqa: BLE001  an HLO form the reader does not know: XLA's figures
     cost = HloCost(xf, 0.0, xb, xf, xb, xf, xb, [], 0, [], [])
     cost.top_flops = [("error", f"hlo_cost failed, XLA's figures (loops once): "
-                       f"{_first_line(e)}", 0.0, 0.0)]
+                       f"{first_line(e)}", 0.0, 0.0)]
   top = {k: [[r[1], r[0], r[2], r[3]] for r in rows]
          for k, rows in (("flops", cost.top_flops), ("bytes", cost.top_bytes))}
   return StepReport(name, True, round(secs, 2), int(ma.argument_size_in_bytes),
@@ -667,9 +564,9 @@ def advice(report: PlanReport, req: PlanRequest) -> list[str]:
   state = report.parameter_bytes + report.optimizer_bytes + report.cache_bytes
   if state > 0.9 * hbm:
     chips = math.ceil(report.devices * state / (0.6 * hbm))
-    out.append(f"the {'parameters + optimizer state' if req.mode == 'train' else 'parameters + cache'}"
-               f" alone need {state / GiB:.2f} GiB per device of {hbm / GiB:.2f}: use a topology "
-               f"with about {chips}+ devices (or shard more of the state)")
+    what = "parameters + optimizer state" if req.mode == "train" else "parameters + cache"
+    out.append(f"the {what} alone need {state / GiB:.2f} GiB per device of {hbm / GiB:.2f}: "
+               f"use a topology with about {chips}+ devices (or shard more of the state)")
   if req.mode == "train":
     if req.remat != "full":
       out.append("--remat full (recompute each block in the backward pass)")
