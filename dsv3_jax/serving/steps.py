@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv3_jax.inference.cache import LatentCache
 from dsv3_jax.inference.decode import decode_forward, mtp_decode_forward
 from dsv3_jax.inference.speculative import rejection_sample
+
+if TYPE_CHECKING:
+  from dsv3_jax.sharding import ShardingRules
 
 __all__ = ["RowSampling", "row_keys", "row_probabilities", "sample_rows", "forward_step",
            "decode_steps", "speculative_prefill_step", "speculative_decode_step",
@@ -202,7 +206,7 @@ def speculative_decode_step(graphdef, state, absorbed, latent, rope, q_buf, last
 
 
 # Compilation: the one builder of the engine's programs (shared with `dsv3 plan --mode serve`).
-def serving_rules(mesh) -> "ShardingRules":
+def serving_rules(mesh) -> ShardingRules:
   """The rules the engine (so `dsv3 serve --mesh`) places the model with when given none: the
   defaults on a mesh with a tensor axis; else the pod rules: the dense head / FFN / vocab dims
   over `expert`, and the hidden-size input of q_a / kv_a over every weight-sharding axis, so

@@ -18,7 +18,7 @@ per-layer losses are summed, as each layer carries its own balance term in the p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

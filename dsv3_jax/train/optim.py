@@ -12,7 +12,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from dsv3_jax.config import RuntimeConfig
 
