@@ -7,6 +7,29 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# XLA CPU without its expensive optimisations for every program (tests.utils.FAST_COMPILE as
+# flags: eager ops, subprocesses and programs compiled without compiler_options too): the tests
+# run tiny models, whose compile, not run, is their cost (178 tests measured: 319 -> 277 CPU-s,
+# none slower). A program's own compiler_options still win (the convergence test asks for level
+# 1); numerics change only by float32 reassociation. Set --xla_backend_optimization_level in
+# XLA_FLAGS to choose another level.
+for _fast in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+  if _fast.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _fast
+
+# JAX's persistent compilation cache, one folder per test run (made here by the first process,
+# removed at its end): the pytest-xdist workers and the `dsv3` subprocesses the tests start inherit
+# the environment, so a program one process compiled is loaded, not compiled again, by the next
+# that lowers the same program with the same options (the cache key covers the HLO, the compile
+# options, XLA_FLAGS, the devices and the jax/jaxlib versions: results cannot change). Programs
+# compiled for TPU topologies on this CPU host are written but never read back (jax cannot
+# deserialise them without a TPU client; it warns and compiles again), so `dsv3 plan` figures are
+# always freshly compiled. A JAX_COMPILATION_CACHE_DIR already set is used as it is, and kept.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import tempfile
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -80,3 +103,11 @@ def pytest_collection_modifyitems(config, items):
     return 1 if item.nodeid.split("::")[0] in SHARED_FIXTURE_GROUPS else 2
 
   items.sort(key=rank)
+
+
+def pytest_unconfigure(config):
+  """Removes the compilation cache folder this process made (the xdist controller's, after its
+  workers have ended)."""
+  if _OWN_CACHE is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import pytest
 
 from dsv3_jax.cli import main
 from dsv3_jax.rl.demo import demo_config
@@ -45,6 +46,7 @@ def rows(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow  # ~75 CPU-s: started first under xdist (tests/conftest.py)
 def test_grpo_resume_after_kill9_matches(tmp_path):
   init = str(tmp_path / "init")
   make_init(init)

@@ -17,3 +17,12 @@ def _has_cuda_plugin() -> bool:
 
 if not _has_cuda_plugin():
   collect_ignore_glob = ["test_*.py"]
+else:
+  # No persistent compilation cache here (tests/conftest.py makes one for the run): these tests
+  # read what XLA and ptxas report while compiling, which a cache hit would skip.
+  import os
+
+  import jax
+
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # for the processes the tests start
+  jax.config.update("jax_enable_compilation_cache", False)
