@@ -164,8 +164,8 @@ def grouped_ffn_vjp(xs, dys, group_sizes, w_gate, w_up, w_down, acc=None, *,
   Recomputes gate/up (the same grouped-matmul calls as the forward, so XLA may share them with a
   rematerialised forward). The weight gradients go into acc in place (the TPU kernels alias it),
   and all three are taken before the input gradient, which is one buffer: the gate and up
-  products are summed into it in place (float32 sum, rounded once). An optimization barrier
-  orders the two, so the grouped rows of x and dy are dead before that buffer exists.
+  products are summed into it in place (float32 sum, rounded once). Optimization barriers order
+  them: dy's rows are dead before the gate/up weight gradients, x's before the input gradient.
   """
   from dsv3_jax.kernels_pallas import grouped_matmul_dlhs, transposed_grouped_matmul
   for w in (w_gate, w_up, w_down):
@@ -179,6 +179,7 @@ def grouped_ffn_vjp(xs, dys, group_sizes, w_gate, w_up, w_down, acc=None, *,
   dys = dys.astype(h.dtype)
   dh = grouped_matmul_dlhs(dys, w_down, group_sizes, out_dtype=h.dtype, **kw)
   dw_down = transposed_grouped_matmul(h, dys, group_sizes, out_dtype=w_down.dtype, acc=acc_d, **kw)
+  dw_down, dh = jax.lax.optimization_barrier((dw_down, dh))  # dys dead before the gate/up grads
   dg, du = act_vjp(dh)
   dg, du = dg.astype(xs.dtype), du.astype(xs.dtype)
   dw_gate = transposed_grouped_matmul(xs, dg, group_sizes, out_dtype=w_gate.dtype, acc=acc_g,
