@@ -442,6 +442,9 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True, ffn_vjp=None)
     # rows (gathering the float32 dy first made XLA:TPU materialise two f32 [n*K, D] buffers,
     # 1.75 GiB per device at 671B); the same values as rounding after the gather.
     dys = (weights[:, :, None] * dy[:, None, :]).astype(ys.dtype).reshape(n * K, -1)[order]
+    # The router-weight gradient is the expert outputs' last use: taking it before the rounds
+    # frees ys [n*K, D] (XLA:TPU had scheduled it after them, holding ys through the backward).
+    dweights, dys = jax.lax.optimization_barrier((dweights, dys))
 
     def expert_vjp(rows, sizes, acc):
       xr, dyr = rows
