@@ -66,16 +66,18 @@ def test_tgmm_acc_matches_numpy(dtype, out_dtype, sizes):
   assert_close(out, want, **_tol(dtype, out_dtype, max(1, int(sizes.max()))), what="tgmm acc")
 
 
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
-def test_public_wrappers_with_acc(backend):
+@pytest.mark.parametrize("backend,platform", [("interpret", "tpu"), ("interpret", "gpu"),
+                                              ("reference", "tpu")])
+def test_public_wrappers_with_acc(backend, platform):
   """grouped_matmul_dlhs (dout . rhs^T) and transposed_grouped_matmul, with and without acc, on
-  the TPU kernels (interpret) and the reference backend, against numpy."""
+  the TPU kernels, the GPU kernels (both interpreted; GPU adds acc after the kernel) and the
+  reference backend, against numpy."""
   dt = jnp.float32
   dout = _rows((T, N), dt, 6)
   rhs = _acc((len(SIZES), K, N), dt, 7) / np.sqrt(N)
   lhs = _rows((T, K), dt, 8)
   gs = jnp.asarray(SIZES)
-  kw = dict(backend=backend, platform="tpu")
+  kw = dict(backend=backend, platform=platform)
   dlhs = _numpy_gmm(_finite(dout), np.swapaxes(np.asarray(rhs), 1, 2), SIZES)
   drhs = _numpy_tgmm(_finite(lhs), _finite(dout), SIZES)
   acc_l, acc_r = _acc((T, K), dt, 9), _acc((len(SIZES), K, N), dt, 10)
