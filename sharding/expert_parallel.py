@@ -36,8 +36,9 @@ Per shard, as small pure functions:
 Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
 and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
 their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
-place), expert-weight gradients are added into another, and a skipped round passes both through
-untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
+place), expert-weight gradients are added into another (in place, inside the weight-gradient
+kernel, when the model passes the FFN's own backward `ffn_vjp`), and a skipped round passes both
+through untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
