@@ -20,6 +20,7 @@ jax.lax.ragged_dot; "auto" / "pallas" / "interpret" go to `dsv3_jax.kernels_pall
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight
 from dsv3_jax.sharding import expert_parallel, kernel_map
 
 __all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
-           "grouped_ffn", "unpermute", "grouped_matmul", "Fp8Experts"]
+           "grouped_ffn", "grouped_ffn_vjp", "unpermute", "grouped_matmul", "Fp8Experts"]
 
 
 class RouterBias(nnx.Variable):
@@ -151,6 +152,51 @@ def grouped_ffn(xs, group_sizes, w_gate, w_up, w_down, backend: str = "reference
   return grouped_matmul(jax.nn.silu(g) * u, w_down, group_sizes, **kw)
 
 
+def grouped_ffn_vjp(xs, dys, group_sizes, w_gate, w_up, w_down, acc=None, *,
+                    backend: str = "auto", platform: str | None = None,
+                    gpu_impl: str | None = None, rows: int | None = None):
+  """The backward of `grouped_ffn` (kernel backends, dense weights) with weight gradients
+  accumulated in place: the expert-parallel backward's per-round FFN VJP.
+
+  xs, dys [M, D] (the FFN's input rows and output cotangent, grouped), group_sizes [E],
+  w_gate/w_up [E, D, F], w_down [E, F, D]; acc None or (dw_gate, dw_up, dw_down) of earlier
+  rounds -> (dxs [M, D] in xs.dtype, (dw_gate, dw_up, dw_down) in the weights' dtypes, plus acc).
+  Recomputes gate/up (the same grouped-matmul calls as the forward, so XLA may share them with a
+  rematerialised forward). The weight gradients go into acc in place (the TPU kernels alias it),
+  and all three are taken before the input gradient, which is one buffer: the gate and up
+  products are summed into it in place (float32 sum, rounded once). Optimization barriers order
+  them: dy's rows are dead before the gate/up weight gradients, x's before the input gradient.
+  """
+  from dsv3_jax.kernels_pallas import grouped_matmul_dlhs, transposed_grouped_matmul
+  for w in (w_gate, w_up, w_down):
+    if isinstance(w, Fp8Experts):
+      raise TypeError("grouped_ffn_vjp: FP8 experts are inference only (no gradient)")
+  kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl, rows=rows)
+  g = _grouped_ffn_part(xs, w_gate, group_sizes, kw)
+  u = _grouped_ffn_part(xs, w_up, group_sizes, kw)
+  h, act_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+  acc_g, acc_u, acc_d = (None,) * 3 if acc is None else acc
+  dys = dys.astype(h.dtype)
+  dh = grouped_matmul_dlhs(dys, w_down, group_sizes, out_dtype=h.dtype, **kw)
+  dw_down = transposed_grouped_matmul(h, dys, group_sizes, out_dtype=w_down.dtype, acc=acc_d, **kw)
+  dw_down, dh = jax.lax.optimization_barrier((dw_down, dh))  # dys dead before the gate/up grads
+  dg, du = act_vjp(dh)
+  dg, du = dg.astype(xs.dtype), du.astype(xs.dtype)
+  dw_gate = transposed_grouped_matmul(xs, dg, group_sizes, out_dtype=w_gate.dtype, acc=acc_g,
+                                      **kw)
+  dw_up = transposed_grouped_matmul(xs, du, group_sizes, out_dtype=w_up.dtype, acc=acc_u, **kw)
+  dws, dg, du = jax.lax.optimization_barrier(((dw_gate, dw_up, dw_down), dg, du))
+  dxs = grouped_matmul_dlhs(dg, w_gate, group_sizes, out_dtype=xs.dtype, **kw)
+  dxs = grouped_matmul_dlhs(du, w_up, group_sizes, acc=dxs, **kw)
+  return dxs, dws
+
+
+def _grouped_ffn_part(xs, w, group_sizes, kw):
+  """One projection of `grouped_ffn` (kernel backends): the call `grouped_ffn` makes."""
+  from dsv3_jax.kernels_pallas import grouped_matmul as kernel
+  return kernel(xs, w, group_sizes, **kw)
+
+
 def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
   """Inverse of `permute` plus the weighted combine (expert parallelism's `combine`, the one
   implementation).
@@ -265,9 +311,15 @@ class Experts(nnx.Module):
         ws = [Fp8Experts(*p) if isinstance(p, tuple) else p for p in ws]
         return grouped_ffn(xs, sizes, *ws, **{**kw, "layer": layer})
 
+      # Kernel backends, dense weights: the FFN's own backward (weight gradients in place).
+      dense = kw["backend"] != "reference" and not any(isinstance(p, Fp8Experts) for p in w)
+      vjp = None if not dense else functools.partial(
+          grouped_ffn_vjp, backend=kw["backend"], platform=kw["platform"],
+          gpu_impl=kw["gpu_impl"], rows=kw["rows"])
       y, overflow = expert_parallel.expert_parallel_ffn(
           x.astype(dt), routing.experts, routing.weights, *packed, ffn=ffn, layout=layout,
-          capacity_factor=self.rt.ep_capacity_factor, return_overflow=True, layer=layer)
+          capacity_factor=self.rt.ep_capacity_factor, return_overflow=True, layer=layer,
+          ffn_vjp=vjp)
       return y, load, overflow
     return _local_experts(x.astype(dt), routing, w, E, kw), load, jnp.zeros((), jnp.int32)
 

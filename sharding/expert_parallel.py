@@ -39,8 +39,9 @@ Per shard, as small pure functions:
 Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
 and of w * dy through the same rounds, the receiver recomputes its experts' forward and takes
 their VJP; input-row gradients come back into one accumulator (the return exchange writes them in
-place), expert-weight gradients are added into another, and a skipped round passes both through
-untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
+place), expert-weight gradients are added into another (in place, inside the weight-gradient
+kernel, when the model passes the FFN's own backward `ffn_vjp`), and a skipped round passes both
+through untouched. Residuals: the inputs, the routing (int32) and the expert outputs [n*K, D].
 The router runs outside (replicated weights, tokens data-parallel); shared experts stay outside
 under ordinary GSPMD sharding. No [tokens, experts, hidden] one-hot tensor is built anywhere.
 This module imports nothing from the model: the grouped FFN is passed in.
@@ -396,19 +397,21 @@ class _Exchange:
   def routed(self, dest, counts, local_counts) -> "_Exchange":
     return dataclasses.replace(self, dest=dest, counts=counts, local_counts=local_counts)
 
-  def round(self, r, sends, acc, local_fn):
+  def round(self, r, sends, acc, local_fn, aux=None):
     plan = round_plan(self.counts, jax.lax.axis_index(self.axis_name), r, self.capacity)
+    fn = lambda rows, sizes: local_fn(rows, sizes, aux)  # noqa: E731
     if self.exchange is Exchange.RAGGED:
-      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, local_fn,
-                          self.axis_name)
+      return ragged_round(sends, acc, plan, self.local_counts, self.capacity, fn, self.axis_name)
     return padded_round(sends, acc, self.dest, plan, self.local_counts, self.capacity, self.slot,
-                        local_fn, self.axis_name)
+                        fn, self.axis_name)
 
-  def run(self, sends, out_dtype, local_fn, add_aux):
-    """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux summed
-    over the rounds with add_aux). Rounds past the first run under lax.cond in a scan, skipped
-    when no shard of the step needs them; acc and aux pass through a skipped round untouched (no
-    zero buffers) and a round that runs writes its rows into acc in place."""
+  def run(self, sends, out_dtype, local_fn):
+    """Every round: -> (acc [n*K, D] the rows local_fn computed for each sorted row, aux).
+    local_fn(rows, sizes, aux) -> (out, aux'): aux is None in the first round, then the previous
+    rounds' aux, which local_fn accumulates into (e.g. weight gradients added in place). Rounds
+    past the first run under lax.cond in a scan, skipped when no shard of the step needs them;
+    acc and aux pass through a skipped round untouched (no zero buffers) and a round that runs
+    writes its rows into acc in place."""
     rows = sends[0].shape[0]
     acc, aux = self.round(0, sends, jnp.zeros((rows, sends[0].shape[1]), out_dtype), local_fn)
     if self.rounds == 1:
@@ -419,15 +422,14 @@ class _Exchange:
     def step(carry, r):
       def run_round(carry):
         acc, aux = carry
-        acc, more = self.round(r, sends, acc, local_fn)
-        return acc, add_aux(aux, more)
+        return self.round(r, sends, acc, local_fn, aux)
       return jax.lax.cond(r < need, run_round, lambda carry: carry, carry), None
 
     (acc, aux), _ = jax.lax.scan(step, (acc, aux), jnp.arange(1, self.rounds, dtype=jnp.int32))
     return acc, aux
 
 
-def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
+def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True, ffn_vjp=None):
   """The custom-VJP core of one shard: f(x [n, D], weights [n, K] f32, params, route) -> y [n, D]
   float32; route = (order [n*K] the expert sort of the flattened pairs, inv [n*K] its inverse,
   dest [n*K] destination shard of each sorted pair, counts [S, S], local_counts [S, El]), int32,
@@ -439,7 +441,9 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
   receiver recomputes its experts' forward and takes their VJP (input rows back into one
   [n*K, D] accumulator, expert-weight gradients added into one accumulator); then the un-sort
   of the input rows (a gather summed over K) and the router-weight gradient <dy, y_k>. Nothing
-  is carried per round but the two accumulators, and no zero weight gradient is built."""
+  is carried per round but the two accumulators, and no zero weight gradient is built.
+  ffn_vjp: None (jax's VJP of `ffn`, weight gradients of later rounds added to the carried
+  ones), or the FFN's own backward (see `expert_parallel_ffn`), which accumulates them in place."""
 
   def primal(x, weights, params, route):
     return fwd(x, weights, params, route)[0]
@@ -447,8 +451,7 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
   def fwd(x, weights, params, route):
     (order, inv), K = route[:2], weights.shape[1]
     ys, _ = how.routed(*route[2:]).run(
-        (x[order // K],), x.dtype, lambda rows, sizes: (ffn(rows[0], sizes, *params), None),
-        lambda a, b: None)
+        (x[order // K],), x.dtype, lambda rows, sizes, _: (ffn(rows[0], sizes, *params), None))
     return _unsort_sum(ys, inv, weights), (x, weights, params, route, ys)
 
   def bwd(res, dy):
@@ -462,15 +465,23 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
     dweights = jnp.stack([(ys[inv[:, k]].astype(jnp.float32) * dy).sum(-1) for k in range(K)],
                          axis=1)                                               # [n, K]
     token = order // K
-    dys = (weights.reshape(-1)[order][:, None] * dy[token]).astype(ys.dtype)  # [n*K, D] sorted
+    # w * dy rounded to the compute dtype per (token, k), then sorted: a gather of compute-dtype
+    # rows (gathering the float32 dy first made XLA:TPU materialise two f32 [n*K, D] buffers,
+    # 1.75 GiB per device at 671B); the same values as rounding after the gather.
+    dys = (weights[:, :, None] * dy[:, None, :]).astype(ys.dtype).reshape(n * K, -1)[order]
+    # The router-weight gradient is the expert outputs' last use: taking it before the rounds
+    # frees ys [n*K, D] (XLA:TPU had scheduled it after them, holding ys through the backward).
+    dweights, dys = jax.lax.optimization_barrier((dweights, dys))
 
-    def expert_vjp(rows, sizes):
+    def expert_vjp(rows, sizes, acc):
       xr, dyr = rows
+      if ffn_vjp is not None:
+        return ffn_vjp(xr, dyr, sizes, *params, acc=acc)
       _, vjp = jax.vjp(lambda xr, p: ffn(xr, sizes, *p), xr, params)
-      return vjp(dyr)
+      dxr, dp = vjp(dyr)
+      return dxr, dp if acc is None else jax.tree.map(jnp.add, acc, dp)
 
-    dxs, dparams = how.routed(*route[2:]).run((x[token], dys), x.dtype, expert_vjp,
-                                             lambda a, b: jax.tree.map(jnp.add, a, b))
+    dxs, dparams = how.routed(*route[2:]).run((x[token], dys), x.dtype, expert_vjp)
     dx = _sum_over_k(dxs, inv).astype(x.dtype)
     return dx, dweights.astype(weights.dtype), dparams, None
 
@@ -483,7 +494,7 @@ def _routed_ffn(ffn: FFN, how: _Exchange, custom_vjp: bool = True):
 
 def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
               exchange: Exchange, capacity_factor: float | None, sync_axes: tuple[str, ...],
-              axis_name=EXPERT, custom_vjp: bool = True):
+              axis_name=EXPERT, custom_vjp: bool = True, ffn_vjp=None):
   """Per-shard body: x [n, D], experts/weights [n, K], params (w_gate, w_up, w_down) with El
   local experts (layer stacks [L, El, ...] when `layer` is given, passed on to `ffn`) ->
   (y [n, D] float32, overflow [1] int32: rows this shard received beyond the nominal
@@ -502,7 +513,8 @@ def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
   slot = min(cap, receive_capacity(n, K, El, 1))
   how = _Exchange(exchange, cap, rounds, slot, sync_axes, axis_name)
   route = (order, inv, experts.reshape(-1)[order] // El, counts, local_counts)
-  y = _routed_ffn(ffn, how, custom_vjp)(x, weights, params, route)
+  y = _routed_ffn(ffn, how, custom_vjp, ffn_vjp if layer is None else None)(x, weights, params,
+                                                                            route)
   overflow = jnp.maximum(counts.sum(0)[me] - nominal, 0).astype(jnp.int32)
   return y, overflow[None]
 
@@ -510,7 +522,7 @@ def _ep_shard(x, experts, weights, params, layer=None, *, ffn: FFN, shards: int,
 def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_gate: Any,
                         w_up: Any, w_down: Any, *, ffn: FFN, layout: EPLayout | None = None,
                         exchange: Exchange = Exchange.AUTO, capacity_factor: float | None = None,
-                        return_overflow: bool = False, layer=None):
+                        return_overflow: bool = False, layer=None, ffn_vjp=None):
   """Dropless routed-expert output sum_k w_k Expert_{e_k}(x) with experts split over `expert`.
 
   x [N, D] (compute dtype); experts [N, K] int32 global ids; weights [N, K] float32;
@@ -526,6 +538,10 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   layer: None, or an int (may be traced, inference): the weights are layer stacks whose leaves
   lead with [L, E] (split over `expert` on E), and `ffn` is called with `layer=layer` to read
   that layer of its local [L, El, ...] stacks in place.
+  ffn_vjp: None (the backward takes jax's VJP of `ffn`), or the grouped FFN's own backward
+  ffn_vjp(xs [M, D], dys [M, D], group_sizes [El], w_gate, w_up, w_down, acc=None) ->
+  (dxs [M, D], (dw_gate, dw_up, dw_down)) with acc None or earlier rounds' weight gradients to
+  add the new ones to (e.g. `moe.grouped_ffn_vjp`, which writes them in place).
   """
   layout = layout or ep_layout()
   if layout is None:
@@ -550,7 +566,7 @@ def expert_parallel_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, w_
   sync = tuple(a for a in layout.token_axes if a not in layout.expert_axes)
   body = functools.partial(_ep_shard, ffn=ffn, shards=S, exchange=exchange.resolve(layout.mesh),
                            capacity_factor=capacity_factor, sync_axes=sync,
-                           axis_name=layout.axis_name)
+                           axis_name=layout.axis_name, ffn_vjp=ffn_vjp)
   e_spec = layout.axis_name
   w_spec, extra = (P(e_spec), ()) if layer is None else (P(None, e_spec), (P(),))
   body = jax.shard_map(body, mesh=layout.mesh, in_specs=(tok, tok, tok, w_spec) + extra,

@@ -32,7 +32,8 @@ from dsv3_jax.kernels_pallas.grouped_matmul.reference import (at_layer, grouped_
                                                               grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
 
-__all__ = ["grouped_matmul", "grouped_matmul_fp8", "transposed_grouped_matmul"]
+__all__ = ["grouped_matmul", "grouped_matmul_dlhs", "grouped_matmul_fp8",
+           "transposed_grouped_matmul"]
 
 _FLOATS = (jnp.bfloat16, jnp.float32)
 
@@ -220,15 +221,33 @@ def _grouped_matmul_at_layer(lhs, rhs, group_sizes, layer, out_dtype, tiling, ba
                         gpu_impl=gpu_impl)
 
 
+def _add_acc(out, acc):
+  """acc + out in float32, rounded once to acc's dtype (the in-place kernels' arithmetic)."""
+  if acc is None:
+    return out
+  return (acc.astype(jnp.float32) + out.astype(jnp.float32)).astype(acc.dtype)
+
+
+def _check_acc(acc, shape, what: str):
+  if acc is not None and (acc.shape != shape or acc.dtype not in _FLOATS):
+    raise ValueError(f"{what}: acc must be bfloat16/float32 {shape} (the output), got "
+                     f"{acc.shape} {acc.dtype}")
+
+
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
                               out_dtype=None, backend: Backend | str = "auto",
                               platform: str | None = None,
-                              gpu_impl: str | None = None) -> jax.Array:
+                              gpu_impl: str | None = None, acc: jax.Array | None = None,
+                              rows: int | None = None) -> jax.Array:
   """out[g] = lhs_g^T . dout_g: lhs [T, K], dout [T, N] (one dtype, bf16/f32) -> [G, K, N].
 
   The weight-gradient product of `grouped_matmul`, with G = len(group_sizes) (sum <= T); groups
-  with no rows give zeros. out_dtype defaults to lhs.dtype; accumulation is float32.
-  gpu_impl: "triton" / "mosaic" / None (auto), as in `grouped_matmul`.
+  with no rows give zeros. out_dtype defaults to lhs.dtype (acc's dtype when given);
+  accumulation is float32. gpu_impl: "triton" / "mosaic" / None (auto), as in `grouped_matmul`.
+  acc: None, or [G, K, N]: returns acc + the products, summed in float32 and rounded once; the
+  TPU kernel writes the result in place of acc (an input_output alias: no second [G, K, N]
+  buffer when acc is dead afterwards), other backends add. rows: as in `grouped_matmul`.
+  Not differentiable (a backward's building block).
   """
   if (lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]
       or lhs.dtype != dout.dtype or lhs.dtype not in _FLOATS):
@@ -237,16 +256,61 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
   if group_sizes.ndim != 1:
     raise ValueError(f"group_sizes must be [G], got {group_sizes.shape}")
   group_sizes = _check_group_sizes(group_sizes, group_sizes.shape[0])
+  _check_acc(acc, (group_sizes.shape[0], lhs.shape[1], dout.shape[1]), "transposed_grouped_matmul")
+  if acc is not None:
+    out_dtype = acc.dtype
   impl = select(backend, platform=platform)
   if impl.kind == "reference" or 0 in lhs.shape or 0 in dout.shape:
-    return transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype)
+    return _add_acc(transposed_grouped_matmul_ref(lhs, dout, group_sizes, out_dtype=out_dtype),
+                    acc)
   if impl.kind == "gpu" and gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
-    return _mosaic_tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
-                        out_dtype=out_dtype, interpret=impl.interpret,
-                        forced=gpu_impl == "mosaic")
-  kernels = tpu if impl.kind == "tpu" else gpu
-  return kernels.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
-                      out_dtype=out_dtype, interpret=impl.interpret)
+    return _add_acc(_mosaic_tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
+                                 out_dtype=out_dtype, interpret=impl.interpret,
+                                 forced=gpu_impl == "mosaic"), acc)
+  if impl.kind == "tpu":
+    return tpu.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0], out_dtype=out_dtype,
+                    interpret=impl.interpret, rows=rows, acc=acc)
+  return _add_acc(gpu.tgmm(lhs, dout, group_sizes, num_groups=group_sizes.shape[0],
+                           out_dtype=out_dtype, interpret=impl.interpret), acc)
+
+
+def grouped_matmul_dlhs(dout: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                        out_dtype=None, backend: Backend | str = "auto",
+                        platform: str | None = None, gpu_impl: str | None = None,
+                        acc: jax.Array | None = None, rows: int | None = None) -> jax.Array:
+  """out[rows of g] = dout[rows of g] . rhs[g]^T: the input gradient of `grouped_matmul`.
+
+  dout [T, N] and rhs [G, K, N] (bf16/f32; promoted to a common dtype) -> [T, K]; rows past
+  sum(group_sizes) are zero (acc's rows when acc is given). rhs is read transposed by the
+  kernels (never materialised). acc: None, or [T, K]: returns acc + the product, summed in
+  float32 and rounded once; the TPU kernel writes it in place of acc (input_output alias), other
+  backends add. out_dtype: default the operands' dtype (acc's when given). rows: as in
+  `grouped_matmul`. Not differentiable (a backward's building block).
+  """
+  if dout.ndim != 2 or rhs.ndim != 3 or dout.shape[1] != rhs.shape[2]:
+    raise ValueError(f"expected dout [T, N] and rhs [G, K, N], got {dout.shape} and {rhs.shape}")
+  if dout.dtype not in _FLOATS or rhs.dtype not in _FLOATS:
+    raise ValueError(f"grouped_matmul_dlhs takes bfloat16/float32, got {dout.dtype} and "
+                     f"{rhs.dtype}")
+  group_sizes = _check_group_sizes(group_sizes, rhs.shape[0])
+  _check_acc(acc, (dout.shape[0], rhs.shape[1]), "grouped_matmul_dlhs")
+  dtype = jnp.promote_types(dout.dtype, rhs.dtype)
+  dout, rhs = dout.astype(dtype), rhs.astype(dtype)
+  out_dtype = jnp.dtype(acc.dtype if acc is not None else (out_dtype or dtype))
+  impl = select(backend, platform=platform)
+  if impl.kind == "reference" or 0 in dout.shape or 0 in rhs.shape:
+    out = grouped_matmul_ref(dout, jnp.swapaxes(rhs, 1, 2), group_sizes, out_dtype=out_dtype)
+    return _add_acc(out, acc)
+  if impl.kind == "tpu":
+    return tpu.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=out_dtype,
+                   interpret=impl.interpret, rows=rows, acc=acc)
+  if gpu_flavor(gpu_impl, has_mosaic=True) == "mosaic":
+    out = _mosaic_gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=out_dtype,
+                      interpret=impl.interpret, forced=gpu_impl == "mosaic")
+  else:
+    out = gpu.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=out_dtype,
+                  interpret=impl.interpret)
+  return _add_acc(out, acc)
 
 
 def grouped_matmul_fp8(lhs: jax.Array, rhs: jax.Array, rhs_scale: jax.Array,

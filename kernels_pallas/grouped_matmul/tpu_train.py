@@ -77,9 +77,10 @@ def _blocks(tiles, t: int, k: int, n: int) -> tuple[int, int, int]:
   return tuple(fp8_tpu.tile_size(d, p) for d, p in zip((t, k, n), tiles))
 
 
-def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, layer_ref, x_ref, w_ref, o_ref, acc_ref, *,
-                num_groups, k, bk, nk, transpose_rhs, compute_dtype):
+def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, layer_ref, x_ref, w_ref, *refs, num_groups, k,
+                bk, nk, transpose_rhs, compute_dtype):
   del layer_ref  # used by the index maps only
+  base_ref, o_ref, acc_ref = refs if len(refs) == 3 else (None, *refs)  # base: the `acc` input
   item, kk = pl.program_id(1), pl.program_id(2)
   lo, hi = lo_ref[item], hi_ref[item]
 
@@ -104,15 +105,23 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, layer_ref, x_ref, w_ref, o_
                                                                         acc_ref.shape, 0)
     mine = (rows >= lo) & (rows < hi)
     old = o_ref[...].astype(jnp.float32)  # select in f32: v5e has no bf16 VPU
-    o_ref[...] = jnp.where(mine, acc_ref[...], old).astype(o_ref.dtype)
+    new = acc_ref[...]
+    if base_ref is not None:
+      new = new + base_ref[...].astype(jnp.float32)
+    o_ref[...] = jnp.where(mine, new, old).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "tiles", "interpret",
                                              "rows"))
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None,
         *, transpose_rhs: bool = False, out_dtype=None, tiles: tuple[int, int, int] | None = None,
-        interpret: bool = False, rows: int | None = None) -> jax.Array:
+        interpret: bool = False, rows: int | None = None, acc: jax.Array | None = None
+        ) -> jax.Array:
   """lhs [T, K] . rhs[g] per group -> [T, N]; rows past sum(group_sizes) are zero.
+
+  acc: None, or [T, N] of out_dtype: the result is acc + the product (rows past the groups keep
+  acc), written in place of acc (input_output_aliases: donate it, or XLA copies it first); the
+  sum is taken in float32 and rounded once.
 
   rhs: [G, K, N] ([G, N, K] with transpose_rhs, read transposed in VMEM), or with `layer` (int32
   scalar, may be traced; clipped to [0, L)) the stack [L, G, K, N] / [L, G, N, K] read in place
@@ -123,18 +132,25 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array
   """
   t, k = lhs.shape
   stacked = layer is not None
+  # rhs stays 3-D without a layer: an rhs[None] view made XLA:TPU write a second copy of the
+  # weights (a multi-output fusion of the cast with its [1, G, K, N] form, 0.44 GiB per 671B
+  # expert projection).
+  rhs4 = rhs if stacked else jax.ShapeDtypeStruct((1, *rhs.shape), rhs.dtype)
   if not stacked:
-    rhs, layer = rhs[None], 0
-  num_layers, num_groups = rhs.shape[:2]
-  n, rhs_k = (rhs.shape[2], rhs.shape[3]) if transpose_rhs else (rhs.shape[3], rhs.shape[2])
-  if rhs.ndim != 4 or rhs_k != k or group_sizes.shape != (num_groups,):
+    layer = 0
+  num_layers, num_groups = rhs4.shape[:2]
+  n, rhs_k = (rhs4.shape[2], rhs4.shape[3]) if transpose_rhs else (rhs4.shape[3], rhs4.shape[2])
+  if rhs4.ndim != 4 or rhs_k != k or group_sizes.shape != (num_groups,):
     want = "[G, N, K]" if transpose_rhs else "[G, K, N]"
     raise ValueError(f"gmm: lhs {lhs.shape} needs rhs {want} (or [L, ...] with layer) with "
-                     f"K = {k} and group_sizes [G]; got rhs {rhs.shape[int(not stacked):]}, "
+                     f"K = {k} and group_sizes [G]; got rhs {rhs4.shape[int(not stacked):]}, "
                      f"group_sizes {group_sizes.shape}")
   bm, bk, bn = _blocks(tiles or GMM_TILES, t, k, n)
   nk, nn = _cdiv(k, bk), _cdiv(n, bn)
-  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  out_dtype = jnp.dtype(out_dtype or (lhs.dtype if acc is None else acc.dtype))
+  if acc is not None and (acc.shape != (t, n) or acc.dtype != out_dtype):
+    raise ValueError(f"gmm: acc must be [{t}, {n}] {out_dtype} (the output), got {acc.shape} "
+                     f"{acc.dtype}")
   sched = row_tile_schedule(group_sizes, t, bm)
   layer = jnp.clip(jnp.asarray(layer, jnp.int32).reshape(1), 0, num_layers - 1)
 
@@ -146,7 +162,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array
 
   def w_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref, layer_ref):
     g, kq = jnp.minimum(group_ref[it], num_groups - 1), k_of(it, kk, group_ref)
-    return (layer_ref[0], g, j, kq) if transpose_rhs else (layer_ref[0], g, kq, j)
+    idx = (g, j, kq) if transpose_rhs else (g, kq, j)
+    return (layer_ref[0], *idx) if stacked else idx
 
   def o_map(j, it, kk, tile_ref, group_ref, lo_ref, hi_ref, layer_ref):
     return tile_ref[it], j
@@ -156,30 +173,35 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, layer: jax.Array
       flops=round(2 * items * bm * k * n), transcendentals=0,
       bytes_accessed=round(nn * items * bm * k * lhs.dtype.itemsize  # x tiles, per N tile
                            + items * k * n * rhs.dtype.itemsize      # the items' weight tiles
-                           + t * n * out_dtype.itemsize))
+                           + t * n * out_dtype.itemsize * (1 if acc is None else 2)))
   kernel = functools.partial(_gmm_kernel, num_groups=num_groups, k=k, bk=bk, nk=nk,
                              transpose_rhs=transpose_rhs, compute_dtype=lhs.dtype)
-  w_block = (None, None, bn, bk) if transpose_rhs else (None, None, bk, bn)
+  w_block = ((None,) * (1 + stacked)) + ((bn, bk) if transpose_rhs else (bk, bn))
+  # acc's block is the output's: read once per row tile (its items are consecutive), before the
+  # tile is written back, so aliasing it to the output is safe.
+  base = [] if acc is None else [pl.BlockSpec((bm, bn), o_map)]
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((t, n), out_dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5,
           grid=(nn, sched.num_items, nk),
-          in_specs=[pl.BlockSpec((bm, bk), x_map), pl.BlockSpec(w_block, w_map)],
+          in_specs=[pl.BlockSpec((bm, bk), x_map), pl.BlockSpec(w_block, w_map)] + base,
           out_specs=pl.BlockSpec((bm, bn), o_map),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
       ),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      input_output_aliases={} if acc is None else {7: 0},
       interpret=interpret,
       name="dsv3_grouped_matmul_layer" if stacked else "dsv3_grouped_matmul",
       cost_estimate=cost,
-  )(sched.tile, sched.group, sched.lo, sched.hi, layer, lhs, rhs)
+  )(sched.tile, sched.group, sched.lo, sched.hi, layer, lhs, rhs, *([] if acc is None else [acc]))
 
 
-def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, x_ref, dy_ref, o_ref, *scratch, bm,
-                 compute_dtype):
+def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, x_ref, dy_ref, *refs, bm, compute_dtype,
+                 with_base):
+  base_ref, o_ref, *scratch = refs if with_base else (None, *refs)  # base: the `acc` input
   acc_ref = scratch[0] if scratch else o_ref  # a float32 output is its own accumulator
   item, items = pl.program_id(2), pl.num_programs(2)
   group, lo, hi = group_ref[item], lo_ref[item], hi_ref[item]
@@ -189,7 +211,10 @@ def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, x_ref, dy_ref, o_ref, *scr
 
   @pl.when(first)
   def _():
-    acc_ref[...] = jnp.zeros_like(acc_ref)
+    if base_ref is None:
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+    else:
+      acc_ref[...] = base_ref[...].astype(acc_ref.dtype)
 
   def accumulate(masked: bool):
     x, dy = x_ref[...].astype(compute_dtype), dy_ref[...].astype(compute_dtype)
@@ -214,8 +239,12 @@ def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, x_ref, dy_ref, o_ref, *scr
                                              "rows"))
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
          out_dtype=None, tiles: tuple[int, int, int] | None = None, interpret: bool = False,
-         rows: int | None = None) -> jax.Array:
+         rows: int | None = None, acc: jax.Array | None = None) -> jax.Array:
   """out[g] = lhs_g^T [K, T_g] . dout_g [T_g, N] -> [G, K, N] (empty groups: 0).
+
+  acc: None, or [G, K, N] of out_dtype: the result is acc + the products (empty groups: acc),
+  written in place of acc (input_output_aliases); each group's block starts from acc and
+  accumulates in float32, rounded once.
 
   lhs [T, K] and dout [T, N] of one dtype (bf16/f32), group_sizes int32 [G] (sum <= T; a larger
   sum is clipped); num_groups must equal G when given. out_dtype defaults to lhs.dtype;
@@ -231,7 +260,10 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
     raise ValueError(f"tgmm: num_groups {num_groups} != len(group_sizes) {g}")
   bm, bk, bn = _blocks(tiles or TGMM_TILES, t, k, n)
   nk, nn = _cdiv(k, bk), _cdiv(n, bn)
-  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  out_dtype = jnp.dtype(out_dtype or (lhs.dtype if acc is None else acc.dtype))
+  if acc is not None and (acc.shape != (g, k, n) or acc.dtype != out_dtype):
+    raise ValueError(f"tgmm: acc must be [{g}, {k}, {n}] {out_dtype} (the output), got "
+                     f"{acc.shape} {acc.dtype}")
   sched = group_tile_schedule(group_sizes, t, bm)
 
   def x_map(kk, j, it, tile_ref, group_ref, lo_ref, hi_ref):
@@ -247,22 +279,26 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, num_groups:
   cost = pl.CostEstimate(
       flops=round(2 * items * bm * k * n), transcendentals=0,
       bytes_accessed=round(items * bm * (nn * k + nk * n) * lhs.dtype.itemsize
-                           + g * k * n * out_dtype.itemsize))
+                           + g * k * n * out_dtype.itemsize * (1 if acc is None else 2)))
   f32_out = out_dtype == jnp.float32
-  kernel = functools.partial(_tgmm_kernel, bm=bm, compute_dtype=lhs.dtype)
+  kernel = functools.partial(_tgmm_kernel, bm=bm, compute_dtype=lhs.dtype,
+                             with_base=acc is not None)
+  # acc's block is the output's: read at the group's first item, written back after its last.
+  base = [] if acc is None else [pl.BlockSpec((None, bk, bn), o_map)]
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(nk, nn, sched.num_items),
-          in_specs=[pl.BlockSpec((bm, bk), x_map), pl.BlockSpec((bm, bn), dy_map)],
+          in_specs=[pl.BlockSpec((bm, bk), x_map), pl.BlockSpec((bm, bn), dy_map)] + base,
           out_specs=pl.BlockSpec((None, bk, bn), o_map),
           scratch_shapes=[] if f32_out else [pltpu.VMEM((bk, bn), jnp.float32)],
       ),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
+      input_output_aliases={} if acc is None else {6: 0},
       interpret=interpret,
       name="dsv3_transposed_grouped_matmul",
       cost_estimate=cost,
-  )(sched.tile, sched.group, sched.lo, sched.hi, lhs, dout)
+  )(sched.tile, sched.group, sched.lo, sched.hi, lhs, dout, *([] if acc is None else [acc]))
