@@ -7,15 +7,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
-# XLA CPU without its expensive optimisations for every program (tests.utils.FAST_COMPILE as
-# flags: eager ops, subprocesses and programs compiled without compiler_options too): the tests
-# run tiny models, whose compile, not run, is their cost (178 tests measured: 319 -> 277 CPU-s,
-# none slower). A program's own compiler_options still win (the convergence test asks for level
-# 1); numerics change only by float32 reassociation. Set --xla_backend_optimization_level in
-# XLA_FLAGS to choose another level.
-for _fast in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
-  if _fast.split("=")[0] not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " " + _fast
 
 # JAX's persistent compilation cache, one folder per test run (made here by the first process,
 # removed at its end): the pytest-xdist workers and the `dsv3` subprocesses the tests start inherit
