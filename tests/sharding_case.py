@@ -12,7 +12,7 @@ from flax import nnx
 
 from dsv3_jax.config import TINY, RuntimeConfig
 from dsv3_jax.pretrained import model_from_arrays
-from dsv3_jax.sharding import ShardingRules, activation_sharding, state_shardings
+from dsv3_jax.sharding import ShardingRules, activation_sharding, state_shardings, use_rules
 from tests.utils import FAST_COMPILE, random_arrays
 
 # One MoE layer, no MTP (keeps XLA:CPU compile time small); 8 experts over up to 8 shards.
@@ -67,6 +67,15 @@ def build(mesh=None, rules: ShardingRules | None = None):
   jitted = jax.jit(step, in_shardings=(ps, rs, ts), out_shardings=(ps, None, None, ps),
                    compiler_options=FAST_COMPILE)
   return jitted, params, rest, tok
+
+
+def run_sharded(mesh, rules: ShardingRules):
+  """`build(mesh, rules)`, compiled and run once under that mesh and rules -> (params before the
+  step, compiled step (for its HLO), (new params, loss, logits, grads))."""
+  step, params, rest, tok = build(mesh, rules)
+  with jax.set_mesh(mesh), use_rules(rules):
+    compiled = step.lower(params, rest, tok).compile()
+    return params, compiled, compiled(params, rest, tok)
 
 
 def flat(tree) -> dict[str, jax.Array]:

@@ -7,14 +7,13 @@ Sharding only reorders float32 sums (psum over tensor/fsdp partial products), ob
 """
 import os
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.sharding import ShardingRules, make_mesh, use_rules
+from dsv3_jax.sharding import ShardingRules, make_mesh
 from tests.sharding_case import CFG
-from tests.sharding_case import build, flat
+from tests.sharding_case import build, flat, run_sharded
 from tests.utils import ROOT, assert_close, free_port, run_processes
 
 MESHES = {
@@ -52,10 +51,7 @@ def _compare(ref, loss, logits, grads, new, what):
 def test_sharded_step_matches_single_device(name, reference):
   mesh = make_mesh(MESHES[name])
   rules = POD_RULES if name.endswith("pod_rules") else ShardingRules()
-  step, params, rest, tok = build(mesh, rules)
-  with jax.set_mesh(mesh), use_rules(rules):
-    compiled = step.lower(params, rest, tok).compile()
-    new, loss, logits, grads = compiled(params, rest, tok)
+  params, compiled, (new, loss, logits, grads) = run_sharded(mesh, rules)
   hlo = compiled.as_text()
   assert "all-to-all" in hlo, "the MoE did not take the expert-parallel (shard_map) path"
   # Vocab tables sharded over every batch axis (the pod rules): their gradients leave as

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.sharding import ShardingRules, ep_layout, make_mesh, use_rules, wide_expert
-from tests.sharding_case import CFG, build, flat
+from tests.sharding_case import CFG, flat, run_sharded
 from tests.test_sharding_ep import FFN, E, K, _case, _loss, _skewed
 from tests.utils import FAST_COMPILE, assert_close
 from tests.test_sharding_model import EXPERT_W, POD_RULES, _compare, reference  # noqa: F401
@@ -45,10 +45,7 @@ def test_wide_expert_rules():
 def test_wide_expert_step_matches_single_device(reference):  # noqa: F811
   mesh = make_mesh(MESH)
   rules = wide_expert(POD_RULES, MESH, CFG.n_routed_experts)
-  step, params, rest, tok = build(mesh, rules)
-  with jax.set_mesh(mesh), use_rules(rules):
-    compiled = step.lower(params, rest, tok).compile()
-    new, loss, logits, grads = compiled(params, rest, tok)
+  params, compiled, (new, loss, logits, grads) = run_sharded(mesh, rules)
   hlo = compiled.as_text()
   assert "all-to-all" in hlo, "the MoE did not take the expert-parallel (shard_map) path"
   # One whole expert per device, before and after the step.
