@@ -577,7 +577,16 @@ def advice(report: PlanReport, req: PlanRequest) -> list[str]:
       out.append("--opt-dtype bfloat16 (first Adam moment in bf16)")
     if req.param_dtype is None or np.dtype(req.param_dtype) == np.float32:
       out.append("--param-dtype bfloat16 (bf16 parameters and second moment)")
-    if report.mesh.get(EXPERT, 1) < max(report.config["n_routed_experts"], 1):
+    n_experts = report.config["n_routed_experts"]
+    axes = report.rules.get("expert") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(report.mesh.get(a, 1) for a in axes)
+    spread = math.prod(v for k, v in report.mesh.items() if k != TENSOR)
+    if n_experts and shards < spread and n_experts % spread == 0:
+      out.append(f"--rules wide (the {n_experts} routed experts whole over all {spread} "
+                 f"non-tensor devices: no gathers of expert weights, no reductions of their "
+                 f"gradients)")
+    if report.mesh.get(EXPERT, 1) < max(n_experts, 1):
       out.append("a mesh with more expert shards (--mesh fsdp=..,expert=..) to split the routed "
                  "experts further")
     out.append("a smaller --batch-per-device or --seq")

@@ -311,3 +311,26 @@ def test_compiled_flops_count_scanned_layers_like_unrolled(monkeypatch):
   assert "trip count" in scanned["cost_counting"]
   top = scanned["steps"]["train"]["top_ops"]
   assert top["flops"][0][2] >= top["flops"][-1][2] > 0
+
+
+def test_advice_suggests_wide_experts_only_where_they_divide():
+  """advice() on a train report that does not fit: `--rules wide` is suggested when the routed
+  experts divide over every non-tensor device and the rules do not already spread them so."""
+  from types import SimpleNamespace
+
+  from dsv3_jax.config import DEEPSEEK_V3
+  from dsv3_jax.plan import advice
+
+  def report(mesh, expert_rules, experts=256):
+    return SimpleNamespace(fits=False, hbm_bytes=95 * GiB, parameter_bytes=GiB,
+                           optimizer_bytes=2 * GiB, cache_bytes=0, devices=256, mesh=mesh,
+                           rules={"expert": expert_rules}, config={"n_routed_experts": experts})
+  req = PlanRequest(topology="v5p:4x4x16", mode="train", config=DEEPSEEK_V3, remat="full")
+  wide = lambda r: [a for a in advice(r, req) if a.startswith("--rules wide")]  # noqa: E731
+  mesh = {"fsdp": 16, "expert": 16}
+  assert wide(report(mesh, "expert")) == [
+      "--rules wide (the 256 routed experts whole over all 256 non-tensor devices: no gathers "
+      "of expert weights, no reductions of their gradients)"]
+  assert wide(report(mesh, ("fsdp", "expert"))) == []              # already wide
+  assert wide(report(mesh, "expert", experts=160)) == []           # 160 % 256 != 0
+  assert wide(report({"fsdp": 8, "expert": 4, "tensor": 8}, "expert")) != []  # 32 | 256
