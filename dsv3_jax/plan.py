@@ -568,8 +568,10 @@ def advice(report: PlanReport, req: PlanRequest) -> list[str]:
     out.append(f"the {what} alone need {state / GiB:.2f} GiB per device of {hbm / GiB:.2f}: "
                f"use a topology with about {chips}+ devices (or shard more of the state)")
   if req.mode == "train":
-    if req.remat != "full":
+    if req.remat not in ("full", "offload"):
       out.append("--remat full (recompute each block in the backward pass)")
+    if req.remat != "offload":
+      out.append("--remat offload (full remat, and the saved layer inputs kept in host memory)")
     if req.kernels == "reference":
       out.append("--kernels pallas (the reference attention keeps [heads, T, T] float32 "
                  "probabilities)")

@@ -334,3 +334,4 @@ def test_advice_suggests_wide_experts_only_where_they_divide():
   assert wide(report(mesh, ("fsdp", "expert"))) == []              # already wide
   assert wide(report(mesh, "expert", experts=160)) == []           # 160 % 256 != 0
   assert wide(report({"fsdp": 8, "expert": 4, "tensor": 8}, "expert")) != []  # 32 | 256
+  assert any(a.startswith("--remat offload") for a in advice(report(mesh, "expert"), req))
