@@ -172,8 +172,8 @@ def grouped_ffn_vjp(xs, dys, group_sizes, w_gate, w_up, w_down, acc=None, *,
     if isinstance(w, Fp8Experts):
       raise TypeError("grouped_ffn_vjp: FP8 experts are inference only (no gradient)")
   kw = dict(backend=backend, platform=platform, gpu_impl=gpu_impl, rows=rows)
-  g = _grouped_ffn_part(xs, w_gate, group_sizes, kw)
-  u = _grouped_ffn_part(xs, w_up, group_sizes, kw)
+  g = grouped_matmul(xs, w_gate, group_sizes, **kw)
+  u = grouped_matmul(xs, w_up, group_sizes, **kw)
   h, act_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
   acc_g, acc_u, acc_d = (None,) * 3 if acc is None else acc
   dys = dys.astype(h.dtype)
@@ -189,12 +189,6 @@ def grouped_ffn_vjp(xs, dys, group_sizes, w_gate, w_up, w_down, acc=None, *,
   dxs = grouped_matmul_dlhs(dg, w_gate, group_sizes, out_dtype=xs.dtype, **kw)
   dxs = grouped_matmul_dlhs(du, w_up, group_sizes, acc=dxs, **kw)
   return dxs, dws
-
-
-def _grouped_ffn_part(xs, w, group_sizes, kw):
-  """One projection of `grouped_ffn` (kernel backends): the call `grouped_ffn` makes."""
-  from dsv3_jax.kernels_pallas import grouped_matmul as kernel
-  return kernel(xs, w, group_sizes, **kw)
 
 
 def unpermute(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:

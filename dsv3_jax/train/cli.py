@@ -294,8 +294,7 @@ def run(args: argparse.Namespace) -> int:
   rules = ShardingRules()
   if args.wide_experts:
     try:
-      rules = wide_expert(rules, dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
-                          cfg.n_routed_experts)
+      rules = wide_expert(rules, dict(mesh.shape), cfg.n_routed_experts)
     except ValueError as e:
       raise UserError(f"--wide-experts: {e}") from None
   # Each process reads the rows of the global batch its devices hold.
