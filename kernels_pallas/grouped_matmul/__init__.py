@@ -12,9 +12,10 @@ Stacked weights (inference): with `layer=` (an int, may be traced) rhs is the sc
 kernels read that layer's tiles in place (layer index scalar-prefetched into the weight's block
 index map), so a decode step never copies a layer's experts out of the stack. Forward only.
 
-Backward of grouped_matmul uses the same kernels: dlhs = gmm(dout, rhs^T) (rhs read transposed
-in the kernel, never materialised) and drhs[g] = lhs_g^T . dout_g (a transposed grouped matmul,
-[G, K, N]; empty groups get zero gradients). On TPU all are our kernels (tpu_train.py), which
+Backward of grouped_matmul uses the same kernels, through the public `grouped_matmul_dlhs` and
+`transposed_grouped_matmul` (the one place the backward kernels are chosen): dlhs = gmm(dout,
+rhs^T) (rhs read transposed in the kernel, never materialised) and drhs[g] = lhs_g^T . dout_g
+(a transposed grouped matmul, [G, K, N]; empty groups get zero gradients). On TPU all are our kernels (tpu_train.py), which
 compute only the row tiles holding rows of some group and whose cost estimates count those.
 """
 from __future__ import annotations
@@ -56,6 +57,19 @@ class _Config:
   def cost_kw(self) -> dict:
     """The TPU kernels' cost-estimate argument (the GPU kernels take none)."""
     return {"rows": self.rows} if self.kind == "tpu" else {}
+
+  @property
+  def request(self) -> dict:
+    """The arguments of `grouped_matmul_dlhs` / `transposed_grouped_matmul` that select this
+    config's implementation, so the backward dispatches where they do. A Mosaic GPU forward
+    under auto (cfg.mosaic, not forced) asks gpu_impl=None: the same `gpu_flavor` rule that
+    chose Mosaic here chooses it again (with its Triton fallback); forward `tiles` stay
+    forward-only (the backward kernels use their defaults)."""
+    gpu_impl = None
+    if self.kind == "gpu":
+      gpu_impl = ("mosaic" if self.forced else None) if self.mosaic else "triton"
+    return dict(backend="interpret" if self.interpret else "pallas", platform=self.kind,
+                gpu_impl=gpu_impl, rows=self.rows)
 
 
 def _mosaic_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype, interpret,
@@ -115,16 +129,8 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg):
 def _gmm_bwd(cfg, residuals, dout):
   lhs, rhs, group_sizes = residuals
   dout = dout.astype(lhs.dtype)
-  if cfg.mosaic:
-    dlhs = _mosaic_gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
-                       interpret=cfg.interpret, forced=cfg.forced)
-    drhs = _mosaic_tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0], out_dtype=rhs.dtype,
-                        interpret=cfg.interpret, forced=cfg.forced)
-    return dlhs, drhs, None
-  dlhs = cfg.kernels.gmm(dout, rhs, group_sizes, transpose_rhs=True, out_dtype=lhs.dtype,
-                         interpret=cfg.interpret, **cfg.cost_kw)
-  drhs = cfg.kernels.tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0],
-                          out_dtype=rhs.dtype, interpret=cfg.interpret, **cfg.cost_kw)
+  dlhs = grouped_matmul_dlhs(dout, rhs, group_sizes, out_dtype=lhs.dtype, **cfg.request)
+  drhs = transposed_grouped_matmul(lhs, dout, group_sizes, out_dtype=rhs.dtype, **cfg.request)
   return dlhs, drhs, None
 
 
