@@ -28,7 +28,9 @@ figures `cost_analysis()` gives; the tests hold it to that):
   operands and results, no flops.
 - while: trip count from XLA's `known_trip_count` annotation or, when absent (TPU), from the
   loop's condition `counter < N` with the counter's initial value and step read from the
-  program; a loop whose trip count cannot be read counts once and is listed in `unknown_loops`.
+  program (`dsv3_jax.hlo_trips`); a loop whose trip count cannot be read counts once and is
+  counted in `unknown_loops` (callers must not take the totals as exact then). HLO that does
+  not parse into the computations it references raises ValueError rather than count 0.
 - conditional: `typical` counts the cheapest branch (by flops, then bytes), `worst` the
   costliest. In this model the only conditional is an expert-parallel overflow round, whose
   cheap branch (no round) is what a balanced step runs; `worst` runs every round.
@@ -44,6 +46,8 @@ import math
 import re
 
 import numpy as np
+
+from dsv3_jax.hlo_trips import TripCounter
 
 __all__ = ["HloCost", "hlo_cost", "parse_hlo", "shape_bytes"]
 
@@ -65,6 +69,8 @@ _NO_FLOPS = {"copy", "copy-start", "copy-done", "transpose", "reshape", "broadca
              "slice-start", "slice-done", "async-start", "async-update", "async-done",
              "call-start", "call-done", "sort", "rng", "rng-bit-generator", "real", "imag",
              "is-finite", "reduce-precision"} | _FREE
+_CALLED = ("calls", "to_apply", "body", "condition", "branch_computations",
+           "true_computation", "false_computation")
 _REDUCING = {"reduce", "reduce-window", "scatter", "select-and-scatter", "all-reduce",
              "all-reduce-start", "reduce-scatter"}
 
@@ -244,10 +250,10 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
     s = line.strip()
     if not s or s.startswith("HloModule") or s.startswith("//"):
       continue
-    if s == "}":
+    if s.startswith("}"):  # "}" or "}, execution_thread=..." (async / host computations)
       cur = None
       continue
-    if cur is None and s.endswith("{"):
+    if s.endswith("{") and " = " not in s.split("(", 1)[0]:  # a computation's header
       is_entry = s.startswith("ENTRY ")
       head = s[6:] if is_entry else s
       cname = head.split(" ", 1)[0].lstrip("%")
@@ -261,6 +267,13 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
         cur.append(ins)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
+  for cname, ins in comps.items():
+    for i in ins:
+      for key in (k for k in _CALLED if k + "=" in i.attrs):
+        missing = [c for c in i.called(key) if c not in comps]
+        if missing:
+          raise ValueError(f"HLO text not understood: {i.op} {i.name} in {cname} calls "
+                           f"{missing[0]}, which was not read as a computation")
   return comps, entry
 
 
@@ -300,6 +313,7 @@ class _Analyzer:
     self.table = {c: {i.name: i for i in ins} for c, ins in comps.items()}
     self.loops: list[tuple[str, int | None, float]] = []
     self.unknown = 0
+    self.trips = TripCounter(comps, self.table)
     self.contrib: dict[tuple, list[float]] = {}
 
   # shapes and operands ---------------------------------------------------------------------
@@ -310,80 +324,8 @@ class _Analyzer:
     i = self.operand(comp, name)
     return i.shape if i is not None else ""
 
-  # trip counts -------------------------------------------------------------------------------
-  def _const(self, comp: str, name: str, depth=0) -> int | None:
-    i = self.operand(comp, name)
-    if i is None or depth > 8:
-      return None
-    if i.op == "constant":
-      m = re.match(r"\s*(-?\d+)", i.operands[0] if i.operands else "")
-      return int(m.group(1)) if m else None
-    if i.op in ("copy", "bitcast", "convert", "reshape") and i.operands:
-      return self._const(comp, i.operands[0], depth + 1)
-    return None
-
-  def _tuple_elem(self, comp: str, name: str, idx: int) -> str | None:
-    i = self.operand(comp, name)
-    while i is not None and i.op in ("copy", "bitcast") and i.operands:
-      i = self.operand(comp, i.operands[0])
-    if i is None or i.op != "tuple" or idx >= len(i.operands):
-      return None
-    return i.operands[idx]
-
   def trip_count(self, comp: str, w: Instr) -> int | None:
-    known = w.backend_config().get("known_trip_count", {})
-    if isinstance(known, dict) and "n" in known:
-      return int(known["n"])
-    cond, body = w.attr("condition"), w.attr("body")
-    if cond not in self.table or body not in self.table:
-      return None
-    croot = next((i for i in self.comps[cond] if i.root), None)
-    if croot is None:
-      return None
-    if croot.op == "fusion":  # compare fused: look inside, mapping fusion params to operands
-      fused = croot.attr("calls")
-      froot = next((i for i in self.comps.get(fused, []) if i.root), None)
-      if froot is None or froot.op != "compare":
-        return None
-      params = {i.name: int(re.match(r"\s*(\d+)", i.operands[0]).group(1))
-                for i in self.comps[fused] if i.op == "parameter"}
-      def outer(n):
-        if n in params:
-          return croot.operands[params[n]]
-        return None
-      lhs, rhs, direction = outer(froot.operands[0]), outer(froot.operands[1]), froot.attrs
-      limit = self._const(cond, rhs) if rhs else None
-      if limit is None:
-        limit = self._const(fused, froot.operands[1])
-    elif croot.op == "compare":
-      lhs, rhs, direction = croot.operands[0], croot.operands[1], croot.attrs
-      limit = self._const(cond, rhs)
-    else:
-      return None
-    m = re.search(r"direction=(\w+)", direction)
-    lhs_i = self.operand(cond, lhs) if lhs else None
-    if limit is None or m is None or lhs_i is None or lhs_i.op != "get-tuple-element":
-      return None
-    idx = int(lhs_i.attr("index"))
-    init_name = self._tuple_elem(comp, w.operands[0], idx)
-    init = self._const(comp, init_name) if init_name else None
-    broot = next((i for i in self.comps[body] if i.root), None)
-    step = None
-    if broot is not None and broot.op == "tuple" and idx < len(broot.operands):
-      upd = self.operand(body, broot.operands[idx])
-      while upd is not None and upd.op in ("copy", "bitcast"):
-        upd = self.operand(body, upd.operands[0])
-      if upd is not None and upd.op == "add":
-        step = next((c for c in (self._const(body, o) for o in upd.operands) if c is not None),
-                    None)
-    if init is None or not step:
-      return None
-    d = m.group(1)
-    span = {"LT": limit - init, "LE": limit - init + 1, "GT": init - limit,
-            "GE": init - limit + 1, "NE": limit - init}.get(d)
-    if span is None:
-      return None
-    return max(0, -(-span // abs(step)))
+    return self.trips.trip_count(comp, w)
 
   # costs -------------------------------------------------------------------------------------
   def fused_flops(self, comp: str) -> tuple[float, float]:

@@ -24,7 +24,8 @@ Figures are per device. `total = argument + output - alias + temp` (XLA's accoun
 program that does not fit is rejected by the compiler with RESOURCE_EXHAUSTED: `fits` is that
 verdict, and the figures then come from the compiler's message. `compiled_flops` /
 `compiled_bytes` count each loop body x its trip count (`dsv3_jax.hlo_cost`; XLA's
-`cost_analysis()`, which visits a loop body once, is kept as `xla_flops` / `xla_bytes`).
+`cost_analysis()`, which visits a loop body once, is kept as `xla_flops` / `xla_bytes`); a loop
+with no readable trip count (`loops_unknown`) or unreadable HLO (`cost_error`) nulls the ratios.
 
 The command line is `dsv3_jax.plan_cli` (`dsv3 plan`).
 """
@@ -144,10 +145,18 @@ class StepReport:
   compiled_flops_worst: float | None = None
   compiled_bytes_worst: float | None = None
   loops: list | None = None       # [trip count (None: unknown), flops of one iteration]
+  loops_unknown: int = 0          # loops whose trip count was not found (counted once)
+  cost_error: str | None = None   # why compiled_flops/bytes are missing (HLO not understood)
   top_ops: dict | None = None     # {"flops"|"bytes": [[op_name, opcode, flops, bytes], ...]}
   # compile_seconds split: jax (trace + StableHLO) and XLA (HLO passes + TPU code generation),
   # wall and CPU seconds of this process (all threads); CPU seconds barely move with host load.
   compile_times: dict | None = None
+
+  def ratios(self) -> tuple[float | None, float | None]:
+    """compiled / model flops and bytes; None where a figure is missing or a loop's trip count
+    is unknown (the compiled figure would undercount)."""
+    return (None, None) if self.loops_unknown else (
+        _ratio(self.compiled_flops, self.model_flops), _ratio(self.compiled_bytes, self.model_bytes))
 
 
 @dataclasses.dataclass
@@ -182,22 +191,20 @@ class PlanReport:
                                           "optimizer_bytes", "cache_bytes")}
     for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes",
               "peak_bytes", "compiled_flops", "compiled_bytes", "model_flops", "model_bytes",
-              "collectives", "kernel_calls", "error"):
+              "collectives", "kernel_calls", "error", "loops_unknown", "cost_error"):
       out[k] = getattr(m, k)
     out["peak_bytes"] = max(s.peak_bytes for s in self.steps.values())
     out["fits"] = self.fits
     out["compile_seconds"] = round(sum(s.compile_seconds for s in self.steps.values()), 2)
     laps = [lap for s in self.steps.values() for lap in (s.compile_times or {}).values()]
     out["compile_cpu_seconds"] = round(sum(lap["cpu"] for lap in laps), 2)
-    out["flops_ratio"] = _ratio(m.compiled_flops, m.model_flops)
-    out["bytes_ratio"] = _ratio(m.compiled_bytes, m.model_bytes)
+    out["flops_ratio"], out["bytes_ratio"] = m.ratios()
     out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
     out["cost_counting"] = COST_COUNTING
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
                steps={k: {**dataclasses.asdict(s),
-                          "flops_ratio": _ratio(s.compiled_flops, s.model_flops),
-                          "bytes_ratio": _ratio(s.compiled_bytes, s.model_bytes)}
+                          **dict(zip(("flops_ratio", "bytes_ratio"), s.ratios()))}
                       for k, s in self.steps.items()})
     return out
 
@@ -339,12 +346,12 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
   ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
   hlo = compiled.as_text()
   xf, xb = float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+  cost_error = None
   try:
     cost = hlo_cost(hlo, top=8)
-  except Exception as e:  # noqa: BLE001  an HLO form the reader does not know: XLA's figures
-    cost = HloCost(xf, 0.0, xb, xf, xb, xf, xb, [], 0, [], [])
-    cost.top_flops = [("error", f"hlo_cost failed, XLA's figures (loops once): "
-                       f"{first_line(e)}", 0.0, 0.0)]
+  except Exception as e:  # noqa: BLE001  an HLO form the reader does not know: no figures
+    cost = HloCost(None, None, None, None, None, xf, xb, [], 0, [], [])
+    cost_error = f"hlo_cost could not read the optimized HLO: {first_line(e)}"
   top = {k: [[r[1], r[0], r[2], r[3]] for r in rows]
          for k, rows in (("flops", cost.top_flops), ("bytes", cost.top_bytes))}
   return StepReport(name, True, round(secs, 2), int(ma.argument_size_in_bytes),
@@ -354,6 +361,7 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
                     count_kernels(hlo), xla_flops=xf, xla_bytes=xb,
                     compiled_flops_worst=cost.flops_worst, compiled_bytes_worst=cost.bytes_worst,
                     loops=[[n, f] for _, n, f in cost.loops], top_ops=top,
+                    loops_unknown=cost.unknown_loops, cost_error=cost_error,
                     compile_times=clock.laps)
 
 

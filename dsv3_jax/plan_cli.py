@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 __all__ = ["add_arguments", "run", "format_report"]
 
@@ -116,10 +117,19 @@ def run(args: argparse.Namespace) -> int:
       param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
   report = plan(req)
   if args.json:
+    for name, s in report.steps.items():
+      if s.loops_unknown or s.cost_error:
+        print(f"dsv3 plan: warning: {name} step: {cost_warning(s)}", file=sys.stderr)
     print(json.dumps(report.to_json(), default=str))
   else:
     print(format_report(report))
   return 0 if report.fits else 1
+
+
+def cost_warning(s) -> str:
+  """Why a step's compiled flops/bytes ratios are withheld (`StepReport.ratios`)."""
+  return s.cost_error or (f"{s.loops_unknown} loop(s) with no readable trip count, counted "
+                          f"once: compiled flops/bytes undercount; ratios withheld")
 
 
 def _gib(b) -> str:
@@ -146,11 +156,12 @@ def format_report(report) -> str:
       lines.append(f"  compiler: {s.error}")
     else:
       lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in s.collectives.items()))
-      fr = "-" if s.compiled_flops is None else f"{s.compiled_flops / max(s.model_flops, 1):.2f}x"
-      br = "-" if s.compiled_bytes is None else f"{s.compiled_bytes / max(s.model_bytes, 1):.2f}x"
+      fr, br = ("-" if r is None else f"{r:.2f}x" for r in s.ratios())
       lines.append(f"  flops: compiled {s.compiled_flops or 0:.3e}, model {s.model_flops:.3e} "
                    f"({fr}); bytes: compiled {s.compiled_bytes or 0:.3e}, model "
                    f"{s.model_bytes:.3e} ({br})")
+      if s.loops_unknown or s.cost_error:
+        lines.append(f"  WARNING: {cost_warning(s)}")
       trips = [n for n, _ in s.loops or []]
       lines.append(f"    (loops counted x trip count: {len(trips)} loops, trips "
                    f"{sorted(set(trips), key=lambda n: (n is None, n or 0))}; XLA's "

@@ -11,7 +11,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
@@ -161,6 +160,90 @@ def test_trip_count_from_the_loop_condition(limit, cmp, start, trips):
   assert c.top_bytes[0][:2] == ("multiply", "jit(f)/while/body/mul")
 
 
+# Forms XLA:TPU writes (peeled loops, host offload): the limit carried in the loop state, the
+# compare fused with its get-tuple-elements, the counter stepped inside a fusion, the start
+# computed (a peeled first iteration), and a host computation ("}, execution_thread=...")
+# printed before the loop's body.
+TPU_FUSED = """
+HloModule m2, is_scheduled=true
+
+%host_side (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  ROOT %y = f32[8,128]{1,0} copy(%x)
+}, execution_thread="host"
+
+%step_fused (a: s32[]) -> s32[] {
+  %a = s32[] parameter(0)
+  %c = s32[] constant(%STEP%)
+  ROOT %r = s32[] add(%c, %a)
+}
+
+%body (p: (s32[], f32[8,128], s32[])) -> (s32[], f32[8,128], s32[]) {
+  %p = (s32[], f32[8,128]{1,0}, s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %next = s32[] fusion(%i), kind=kLoop, calls=%step_fused
+  %h = f32[8,128]{1,0} get-tuple-element(%p), index=1
+  %m = f32[8,128]{1,0} multiply(%h, %h)
+  %n = s32[] get-tuple-element(%p), index=2
+  %n2 = s32[] copy(%n)
+  ROOT %t = (s32[], f32[8,128]{1,0}, s32[]) tuple(%next, %m, %n2)
+}
+
+%cmp_fused (q: (s32[], f32[8,128], s32[])) -> pred[] {
+  %q = (s32[], f32[8,128]{1,0}, s32[]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %lim = s32[] get-tuple-element(%q), index=2
+  ROOT %c = pred[] compare(%CMP%), direction=%DIR%
+}
+
+%cond (q: (s32[], f32[8,128], s32[])) -> pred[] {
+  %q = (s32[], f32[8,128]{1,0}, s32[]) parameter(0)
+  ROOT %c = pred[] fusion(%q), kind=kLoop, calls=%cmp_fused
+}
+
+ENTRY %main (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %zero = s32[] constant(%START%)
+  %one = s32[] constant(1)
+  %peeled = s32[] add(%zero, %one)
+  %limit = s32[] constant(%LIMIT%)
+  %init = (s32[], f32[8,128]{1,0}, s32[]) tuple(%peeled, %x, %limit)
+  %w = (s32[], f32[8,128]{1,0}, s32[]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,128]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start,limit,step,cmp,direction,trips", [
+    (0, 58, 1, "%j, %lim", "LT", 57),     # peeled: runs i = 1 .. 57
+    (0, 58, 1, "%lim, %j", "GT", 57),     # the same test written the other way round
+    (0, 9, 2, "%j, %lim", "LE", 5),       # i = 1, 3, 5, 7, 9
+    (9, 0, -1, "%j, %lim", "GT", 10),     # counting down from 10
+    (0, 7, 2, "%j, %lim", "NE", 3),       # i = 1, 3, 5
+    (0, 8, 2, "%j, %lim", "NE", None),    # never equals 8: no count, never a guess
+])
+def test_trip_count_through_fusions_and_the_loop_state(start, limit, step, cmp, direction,
+                                                       trips):
+  text = (TPU_FUSED.replace("%START%", str(start)).replace("%LIMIT%", str(limit))
+          .replace("%STEP%", str(step)).replace("%CMP%", cmp).replace("%DIR%", direction))
+  comps, _ = parse_hlo(text)
+  assert {"host_side", "body", "cond", "main"} <= set(comps)
+  c = hlo_cost(text)
+  assert c.loops[0][1] == trips
+  assert c.unknown_loops == (trips is None)
+  # Oracle: per trip the 8 x 128 multiply and the counter's add; the condition's compare runs
+  # trips + 1 times; plus the peeled start's add.
+  n = trips if trips is not None else 1
+  assert c.flops == n * (8 * 128 + 1) + (n + 1 if trips is not None else 1) + 1
+
+
+def test_unreadable_hlo_raises_instead_of_counting_zero():
+  broken = TPU_FUSED.replace('%body (p: (s32[], f32[8,128], s32[])) -> (s32[], f32[8,128], '
+                             's32[]) {', "%body_renamed {")
+  with pytest.raises(ValueError, match="body"):
+    hlo_cost(broken)
+
+
 def test_shape_bytes_and_parser():
   assert shape_bytes("bf16[4,128]{1,0:T(8,128)(2,1)S(1)}") == 4 * 128 * 2
   assert shape_bytes("(f32[2,3]{1,0}, /*index=1*/s8[5], pred[])") == 24 + 5 + 1
@@ -256,3 +339,31 @@ def test_tpu_head_batched_projection(v5e_mesh):
   c = hlo_cost(compiled.as_text())
   assert c.flops == pytest.approx(xla_cost(compiled)[0], rel=1e-3)
   assert c.flops == pytest.approx(2 * 256 * 384 * 16 * 192, rel=1e-3)
+
+
+@pytest.mark.parametrize("out_spec", [(None, "d"), ()])
+def test_tpu7x_loop_after_sparsecore_computation(out_spec):
+  """tpu7x runs some collectives on its SparseCores: their computations close with
+  `}, execution_thread="sparsecore"`. A scan whose layers end in a reduce-scatter (or
+  all-reduce) prints such a computation just before the loop's body; the 671B tpu7x train step
+  lost its MoE loop body this way (no trip count, counted as 0 flops). Closed-form oracle per
+  device: L x (the [T, D/n] x [D/n, D] matmul, 2 T (D/n) D, plus the collective's T D adds)."""
+  pytest.importorskip("libtpu", reason="TPU AOT compile needs libtpu")
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  topo = topologies.get_topology_desc(topology_name="tpu7x:2x2x1", platform="tpu")
+  mesh = topologies.make_mesh(topo, (len(topo.devices),), ("d",))
+  n, L, T, D = len(topo.devices), 6, 1024, 512
+  sh = lambda *spec: NamedSharding(mesh, P(*spec))
+
+  def f(ws, x):
+    step = lambda h, w: (lax.with_sharding_constraint(h @ w, sh(*out_spec)), None)
+    return lax.scan(step, x, ws)[0]
+
+  ws = jax.ShapeDtypeStruct((L, D, D), jnp.bfloat16, sharding=sh(None, "d", None))
+  x = jax.ShapeDtypeStruct((T, D), jnp.bfloat16, sharding=sh(None, "d"))
+  text = jax.jit(f, out_shardings=sh(*out_spec)).lower(ws, x).compile().as_text()
+  assert '}, execution_thread="sparsecore"' in text  # the form this test is about
+  c = hlo_cost(text)
+  assert [trips for _, trips, _ in c.loops] == [L] and c.unknown_loops == 0
+  assert c.flops == pytest.approx(L * (2 * T * (D // n) * D + T * D), rel=1e-4)

@@ -335,3 +335,34 @@ def test_advice_suggests_wide_experts_only_where_they_divide():
   assert wide(report(mesh, "expert", experts=160)) == []           # 160 % 256 != 0
   assert wide(report({"fsdp": 8, "expert": 4, "tensor": 8}, "expert")) != []  # 32 | 256
   assert any(a.startswith("--remat offload") for a in advice(report(mesh, "expert"), req))
+
+
+def test_unknown_loop_withholds_the_ratios(monkeypatch, capsys):
+  """A step whose HLO had a loop with no readable trip count (counted once) reports
+  loops_unknown and null flops/bytes ratios, and the CLI says so (text and, on stderr, --json)
+  instead of printing a ratio that undercounts; a known step keeps its ratios."""
+  import dsv3_jax.plan
+  from dsv3_jax.plan import PlanReport, StepReport
+
+  def step(unknown):
+    return StepReport("train", True, 1.0, GiB, GiB, 0, GiB, 3 * GiB, 3 * GiB, 3e12, 4e9, 2e12,
+                      2e9, dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(HOT_PATHS, 0),
+                      loops=[[None if unknown else 4, 1e11]], loops_unknown=int(unknown))
+  def report(unknown):
+    return PlanReport("tpu7x:2x2x1", "train", 8, "TPU7x", {"fsdp": 8}, {}, {}, 94 * GiB, GiB,
+                      2 * GiB, 0, dict.fromkeys(HOT_PATHS), {"train": step(unknown)}, "train", [])
+  known = report(False).to_json()
+  assert known["flops_ratio"] == 1.5 and known["bytes_ratio"] == 2.0
+  assert known["loops_unknown"] == 0
+  j = report(True).to_json()
+  assert j["flops_ratio"] is None and j["bytes_ratio"] is None and j["loops_unknown"] == 1
+  assert j["steps"]["train"]["flops_ratio"] is None
+  monkeypatch.setattr(dsv3_jax.plan, "plan", lambda req: report(True))
+  args = ["plan", "--topology", "tpu7x:2x2x1", "--mode", "train", "--config", "tiny"]
+  assert cli.main(args) == 0
+  text = capsys.readouterr().out
+  assert "WARNING: 1 loop(s) with no readable trip count" in text and "(-)" in text
+  assert cli.main(args + ["--json"]) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["flops_ratio"] is None
+  assert "train step: 1 loop(s) with no readable trip count" in captured.err
