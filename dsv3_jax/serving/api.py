@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from dsv3_jax.serving.engine import RequestParams
+from dsv3_jax.serving.request import RequestParams
 
 __all__ = ["ApiError", "error_body", "parse_completion", "parse_chat", "completion_body",
            "chat_body", "completion_chunk", "chat_chunk", "TextStream"]
