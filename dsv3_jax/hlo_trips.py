@@ -23,6 +23,7 @@ from typing import Callable
 _PASS = ("copy", "bitcast", "convert", "reshape", "broadcast")
 _FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "EQ": "EQ", "NE": "NE"}
 _MAX_DEPTH = 32
+_BUDGET = 20000  # expression nodes visited per loop (the arithmetic branches): then unknown
 
 
 def _param_index(i) -> int:
@@ -43,6 +44,7 @@ class TripCounter:
           for callee in i.called("calls") + i.called("to_apply"):
             sites.setdefault(callee, []).append((c, i))
     self.caller = {k: v[0] for k, v in sites.items() if len(v) == 1}
+    self._budget = _BUDGET
 
   # expressions ------------------------------------------------------------------------------
   def expr(self, comp: str, name: str, env: Callable | None, depth: int = 0):
@@ -50,7 +52,8 @@ class TripCounter:
     env(k): the expression of parameter k (None: look through the computation's unique caller;
     a loop's condition/body: parameter 0 is ("s",))."""
     i = self.table.get(comp, {}).get(name)
-    if i is None or depth > _MAX_DEPTH:
+    self._budget -= 1
+    if i is None or depth > _MAX_DEPTH or self._budget < 0:
       return None
     op, d = i.op, depth + 1
     if op == "constant":
@@ -143,6 +146,7 @@ class TripCounter:
     cond, body = w.attr("condition"), w.attr("body")
     if cond not in self.comps or body not in self.comps or not w.operands:
       return None
+    self._budget = _BUDGET
     state = lambda k: ("s",) if k == 0 else None  # noqa: E731
     croot = self.roots.get(cond)
     cmp = self._compare(cond, croot.name, state) if croot is not None else None
