@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="named axis sizes, e.g. fsdp=16,expert=16 (default: expert shards = "
                       "gcd(devices, routed experts), the rest fsdp)")
   p.add_argument("--rules", default=None,
-                 help="sharding rules: 'default', 'pod' (dense head/FFN/vocab dims over expert), "
+                 help="sharding rules: 'default', 'pod' (dense head/FFN/vocab dims over expert, "
+                      "attention low-rank dims over fsdp), "
                       "'wide' (pod, with the routed experts whole and spread over every "
                       "non-tensor mesh axis: one expert per device at 256 devices) "
                       "or name=axis[+axis],... over the defaults (default: pod unless the mesh "

@@ -33,7 +33,9 @@ Per shard, as small pure functions:
   4. local_experts: each received row's place in the round's rows grouped by local expert
      follows from its place in the receiver's row list and the gathered counts (`round_groups`:
      no id exchange, no sort); rows gathered into that order, `ffn` (the model's grouped FFN, a
-     grouped matmul; padding rows last, past the groups).
+     grouped matmul; padding rows last, past the groups). With one local expert (wide expert
+     parallelism) and the ragged exchange the received rows are already in that order: no
+     gathers.
   5. return: the inverse all-to-all, back into the sender's sorted order (rows of other rounds 0).
   6. combine: un-sort (a gather) and sum_k w_k y_k in float32.
 Gradient: a custom VJP around steps 2-6 (`_routed_ffn`). The backward sends the sorted rows of x
@@ -313,9 +315,15 @@ def ragged_round(sends, acc, plan: RoundPlan, local_counts, capacity: int, local
                                          plan.recv_sizes, axis_name=axis_name) for s in sends)
   q = jnp.arange(capacity, dtype=jnp.int32)
   total = plan.recv_sizes.sum()  # the round's rows arrive packed at the front
-  dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
-                             capacity)
-  out, aux = local_experts(recv, dest, sizes, local_fn)
+  if local_counts.shape[1] == 1:
+    # One local expert (wide expert parallelism): the rows, packed in source order with the
+    # padding last, are already grouped (`round_groups` would return the identity), so no
+    # [R, D] gather of the received rows and none of the outputs.
+    out, aux = local_fn(recv, total.astype(jnp.int32)[None])
+  else:
+    dest, sizes = round_groups(plan.start + q, q < total, q - total, local_counts, plan.start,
+                               capacity)
+    out, aux = local_experts(recv, dest, sizes, local_fn)
   acc = jax.lax.ragged_all_to_all(out, acc, plan.recv_offsets, plan.recv_sizes, plan.back_offsets,
                                   plan.send_sizes, axis_name=axis_name)
   return acc, aux

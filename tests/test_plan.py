@@ -115,9 +115,10 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
     assert j["collectives"]["ragged-all-to-all"] > 0
   if mode == "train":
     assert set(j["steps"]) == {"train"}
-    # The compiler's arguments hold the sharded parameters and Adam moments (plus tokens etc.).
+    # The compiler's arguments hold the sharded parameters and Adam moments (plus tokens etc.,
+    # and TPU tile padding of narrow shards: kv_a's [64, 192] per device pads 192 lanes to 256).
     extra = j["argument_bytes"] - j["parameter_bytes"] - j["optimizer_bytes"]
-    assert 0 <= extra < 64 * 1024, extra
+    assert 0 <= extra < 192 * 1024, extra
     # m and v in float32 like the parameters, plus optax's step counters.
     assert 0 <= j["optimizer_bytes"] - 2 * j["parameter_bytes"] < 1024
     assert j["cache_bytes"] == 0

@@ -23,7 +23,10 @@ MESHES = {
     # The rules of sharding/MEMORY_PLAN.md: dense head/FFN/vocab dims over the expert axis too.
     "fsdp2_ep4_pod_rules": {"fsdp": 2, "expert": 4},
 }
-POD_RULES = ShardingRules(vocab="expert", heads="expert", mlp="expert")
+# `dsv3 plan`'s pod rules: dense head/FFN/vocab dims over `expert`, the low-rank attention
+# projections over both axes (rank dims on `fsdp`, hidden / heads dims on `expert`).
+POD_RULES = ShardingRules(vocab="expert", heads="expert", mlp="expert", lora_in="expert",
+                          q_lora="fsdp", kv_lora="fsdp")
 EXPERT_W = "stacks.0.block.mlp.experts.gate_proj"  # [layers, E, D, F]
 
 
@@ -78,8 +81,15 @@ def test_sharded_step_matches_single_device(name, reference):
             == P(None, "fsdp", "tensor"))
     assert flat(new)["embed_tokens"].sharding.spec == P("tensor", "fsdp")
   if rules is POD_RULES:
+    from dsv3_jax.plan import POD_RULES as PLAN_POD_RULES
+    assert POD_RULES == PLAN_POD_RULES  # what `dsv3 plan` compiles is what this test runs
     assert flat(new)["stacks.0.block.self_attn.o_proj.kernel"].sharding.spec == P(None, "expert", "fsdp")
     assert flat(new)["embed_tokens"].sharding.spec == P("expert", "fsdp")
+    attn = "stacks.0.block.self_attn."
+    for w, spec in (("q_a_proj", P(None, "expert", "fsdp")), ("q_b_proj", P(None, "fsdp", "expert")),
+                    ("kv_a_proj_with_mqa", P(None, "expert", "fsdp")),
+                    ("kv_b_proj", P(None, "fsdp", "expert"))):
+      assert flat(new)[attn + w + ".kernel"].sharding.spec == spec, (w, spec)
   _compare(reference, float(loss), np.asarray(logits),
            {k: np.asarray(v) for k, v in flat(grads).items()},
            {k: np.asarray(v) for k, v in flat(new).items()}, name)
