@@ -49,25 +49,18 @@ from dsv3_jax.plan_hlo import (COLLECTIVES, GiB, HBM_GIB, HOT_PATHS, TOPOLOGY_FO
                               count_collectives, count_kernels, first_line, get_topology,
                               hbm_bytes_per_device, oom_figures)
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, FSDP, TENSOR, ShardingRules, activation_sharding, use_rules,
+from dsv3_jax.sharding import (EXPERT, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
+                               rules_for_mesh, activation_sharding, use_rules,
                                wide_expert,
                                make_mesh, state_shardings)
 
 __all__ = ["PlanRequest", "PlanReport", "StepReport", "PlanError", "plan", "get_topology",
            "hbm_bytes_per_device", "default_mesh", "parse_rules", "count_collectives",
-           "count_kernels", "TOPOLOGY_FORMS", "HOT_PATHS", "COLLECTIVES", "HBM_GIB"]
+           "count_kernels", "TOPOLOGY_FORMS", "HOT_PATHS", "COLLECTIVES", "HBM_GIB", "POD_RULES",
+           "SERVE_POD_RULES"]
 
-# The rules the pod measurements use: dense head / FFN / vocab dims over `expert` too, so a mesh
-# without a `tensor` axis still shards every weight (ZeRO-3 over fsdp x expert). The low-rank
-# attention projections are split over both axes as well: q_a / kv_a [hidden (lora_in: expert),
-# rank (q_lora / kv_lora: fsdp)], q_b / kv_b [rank (fsdp), heads (expert)]. Split over one axis
-# only (rank dims whole), their fp32 parameters, Adam moments and gradients cost 3.8 GiB per
-# device more at 671B on 256 devices (q_b alone 1.9), the same all-gathered bf16 weights either way.
-POD_RULES = ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT, lora_in=EXPERT, q_lora=FSDP,
-                          kv_lora=FSDP)
-# Serving also splits the hidden-size input of q_a / kv_a over every device: each device then
-# reads 1/n of them per step instead of all (1.8 GB of a 671B decode step on 64 chips).
-SERVE_POD_RULES = POD_RULES.replace(lora_in=(FSDP, EXPERT), q_lora=None, kv_lora=None)
+# The rules for a mesh without a tensor axis: `sharding.POD_RULES` (train) / `SERVE_POD_RULES`,
+# the ones `Trainer` / `dsv3 train` / the serving engine place the model with (`rules_for_mesh`).
 COST_COUNTING = ("compiled_flops/compiled_bytes: optimized HLO per device, " + HloCost.counting
                  + "; xla_flops/xla_bytes: XLA cost_analysis(), each loop body once")
 
@@ -77,8 +70,9 @@ class PlanRequest:
   """What to compile.
 
   topology: libtpu topology name (`TOPOLOGY_FORMS`, e.g. "v5p:4x4x16"); mode: "train" | "serve";
-  mesh: {axis: size} (None: `default_mesh`); rules: None picks ShardingRules() when the mesh has
-  a tensor axis, else `POD_RULES`; a string is a `parse_rules` spec (e.g. "wide"), read against
+  mesh: {axis: size} (None: `default_mesh`); rules: None picks `sharding.rules_for_mesh` (what
+  `dsv3 train` places the model with: ShardingRules() with a tensor axis, else `POD_RULES`); a
+  string is a `parse_rules` spec (e.g. "wide"), read against
   the mesh. train: batch_per_device x seq tokens per data shard, remat,
   param_dtype / opt_dtype (opt_dtype: the first Adam moment; the second follows param_dtype).
   serve: decode_batch sequences (the engine's max batch), context cache rows per sequence (its
@@ -244,7 +238,7 @@ def parse_rules(spec: str | None, mesh_sizes: Mapping[str, int]) -> ShardingRule
   mesh). "wide": the rules None picks, with the routed experts spread whole over every non-tensor
   mesh axis (`sharding.wide_expert`: one expert per device when there are as many)."""
   if spec is None:
-    return ShardingRules() if mesh_sizes.get(TENSOR, 1) > 1 else POD_RULES
+    return rules_for_mesh(mesh_sizes)
   if spec in ("default", "pod"):
     return ShardingRules() if spec == "default" else POD_RULES
   if spec == "wide":

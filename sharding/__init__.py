@@ -6,8 +6,8 @@ Imports nothing from the model (the model imports `expert_parallel` for its MoE 
 from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, DistributedConfig,
                                     add_distributed_arguments, initialize_distributed, make_mesh,
                                     parse_mesh_shape)
-from dsv3_jax.sharding.rules import (ShardingRules, activation_sharding, init_sharded,
-                                     logical_to_spec, shard_model, state_shardings, state_specs,
+from dsv3_jax.sharding.rules import (POD_RULES, SERVE_POD_RULES, ShardingRules, activation_sharding,
+                                     init_sharded, rules_for_mesh, logical_to_spec, shard_model, state_shardings, state_specs,
                                      variable_spec, use_rules, current_rules, wide_expert)
 from dsv3_jax.sharding.gather import few_token_logits, few_token_lookup, with_whole_weight
 from dsv3_jax.sharding.expert_parallel import EPLayout, Exchange, ep_layout, expert_parallel_ffn
@@ -26,6 +26,7 @@ __all__ = [
     "default_mesh", "resolve_mesh", "tree_shardings", "variable_sharding", "global_batch", "process_rows",
     "to_host", "sharded_nbytes", "check_fits", "MemoryBudgetError", "add_mesh_arguments",
     "mesh_from_args", "start_distributed", "cli_mesh", "use_rules", "current_rules", "wide_expert",
+    "POD_RULES", "SERVE_POD_RULES", "rules_for_mesh",
     "with_whole_weight",
     "few_token_logits", "few_token_lookup",
 ]

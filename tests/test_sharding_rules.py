@@ -121,3 +121,28 @@ def test_sharding_imports_nothing_from_the_model():
       for m in mods:
         assert (not m.startswith("dsv3_jax") or m.startswith("dsv3_jax.sharding")
                 or m == "dsv3_jax.errors"), (f.name, m)
+
+
+def test_one_rule_choice_for_plan_trainer_generator_and_engine():
+  """`dsv3 plan` compiles the placement a run makes: the plan's default rules, `Trainer`'s
+  (so `dsv3 train --mesh`), `Generator`'s and the serving engine's all come from
+  `rules_for_mesh`; a pod mesh (no tensor axis) splits every dense weight over fsdp x expert,
+  a mesh with a tensor axis keeps the defaults."""
+  from dsv3_jax.plan import parse_rules
+  from dsv3_jax.serving.steps import serving_rules
+  from dsv3_jax.sharding import POD_RULES, SERVE_POD_RULES, rules_for_mesh
+  pod, tp = {"fsdp": 4, "expert": 2}, {"fsdp": 4, "tensor": 2}
+  assert rules_for_mesh(pod) == POD_RULES and rules_for_mesh(pod, serve=True) == SERVE_POD_RULES
+  assert rules_for_mesh(tp) == ShardingRules() == rules_for_mesh(None)
+  assert parse_rules(None, pod) == POD_RULES and parse_rules(None, tp) == ShardingRules()
+  mesh = make_mesh(pod)
+  assert serving_rules(mesh) == SERVE_POD_RULES
+  # Every 2-D dense attention / FFN weight of the tiny model splits over both pod axes.
+  state = nnx.state(abstract_model(TINY))
+  for path, v in nnx.to_flat_state(state):
+    name = ".".join(map(str, path))
+    if any(k in name for k in ("q_b_proj", "kv_b_proj", "q_a_proj", "kv_a_proj")) and \
+        name.endswith("kernel"):
+      spec = logical_to_spec(v.get_metadata()["axes"], POD_RULES, mesh)
+      assert {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)} == \
+          {"fsdp", "expert"}, (name, spec)

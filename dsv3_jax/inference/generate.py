@@ -33,7 +33,7 @@ from dsv3_jax.inference.sampling import SamplingParams, sample, token_logprob
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
-from dsv3_jax.sharding import (ShardingRules, global_batch, use_rules, logical_to_spec, resolve_mesh, to_host,
+from dsv3_jax.sharding import (ShardingRules, global_batch, rules_for_mesh, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
 __all__ = ["Generator", "GenerationOutput", "generate", "GenerationError"]
@@ -154,7 +154,7 @@ class Generator:
   compiler_options: XLA compiler options for the compiled prefill/step/loop (e.g. the tests turn
   CPU optimisations off, where compile time dominates interpret-mode kernels); None: defaults.
   mesh: a `jax.sharding.Mesh`, "fsdp=4,expert=2" or {name: size} (None: every device on `fsdp`;
-  one device is a mesh of one); rules: the `ShardingRules` (None: the defaults). The weights are
+  one device is a mesh of one); rules: the `ShardingRules` (None: `sharding.rules_for_mesh(mesh, serve=True)`). The weights are
   moved into their shardings (a no-op for `from_pretrained(..., mesh=mesh)`), the cache and the
   per-sequence state are split on the batch (replicated when B is not divisible by the batch
   axes). Multi-process: every process calls `run` with the same prompts and gets every result.
@@ -162,7 +162,7 @@ class Generator:
 
   def __init__(self, model, *, cache_dtype=None, compiler_options: dict | None = None,
                mesh: Mesh | str | dict | None = None, rules: ShardingRules | None = None):
-    self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
+    self.mesh, self.rules = resolve_mesh(mesh), rules or rules_for_mesh(self.mesh, serve=True)
     self.compiler_options = dict(compiler_options or {})
     self.config = model.config
     self.graphdef, state = nnx.split(model)

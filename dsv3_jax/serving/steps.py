@@ -211,10 +211,8 @@ def serving_rules(mesh) -> ShardingRules:
   defaults on a mesh with a tensor axis; else the pod rules: the dense head / FFN / vocab dims
   over `expert`, and the hidden-size input of q_a / kv_a over every weight-sharding axis, so
   that every weight is split (ZeRO-3 over fsdp x expert) and each device reads 1/n of them."""
-  from dsv3_jax.sharding import EXPERT, FSDP, TENSOR, ShardingRules
-  if dict(zip(mesh.axis_names, mesh.axis_sizes)).get(TENSOR, 1) > 1:
-    return ShardingRules()
-  return ShardingRules(vocab=EXPERT, heads=EXPERT, mlp=EXPERT, lora_in=(FSDP, EXPERT))
+  from dsv3_jax.sharding import rules_for_mesh
+  return rules_for_mesh(mesh, serve=True)
 
 
 def batch_shards(mesh, rules) -> int:

@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
 
   from dsv3_jax import ui
-  from dsv3_jax.sharding import (ShardingRules, activation_sharding, cli_mesh, process_rows,
+  from dsv3_jax.sharding import (activation_sharding, rules_for_mesh, cli_mesh, process_rows,
                                  wide_expert)
   from dsv3_jax.train.data import TokenDataset, check_token_files
   from dsv3_jax.train.loss import LossConfig
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
                       schedule=args.schedule)
   record = _run_record(cfg, optim)
   check_resume(args.out, record, args.allow_schedule_change)
-  rules = ShardingRules()
+  rules = rules_for_mesh(mesh)  # what `dsv3 plan` compiles for this mesh
   if args.wide_experts:
     try:
       rules = wide_expert(rules, dict(mesh.shape), cfg.n_routed_experts)

@@ -38,7 +38,7 @@ from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.param_tree import flatten, nest
 from dsv3_jax.pretrained import count_params, flat_variables, model_from_arrays
-from dsv3_jax.sharding import (ShardingRules, activation_sharding, check_fits, global_batch, use_rules,
+from dsv3_jax.sharding import (ShardingRules, activation_sharding, rules_for_mesh, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
 from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.balance import load_ratio, update_router_bias
@@ -225,7 +225,7 @@ class Trainer:
   from train.seed.
   mesh: a `jax.sharding.Mesh`, a "fsdp=4,expert=2" string or {name: size} (None: every device on
     `fsdp`, see `dsv3_jax.sharding.default_mesh`; one device is a mesh of one). rules: the
-    `ShardingRules` (None: the defaults). Parameters, the router bias and the optimizer state
+    `ShardingRules` (None: `sharding.rules_for_mesh(mesh)`, what `dsv3 plan` compiles). Parameters, the router bias and the optimizer state
     (each moment sharded like its parameter) are created directly in their shardings (a jitted
     init with out_shardings: no host or device holds the whole model); a given `model` is moved
     there. Batches are split per rules ("batch", "sequence"); the step runs under
@@ -252,7 +252,7 @@ class Trainer:
     if model is not None and model.config != cfg:
       raise ValueError("the given model's config differs from `cfg`")
     self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
-    self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
+    self.mesh, self.rules = resolve_mesh(mesh), rules or rules_for_mesh(self.mesh)
     tx = make_optimizer(train.optim)  # for the shapes of its state (each run jits its own)
     self.schedule = make_schedule(train.optim)
     fresh = model is None
