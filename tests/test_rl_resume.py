@@ -19,7 +19,7 @@ from dsv3_jax.rl.tasks import write_byte_tokenizer
 from dsv3_jax.sharding import make_mesh
 from dsv3_jax.train.optim import OptimConfig
 from dsv3_jax.train.trainer import write_run_config
-from tests.utils import ROOT, random_model
+from tests.utils import ROOT, fast_compiles, random_model
 
 CFG = demo_config().replace(num_hidden_layers=1, first_k_dense_replace=0)
 
@@ -56,7 +56,12 @@ def test_grpo_resume_after_kill9_matches(tmp_path):
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
   # The run to kill: a child process with this process's environment (8 CPU devices, the
   # default mesh), so that its numbers are those of an in-process run.
-  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
+  # Every run compiles without XLA's CPU optimisations (compiling, not running 4 tiny steps, is
+  # this test's cost): the child through jax's flag from the environment, this process through
+  # `fast_compiles`, so all runs compile the same programs with the same options (and the
+  # persistent compilation cache serves this process what the child compiled).
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   log = open(tmp_path / "killed.log", "w")
   proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax.cli", "grpo", *flags, "--out", run_dir],
                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -75,8 +80,9 @@ def test_grpo_resume_after_kill9_matches(tmp_path):
     log.close()
   killed_at = len(rows(run_dir))
   assert 2 <= killed_at < 4
-  assert main(["grpo", *flags, "--out", ref_dir]) == 0
-  assert main(["grpo", *flags, "--out", run_dir]) == 0
+  with fast_compiles():
+    assert main(["grpo", *flags, "--out", ref_dir]) == 0
+    assert main(["grpo", *flags, "--out", run_dir]) == 0
   want, got = rows(ref_dir), rows(run_dir)
   assert [r["step"] for r in got] == [1, 2, 3, 4]
   for a, b in zip(got, want):

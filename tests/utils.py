@@ -1,5 +1,6 @@
 """Shared test helpers: tolerance checks, fast XLA:CPU compiles, random-weight models, child
 processes, and counters of kernels / collectives in traced or compiled programs."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -24,6 +25,66 @@ def run_fast(f, *args):
   """jit + compile with FAST_COMPILE, then run on `args`."""
   import jax
   return jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+@contextlib.contextmanager
+def fast_compiles():
+  """Every program compiled inside compiles with FAST_COMPILE's two options (jax's
+  `jax_disable_most_optimizations`, a process-wide flag), also those compiled on other threads:
+  the Mosaic GPU interpreter compiles each warpgroup's program at run time in a thread pool, out
+  of reach of `run_fast`'s compiler_options. For tests that check numerics at a tolerance only.
+  On exit the flag is restored and jax's in-memory caches and the package's `CompiledCache`s
+  (steps kept compiled across Trainers/Generators) are cleared, so no later test reuses a program
+  compiled so (the persistent cache's key holds the options)."""
+  import jax
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+    jax.clear_caches()
+    from dsv3_jax.jit_cache import CompiledCache
+    for name, module in list(sys.modules.items()):
+      if name.startswith("dsv3_jax"):
+        for value in list(vars(module).values()):
+          if isinstance(value, CompiledCache):
+            value.clear()
+
+
+def _run_eqns(jaxpr, consts, *args):
+  import jax
+  jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+
+@contextlib.contextmanager
+def interpreter_compile_cache():
+  """The Mosaic GPU interpreter runs each CTA's warpgroups through `thread_map`, which on jax
+  0.10 jits a function it defines anew at every call, so every CTA of every kernel call traces,
+  lowers and compiles (or loads from the persistent cache) its warpgroup programs again. Newer
+  jax (0.12) jits one top-level function instead, and its caches serve every later CTA; inside
+  this context the older jax does the same (the same programs run, compiled once). A no-op where
+  jax already has the top-level function."""
+  try:
+    from jax._src.pallas.mosaic.interpret import thread_map
+  except ImportError:
+    yield
+    return
+  if hasattr(thread_map, "_run") or not hasattr(thread_map, "_run_jaxpr"):
+    yield
+    return
+  import jax
+
+  def run_jaxpr(jaxpr, consts, *args):
+    jax.jit(_run_eqns, static_argnums=(0,)).trace(jaxpr, consts, *args).lower().compile()(
+        consts, *args)
+
+  real = thread_map._run_jaxpr
+  thread_map._run_jaxpr = run_jaxpr
+  try:
+    yield
+  finally:
+    thread_map._run_jaxpr = real
 
 
 def max_abs_err(actual, expected) -> float:

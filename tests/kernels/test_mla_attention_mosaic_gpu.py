@@ -24,6 +24,7 @@ from dsv3_jax.kernels_pallas import mla_attention
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
 from tests.utils import (MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls,
+                         fast_compiles, interpreter_compile_cache,
                          run_fast)
 
 BLOCKS = mosaic_gpu.BlockSizes(
@@ -33,6 +34,15 @@ BLOCKS = mosaic_gpu.BlockSizes(
     backward=gpu.BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2, block_q_dkv=32,
                             block_k_dkv=64, block_q_dq=64, block_k_dq=32))
 TOL = dict(atol=1e-2, rtol=1e-2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
+  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
+  optimisations: the checks are at tolerance."""
+  with fast_compiles(), interpreter_compile_cache():
+    yield
 
 
 def _inputs(seed, b, sq, sk, h, hk, dqk, dv):

@@ -18,7 +18,8 @@ from dsv3_jax.kernels_pallas.grouped_matmul import (grouped_matmul, mosaic_gpu,
                                                     transposed_grouped_matmul)
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
-from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
+from tests.utils import (MOSAIC_GPU_CALL, assert_close, custom_calls, fast_compiles,
+                         interpreter_compile_cache)
 
 RTOL, ATOL = 2.0 ** -7, 2e-2
 # T = 104: not a multiple of the 128-row tile; sum = 77 < T (trailing rows must be zero); an empty
@@ -26,6 +27,15 @@ RTOL, ATOL = 2.0 ** -7, 2e-2
 T, K, N = 104, 128, 128
 SIZES = np.array([40, 0, 37], np.int32)
 MOSAIC = dict(backend="interpret", platform="gpu", gpu_impl="mosaic")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
+  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
+  optimisations: the checks are at tolerance."""
+  with fast_compiles(), interpreter_compile_cache():
+    yield
 
 
 def _operands(seed=0):
