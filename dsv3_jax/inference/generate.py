@@ -162,7 +162,8 @@ class Generator:
 
   def __init__(self, model, *, cache_dtype=None, compiler_options: dict | None = None,
                mesh: Mesh | str | dict | None = None, rules: ShardingRules | None = None):
-    self.mesh, self.rules = resolve_mesh(mesh), rules or rules_for_mesh(self.mesh, serve=True)
+    self.mesh = resolve_mesh(mesh)
+    self.rules = rules or rules_for_mesh(self.mesh, serve=True)
     self.compiler_options = dict(compiler_options or {})
     self.config = model.config
     self.graphdef, state = nnx.split(model)

@@ -252,7 +252,8 @@ class Trainer:
     if model is not None and model.config != cfg:
       raise ValueError("the given model's config differs from `cfg`")
     self.cfg, self.runtime, self.train, self.data = cfg, runtime, train, data
-    self.mesh, self.rules = resolve_mesh(mesh), rules or rules_for_mesh(self.mesh)
+    self.mesh = resolve_mesh(mesh)
+    self.rules = rules or rules_for_mesh(self.mesh)
     tx = make_optimizer(train.optim)  # for the shapes of its state (each run jits its own)
     self.schedule = make_schedule(train.optim)
     fresh = model is None
