@@ -46,7 +46,8 @@ def _loop_forward(model, tokens):
   mtp_logits = []
   for k, layer in enumerate(model.mtp, start=1):
     h, normed, stats = layer(model.embed(jnp.pad(tokens[:, k:], ((0, 0), (0, k)))), h, positions)
-    loads.append(stats["load"])
+    if stats is not None:
+      loads.append(stats["load"])
     mtp_logits.append(model.head(normed))
   return model.head(hidden), jnp.stack(mtp_logits), hidden, jnp.stack(loads)
 
@@ -132,3 +133,22 @@ def test_scanned_mtp_sharded_with_expert_parallelism():
     assert "all-to-all" in compiled.as_text(), "the MoE did not take the expert-parallel path"
     got = compiled(*args)
   _compare(got, ref, atol_out=1e-5, atol_grad=1e-6, rtol_grad=1e-4, what="fsdp2 x expert4")
+
+
+def test_mtp_layer_of_another_kind_runs_apart():
+  """moe_layer_freq 2: the MTP layer (index 3) is dense, the last stack MoE: the MTP block runs
+  apart from the scan (the previous path), with the same results as the loop (forward only)."""
+  cfg = dsv3_jax.TINY.replace(moe_layer_freq=2)
+  model = _model(cfg, "none")
+  assert not model.mtp[0].block.is_moe and model.stacks[-1].is_moe
+  assert not _mtp_fits_stack(model.stacks[-1], model.mtp)
+  graphdef, state = nnx.split(model)
+  tokens = _tokens(cfg)
+
+  def both(state, tokens):
+    m = nnx.merge(graphdef, state)
+    return _scan_forward(m, tokens), _loop_forward(m, tokens)
+  got, ref = jax.jit(both, compiler_options=FAST_COMPILE)(state, tokens)
+  for name, a, b in zip(("logits", "mtp_logits", "hidden"), got[:3], ref[:3]):
+    assert_close(a, b, atol=1e-6, what=name)
+  np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(ref[3]))
