@@ -5,9 +5,12 @@ training forward and its gradients equal a plain per-layer loop (each main layer
 block's ops appear once in the program (inside the stack's scan body).
 
 Oracle: the loop above, float32, matmul precision "highest". The scan only changes how the layers
-are iterated and selects the MTP weights exactly, so forward outputs agree to 1e-6 (single device;
-observed: bitwise) and gradients to 1e-6 relative to their scale; sharding reorders float32 sums
-(tolerances as tests/test_sharding_model.py: 1e-5 on logits, 1e-6 + 1e-4 relative on gradients).
+are iterated and selects the MTP weights exactly; XLA may still fuse and order the float32 sums of
+the scan body and of the loop differently (bitwise on one host, 1.0e-6 off on another), so forward
+outputs agree to 1e-5 (values O(1)) and every gradient leaf to 1e-5 of its largest magnitude;
+sharding reorders more sums (observed 1.5e-6 of the scale): 1e-5 on logits, 1e-5 of the scale +
+1e-4 relative on gradients. A wrong weight or input selection shows as errors of the values' own
+size.
 Router loads (integers) must be equal.
 """
 import jax
@@ -109,7 +112,7 @@ def test_scanned_mtp_equals_layer_loop(remat):
   jaxpr = jax.make_jaxpr(fwd)(params, tokens)
   assert str(jaxpr).count("ragged_dot_general[") == 3, str(jaxpr)
   loop = jax.jit(_step(_loop_forward, graphdef, rest, w), compiler_options=FAST_COMPILE)
-  _compare(scan(params, tokens), loop(params, tokens), atol_out=1e-6, atol_grad=1e-6,
+  _compare(scan(params, tokens), loop(params, tokens), atol_out=1e-5, atol_grad=1e-5,
            rtol_grad=0.0, what=f"remat={remat}")
 
 
@@ -132,7 +135,7 @@ def test_scanned_mtp_sharded_with_expert_parallelism():
     compiled = step.lower(*args).compile()
     assert "all-to-all" in compiled.as_text(), "the MoE did not take the expert-parallel path"
     got = compiled(*args)
-  _compare(got, ref, atol_out=1e-5, atol_grad=1e-6, rtol_grad=1e-4, what="fsdp2 x expert4")
+  _compare(got, ref, atol_out=1e-5, atol_grad=1e-5, rtol_grad=1e-4, what="fsdp2 x expert4")
 
 
 def test_mtp_layer_of_another_kind_runs_apart():
@@ -150,5 +153,5 @@ def test_mtp_layer_of_another_kind_runs_apart():
     return _scan_forward(m, tokens), _loop_forward(m, tokens)
   got, ref = jax.jit(both, compiler_options=FAST_COMPILE)(state, tokens)
   for name, a, b in zip(("logits", "mtp_logits", "hidden"), got[:3], ref[:3]):
-    assert_close(a, b, atol=1e-6, what=name)
+    assert_close(a, b, atol=1e-5, what=name)
   np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(ref[3]))
