@@ -8,7 +8,7 @@ import pytest
 from dsv3_jax.cli import main as dsv3_main
 from dsv3_jax.train.cli import read_metrics
 from dsv3_jax.train.trainer import Trainer
-from tests.utils import FAST_COMPILE
+from tests.utils import FAST_COMPILE, fast_compiles
 
 
 @pytest.mark.slow
@@ -19,8 +19,9 @@ def test_train_cli_logs_resumes_and_plots(tmp_path, capsys, monkeypatch):
   out = tmp_path / "run"
   common = ["train", "--config", "tiny", "--batch", "2", "--seq", "32", "--save-every", "2",
             "--out", str(out)]
-  assert dsv3_main(common + ["--steps", "3"]) == 0
-  assert dsv3_main(common + ["--steps", "5", "--allow-schedule-change"]) == 0
+  with fast_compiles():  # also the model init and every other program the runs compile
+    assert dsv3_main(common + ["--steps", "3"]) == 0
+    assert dsv3_main(common + ["--steps", "5", "--allow-schedule-change"]) == 0
   text = capsys.readouterr().out
   assert "resumed from step 3" in text
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
