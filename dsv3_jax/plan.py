@@ -49,7 +49,7 @@ from dsv3_jax.plan_hlo import (COLLECTIVES, GiB, HBM_GIB, HOT_PATHS, TOPOLOGY_FO
                               count_collectives, count_kernels, first_line, get_topology,
                               hbm_bytes_per_device, oom_figures)
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
+from dsv3_jax.sharding import (EXPERT, TPU_COMPILE_OPTIONS, compile_options_for, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
                                rules_for_mesh, activation_sharding, use_rules,
                                wide_expert,
                                make_mesh, state_shardings)
@@ -200,6 +200,7 @@ class PlanReport:
     out["flops_ratio"], out["bytes_ratio"] = m.ratios()
     out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
     out["cost_counting"] = COST_COUNTING
+    out["compile_options"] = dict(TPU_COMPILE_OPTIONS)  # every topology here is a TPU's
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
                steps={k: {**dataclasses.asdict(s),
@@ -319,7 +320,7 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
     with jax.set_mesh(mesh):
       lowered = jitted.lower(*args)
       clock.lap("lower")
-      compiled = lowered.compile()
+      compiled = lowered.compile(compiler_options=compile_options_for(mesh) or None)
       clock.lap("xla")
   except Exception as e:  # noqa: BLE001
     secs = clock.total()

@@ -3,8 +3,9 @@
 Imports nothing from the model (the model imports `expert_parallel` for its MoE dispatch and
 `kernel_map` to run each Pallas kernel per shard).
 """
-from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, DistributedConfig,
-                                    add_distributed_arguments, initialize_distributed, make_mesh,
+from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, TPU_COMPILE_OPTIONS,
+                                    DistributedConfig, add_distributed_arguments,
+                                    compile_options_for, initialize_distributed, make_mesh,
                                     parse_mesh_shape)
 from dsv3_jax.sharding.rules import (POD_RULES, SERVE_POD_RULES, ShardingRules, activation_sharding,
                                      init_sharded, rules_for_mesh, logical_to_spec, shard_model, state_shardings, state_specs,
@@ -19,7 +20,8 @@ from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, chec
 
 __all__ = [
     "DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape", "DistributedConfig",
-    "add_distributed_arguments", "initialize_distributed", "ShardingRules", "logical_to_spec",
+    "add_distributed_arguments", "initialize_distributed", "TPU_COMPILE_OPTIONS",
+    "compile_options_for", "ShardingRules", "logical_to_spec",
     "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",
     "kernel_map", "kernel_specs", "Dim", "KernelShardingError",

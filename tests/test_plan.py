@@ -17,6 +17,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from dsv3_jax import cli  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.sharding import TPU_COMPILE_OPTIONS, compile_options_for, make_mesh  # noqa: E402
 from dsv3_jax.plan import (COLLECTIVES, HBM_GIB, HOT_PATHS, PlanError, PlanRequest,  # noqa: E402
                            count_collectives, count_kernels, plan)
 
@@ -111,6 +112,9 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
             "decode": "pallas" if mode == "serve" else None,
             "moe": "pallas" if moe else None, "fp8": None}
   assert j["kernels"] == expect
+  # libtpu accepted the package's TPU compile options on every topology (an unknown or refused
+  # option is an INVALID_ARGUMENT compile error).
+  assert j["compile_options"] == TPU_COMPILE_OPTIONS
   if moe:  # the EP exchange is resolved for the TPU target, not for this CPU host
     assert j["collectives"]["ragged-all-to-all"] > 0
   if mode == "train":
@@ -367,3 +371,26 @@ def test_unknown_loop_withholds_the_ratios(monkeypatch, capsys):
   captured = capsys.readouterr()
   assert json.loads(captured.out)["flops_ratio"] is None
   assert "train step: 1 loop(s) with no readable trip count" in captured.err
+
+
+def test_compile_options_follow_the_mesh_platform():
+  """TPU meshes (a libtpu topology's devices here) get TPU_COMPILE_OPTIONS under the caller's own
+  options; CPU meshes (8 simulated devices) only the caller's. The package's option is one libtpu
+  knows: a made-up option is refused at compile time, this one compiles."""
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  tpu_mesh = topologies.make_mesh(topo, (4,), ("fsdp",))
+  cpu_mesh = make_mesh({"fsdp": 8})
+  mine = {"xla_cpu_enable_fast_math": False}
+  assert compile_options_for(cpu_mesh) == {}
+  assert compile_options_for(cpu_mesh, mine) == mine
+  assert compile_options_for(tpu_mesh) == TPU_COMPILE_OPTIONS
+  key = next(iter(TPU_COMPILE_OPTIONS))
+  assert compile_options_for(tpu_mesh, {key: False}) == {**TPU_COMPILE_OPTIONS, key: False}
+  assert compile_options_for(tpu_mesh, mine) == {**TPU_COMPILE_OPTIONS, **mine}
+  x = jax.ShapeDtypeStruct((512, 128), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(tpu_mesh, jax.P("fsdp")))
+  lowered = jax.jit(lambda a: (a * 2).sum(0)).lower(x)
+  lowered.compile(compiler_options=compile_options_for(tpu_mesh))
+  with pytest.raises(Exception, match="No such compile option"):
+    lowered.compile(compiler_options={"xla_tpu_no_such_option_dsv3": True})

@@ -33,7 +33,7 @@ from dsv3_jax.inference.sampling import SamplingParams, sample, token_logprob
 from dsv3_jax.inference.speculative import draft_from, plain_step, speculative_step
 from dsv3_jax.inference.state import GenState
 from dsv3_jax.jit_cache import CompiledCache, sharding_key
-from dsv3_jax.sharding import (ShardingRules, global_batch, rules_for_mesh, use_rules, logical_to_spec, resolve_mesh, to_host,
+from dsv3_jax.sharding import (ShardingRules, compile_options_for, global_batch, rules_for_mesh, use_rules, logical_to_spec, resolve_mesh, to_host,
                                tree_shardings)
 
 __all__ = ["Generator", "GenerationOutput", "generate", "GenerationError"]
@@ -164,7 +164,7 @@ class Generator:
                mesh: Mesh | str | dict | None = None, rules: ShardingRules | None = None):
     self.mesh = resolve_mesh(mesh)
     self.rules = rules or rules_for_mesh(self.mesh, serve=True)
-    self.compiler_options = dict(compiler_options or {})
+    self.compiler_options = compile_options_for(self.mesh, compiler_options)
     self.config = model.config
     self.graphdef, state = nnx.split(model)
     self.state_shardings = tree_shardings(state, self.rules, self.mesh)

@@ -38,7 +38,7 @@ from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.model import DeepseekV3
 from dsv3_jax.param_tree import flatten, nest
 from dsv3_jax.pretrained import count_params, flat_variables, model_from_arrays
-from dsv3_jax.sharding import (ShardingRules, activation_sharding, rules_for_mesh, check_fits, global_batch, use_rules,
+from dsv3_jax.sharding import (ShardingRules, compile_options_for, activation_sharding, rules_for_mesh, check_fits, global_batch, use_rules,
                                resolve_mesh, sharded_nbytes, tree_shardings)
 from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.balance import load_ratio, update_router_bias
@@ -274,7 +274,7 @@ class Trainer:
                     "`dsv3 plan`")
     # state: Params (fp32 master copy), the other variables (RouterBias), the optax state and
     # the step count (no RNG: the step is deterministic; the model uses no randomness).
-    copts = tuple(sorted((compiler_options or {}).items()))
+    copts = tuple(sorted(compile_options_for(self.mesh, compiler_options).items()))
     if fresh:
       params, rest = _model_init(cfg, runtime, train.seed, self.mesh, self.rules,
                                  (sh["params"], sh["rest"]), copts)()
