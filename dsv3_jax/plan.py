@@ -82,6 +82,8 @@ class PlanRequest:
   contexts), prefill_chunk prompt tokens per row of a prefill step, decode_steps tokens per
   decode call (the engine's defaults); prompt_len is not used by serve (kept for the CLI).
   kernels: "pallas" (the TPU kernels) or "reference" (the jnp references).
+  ep_capacity_factor: `RuntimeConfig.ep_capacity_factor` (expert parallelism's receive buffer per
+  exchange round, x the average load; overflow goes in further rounds, nothing dropped).
   """
 
   topology: str
@@ -102,6 +104,7 @@ class PlanRequest:
   param_dtype: Any = None
   opt_dtype: Any = None
   kernels: str = "pallas"
+  ep_capacity_factor: float = RuntimeConfig.ep_capacity_factor
 
   def __post_init__(self):
     if self.mode not in ("train", "serve"):
@@ -112,6 +115,8 @@ class PlanRequest:
                  "prefill_chunk", "decode_steps") + (("num_pages",) if self.num_pages else ()):
       if getattr(self, name) < 1:
         raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    if not self.ep_capacity_factor > 0:
+      raise PlanError(f"--ep-capacity-factor must be > 0, got {self.ep_capacity_factor}")
     if self.prompt_len is not None and not 1 <= self.prompt_len <= self.context:
       raise PlanError(f"--prompt-len {self.prompt_len} must be in [1, --context {self.context}]")
 
@@ -387,7 +392,8 @@ def _runtime(req: PlanRequest) -> RuntimeConfig:
   pdt = req.param_dtype or (jnp.float32 if train else jnp.bfloat16)
   return RuntimeConfig(param_dtype=pdt, dtype=jnp.bfloat16, remat=req.remat if train else "none",
                        attention_backend=req.kernels, moe_backend=req.kernels,
-                       linear_backend=req.kernels, kernel_platform="tpu")
+                       linear_backend=req.kernels, kernel_platform="tpu",
+                       ep_capacity_factor=req.ep_capacity_factor)
 
 
 def plan(req: PlanRequest) -> PlanReport:

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="prompt tokens per row of a prefill step (as serve)")
   g.add_argument("--decode-steps", type=int, default=4,
                  help="decode steps per device call (as serve)")
+  p.add_argument("--ep-capacity-factor", type=float, default=1.5,
+                 help="expert-parallel receive buffer per exchange round, as a multiple of the "
+                      "average load (tokens per shard x K; > 0); rows beyond it go in further "
+                      "exchange rounds, none dropped")
   p.add_argument("--kernels", choices=("pallas", "reference"), default="pallas",
                  help="attention / decode / MoE as TPU Pallas kernels or the jnp references")
   p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -115,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
       context=args.context, prompt_len=args.prompt_len, page_size=args.page_size,
       num_pages=args.num_pages, prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
       remat=args.remat,
-      param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels)
+      param_dtype=args.param_dtype, opt_dtype=args.opt_dtype, kernels=args.kernels,
+      ep_capacity_factor=args.ep_capacity_factor)
   report = plan(req)
   if args.json:
     for name, s in report.steps.items():

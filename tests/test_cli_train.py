@@ -62,7 +62,8 @@ def test_uint16_refused_for_a_large_vocabulary(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--lr", "-1"), ("--batch", "0"),
-                                        ("--seq", "1"), ("--save-every", "0"), ("--warmup", "-2")])
+                                        ("--seq", "1"), ("--save-every", "0"), ("--warmup", "-2"),
+                                        ("--ep-capacity-factor", "0")])
 def test_flags_out_of_range(capsys, tmp_path, flag, value):
   res = train(capsys, tmp_path / "run", flag, value)
   msg = assert_user_error(res, "train", flag, value)

@@ -188,11 +188,32 @@ def test_does_not_fit_reports_compiler_verdict_and_advice(tmp_path, capsys):
     (["--topology", "v5e:2x2", "--config", "tiny", "--mesh", "fsdp=3"], "multiply to 4"),
     (["--topology", "v5e:2x2", "--config", "tiny", "--mesh", "fsdp=2,expert=x"], "not an integer"),
     (["--topology", "v5e:2x2", "--config", "nope"], "neither a preset"),
+    (["--topology", "v5e:2x2", "--config", "tiny", "--ep-capacity-factor", "0"],
+     "--ep-capacity-factor must be > 0, got 0.0"),
 ])
 def test_errors_are_one_line_with_status_2(argv, needle, capsys):
   assert cli.main(["plan", *argv]) == 2
   err = capsys.readouterr().err.strip()
   assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_ep_capacity_factor_reaches_the_runtime(monkeypatch):
+  """--ep-capacity-factor goes into the RuntimeConfig the step is compiled with (1.5 unset)."""
+  import dsv3_jax.plan
+  from dsv3_jax.plan import _runtime
+  reqs = []
+
+  def stop(req):  # the request is all this test needs: nothing is compiled
+    reqs.append(req)
+    raise KeyError("stop")
+
+  monkeypatch.setattr(dsv3_jax.plan, "plan", stop)
+  base = ["plan", "--topology", "v5e:2x2", "--config", "tiny"]
+  for extra, want in (([], 1.5), (["--ep-capacity-factor", "1.25"], 1.25)):
+    with pytest.raises(KeyError, match="stop"):
+      cli.main(base + extra)
+    assert reqs[-1].ep_capacity_factor == want
+    assert _runtime(reqs[-1]).ep_capacity_factor == want
 
 
 def test_missing_libtpu_says_what_to_install(monkeypatch):

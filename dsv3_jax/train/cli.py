@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="compute dtype (master weights stay float32)")
   p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                  help="activation rematerialisation per decoder block")
+  p.add_argument("--ep-capacity-factor", type=float, default=1.5,
+                 help="expert-parallel receive buffer per exchange round, as a multiple of the "
+                      "average load (tokens per shard x K; > 0); rows beyond it go in further "
+                      "exchange rounds, none dropped")
   p.add_argument("--document-mask", action="store_true", help="attention stays within documents")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="accelerator peak for MFU (default: 790 on H100, else MFU not shown)")
@@ -217,6 +221,7 @@ def check_flags(args: argparse.Namespace) -> None:
             ("--mtp-lambda", args.mtp_lambda, args.mtp_lambda >= 0, ">= 0"),
             ("--balance-alpha", args.balance_alpha, args.balance_alpha >= 0, ">= 0"),
             ("--bias-gamma", args.bias_gamma, args.bias_gamma >= 0, ">= 0"),
+            ("--ep-capacity-factor", args.ep_capacity_factor, args.ep_capacity_factor > 0, "> 0"),
             ("--peak-tflops", args.peak_tflops, args.peak_tflops is None or args.peak_tflops > 0,
              "> 0")]
   for flag, value, ok, want in checks:
@@ -314,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
       loss=LossConfig(mtp_lambda=args.mtp_lambda, balance_alpha=args.balance_alpha),
       bias_gamma=args.bias_gamma, document_mask=args.document_mask, save_every=args.save_every,
       keep=args.keep, peak_flops=_peak_flops(args.peak_tflops))
-  rt = training_runtime(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, args.remat)
+  rt = training_runtime(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, args.remat,
+                        ep_capacity_factor=args.ep_capacity_factor)
   main = jax.process_index() == 0
   init_model = None
   if args.init is not None and latest_step(os.path.join(args.out, "checkpoints")) is None:
