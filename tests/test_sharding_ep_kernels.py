@@ -115,7 +115,10 @@ def _fp8_experts(moe, seed=1):
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_fp8_experts_under_ep_match_single_device(backend):
   """FP8 routed experts (e4m3 + block scales, inference) under EP equal the no-mesh FP8 layer;
-  "interpret": the TPU `grouped_matmul_fp8` Pallas kernel inside the EP shard_map."""
+  "interpret": the TPU `grouped_matmul_fp8` Pallas kernel inside the EP shard_map. The two
+  programs may fuse and order the float32 sums differently (bitwise on one host, 1 ulp on 0.8%
+  of the outputs on another: 2.4e-7 at values O(1)): atol 1e-5, as the other EP tests here; a
+  wrong row, expert or scale block shows as errors of the outputs' own size (~1)."""
   x = _x()
   rt = RuntimeConfig(moe_backend=backend, kernel_platform="tpu", ep_capacity_factor=1.0)
   model = _fp8_experts(_moe(rt))
@@ -123,7 +126,7 @@ def test_fp8_experts_under_ep_match_single_device(backend):
   y0, _ = f(model, x)
   with jax.set_mesh(make_mesh({"data": 2, "expert": 4})):
     y1, s1 = f(model, x)
-  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+  assert_close(y1, y0, atol=1e-5, what=f"FP8 experts under EP ({backend})")
   assert np.abs(np.asarray(y0)).max() > 1e-2 and int(s1["ep_overflow"]) >= 0
 
 
