@@ -102,3 +102,24 @@ def pytest_unconfigure(config):
   if _OWN_CACHE is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
     import shutil
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_fast_compiles():
+  """Every program a module compiles (eager ops and model init included) without XLA's CPU
+  optimisations (`tests.utils.fast_compiles`). For modules whose checks are all at a stated
+  tolerance, or exact between programs both compiled inside the module. Opt in with
+  `pytestmark = pytest.mark.usefixtures("module_fast_compiles")`."""
+  from tests.utils import fast_compiles
+  with fast_compiles():
+    yield
+
+
+@pytest.fixture(scope="module")
+def module_interpreter_fast_compiles():
+  """`module_fast_compiles` plus `tests.utils.interpreter_compile_cache`: the Mosaic GPU
+  interpreter's per-warpgroup programs (compiled at run time, most of those tests' CPU) are
+  compiled once per kernel, not per CTA. For the Mosaic GPU kernel tests (checks at tolerance)."""
+  from tests.utils import fast_compiles, interpreter_compile_cache
+  with fast_compiles(), interpreter_compile_cache():
+    yield

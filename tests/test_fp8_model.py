@@ -29,7 +29,7 @@ from dsv3_jax.safetensors_io import SafetensorsFile, save_file
 from dsv3_jax.sharding import ShardingRules, make_mesh, variable_spec
 from tests.hf_reference import make_v3
 from tests.test_loading import NOT_QUANTISED, quantize_blockwise
-from tests.utils import assert_close, count_pallas_calls, fast_compiles
+from tests.utils import assert_close, count_pallas_calls
 
 BLOCK = 128
 ATOL = 1e-4  # float32 compute on both sides, same weight values: summation order only
@@ -38,13 +38,10 @@ BACKENDS = [("reference", None), ("interpret", "tpu"), ("interpret", "gpu")]
 BACKEND_IDS = ["reference", "interpret-tpu", "interpret-gpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA's CPU optimisations off for every program here (eager ops included): compiling the tiny
-  models is these tests' cost. The checks are at ATOL, and the exact ones compare programs that
-  both compile inside this module (the same options)."""
-  with fast_compiles():
-    yield
+# XLA's CPU optimisations off for every program here (eager ops included): compiling the tiny
+# models is these tests' cost. The checks are at ATOL, and the exact ones compare programs that
+# both compile inside this module (the same options).
+pytestmark = pytest.mark.usefixtures("module_fast_compiles")
 
 
 @pytest.fixture(scope="module")

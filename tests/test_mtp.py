@@ -16,17 +16,14 @@ import torch
 import dsv3_jax
 from dsv3_jax.safetensors_io import SafetensorsFile, save_file
 from tests.hf_reference import make_v3
-from tests.utils import assert_close, fast_compiles
+from tests.utils import assert_close
 
 N_LAYERS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA's CPU optimisations off for every program here (eager ops included): compiling, not
-  running, the tiny models is these tests' cost, and every check is at a stated tolerance."""
-  with fast_compiles():
-    yield
+# XLA's CPU optimisations off for every program here (eager ops included): compiling, not
+# running, the tiny models is these tests' cost, and every check is at a stated tolerance.
+pytestmark = pytest.mark.usefixtures("module_fast_compiles")
 
 
 def _rms(x, w, eps=1e-6):

@@ -19,19 +19,16 @@ from dsv3_jax.train.data import DataState, TokenDataset, segments_and_positions,
 from dsv3_jax.train.loss import LossConfig, balance_loss, training_loss
 from dsv3_jax.train.optim import OptimConfig, decay_mask, make_schedule
 from dsv3_jax.train.trainer import TrainConfig, Trainer
-from tests.utils import FAST_COMPILE, assert_close, fast_compiles
+from tests.utils import FAST_COMPILE, assert_close
 
 # 1 dense layer + 1 MoE layer + 1 MTP depth (MoE): small enough to compile quickly on CPU.
 CFG = TINY.replace(num_hidden_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA's CPU optimisations off for every program here, eager ops and model init included (the
-  steps already compile with FAST_COMPILE): every check is at a stated tolerance, and the exact
-  ones (resume) compare runs that both compile inside this module (the same options)."""
-  with fast_compiles():
-    yield
+# XLA's CPU optimisations off for every program here, eager ops and model init included (the
+# steps already compile with FAST_COMPILE): every check is at a stated tolerance, and the exact
+# ones (resume) compare runs that both compile inside this module (the same options).
+pytestmark = pytest.mark.usefixtures("module_fast_compiles")
 
 
 def _np_log_softmax(x):

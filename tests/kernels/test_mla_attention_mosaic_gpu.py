@@ -23,9 +23,7 @@ import pytest
 from dsv3_jax.kernels_pallas import mla_attention
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_attention import gpu, mosaic_gpu, reference
-from tests.utils import (MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls,
-                         fast_compiles, interpreter_compile_cache,
-                         run_fast)
+from tests.utils import MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls, run_fast
 
 BLOCKS = mosaic_gpu.BlockSizes(
     block_q=64, block_k=64, max_concurrent_steps=2, backward_impl="mosaic",
@@ -36,13 +34,9 @@ BLOCKS = mosaic_gpu.BlockSizes(
 TOL = dict(atol=1e-2, rtol=1e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
-  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
-  optimisations: the checks are at tolerance."""
-  with fast_compiles(), interpreter_compile_cache():
-    yield
+# Mosaic GPU interpreter programs compiled once per kernel, everything without XLA's CPU
+# optimisations: the checks are at tolerance.
+pytestmark = pytest.mark.usefixtures("module_interpreter_fast_compiles")
 
 
 def _inputs(seed, b, sq, sk, h, hk, dqk, dv):

@@ -26,21 +26,15 @@ from dsv3_jax.kernels_pallas import mla_decode
 from dsv3_jax.kernels_pallas.backend import gpu_lowering_target
 from dsv3_jax.kernels_pallas.mla_decode import gpu, mosaic_gpu, reference
 from dsv3_jax.kernels_pallas.mla_decode.reference import split_cache
-from tests.utils import (MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls,
-                         fast_compiles, interpreter_compile_cache,
-                         run_fast)
+from tests.utils import MOSAIC_GPU_CALL, TRITON_CALL, assert_close, custom_calls, run_fast
 
 H, RANK, ROPE, SCALE = 64, 128, 64, 0.1
 TOL = dict(atol=2e-2, rtol=2e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
-  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
-  optimisations: the checks are at tolerance."""
-  with fast_compiles(), interpreter_compile_cache():
-    yield
+# Mosaic GPU interpreter programs compiled once per kernel, everything without XLA's CPU
+# optimisations: the checks are at tolerance.
+pytestmark = pytest.mark.usefixtures("module_interpreter_fast_compiles")
 
 
 def _poison(cache, lengths):

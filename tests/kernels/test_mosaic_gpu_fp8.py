@@ -17,19 +17,14 @@ import pytest
 
 from dsv3_jax.kernels_pallas import fp8
 from dsv3_jax.kernels_pallas.fp8 import mosaic_gpu
-from tests.utils import (MOSAIC_GPU_CALL, assert_close, custom_calls, fast_compiles,
-                         interpreter_compile_cache)
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 MOSAIC = dict(backend="interpret", platform="gpu", gpu_impl="mosaic")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
-  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
-  optimisations: the checks are at tolerance."""
-  with fast_compiles(), interpreter_compile_cache():
-    yield
+# Mosaic GPU interpreter programs compiled once per kernel, everything without XLA's CPU
+# optimisations: the checks are at tolerance.
+pytestmark = pytest.mark.usefixtures("module_interpreter_fast_compiles")
 
 
 def _operands(m, n, k, seed=0):

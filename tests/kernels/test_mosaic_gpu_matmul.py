@@ -18,8 +18,7 @@ from dsv3_jax.kernels_pallas.grouped_matmul import (grouped_matmul, mosaic_gpu,
                                                     transposed_grouped_matmul)
 from dsv3_jax.kernels_pallas.grouped_matmul.reference import (grouped_matmul_ref,
                                                               transposed_grouped_matmul_ref)
-from tests.utils import (MOSAIC_GPU_CALL, assert_close, custom_calls, fast_compiles,
-                         interpreter_compile_cache)
+from tests.utils import MOSAIC_GPU_CALL, assert_close, custom_calls
 
 RTOL, ATOL = 2.0 ** -7, 2e-2
 # T = 104: not a multiple of the 128-row tile; sum = 77 < T (trailing rows must be zero); an empty
@@ -29,13 +28,9 @@ SIZES = np.array([40, 0, 37], np.int32)
 MOSAIC = dict(backend="interpret", platform="gpu", gpu_impl="mosaic")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """The interpreter's per-warpgroup programs (compiled at run time, most of these tests' CPU)
-  are compiled once per kernel, not per CTA, and like the references without XLA's CPU
-  optimisations: the checks are at tolerance."""
-  with fast_compiles(), interpreter_compile_cache():
-    yield
+# Mosaic GPU interpreter programs compiled once per kernel, everything without XLA's CPU
+# optimisations: the checks are at tolerance.
+pytestmark = pytest.mark.usefixtures("module_interpreter_fast_compiles")
 
 
 def _operands(seed=0):
