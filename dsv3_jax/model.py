@@ -138,7 +138,7 @@ def _grads_before_input_grad(params, h):
   (reduced into their shards) before the gradient of `h` reaches the layers below. Used on the
   MTP blocks: XLA:TPU otherwise deferred the MTP experts' weight-gradient reduction past the
   whole main-stack backward, holding three unreduced bfloat16 [E/S, 7168, 2048] gradients
-  (1.3 GiB per device) through it."""
+  (1.3 GiB per device) through it. Also on the LM head (`DeepseekV3.head`)."""
   return params, h
 
 
@@ -321,7 +321,7 @@ class DeepseekV3(nnx.Module):
   def cfg(self) -> ModelConfig:
     return self.config
 
-  def _vocab_op(self, fn, few, x, var: nnx.Variable, parts: int = 1) -> jax.Array:
+  def _vocab_op(self, fn, few, x, var: nnx.Variable, parts: int = 1, value=None) -> jax.Array:
     """fn(x, table) for the vocab-sized `var` (embedding or head). When x [B, ...] holds at least
     as many tokens as the vocabulary (training, long prefills), the table is gathered whole in the
     compute dtype inside a shard_map over the batch (`sharding.with_whole_weight`: its gradient is
@@ -330,8 +330,10 @@ class DeepseekV3(nnx.Module):
     (`sharding.few_token_lookup` / `few_token_logits`: the token ids or hidden states are gathered
     over the batch axes inside a shard_map and meet the table's local vocab shard; no table-sized
     collective, the logits come out vocab-sharded). parts: x holds that many equal calls'
-    tokens side by side (the path is chosen by one call's count, as if made separately)."""
-    value = var.get_value()
+    tokens side by side (the path is chosen by one call's count, as if made separately).
+    value: the table to use in place of `var`'s own value (the same array passed through an
+    identity, e.g. `_grads_before_input_grad`); `var` still gives its logical axes."""
+    value = var.get_value() if value is None else value
     axes = var.get_metadata().get("axes") or (None,) * value.ndim
     n_tokens = x.size if jnp.issubdtype(x.dtype, jnp.integer) else x.size // x.shape[-1]
     n_tokens //= parts
@@ -350,9 +352,15 @@ class DeepseekV3(nnx.Module):
     if self.lm_head.is_fp8:
       return self.lm_head(h).astype(jnp.float32)
     dt = self.runtime.dtype
+    # Backward: the head's weight gradient (h^T @ dlogits, reduce-scattered into its shards) is
+    # finished before the gradient of h goes down the layers, so the logit gradient
+    # [tokens, vocab] dies here. XLA:TPU otherwise deferred that matmul past the whole layer
+    # backward, holding the bf16 logit gradient of the main and MTP heads (1.97 GiB per device
+    # at 671B, batch 1 x 4096) through it.
+    kernel, h = _grads_before_input_grad(self.lm_head.kernel.get_value(), h)
     logits = self._vocab_op(
         lambda x, k: jnp.einsum("...i,io->...o", x.astype(dt), k.astype(dt)), few_token_logits, h,
-        self.lm_head.kernel)
+        self.lm_head.kernel, value=kernel)
     return logits.astype(jnp.float32)
 
   def forward(self, tokens, *, positions=None, segment_ids=None, mtp: bool = False) -> ModelOutput:
