@@ -49,7 +49,7 @@ from dsv3_jax.plan_hlo import (COLLECTIVES, GiB, HBM_GIB, HOT_PATHS, TOPOLOGY_FO
                               count_collectives, count_kernels, first_line, get_topology,
                               hbm_bytes_per_device, oom_figures)
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, TPU_COMPILE_OPTIONS, compile_options_for, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
+from dsv3_jax.sharding import (EXPERT, TPU_COMPILE_OPTIONS, TPU_TRAIN_COMPILE_OPTIONS, compile_options_for, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
                                rules_for_mesh, activation_sharding, use_rules,
                                wide_expert,
                                make_mesh, state_shardings)
@@ -205,7 +205,9 @@ class PlanReport:
     out["flops_ratio"], out["bytes_ratio"] = m.ratios()
     out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
     out["cost_counting"] = COST_COUNTING
-    out["compile_options"] = dict(TPU_COMPILE_OPTIONS)  # every topology here is a TPU's
+    # every topology here is a TPU's: the options the main step was compiled with
+    out["compile_options"] = {**TPU_COMPILE_OPTIONS,
+                              **(TPU_TRAIN_COMPILE_OPTIONS if self.mode == "train" else {})}
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
                steps={k: {**dataclasses.asdict(s),
@@ -318,14 +320,17 @@ def _serve_model_figures(cfg: ModelConfig, params, batch: int, tokens: int, cont
 
 # Compilation -------------------------------------------------------------------------------------
 def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> StepReport:
-  """Lowers and compiles one step under `mesh`; RESOURCE_EXHAUSTED becomes fits=False with the
-  compiler's figures. Other compile errors raise PlanError."""
+  """Lowers and compiles one step under `mesh` with the options a run would use
+  (`sharding.compile_options_for`; the train step's include `TPU_TRAIN_COMPILE_OPTIONS`);
+  RESOURCE_EXHAUSTED becomes fits=False with the compiler's figures. Other compile errors raise
+  PlanError."""
   clock = _Clock()
   try:
     with jax.set_mesh(mesh):
       lowered = jitted.lower(*args)
       clock.lap("lower")
-      compiled = lowered.compile(compiler_options=compile_options_for(mesh) or None)
+      compiled = lowered.compile(
+          compiler_options=compile_options_for(mesh, train=name == "train") or None)
       clock.lap("xla")
   except Exception as e:  # noqa: BLE001
     secs = clock.total()

@@ -4,6 +4,7 @@ Imports nothing from the model (the model imports `expert_parallel` for its MoE 
 `kernel_map` to run each Pallas kernel per shard).
 """
 from dsv3_jax.sharding.mesh import (DATA, EXPERT, FSDP, TENSOR, TPU_COMPILE_OPTIONS,
+                                    TPU_TRAIN_COMPILE_OPTIONS,
                                     DistributedConfig, add_distributed_arguments,
                                     compile_options_for, initialize_distributed, make_mesh,
                                     parse_mesh_shape)
@@ -21,6 +22,7 @@ from dsv3_jax.sharding.entry import (MemoryBudgetError, add_mesh_arguments, chec
 __all__ = [
     "DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape", "DistributedConfig",
     "add_distributed_arguments", "initialize_distributed", "TPU_COMPILE_OPTIONS",
+    "TPU_TRAIN_COMPILE_OPTIONS",
     "compile_options_for", "ShardingRules", "logical_to_spec",
     "variable_spec", "state_specs", "state_shardings", "shard_model", "init_sharded",
     "activation_sharding", "Exchange", "EPLayout", "ep_layout", "expert_parallel_ffn",

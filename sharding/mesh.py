@@ -17,7 +17,7 @@ from jax.sharding import AxisType, Mesh
 
 __all__ = ["DATA", "FSDP", "EXPERT", "TENSOR", "make_mesh", "parse_mesh_shape",
            "DistributedConfig", "add_distributed_arguments", "initialize_distributed",
-           "TPU_COMPILE_OPTIONS", "compile_options_for"]
+           "TPU_COMPILE_OPTIONS", "TPU_TRAIN_COMPILE_OPTIONS", "compile_options_for"]
 
 DATA, FSDP, EXPERT, TENSOR = "data", "fsdp", "expert", "tensor"
 
@@ -33,13 +33,34 @@ TPU_COMPILE_OPTIONS: dict[str, object] = {
 }
 
 
-def compile_options_for(mesh, options: Mapping[str, object] | None = None) -> dict[str, object]:
+# On top of TPU_COMPILE_OPTIONS for training programs (the Trainer's step and init, `dsv3 plan
+# --mode train`):
+# - xla_tpu_enable_collective_pipeliner=False: XLA's collective pipeliner starts each scanned
+#   layer's weight all-gathers in the previous iteration, which takes a peeled copy of the loop
+#   body outside the loop: every layer loop (dense and MoE stacks, forward and backward) was
+#   compiled twice. Off, the 671B train step (61 layers + MTP, v5p:4x4x16, fsdp 16 x expert 16,
+#   wide rules, offload remat) compiled in 259 instead of 362 CPU-s on the same host, with the
+#   same peak and flops (bench/RESULTS.md). At run time a layer's gathers then overlap that
+#   layer's own compute (the latency-hiding scheduler), not the previous layer's; under wide
+#   expert parallelism they are the attention projections, shared expert and router (the routed
+#   experts are not gathered). Serving programs keep the pipeliner (a decode layer is too short
+#   to hide its own gathers). A caller's own option wins, e.g.
+#   `Trainer(compiler_options={"xla_tpu_enable_collective_pipeliner": True})`.
+TPU_TRAIN_COMPILE_OPTIONS: dict[str, object] = {
+    "xla_tpu_enable_collective_pipeliner": False,
+}
+
+
+def compile_options_for(mesh, options: Mapping[str, object] | None = None, *,
+                        train: bool = False) -> dict[str, object]:
   """XLA compile options for a program over `mesh` (a Mesh, or None for the default device):
-  `TPU_COMPILE_OPTIONS` when its devices are TPUs (real or a libtpu topology's), then `options`
-  (the caller's own, which win on a clash). Other platforms get `options` alone."""
+  `TPU_COMPILE_OPTIONS` (and `TPU_TRAIN_COMPILE_OPTIONS` for a training program, `train`) when
+  its devices are TPUs (real or a libtpu topology's), then `options` (the caller's own, which win
+  on a clash). Other platforms get `options` alone."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
-  tpu = next(iter(devices)).platform == "tpu"
-  return {**(TPU_COMPILE_OPTIONS if tpu else {}), **(options or {})}
+  if next(iter(devices)).platform != "tpu":
+    return dict(options or {})
+  return {**TPU_COMPILE_OPTIONS, **(TPU_TRAIN_COMPILE_OPTIONS if train else {}), **(options or {})}
 
 
 def parse_mesh_shape(spec: str) -> dict[str, int]:

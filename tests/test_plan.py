@@ -8,6 +8,7 @@ figures (`available HBM (95.74G)` in its out-of-memory message). Exit status of 
 """
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from dsv3_jax import cli  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.sharding import TPU_COMPILE_OPTIONS, compile_options_for, make_mesh  # noqa: E402
+from dsv3_jax.sharding import (TPU_COMPILE_OPTIONS, TPU_TRAIN_COMPILE_OPTIONS,  # noqa: E402
+                               compile_options_for, make_mesh)
 from dsv3_jax.plan import (COLLECTIVES, HBM_GIB, HOT_PATHS, PlanError, PlanRequest,  # noqa: E402
                            count_collectives, count_kernels, plan)
 
@@ -54,6 +56,16 @@ def small_config(layers=1, dense=0, mtp=0, **kw) -> ModelConfig:
   return ModelConfig(**{**base, **kw})
 
 
+def loop_body_ops(hlo: str) -> tuple[int, int]:
+  """(ops from a scanned loop body inside non-entry computations, such ops in the entry
+  computation: a peeled iteration), by their jax op_name (".../while/body/...")."""
+  entry = hlo.index("\nENTRY")
+  end = hlo.index("\n}\n", entry)
+  def count(text):
+    return len(re.findall(r'op_name="[^"]*/while/body/', text))
+  return count(hlo[:entry]) + count(hlo[end:]), count(hlo[entry:end])
+
+
 def check_consistent(j: dict) -> None:
   for k in KEYS:
     assert k in j, k
@@ -81,7 +93,8 @@ def check_consistent(j: dict) -> None:
 
 # (topology, mode, devices, libtpu's HBM per device in GiB, config)
 CASES = [
-    ("v5e:2x2", "train", 4, 15.75, small_config(layers=1, dense=2, mtp=1)),  # dense + MTP
+    # a scanned dense stack of 3 + MTP (the layer loop the collective-pipeliner check looks at)
+    ("v5e:2x2", "train", 4, 15.75, small_config(layers=3, dense=4, mtp=1)),
     ("v5p:2x2x1", "train", 4, 95.74, small_config()),
     ("v6e:2x2", "train", 4, 31.25, small_config()),
     ("tpu7x:2x2x1", "train", 8, 94.75, small_config()),
@@ -95,9 +108,15 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("topology,mode,devices,hbm_gib,cfg", CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, devices, hbm_gib, cfg):
+def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, devices, hbm_gib, cfg,
+                                                         monkeypatch):
   """The real train step / serve steps, sharded over the topology, compile for TPU with every hot
-  path as a Pallas (Mosaic) kernel: fails if any of them fell back to the reference."""
+  path as a Pallas (Mosaic) kernel: fails if any of them fell back to the reference. Train steps
+  compile with TPU_TRAIN_COMPILE_OPTIONS: no copy of a layer loop's body outside its loop."""
+  import dsv3_jax.plan
+  programs = []  # the optimized HLO of each compiled step
+  monkeypatch.setattr(dsv3_jax.plan, "count_kernels",
+                      lambda hlo: programs.append(hlo) or count_kernels(hlo))
   j = plan(PlanRequest(topology=topology, mode=mode, config=cfg, batch_per_device=1, seq=128,
                        decode_batch=devices, context=128, prompt_len=128,
                        kernels="pallas")).to_json()
@@ -114,15 +133,26 @@ def test_sharded_steps_compile_with_every_hot_path_pallas(topology, mode, device
   assert j["kernels"] == expect
   # libtpu accepted the package's TPU compile options on every topology (an unknown or refused
   # option is an INVALID_ARGUMENT compile error).
-  assert j["compile_options"] == TPU_COMPILE_OPTIONS
+  if mode == "serve":
+    assert j["compile_options"] == TPU_COMPILE_OPTIONS
   if moe:  # the EP exchange is resolved for the TPU target, not for this CPU host
     assert j["collectives"]["ragged-all-to-all"] > 0
   if mode == "train":
     assert set(j["steps"]) == {"train"}
+    assert j["compile_options"] == {**TPU_COMPILE_OPTIONS, **TPU_TRAIN_COMPILE_OPTIONS}
+    # XLA's collective pipeliner peels an iteration of each layer loop into the entry computation
+    # (v5e:2x2 case with it on: ~300 ops of the dense stack's forward and backward bodies there,
+    # compiled a second time); off, the layer ops are only in the loop bodies (a handful of
+    # loop-invariant ops hoisted out: 6).
+    inside, peeled = loop_body_ops(programs[-1])
+    if cfg.num_hidden_layers > 2:
+      assert inside > 100 and peeled < 20, (inside, peeled)
     # The compiler's arguments hold the sharded parameters and Adam moments (plus tokens etc.,
     # and TPU tile padding of narrow shards: kv_a's [64, 192] per device pads 192 lanes to 256).
+    # That padding is 48 KiB per layer (16 KiB for each of the parameter, m and v).
     extra = j["argument_bytes"] - j["parameter_bytes"] - j["optimizer_bytes"]
-    assert 0 <= extra < 192 * 1024, extra
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    assert 0 <= extra < (48 * layers + 64) * 1024, extra
     # m and v in float32 like the parameters, plus optax's step counters.
     assert 0 <= j["optimizer_bytes"] - 2 * j["parameter_bytes"] < 1024
     assert j["cache_bytes"] == 0
@@ -395,9 +425,10 @@ def test_unknown_loop_withholds_the_ratios(monkeypatch, capsys):
 
 
 def test_compile_options_follow_the_mesh_platform():
-  """TPU meshes (a libtpu topology's devices here) get TPU_COMPILE_OPTIONS under the caller's own
-  options; CPU meshes (8 simulated devices) only the caller's. The package's option is one libtpu
-  knows: a made-up option is refused at compile time, this one compiles."""
+  """TPU meshes (a libtpu topology's devices here) get TPU_COMPILE_OPTIONS (training programs also
+  TPU_TRAIN_COMPILE_OPTIONS) under the caller's own options; CPU meshes (8 simulated devices)
+  only the caller's. The package's options are ones libtpu knows: a made-up option is refused at
+  compile time, these compile."""
   from jax.experimental import topologies
   topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
   tpu_mesh = topologies.make_mesh(topo, (4,), ("fsdp",))
@@ -409,9 +440,15 @@ def test_compile_options_follow_the_mesh_platform():
   key = next(iter(TPU_COMPILE_OPTIONS))
   assert compile_options_for(tpu_mesh, {key: False}) == {**TPU_COMPILE_OPTIONS, key: False}
   assert compile_options_for(tpu_mesh, mine) == {**TPU_COMPILE_OPTIONS, **mine}
+  assert compile_options_for(cpu_mesh, train=True) == {}
+  train = compile_options_for(tpu_mesh, train=True)
+  assert train == {**TPU_COMPILE_OPTIONS, **TPU_TRAIN_COMPILE_OPTIONS} != TPU_COMPILE_OPTIONS
+  key = next(iter(TPU_TRAIN_COMPILE_OPTIONS))
+  assert compile_options_for(tpu_mesh, {key: True}, train=True)[key] is True  # the caller's wins
   x = jax.ShapeDtypeStruct((512, 128), jnp.float32,
                            sharding=jax.sharding.NamedSharding(tpu_mesh, jax.P("fsdp")))
   lowered = jax.jit(lambda a: (a * 2).sum(0)).lower(x)
   lowered.compile(compiler_options=compile_options_for(tpu_mesh))
+  lowered.compile(compiler_options=train)
   with pytest.raises(Exception, match="No such compile option"):
     lowered.compile(compiler_options={"xla_tpu_no_such_option_dsv3": True})

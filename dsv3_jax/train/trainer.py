@@ -274,7 +274,7 @@ class Trainer:
                     "`dsv3 plan`")
     # state: Params (fp32 master copy), the other variables (RouterBias), the optax state and
     # the step count (no RNG: the step is deterministic; the model uses no randomness).
-    copts = tuple(sorted(compile_options_for(self.mesh, compiler_options).items()))
+    copts = tuple(sorted(compile_options_for(self.mesh, compiler_options, train=True).items()))
     if fresh:
       params, rest = _model_init(cfg, runtime, train.seed, self.mesh, self.rules,
                                  (sh["params"], sh["rest"]), copts)()
