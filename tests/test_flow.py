@@ -26,6 +26,7 @@ import pytest
 from dsv3_jax.cli import main as dsv3_main
 from dsv3_jax.config import TINY
 from tests.test_convert_fixtures import all_tensors, bits
+from tests.utils import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TINY.replace(num_hidden_layers=2)  # one dense layer, one MoE layer, one MTP layer
@@ -87,9 +88,11 @@ assert "dsv3_jax" not in sys.modules
 def work(tmp_path_factory):
   """A working directory holding the HF checkpoint `hf` (relative name)."""
   import dsv3_jax
-  from flax import nnx
   cwd = tmp_path_factory.mktemp("flow")
-  dsv3_jax.save_pretrained(dsv3_jax.DeepseekV3(CFG, rngs=nnx.Rngs(3)), str(cwd / "hf"))
+  # The tests' numpy-drawn weights (`tests.utils.random_model`), not an eager nnx init: that
+  # compiles every initialiser op apart (~10 s here), and no check depends on how the weights
+  # were drawn (the oracles are the HF tensors written here).
+  dsv3_jax.save_pretrained(random_model(CFG, seed=3), str(cwd / "hf"))
   return cwd
 
 

@@ -108,7 +108,8 @@ class PolicyTrainer:
                       "step": replicated(self.mesh)}
     sh = self.shardings
     params, rest = jax.device_put((params, rest), (sh["params"], sh["rest"]))
-    init = jax.jit(lambda p: make_optimizer(optim).init(p), out_shardings=sh["opt"])
+    init = jax.jit(lambda p: make_optimizer(optim).init(p), out_shardings=sh["opt"],
+                   compiler_options=dict(self.copts) or None)
     self.state = {"params": params, "rest": rest, "opt": init(params),
                   "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
     self.step_count = 0
