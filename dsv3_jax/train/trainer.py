@@ -231,7 +231,8 @@ class Trainer:
     there. Batches are split per rules ("batch", "sequence"); the step runs under
     `jax.set_mesh(mesh)` (the MoE's expert parallelism reads that ambient mesh).
   compiler_options: XLA options for the compiled init and step (the tests turn CPU optimisations
-    off, where compile time dominates); None: defaults.
+    off, where compile time dominates), over the package's own on a TPU mesh
+    (`sharding.compile_options_for(mesh, train=True)`); None: those defaults.
   Multi-process: each process's `data` yields the rows of the global batch its devices hold
   (`TokenDataset(shard_index=, num_shards=)` from `dsv3_jax.sharding.process_rows(
   trainer.batch_sharding, (batch, seq))`, as `dsv3 train` does), which become one global batch;
