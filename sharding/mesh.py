@@ -35,16 +35,16 @@ TPU_COMPILE_OPTIONS: dict[str, object] = {
 
 # On top of TPU_COMPILE_OPTIONS for training programs (the Trainer's step and init, `dsv3 plan
 # --mode train`):
-# - xla_tpu_enable_collective_pipeliner=False: XLA's collective pipeliner starts each scanned
-#   layer's weight all-gathers in the previous iteration, which takes a peeled copy of the loop
-#   body outside the loop: every layer loop (dense and MoE stacks, forward and backward) was
-#   compiled twice. Off, the 671B train step (61 layers + MTP, v5p:4x4x16, fsdp 16 x expert 16,
-#   wide rules, offload remat) compiled in 259 instead of 362 CPU-s on the same host, with the
-#   same peak and flops (bench/RESULTS.md). At run time a layer's gathers then overlap that
-#   layer's own compute (the latency-hiding scheduler), not the previous layer's; under wide
-#   expert parallelism they are the attention projections, shared expert and router (the routed
-#   experts are not gathered). Serving programs keep the pipeliner (a decode layer is too short
-#   to hide its own gathers). A caller's own option wins, e.g.
+# - xla_tpu_enable_collective_pipeliner=False: XLA's collective pipeliner moves a layer loop's
+#   communication across iterations by peeling one iteration out of the loop (seen with the
+#   layer-input offload remat): every layer loop (dense and MoE stacks, forward and backward)
+#   was compiled twice. Off, the 671B train step (61 layers + MTP, v5p:4x4x16, fsdp 16 x expert
+#   16, wide rules, offload remat) compiled in 114-120 s instead of 143 s on a quiet host, with
+#   the same peak and flops (bench/RESULTS.md). At run time a layer's gathers and host copies
+#   then overlap that layer's own compute (the latency-hiding scheduler), not the neighbouring
+#   layer's; under wide expert parallelism the gathers are the attention projections, shared
+#   expert and router (the routed experts are not gathered). Serving programs keep the
+#   pipeliner (a decode layer is too short to hide its own gathers). A caller's option wins, e.g.
 #   `Trainer(compiler_options={"xla_tpu_enable_collective_pipeliner": True})`.
 TPU_TRAIN_COMPILE_OPTIONS: dict[str, object] = {
     "xla_tpu_enable_collective_pipeliner": False,
