@@ -31,8 +31,8 @@ from dsv3_jax.jit_cache import CompiledCache, sharding_key
 from dsv3_jax.param_tree import flatten, nest
 from dsv3_jax.pretrained import flat_variables, model_from_arrays
 from dsv3_jax.rl.grpo import GRPOConfig, grpo_loss, token_logprobs
-from dsv3_jax.sharding import (ShardingRules, activation_sharding, global_batch, resolve_mesh,
-                               tree_shardings, use_rules)
+from dsv3_jax.sharding import (ShardingRules, activation_sharding, compile_options_for,
+                               global_batch, resolve_mesh, tree_shardings, use_rules)
 from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.checkpointing import RunCheckpointer, abstract_params
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -88,7 +88,8 @@ class PolicyTrainer:
 
   model: the starting DeepseekV3 (e.g. `from_pretrained(CKPT, mesh=mesh)`); optim: the schedule;
   mesh / rules: as `dsv3_jax.train.Trainer`; out_dir: checkpoints go to out_dir/checkpoints
-  (None: none); compiler_options: XLA options of the compiled functions.
+  (None: none); compiler_options: XLA options of the compiled functions (on a TPU mesh over
+  `sharding.compile_options_for(mesh, train=True)`).
   `step(objective, batch)` runs one optimizer step; `logprobs(tokens)` the policy's (or with
   `params=`, another parameter tree's, e.g. a frozen reference's) token log-probs.
   """
@@ -98,7 +99,9 @@ class PolicyTrainer:
                compiler_options: dict | None = None):
     self.cfg, self.runtime, self.optim = model.config, model.runtime, optim
     self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
-    self.copts = tuple(sorted((compiler_options or {}).items()))
+    # on a TPU mesh over the package's own options for training programs, as the Trainer's
+    self.copts = tuple(sorted(compile_options_for(self.mesh, compiler_options,
+                                                  train=True).items()))
     self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(optim)
     opt = jax.eval_shape(tx.init, params)
