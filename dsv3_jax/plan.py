@@ -49,7 +49,7 @@ from dsv3_jax.plan_hlo import (COLLECTIVES, GiB, HBM_GIB, HOT_PATHS, TOPOLOGY_FO
                               count_collectives, count_kernels, first_line, get_topology,
                               hbm_bytes_per_device, oom_figures)
 from dsv3_jax.pretrained import abstract_model
-from dsv3_jax.sharding import (EXPERT, TPU_COMPILE_OPTIONS, TPU_TRAIN_COMPILE_OPTIONS, compile_options_for, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
+from dsv3_jax.sharding import (EXPERT, compile_options_for, TENSOR, POD_RULES, SERVE_POD_RULES, ShardingRules,
                                rules_for_mesh, activation_sharding, use_rules,
                                wide_expert,
                                make_mesh, state_shardings)
@@ -155,6 +155,7 @@ class StepReport:
   # compile_seconds split: jax (trace + StableHLO) and XLA (HLO passes + TPU code generation),
   # wall and CPU seconds of this process (all threads); CPU seconds barely move with host load.
   compile_times: dict | None = None
+  compile_options: dict | None = None  # the XLA options it was compiled with
 
   def ratios(self) -> tuple[float | None, float | None]:
     """compiled / model flops and bytes; None where a figure is missing or a loop's trip count
@@ -205,9 +206,7 @@ class PlanReport:
     out["flops_ratio"], out["bytes_ratio"] = m.ratios()
     out["xla_flops"], out["xla_bytes"] = m.xla_flops, m.xla_bytes
     out["cost_counting"] = COST_COUNTING
-    # every topology here is a TPU's: the options the main step was compiled with
-    out["compile_options"] = {**TPU_COMPILE_OPTIONS,
-                              **(TPU_TRAIN_COMPILE_OPTIONS if self.mode == "train" else {})}
+    out["compile_options"] = m.compile_options  # the main step's
     out.update(kernels=self.kernels, main_step=self.main_step, advice=self.advice,
                jax_version=self.jax_version,
                steps={k: {**dataclasses.asdict(s),
@@ -325,12 +324,12 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
   RESOURCE_EXHAUSTED becomes fits=False with the compiler's figures. Other compile errors raise
   PlanError."""
   clock = _Clock()
+  options = compile_options_for(mesh, train=name == "train")
   try:
     with jax.set_mesh(mesh):
       lowered = jitted.lower(*args)
       clock.lap("lower")
-      compiled = lowered.compile(
-          compiler_options=compile_options_for(mesh, train=name == "train") or None)
+      compiled = lowered.compile(compiler_options=options or None)
       clock.lap("xla")
   except Exception as e:  # noqa: BLE001
     secs = clock.total()
@@ -346,7 +345,8 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
     return StepReport(name, False, round(secs, 2), arg_bytes, out_bytes, None, None, total,
                       total, None, None, model_flops / n_devices, model_bytes / n_devices,
                       dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(HOT_PATHS + ("other",), 0),
-                      error=first_line(e), compile_times=clock.laps)
+                      error=first_line(e), compile_times=clock.laps,
+                      compile_options=options)
   secs = clock.total()
   ma = compiled.memory_analysis()
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -372,7 +372,7 @@ def _compile(name, mesh, jitted, args, n_devices, model_flops, model_bytes) -> S
                     compiled_flops_worst=cost.flops_worst, compiled_bytes_worst=cost.bytes_worst,
                     loops=[[n, f] for _, n, f in cost.loops], top_ops=top,
                     loops_unknown=cost.unknown_loops, cost_error=cost_error,
-                    compile_times=clock.laps)
+                    compile_times=clock.laps, compile_options=options)
 
 
 class _Clock:
