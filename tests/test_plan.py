@@ -455,3 +455,30 @@ def test_compile_options_follow_the_mesh_platform():
   lowered.compile(compiler_options=train)
   with pytest.raises(Exception, match="No such compile option"):
     lowered.compile(compiler_options={"xla_tpu_no_such_option_dsv3": True})
+
+
+def test_router_compiles_token_local():
+  """Routing is per token, so the router sharded over tokens on 8 tpu7x devices compiles with no
+  collective and no one-dimensional sort. (Its group mask, once a scatter `zeros.at[rows,
+  keep].set(True)`, became in the SPMD partitioner an all-gather of every device's indices and a
+  sort of all of them: 65536 keys here, 4M per MoE layer in the 671B train step, where that one
+  sort was the largest op XLA:TPU generated code for.)"""
+  from jax.experimental import topologies
+  from dsv3_jax.moe import route
+  cfg = small_config(n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2)
+  topo = topologies.get_topology_desc(topology_name="tpu7x:2x2x1", platform="tpu")
+  mesh = topologies.make_mesh(topo, (2, 4), ("fsdp", "expert"))
+  rows = jax.sharding.NamedSharding(mesh, jax.P(("fsdp", "expert")))
+  logits = jax.ShapeDtypeStruct((8 * 4096, 32), jnp.float32, sharding=rows)
+  bias = jax.ShapeDtypeStruct((32,), jnp.float32,
+                              sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+
+  def routing(lg, b):
+    r = route(lg, b, cfg)
+    return r.weights, r.experts
+
+  hlo = jax.jit(routing, out_shardings=rows).lower(logits, bias).compile().as_text()
+  assert not re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(",
+                        hlo)
+  sorts = re.findall(r"= \((\w+\[[\d,]+\])[^=]*\) sort\(", hlo)
+  assert sorts and all("," in s for s in sorts), sorts  # top_k's per-row sorts only
