@@ -481,3 +481,28 @@ def test_router_compiles_token_local():
   assert not any(count_collectives(hlo).values()), count_collectives(hlo)
   sorts = re.findall(r"= \((\w+\[[\d,]+\])[^=]*\) sort\(", hlo)
   assert sorts and all("," in s for s in sorts), sorts  # top_k's per-row sorts only
+
+
+def test_train_options_keep_all_gathers_out_of_sparsecore_all_reduces():
+  """On tpu7x libtpu turns an all-gather over a 2-D mesh of 64 devices into a zero-filled buffer
+  plus an all-reduce offloaded to the SparseCores, one SparseCore program per distinct collective
+  (the compile-time cost TPU_TRAIN_COMPILE_OPTIONS removes for training programs): with the
+  training options the gather compiles with no SparseCore all-reduce; the default options still
+  show the rewrite, so this test sees the option take effect through `compiler_options`."""
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name="tpu7x:2x4x4", platform="tpu")
+  mesh = topologies.make_mesh(topo, (4, 16), ("fsdp", "expert"))
+  w = jax.ShapeDtypeStruct((1024, 512), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, jax.P("fsdp", "expert")))
+  lowered = jax.jit(lambda a: a.astype(jnp.bfloat16) * 2,
+                    out_shardings=jax.sharding.NamedSharding(mesh, jax.P())).lower(w)
+
+  def sparsecore_ops(train: bool) -> list[str]:
+    hlo = lowered.compile(compiler_options=compile_options_for(mesh, train=train)).as_text()
+    return [line.split(" = ")[0].strip() for line in hlo.splitlines()
+            if 'async_execution_thread="sparsecore"' in line]
+
+  serve = sparsecore_ops(False)
+  assert any("all-reduce" in op for op in serve), serve
+  train = sparsecore_ops(True)
+  assert not any("all-reduce" in op for op in train), train

@@ -62,3 +62,16 @@ def test_sharded_grpo_step_matches_single_device():
   assert p1.keys() == p8.keys()
   for k in p1:
     assert_close(p8[k], p1[k], atol=1e-6, rtol=1e-5, what=k)
+
+
+def test_default_rules_are_the_trainers():
+  """Without `rules`, the policy takes the Trainer's defaults (`rules_for_mesh`): the pod rules on
+  a mesh without `tensor` (fsdp x expert), the plain rules on one with it."""
+  from dsv3_jax.sharding import POD_RULES, ShardingRules
+  model = random_model(CFG, seed=1)
+  pod = PolicyTrainer(model, OPT, mesh=make_mesh({"fsdp": 2, "expert": 4}),
+                      compiler_options=FAST_COMPILE)
+  assert pod.rules == POD_RULES != ShardingRules()
+  tp = PolicyTrainer(model, OPT, mesh=make_mesh({"fsdp": 2, "expert": 2, "tensor": 2}),
+                     compiler_options=FAST_COMPILE)
+  assert tp.rules == ShardingRules()

@@ -32,7 +32,8 @@ from dsv3_jax.param_tree import flatten, nest
 from dsv3_jax.pretrained import flat_variables, model_from_arrays
 from dsv3_jax.rl.grpo import GRPOConfig, grpo_loss, token_logprobs
 from dsv3_jax.sharding import (ShardingRules, activation_sharding, compile_options_for,
-                               global_batch, resolve_mesh, tree_shardings, use_rules)
+                               global_batch, resolve_mesh, rules_for_mesh, tree_shardings,
+                               use_rules)
 from dsv3_jax.sharding.entry import replicated
 from dsv3_jax.train.checkpointing import RunCheckpointer, abstract_params
 from dsv3_jax.train.optim import OptimConfig, make_optimizer, make_schedule
@@ -98,7 +99,9 @@ class PolicyTrainer:
                out_dir: str | None = None, save_every: int = 10, keep: int = 2,
                compiler_options: dict | None = None):
     self.cfg, self.runtime, self.optim = model.config, model.runtime, optim
-    self.mesh, self.rules = resolve_mesh(mesh), rules or ShardingRules()
+    # the Trainer's default rules too (`rules_for_mesh`: pod rules on a mesh without `tensor`)
+    self.mesh = resolve_mesh(mesh)
+    self.rules = rules or rules_for_mesh(self.mesh)
     # on a TPU mesh over the package's own options for training programs, as the Trainer's
     self.copts = tuple(sorted(compile_options_for(self.mesh, compiler_options,
                                                   train=True).items()))
