@@ -33,7 +33,7 @@ from dsv3_jax.layers import (INIT_STD, MLP, Fp8Scale, Fp8Value, check_fp8_weight
 from dsv3_jax.sharding import expert_parallel, kernel_map
 
 __all__ = ["RouterBias", "Router", "Experts", "MoE", "Routing", "route", "permute",
-           "grouped_ffn", "grouped_ffn_vjp", "unpermute", "grouped_matmul", "Fp8Experts"]
+           "grouped_ffn", "grouped_ffn_vjp", "unpermute", "grouped_matmul", "Fp8Experts", "top_k"]
 
 
 class RouterBias(nnx.Variable):
@@ -52,6 +52,26 @@ class Routing:
   scores: jax.Array
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k(x, k)` for small k by k rounds of a max over the last axis: the same values
+  and int32 indices (descending; among equal values the lower index first, -inf included), for
+  NaN-free x. XLA:TPU compiles `lax.top_k` as a sort of every row; the router's three top-ks
+  (top-2 of 32 per group, top-4 of 8 groups, top-8 of 256 experts) were among the largest ops
+  it generated code for in the 671B train step, where these are a few fused reductions."""
+  n = x.shape[-1]
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  taken = jnp.zeros(x.shape, bool)
+  values, indices = [], []
+  for _ in range(k):
+    rest = jnp.where(taken, -jnp.inf, x)
+    best = rest.max(-1, keepdims=True)
+    i = jnp.where((rest == best) & ~taken, iota, n).min(-1)
+    taken = taken | (iota == i[..., None])
+    values.append(best[..., 0])
+    indices.append(i)
+  return jnp.stack(values, -1), jnp.stack(indices, -1)
+
+
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
   """Group-limited top-k routing on float32 router logits [N, E].
 
@@ -63,15 +83,16 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
   E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
   logits = logits.astype(jnp.float32)
   scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
-  choice = scores if bias is None else scores + bias.astype(jnp.float32)
+  # Selection only picks indices: no gradient flows through it.
+  choice = jax.lax.stop_gradient(scores if bias is None else scores + bias.astype(jnp.float32))
   if cfg.topk_method != "greedy" and cfg.n_group > 1:
     G = cfg.n_group
     grouped = choice.reshape(-1, G, E // G)
     if cfg.topk_method == "noaux_tc":
-      group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+      group_score = top_k(grouped, 2)[0].sum(-1)  # [N, G]
     else:
       group_score = grouped.max(-1)
-    _, keep = jax.lax.top_k(group_score, cfg.topk_group)  # [N, topk_group]
+    _, keep = top_k(group_score, cfg.topk_group)  # [N, topk_group]
     # The kept groups as a mask by comparison, not a scatter: sharded over tokens, XLA's SPMD
     # partitioner turned `zeros.at[rows, keep].set(True)` into a scatter of every token's indices
     # on every device, which XLA:TPU sorts (4M keys per MoE layer at DeepSeek-V3's 671B training
@@ -79,8 +100,11 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
     group_mask = (keep[..., None] == jnp.arange(G, dtype=keep.dtype)).any(-2)  # [N, G]
     expert_mask = jnp.repeat(group_mask, E // G, axis=-1)
     choice = jnp.where(expert_mask, choice, -jnp.inf)
-  _, experts = jax.lax.top_k(choice, K)
-  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  _, experts = top_k(choice, K)
+  # The chosen scores by a one-hot select, not `take_along_axis`: its gradient is a scatter,
+  # which XLA:TPU sorts; this one's is an elementwise select.
+  hot = experts[..., None] == jnp.arange(E, dtype=experts.dtype)  # [N, K, E]
+  weights = jnp.where(hot, scores[..., None, :], 0.0).sum(-1)
   if cfg.norm_topk_prob:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
   return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)

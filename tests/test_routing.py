@@ -67,3 +67,39 @@ def test_permute_unpermute_is_a_dropless_weighted_combine():
   got = unpermute(jnp.asarray(ys), order, jnp.asarray(weights))
   want = sum(weights[:, k:k + 1] * x * (1 + experts[:, k:k + 1]) for k in range(2))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_top_k_matches_a_stable_descending_sort():
+  """`moe.top_k` (k rounds of a max) against numpy's stable argsort of -x (descending, lower index
+  first among equal values): exact values and indices, with many ties and rows of -inf (masked
+  groups), for every k the router uses."""
+  from dsv3_jax.moe import top_k
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 4, (96, 64)).astype(np.float32)  # values 0..3: ties everywhere
+  x[:16, 20:] = -np.inf
+  x[16:24] = -np.inf
+  x[24:40] = rng.standard_normal((16, 64)).astype(np.float32)
+  for k in (1, 2, 4, 8, 64):
+    values, indices = top_k(jnp.asarray(x), k)
+    want = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(indices), want)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, want, -1))
+    assert indices.dtype == jnp.int32
+
+
+def test_route_weight_gradient_is_the_chosen_scores():
+  """d(sum_k c_k w_k)/d logits through the one-hot select: only the chosen experts' logits get a
+  gradient, in closed form (unnormalised sigmoid weights: d w / d logit = s (1 - s))."""
+  import jax
+  cfg = CFG.replace(norm_topk_prob=False, routed_scaling_factor=1.0)
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((5, 8)).astype(np.float32))
+  c = jnp.asarray(rng.standard_normal((5, 2)).astype(np.float32))
+  g = jax.grad(lambda l: (route(l, None, cfg).weights * c).sum())(logits)
+  r = route(logits, None, cfg)
+  s = np.asarray(jax.nn.sigmoid(logits))
+  want = np.zeros((5, 8), np.float32)
+  for n in range(5):
+    for k, e in enumerate(np.asarray(r.experts)[n]):
+      want[n, e] += float(c[n, k]) * s[n, e] * (1 - s[n, e])
+  np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-7)
