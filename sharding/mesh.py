@@ -51,11 +51,12 @@ TPU_COMPILE_OPTIONS: dict[str, object] = {
 #   zero-filled buffer plus a SparseCore all-reduce, and compiles a SparseCore program per distinct
 #   collective whose compile time grows with the devices in it (one all-gather of a [7168, 2048]
 #   weight over 256 tpu7x devices: 9.4 s with the offload, 2.2 s without; 1.6 s on 16 devices).
-#   The 671B train step (tpu7x:4x4x8, fsdp 16 x expert 16, wide rules, offload remat) had 96 such
-#   programs: 477 -> 275 s compile (903 -> 514 CPU-s) on one host, same peak and flops
-#   (bench/RESULTS.md). At run time
-#   the all-gathers then stay all-gathers on the TensorCores' DMA engines (as on v5p and v6e),
-#   moving half an all-reduce's bytes; the gradient reduce-scatters are not affected.
+#   The 671B train step (tpu7x:4x4x8, fsdp 16 x expert 16, wide rules, offload remat) had 96
+#   SparseCore programs (47 with every collective offload off: the rest are gathers, scatters
+#   and sorts); off: 477 -> 275 s compile (903 -> 514 CPU-s) on one host, same peak and flops
+#   (bench/RESULTS.md). At run time the all-gathers then stay all-gathers on the TensorCores'
+#   DMA engines (as on v5p and v6e), moving half an all-reduce's bytes; the gradient
+#   reduce-scatters are not affected.
 TPU_TRAIN_COMPILE_OPTIONS: dict[str, object] = {
     "xla_tpu_enable_collective_pipeliner": False,
     "xla_tpu_enable_sparse_core_collective_offload_all_reduce": False,
