@@ -199,7 +199,6 @@ class Liveness:
     comp = self.comps[name]
     values: dict[str, object] = {}
     bufs: list[Buf] = []
-    pos = {i.name: t for t, i in enumerate(comp.instrs)}
     inner: dict[int, tuple[int, list]] = {}
 
     def new(shape, ins, t):

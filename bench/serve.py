@@ -177,7 +177,7 @@ async def _load_clients(url, key, n_requests, clients, seed=0):
 
 def load(args) -> str:
   import urllib.request
-  from tests.cli_helpers import CFG, tiny_model, write_checkpoint
+  from tests.cli_helpers import tiny_model, write_checkpoint
   from tests.utils import FAST_COMPILE_FLAGS, ROOT, free_port
   tmp = tempfile.mkdtemp()
   path = write_checkpoint(tiny_model(0), os.path.join(tmp, "ckpt"), shards=False)

@@ -107,7 +107,7 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routin
   weights = jnp.where(hot, scores[..., None, :], 0.0).sum(-1)
   if cfg.norm_topk_prob:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-  return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+  return Routing(weights * cfg.routed_scaling_factor, experts, scores)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_scanned_mtp_sharded_with_expert_parallelism():
       params, tokens)
 
   mesh = make_mesh({"fsdp": 2, "expert": 4})
-  ps, rs = state_shardings(params, POD_RULES, mesh), state_shardings(rest, POD_RULES, mesh)
+  ps = state_shardings(params, POD_RULES, mesh)
   ts = activation_sharding(("batch", "sequence"), POD_RULES, mesh, tokens.shape)
   step = jax.jit(_step(_scan_forward, graphdef, rest, w), in_shardings=(ps, ts),
                  out_shardings=(None, ps), compiler_options=FAST_COMPILE)

@@ -1,7 +1,5 @@
 """Parameter counts of the 671B preset from the abstract model (nothing allocated)."""
 import jax
-import numpy as np
-from flax import nnx
 
 import dsv3_jax
 from dsv3_jax.pretrained import flat_variables

@@ -7,7 +7,6 @@ Tolerances: float32 with matmul precision "highest"; the Pallas (our TPU kernels
 ragged_dot paths agree to 1e-5 on outputs/gradients of size ~1e-1; FP8 forward: the same e4m3
 weights and scales on both sides, 1e-5.
 """
-import functools
 import importlib.util
 import os
 
