@@ -358,9 +358,15 @@ class DeepseekV3(nnx.Module):
     # backward, holding the bf16 logit gradient of the main and MTP heads (1.97 GiB per device
     # at 671B, batch 1 x 4096) through it.
     kernel, h = _grads_before_input_grad(self.lm_head.kernel.get_value(), h)
-    logits = self._vocab_op(
-        lambda x, k: jnp.einsum("...i,io->...o", x.astype(dt), k.astype(dt)), few_token_logits, h,
-        self.lm_head.kernel, value=kernel)
+
+    def whole(x, k):
+      # The barrier keeps the float32 cast out of the matmul's fusion: libtpu 0.0.50.1 (jax
+      # 0.12.0.1) aborts emitting the head's matmul fused with that cast when the main and MTP
+      # hidden states come as one [B, 2T, D] input (`fusion_util.cc` "TransformWindow: split of
+      # a padded window dim is not supported"); the cast then fuses into the loss's reductions.
+      return jax.lax.optimization_barrier(jnp.einsum("...i,io->...o", x.astype(dt), k.astype(dt)))
+
+    logits = self._vocab_op(whole, few_token_logits, h, self.lm_head.kernel, value=kernel)
     return logits.astype(jnp.float32)
 
   def forward(self, tokens, *, positions=None, segment_ids=None, mtp: bool = False) -> ModelOutput:
