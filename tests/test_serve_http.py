@@ -69,9 +69,15 @@ def url(server):
   return base
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(url):
-  return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+  """A fresh client per test, retries off. Fresh: a module-wide one would carry pooled
+  keep-alive connections across tests, and the first request after an idle gap longer than
+  uvicorn's keep-alive timeout (5 s; here the `offline` fixture's compile after the load test)
+  can race the server closing that connection: "Connection reset by peer", which the official
+  client retries by default but `max_retries=0` turns into a failure."""
+  with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+    yield c
 
 
 @pytest.fixture(scope="module")
