@@ -8,6 +8,33 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+
+def _cpu_compile_flags() -> str:
+  """XLA_FLAGS that make XLA:CPU compile faster where this jaxlib has them, for every test process
+  (the pytest process, its xdist workers and the `dsv3` children they start, all of which inherit
+  the environment; tests that set a child's XLA_FLAGS themselves add `tests.utils.CPU_TEST_FLAGS`).
+  `--xla_cpu_use_fusion_emitters=false`: jaxlib 0.10's XLA:CPU emits fusions with its MLIR fusion
+  emitters by default, which cost most of a tiny model's compile (its train step: 7.4 -> 3.0 s,
+  the suite's CPU time -40%); off, fusions are emitted by the elemental IR emitter, the same
+  operations in the same order per element. Later jaxlibs (0.12) have only the fusion emitters
+  and abort on the unknown flag, so it is probed in a child process, once per test run (the
+  verdict is passed on in DSV3_TEST_CPU_FLAGS)."""
+  if "DSV3_TEST_CPU_FLAGS" in os.environ:
+    return os.environ["DSV3_TEST_CPU_FLAGS"]
+  import subprocess
+  import sys
+  flag = "--xla_cpu_use_fusion_emitters=false"
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                         env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"),
+                         capture_output=True, timeout=300)
+  os.environ["DSV3_TEST_CPU_FLAGS"] = flag if probe.returncode == 0 else ""
+  return os.environ["DSV3_TEST_CPU_FLAGS"]
+
+
+for _f in _cpu_compile_flags().split():
+  if _f.split("=")[0] not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _f
+
 # JAX's persistent compilation cache, one folder per test run (made here by the first process,
 # removed at its end): the pytest-xdist workers and the `dsv3` subprocesses the tests start inherit
 # the environment, so a program one process compiled is loaded, not compiled again, by the next

@@ -13,7 +13,9 @@ import sys
 def main(argv):
   pid, port, out = int(argv[0]), int(argv[1]), argv[2]
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # (plus the test run's XLA:CPU flags, tests/conftest.py, passed on in DSV3_TEST_CPU_FLAGS)
+  os.environ["XLA_FLAGS"] = " ".join(["--xla_force_host_platform_device_count=4",
+                                      *os.environ.get("DSV3_TEST_CPU_FLAGS", "").split()])
   import jax
   import numpy as np
   from jax.experimental import multihost_utils

@@ -26,7 +26,7 @@ import pytest
 from dsv3_jax.cli import main as dsv3_main
 from dsv3_jax.config import TINY
 from tests.test_convert_fixtures import all_tensors, bits
-from tests.utils import random_model
+from tests.utils import FAST_COMPILE_FLAGS, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TINY.replace(num_hidden_layers=2)  # one dense layer, one MoE layer, one MTP layer
@@ -38,7 +38,7 @@ def _env(cwd):
   # The commands share JAX's persistent compilation cache (beside the working directory): the
   # second `generate` and the resumed `train` load the programs the first ones compiled.
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+             XLA_FLAGS=FAST_COMPILE_FLAGS,
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(cwd), "jax-cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env

@@ -18,7 +18,12 @@ from common import hlo_collectives  # noqa: E402,F401
 # numerics are unchanged up to float32 reassociation). FAST_COMPILE_FLAGS: the same as XLA_FLAGS
 # for child processes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+# XLA_FLAGS every test process runs with that are not about the devices (tests/conftest.py:
+# `_cpu_compile_flags`; "" where this jaxlib has none): for child processes whose XLA_FLAGS a test
+# sets itself. FAST_COMPILE_FLAGS includes them.
+CPU_TEST_FLAGS = os.environ.get("DSV3_TEST_CPU_FLAGS", "")
+FAST_COMPILE_FLAGS = " ".join([f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()]
+                              + CPU_TEST_FLAGS.split())
 
 
 def run_fast(f, *args):

@@ -359,6 +359,10 @@ class Engine:
     if r.finished:
       return
     r.finish_reason, r.t_done = reason, time.perf_counter()
+    # The caller hears of the end (the server counts it in its metrics) before the pages and the
+    # slot are freed: a metrics scrape that shows them free also shows the request finished.
+    if r.on_event is not None:
+      r.on_event(r, [], True)
     with self._lock:
       if r in self.queue:
         self.queue.remove(r)
@@ -367,8 +371,6 @@ class Engine:
       self._free_pages[r.shard].extend(reversed(r.pages))
       self._free_slots.append(r.slot)
     r.pages = []
-    if r.on_event is not None:
-      r.on_event(r, [], True)
     r.done_event.set()
 
   def _emit(self, r: Request, ids: list[int]) -> None:
