@@ -361,17 +361,20 @@ class Engine:
     r.finish_reason, r.t_done = reason, time.perf_counter()
     # The caller hears of the end (the server counts it in its metrics) before the pages and the
     # slot are freed: a metrics scrape that shows them free also shows the request finished.
-    if r.on_event is not None:
-      r.on_event(r, [], True)
-    with self._lock:
-      if r in self.queue:
-        self.queue.remove(r)
-    if r in self.active:
-      self.active.remove(r)
-      self._free_pages[r.shard].extend(reversed(r.pages))
-      self._free_slots.append(r.slot)
-    r.pages = []
-    r.done_event.set()
+    # They are freed even if the callback raises (e.g. a server's event loop already closed).
+    try:
+      if r.on_event is not None:
+        r.on_event(r, [], True)
+    finally:
+      with self._lock:
+        if r in self.queue:
+          self.queue.remove(r)
+      if r in self.active:
+        self.active.remove(r)
+        self._free_pages[r.shard].extend(reversed(r.pages))
+        self._free_slots.append(r.slot)
+      r.pages = []
+      r.done_event.set()
 
   def _emit(self, r: Request, ids: list[int]) -> None:
     """Appends sampled ids to r (stopping at EOS / stop ids / max_tokens / stop strings)."""
